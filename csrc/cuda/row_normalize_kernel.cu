@@ -1,0 +1,133 @@
+// Row L2-normalization forward and backward: one warp per row, fp32 (fp64 for
+// double) accumulation of the sum of squares and of <y, g>.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "launchers.h"
+#include "nnk/math.h"
+
+namespace nnk {
+namespace cuda {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename T> __device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
+  return static_cast<typename Acc<T>::type>(v);
+}
+template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) {
+  return static_cast<T>(v);
+}
+template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename T>
+__global__ void row_normalize_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                         typename Acc<T>::type* __restrict__ norm,
+                                         int64_t n, int64_t d, double eps) {
+  using A = typename Acc<T>::type;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= n) return;
+  const T* xr = x + row * d;
+  A ss = 0;
+  for (int64_t j = lane; j < d; j += 32) {
+    const A v = to_acc(xr[j]);
+    ss += v * v;
+  }
+  ss = warp_sum(ss);
+  const A nr = sqrt(ss);
+  const A denom = nr > A(eps) ? nr : A(eps);
+  if (lane == 0) norm[row] = nr;
+  T* yr = y + row * d;
+  for (int64_t j = lane; j < d; j += 32) yr[j] = from_acc<T>(to_acc(xr[j]) / denom);
+}
+
+template <typename T>
+__global__ void row_normalize_bwd_kernel(const T* __restrict__ g, const T* __restrict__ y,
+                                         const typename Acc<T>::type* __restrict__ norm,
+                                         T* __restrict__ dx, int64_t n, int64_t d,
+                                         double eps) {
+  using A = typename Acc<T>::type;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= n) return;
+  const T* gr = g + row * d;
+  const T* yr = y + row * d;
+  A dot = 0;
+  for (int64_t j = lane; j < d; j += 32) dot += to_acc(gr[j]) * to_acc(yr[j]);
+  dot = warp_sum(dot);
+  const A nr = norm[row];
+  T* dr = dx + row * d;
+  for (int64_t j = lane; j < d; j += 32) {
+    dr[j] = from_acc<T>(math::normalize_grad<A>(to_acc(gr[j]), to_acc(yr[j]), dot, nr, A(eps)));
+  }
+}
+
+dim3 grid_for(int64_t n) {
+  return dim3(static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock));
+}
+
+template <typename T>
+cudaError_t fwd(const void* x, void* y, void* norm, int64_t n, int64_t d, double eps,
+                cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  row_normalize_fwd_kernel<T><<<grid_for(n), kWarpsPerBlock * 32, 0, s>>>(
+      static_cast<const T*>(x), static_cast<T*>(y),
+      static_cast<typename Acc<T>::type*>(norm), n, d, eps);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t bwd(const void* g, const void* y, const void* norm, void* dx, int64_t n,
+                int64_t d, double eps, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  row_normalize_bwd_kernel<T><<<grid_for(n), kWarpsPerBlock * 32, 0, s>>>(
+      static_cast<const T*>(g), static_cast<const T*>(y),
+      static_cast<const typename Acc<T>::type*>(norm), static_cast<T*>(dx), n, d, eps);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_row_normalize_fwd(DType dtype, const void* x, void* y, void* norm,
+                                     int64_t n, int64_t d, double eps, cudaStream_t s) {
+  switch (dtype) {
+    case DType::kFloat32: return fwd<float>(x, y, norm, n, d, eps, s);
+    case DType::kFloat16: return fwd<__half>(x, y, norm, n, d, eps, s);
+    case DType::kBFloat16: return fwd<__nv_bfloat16>(x, y, norm, n, d, eps, s);
+    case DType::kFloat64: return fwd<double>(x, y, norm, n, d, eps, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_row_normalize_bwd(DType dtype, const void* g, const void* y,
+                                     const void* norm, void* dx, int64_t n, int64_t d,
+                                     double eps, cudaStream_t s) {
+  switch (dtype) {
+    case DType::kFloat32: return bwd<float>(g, y, norm, dx, n, d, eps, s);
+    case DType::kFloat16: return bwd<__half>(g, y, norm, dx, n, d, eps, s);
+    case DType::kBFloat16: return bwd<__nv_bfloat16>(g, y, norm, dx, n, d, eps, s);
+    case DType::kFloat64: return bwd<double>(g, y, norm, dx, n, d, eps, s);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace nnk

@@ -1,0 +1,141 @@
+// Per-element math of the cosine cross-entropy, shared by the CPU and CUDA
+// implementations (and mirrored line for line by nnk/reference.py and the
+// Triton kernels), so that the CPU build that CI runs exercises exactly the
+// formulas the GPU runs.
+//
+// Everything here is templated on the accumulation type T (float, or double
+// for the float64 CPU path); callers never instantiate it with half types.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define NNK_HD __host__ __device__ __forceinline__
+#else
+#define NNK_HD inline
+#endif
+
+namespace nnk {
+namespace math {
+
+#if !defined(__CUDA_ARCH__)
+// Host pass: take the float overloads from <cmath>. The device pass resolves
+// the same unqualified calls to CUDA's float/double math functions.
+using std::exp;
+using std::log;
+using std::sqrt;
+#endif
+
+// Lower bound on sin(theta) in the exact ArcFace derivative
+// d cos(theta + m) / d cos(theta) = cos m + sin m * cos(theta) / sin(theta).
+// Below 1e-3 (1 - cos(theta) < 5e-7, i.e. a few float32 ulps of 1) theta is
+// not resolved by a float32 cosine anyway; clamping keeps the gradient finite
+// (at most cos m + 1000 sin m) where the true derivative diverges.
+constexpr double kArcSinMin = 1e-3;
+
+template <typename T>
+NNK_HD T clamp_unit(T c) {
+  return c > T(1) ? T(1) : (c < T(-1) ? T(-1) : c);
+}
+
+// Constants of an angular margin m, computed once per launch.
+template <typename T>
+struct ArcMargin {
+  T m;          // the margin in radians (0 disables the angular margin)
+  T cos_m;
+  T sin_m;
+  T threshold;  // cos(pi - m) = -cos m: below it theta + m > pi
+  T fallback;   // m * sin m, the ArcFace fallback shift
+};
+
+template <typename T>
+inline ArcMargin<T> make_arc_margin(double m) {
+  ArcMargin<T> a;
+  a.m = T(m);
+  a.cos_m = T(std::cos(m));
+  a.sin_m = T(std::sin(m));
+  a.threshold = T(-std::cos(m));
+  a.fallback = T(m * std::sin(m));
+  return a;
+}
+
+// psi(c): the target-column cosine after the angular and additive margins.
+// cos(theta + m) = c cos m - sin(theta) sin m with sin(theta) = sqrt(1 - c^2),
+// which avoids acos/cos and is exact for |c| <= 1. Where theta + m > pi,
+// the ArcFace fallback c - m sin m keeps psi monotone in theta.
+template <typename T>
+NNK_HD T margin_value(T c, const ArcMargin<T>& a, T additive) {
+  T psi = c;
+  if (a.m != T(0)) {
+    const T cc = clamp_unit(c);
+    if (cc >= a.threshold) {
+      const T s2 = T(1) - cc * cc;
+      psi = cc * a.cos_m - sqrt(s2 > T(0) ? s2 : T(0)) * a.sin_m;
+    } else {
+      psi = cc - a.fallback;
+    }
+  }
+  return psi - additive;
+}
+
+// d psi / d c. `exact` differentiates the margin; otherwise psi - c is treated
+// as a constant (the straight-through "detached" mode of insightface).
+template <typename T>
+NNK_HD T margin_grad(T c, const ArcMargin<T>& a, bool exact) {
+  if (!exact || a.m == T(0)) return T(1);
+  const T cc = clamp_unit(c);
+  if (cc < a.threshold) return T(1);
+  const T s2 = T(1) - cc * cc;
+  T sin_t = sqrt(s2 > T(0) ? s2 : T(0));
+  if (sin_t < T(kArcSinMin)) sin_t = T(kArcSinMin);
+  return a.cos_m + a.sin_m * cc / sin_t;
+}
+
+// Online log-sum-exp: merge the partial (max, sum of exp(z - max)) of a block
+// into the running one. -inf maxima (nothing seen yet) merge to the other side
+// without producing exp(-inf - -inf) = NaN.
+template <typename T>
+NNK_HD void lse_merge(T& run_max, T& run_sum, T blk_max, T blk_sum) {
+  if (blk_max == -INFINITY) return;
+  if (run_max == -INFINITY) {
+    run_max = blk_max;
+    run_sum = blk_sum;
+    return;
+  }
+  if (blk_max > run_max) {
+    run_sum = run_sum * exp(run_max - blk_max) + blk_sum;
+    run_max = blk_max;
+  } else {
+    run_sum = run_sum + blk_sum * exp(blk_max - run_max);
+  }
+}
+
+template <typename T>
+NNK_HD T lse_finish(T run_max, T run_sum) {
+  return run_max + log(run_sum);
+}
+
+// d loss_i / d z_ic for
+//   loss_i = lse_i - (1 - ls) z_iy - (ls / C) sum_c z_ic + zl * lse_i^2
+// (cross-entropy with label smoothing ls, plus the z-loss), times the upstream
+// gradient g_i of the row loss:
+//   g_i * (p_ic (1 + 2 zl lse_i) - (1 - ls) [c == y_i] - ls / C).
+template <typename T>
+NNK_HD T dlogit(T z, T lse, bool is_target, T smoothing, T inv_c, T z_loss,
+                T g) {
+  const T p = exp(z - lse);
+  T d = p * (T(1) + T(2) * z_loss * lse) - smoothing * inv_c;
+  if (is_target) d -= T(1) - smoothing;
+  return g * d;
+}
+
+// Backward of y = x / max(||x||, eps) for one element, given dot = <y, g> and
+// the row norm: (g - y <y, g>) / ||x|| when ||x|| > eps, else g / eps (the
+// map is linear there, as in F.normalize).
+template <typename T>
+NNK_HD T normalize_grad(T g, T y, T dot, T norm, T eps) {
+  return norm > eps ? (g - y * dot) / norm : g / eps;
+}
+
+}  // namespace math
+}  // namespace nnk

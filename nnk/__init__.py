@@ -1,0 +1,12 @@
+"""nnk: fused kernels for normalized (cosine) classification heads.
+
+``import nnk`` never initializes CUDA and works without the compiled
+extension (``nnk.ops.build_info()`` says whether it is loaded).
+"""
+import torch  # noqa: F401  (loads libtorch before the extension nnk._C)
+
+from . import ops, reference
+from ._version import __version__
+from .functional import cosine_cross_entropy
+
+__all__ = ["__version__", "cosine_cross_entropy", "ops", "reference"]

@@ -1,0 +1,170 @@
+"""Options of the cosine cross-entropy and the checks every entry point runs
+before any computation: one place, so that every impl rejects the same inputs
+with the same messages."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+IMPLS = ("auto", "cuda", "triton", "torch")
+REDUCTIONS = ("mean", "sum", "none")
+MARGIN_GRADS = ("exact", "detached")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# An angular margin above pi/2 rad is almost surely degrees passed as radians.
+MAX_ANGULAR_MARGIN = math.pi / 2
+
+
+@dataclass(frozen=True)
+class CCEOptions:
+    """The non-tensor options of one cosine cross-entropy call, checked."""
+
+    normalize_input: bool = True
+    normalize_weight: bool = True
+    additive_margin: float = 0.0
+    angular_margin: float = 0.0
+    margin_grad: str = "exact"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    eps: float = 1e-12
+    deterministic: bool = False
+
+    @property
+    def exact_margin(self) -> bool:
+        return self.margin_grad == "exact"
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
+    if not _is_real(v):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ValueError(f"{name} must be <= {hi:.6g}, got {v}")
+    return v
+
+
+def _choice(name: str, v, choices) -> str:
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {v!r}")
+    return v
+
+
+def make_options(
+    *,
+    normalize_input,
+    normalize_weight,
+    additive_margin,
+    angular_margin,
+    margin_grad,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    eps,
+    deterministic=False,
+) -> CCEOptions:
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    opts = CCEOptions(
+        normalize_input=bool(normalize_input),
+        normalize_weight=bool(normalize_weight),
+        additive_margin=_finite_float("additive_margin", additive_margin),
+        angular_margin=_finite_float("angular_margin", angular_margin, lo=0.0, hi=MAX_ANGULAR_MARGIN),
+        margin_grad=_choice("margin_grad", margin_grad, MARGIN_GRADS),
+        ignore_index=ignore_index,
+        label_smoothing=_finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0),
+        z_loss=_finite_float("z_loss", z_loss, lo=0.0),
+        eps=_finite_float("eps", eps, lo=0.0, lo_open=True),
+        deterministic=bool(deterministic),
+    )
+    if opts.angular_margin != 0.0 and not (opts.normalize_input and opts.normalize_weight):
+        raise ValueError(
+            "angular_margin needs normalize_input=True and normalize_weight=True: "
+            "an angle is only defined between unit vectors"
+        )
+    return opts
+
+
+def _data_checks_enabled() -> bool:
+    # Value checks need a host sync (.item()); torch.compile cannot trace them.
+    return not torch.compiler.is_compiling()
+
+
+def check_tensors(x, weight, target, scale, bias, opts: CCEOptions):
+    """Check shapes, dtypes, devices and values; return ``(target, scale)`` with
+    target as int64 and scale as a Python float or a float32 tensor of shape
+    () or (C,) (keeping its autograd history)."""
+    for name, t in (("x", x), ("weight", weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
+    n, d = x.shape
+    c = weight.shape[0]
+    if weight.shape[1] != d:
+        raise ValueError(f"weight must have D={d} columns like x {tuple(x.shape)}, got shape {tuple(weight.shape)}")
+    if c == 0:
+        raise ValueError("weight must have at least one class (C >= 1), got C=0")
+    if d == 0:
+        raise ValueError("x and weight must have D >= 1 features, got D=0")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be int64 or int32, got {target.dtype}")
+    if target.shape != (n,):
+        raise ValueError(f"target must have shape ({n},) like x's rows, got {tuple(target.shape)}")
+    dev = x.device
+    if weight.device != dev:
+        raise ValueError(f"weight is on {weight.device} but x is on {dev}")
+    if target.device != dev:
+        raise ValueError(f"target is on {target.device} but x is on {dev}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (c,):
+            raise ValueError(f"bias must have shape ({c},), got {tuple(bias.shape)}")
+        if bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
+        if bias.device != dev:
+            raise ValueError(f"bias is on {bias.device} but x is on {dev}")
+    scale = _check_scale(scale, c, dev)
+    target = target.long()
+    if _data_checks_enabled() and n > 0:
+        bad = ((target < 0) & (target != opts.ignore_index)) | (target >= c)
+        if bool(bad.any()):
+            first = int(target[bad][0])
+            raise ValueError(
+                f"target values must be in [0, {c}) or ignore_index={opts.ignore_index}, got {first}"
+            )
+    return target, scale
+
+
+def _check_scale(scale, c: int, dev: torch.device):
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] != c):
+            raise ValueError(f"scale must be a float, a 0-d tensor or a ({c},) tensor, got shape {tuple(scale.shape)}")
+        if not scale.is_floating_point():
+            raise TypeError(f"scale must be floating point, got {scale.dtype}")
+        if scale.device != dev:
+            raise ValueError(f"scale is on {scale.device} but x is on {dev}")
+        if _data_checks_enabled() and scale.numel() > 0:
+            if not bool(torch.isfinite(scale).all()):
+                raise ValueError("scale must be finite, got a non-finite value")
+            if not bool((scale > 0).all()):
+                raise ValueError("scale must be > 0, got a non-positive value")
+        return scale.to(torch.float32) if scale.dtype != torch.float64 else scale
+    return _finite_float("scale", scale, lo=0.0, lo_open=True)

@@ -1,0 +1,163 @@
+"""The public functional API of nnk."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ._options import IMPLS, REDUCTIONS, CCEOptions, _choice, check_tensors, make_options
+from .ops import has_op
+from .reference import reduce_rows
+
+__all__ = ["cosine_cross_entropy", "resolve_impl"]
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that ``impl`` means for tensors on ``device``.
+
+    ``"auto"`` takes ``NNK_IMPL`` when set, else: on CUDA devices the Triton
+    kernels when triton is installed, else the compiled extension, else the
+    blockwise PyTorch path; on other devices the blockwise PyTorch path.
+    float64 runs on the torch path only. An explicit impl that cannot run on
+    ``device`` is a ValueError, one that cannot take ``dtype`` a TypeError."""
+    _choice("impl", impl, IMPLS)
+    if impl == "auto":
+        impl = _choice("NNK_IMPL", os.environ.get("NNK_IMPL", "auto"), IMPLS)
+    if impl == "auto":
+        if dtype == torch.float64:
+            return "torch"
+        if device.type == "cuda":
+            if _triton_usable(device):
+                return "triton"
+            if has_op("cosine_cross_entropy_fwd", "cuda"):
+                return "cuda"
+        return "torch"
+    if impl == "triton" and not _triton_usable(device):
+        raise ValueError(
+            f"impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); got tensors on {device}"
+        )
+    if impl == "cuda" and not has_op("cosine_cross_entropy_fwd", device.type):
+        raise ValueError(
+            f"impl='cuda' needs the compiled extension nnk._C with kernels for {device.type} "
+            "(see nnk.ops.build_info())"
+        )
+    if impl != "torch" and dtype == torch.float64:
+        raise TypeError(f"impl={impl!r} takes float16, bfloat16 or float32 x; float64 runs on impl='torch'")
+    return impl
+
+
+def _backend(impl: str):
+    if impl == "torch":
+        from .impl.torch_blockwise import cosine_cross_entropy_torch
+
+        return cosine_cross_entropy_torch
+    if impl == "triton":
+        from .impl.triton import cosine_cross_entropy_triton
+
+        return cosine_cross_entropy_triton
+    from .impl.extension import cosine_cross_entropy_extension
+
+    return cosine_cross_entropy_extension
+
+
+def cosine_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    scale: float | torch.Tensor = 1.0,
+    bias: torch.Tensor | None = None,
+    normalize_input: bool = True,
+    normalize_weight: bool = True,
+    additive_margin: float = 0.0,
+    angular_margin: float = 0.0,
+    margin_grad: str = "exact",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    eps: float = 1e-12,
+    return_lse: bool = False,
+    impl: str = "auto",
+    deterministic: bool | None = None,
+):
+    """Cross-entropy of a cosine (normalized) classification head, fused: the
+    (N, C) logits are never materialized.
+
+    Replaces, in float32 accumulation whatever the input dtype::
+
+        xn, wn = F.normalize(x, dim=1, eps=eps), F.normalize(weight, dim=1, eps=eps)
+        cos = xn @ wn.T
+        theta = acos(clamp(cos[i, y_i], -1, 1))                       # target column only
+        psi = cos(theta + angular_margin) if theta + angular_margin <= pi
+              else cos[i, y_i] - angular_margin * sin(angular_margin)  # ArcFace fallback
+        psi = psi - additive_margin                                    # CosFace
+        logits = scale * cos, with scale[y_i] * psi at [i, y_i]; logits += bias
+        loss = F.cross_entropy(logits, target, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing, reduction="none")
+        loss += z_loss * logsumexp(logits, 1) ** 2   (non-ignored rows), then reduced.
+
+    Args:
+        x: (N, D) float32 / float16 / bfloat16 features (float64 on the torch impl).
+        weight: (C, D) class weights, same dtype as x (the ``nn.Linear`` layout).
+        target: (N,) int64 or int32 class indices in [0, C), or ``ignore_index``.
+        scale: s; a Python float, a 0-d tensor, or a (C,) tensor (per-class scale,
+            as nGPT's); tensors may require grad. Must be finite and > 0.
+        bias: (C,) floating tensor or None.
+        normalize_input: L2-normalize the rows of x (gradient flows through it).
+        normalize_weight: L2-normalize the rows of weight.
+        additive_margin: CosFace m: the target cosine becomes ``cos - m``.
+        angular_margin: ArcFace m in radians, in [0, pi/2]: the target cosine
+            becomes ``cos(theta + m)``; needs both normalizations.
+        margin_grad: ``"exact"`` differentiates the margins (the ArcFace derivative
+            ``cos m + sin m cos(theta) / sin(theta)`` with sin(theta) clamped at
+            1e-3 so it stays finite), ``"detached"`` treats ``psi - cos`` as a
+            constant (insightface's straight-through gradient).
+        ignore_index: rows with this target contribute no loss and no gradient.
+        label_smoothing: in [0, 1], as ``F.cross_entropy``.
+        reduction: ``"mean"`` (over non-ignored rows; NaN if all are ignored, as
+            ``F.cross_entropy``), ``"sum"`` or ``"none"`` ((N,) with 0 on ignored rows).
+        z_loss: coefficient of ``lse**2`` added to each non-ignored row's loss.
+        eps: lower bound on the norms, as ``F.normalize``.
+        return_lse: also return the (N,) float32 log-sum-exp of the logits
+            (margins included; not differentiable).
+        impl: ``"auto" | "cuda" | "triton" | "torch"``; ``NNK_IMPL`` sets what
+            ``"auto"`` means for the process. ``"cuda"`` is the compiled
+            extension (its CPU kernels on CPU tensors).
+        deterministic: bitwise-reproducible gradients on GPU backends (a fixed
+            reduction order instead of atomics); default ``NNK_DETERMINISTIC=1``.
+
+    Returns:
+        The float32 loss (float64 for float64 inputs): a scalar, or (N,) for
+        ``reduction="none"``; with ``return_lse``, ``(loss, lse)``.
+        Gradients come back in the dtype of each input.
+
+    Raises:
+        TypeError / ValueError naming the argument, before any computation, for
+        wrong shapes, dtypes or devices, targets out of range, a non-finite or
+        non-positive scale, and unknown ``reduction`` / ``impl`` / ``margin_grad``.
+        Value checks of tensors (target range, tensor scale) synchronize with the
+        device; they are skipped while torch.compile traces.
+    """
+    _choice("reduction", reduction, REDUCTIONS)
+    if deterministic is None:
+        deterministic = os.environ.get("NNK_DETERMINISTIC", "0") == "1"
+    opts: CCEOptions = make_options(
+        normalize_input=normalize_input, normalize_weight=normalize_weight,
+        additive_margin=additive_margin, angular_margin=angular_margin,
+        margin_grad=margin_grad, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
+        deterministic=deterministic,
+    )
+    target, scale = check_tensors(x, weight, target, scale, bias, opts)
+    backend = resolve_impl(impl, x.device, x.dtype)
+    row, lse = _backend(backend)(x, weight, target, scale, bias, opts)
+    loss = reduce_rows(row, target != opts.ignore_index, reduction)
+    return (loss, lse) if return_lse else loss

@@ -1,0 +1,183 @@
+"""``impl="torch"``: the cosine cross-entropy in blocks of rows x classes with an
+online log-sum-exp, in plain PyTorch ops (any device; what "auto" picks on CPU).
+
+No N x C buffer ever exists: the forward keeps per row a running max, sum of
+exponentials, target logit and (for label smoothing) sum of logits; the
+backward recomputes each logit tile and turns it into its gradient on the spot.
+Extra memory is O((N + C) * D) for the normalized operands and gradient
+accumulators plus one tile of ``block_rows x block_classes`` (a few copies).
+
+Math per tile (all in float32, float64 for float64 input), with z the logits,
+``lse`` the row log-sum-exp and g the upstream gradient of each row loss:
+``dz = g * (p * (1 + 2 zl lse) - (1 - ls) onehot - ls / C)``,
+``dcos = dz * scale`` (times ``dpsi/dcos`` on the target column),
+``dxn += dcos @ wn``, ``dwn += dcos.T @ xn``, ``dscale += sum(dz * cos')``,
+``dbias += sum_rows(dz)``, then back through the normalizations.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._options import CCEOptions
+from ..ops import row_normalize, row_normalize_backward
+from ..reference import acc_dtype, margin_grad_ref, margin_value_ref
+
+# Elements of one logits tile: 2^21 float32 = 8 MiB; the backward holds about
+# four tile-sized temporaries.
+TILE_ELEMENTS = 1 << 21
+MAX_BLOCK_ROWS = 1024
+
+
+def _blocks(n: int, c: int, block_rows: int | None, block_classes: int | None):
+    r = block_rows or max(1, min(n, MAX_BLOCK_ROWS))
+    b = block_classes or max(1, min(c, TILE_ELEMENTS // max(r, 1)))
+    return r, b
+
+
+def _normalized(t: torch.Tensor, on: bool, eps: float):
+    acc = t.to(acc_dtype(t.dtype))
+    if not on:
+        return acc, None
+    return row_normalize(acc, eps)
+
+
+class _BlockwiseCCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, target, opts: CCEOptions, block_rows, block_classes):
+        n, c = x.shape[0], weight.shape[0]
+        acc = acc_dtype(x.dtype)
+        # 1. Normalized operands in the accumulation dtype (O((N + C) D)).
+        xn, xnorm = _normalized(x, opts.normalize_input, opts.eps)
+        wn, wnorm = _normalized(weight, opts.normalize_weight, opts.eps)
+        s = scale.to(acc) if isinstance(scale, torch.Tensor) else scale
+        b = bias.to(acc) if bias is not None else None
+        valid = target != opts.ignore_index
+        t = torch.where(valid, target, torch.zeros_like(target))
+
+        # 2. Target cosine, margin, target logit: O(N D), one gathered row each.
+        cos_t = (xn * wn[t]).sum(dim=1)
+        psi = torch.where(valid, margin_value_ref(cos_t, opts.angular_margin, opts.additive_margin), cos_t)
+        s_t = s[t] if isinstance(s, torch.Tensor) and s.dim() == 1 else s
+        z_t = psi * s_t + (b[t] if b is not None else 0.0)
+
+        # 3. Online log-sum-exp (and sum of logits for smoothing) over tiles.
+        r_blk, c_blk = _blocks(n, c, block_rows, block_classes)
+        run_max = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
+        run_sum = torch.zeros((n,), dtype=acc, device=x.device)
+        sum_z = torch.zeros((n,), dtype=acc, device=x.device) if opts.label_smoothing else None
+        for r0 in range(0, n, r_blk):
+            rows = slice(r0, min(n, r0 + r_blk))
+            for c0 in range(0, c, c_blk):
+                z, _ = _tile(xn[rows], wn, s, b, t[rows], valid[rows], z_t[rows], psi[rows], c0, min(c, c0 + c_blk))
+                blk_max = z.amax(dim=1)
+                new_max = torch.maximum(run_max[rows], blk_max)
+                blk_sum = (z - new_max[:, None]).exp_().sum(dim=1)
+                run_sum[rows] = run_sum[rows] * (run_max[rows] - new_max).exp() + blk_sum
+                run_max[rows] = new_max
+                if sum_z is not None:
+                    sum_z[rows] += z.sum(dim=1)
+        lse = run_max + run_sum.log()
+
+        # 4. Row loss: lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2 (0 if ignored).
+        ls = opts.label_smoothing
+        row = lse - (1.0 - ls) * z_t
+        if sum_z is not None:
+            row = row - (ls / c) * sum_z
+        if opts.z_loss:
+            row = row + opts.z_loss * lse.square()
+        row = torch.where(valid, row, torch.zeros_like(row))
+
+        ctx.save_for_backward(xn, xnorm, wn, wnorm, t, valid, cos_t, psi, z_t, lse,
+                              scale if isinstance(scale, torch.Tensor) else None, bias)
+        ctx.opts, ctx.blocks, ctx.py_scale = opts, (r_blk, c_blk), scale
+        ctx.dtypes = (x.dtype, weight.dtype)
+        ctx.mark_non_differentiable(lse)
+        return row, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_row, _g_lse):
+        xn, xnorm, wn, wnorm, t, valid, cos_t, psi, z_t, lse, scale, bias = ctx.saved_tensors
+        opts: CCEOptions = ctx.opts
+        r_blk, c_blk = ctx.blocks
+        n, c = xn.shape[0], wn.shape[0]
+        acc = xn.dtype
+        s = scale.to(acc) if scale is not None else ctx.py_scale
+        b = bias.to(acc) if bias is not None else None
+        per_class = isinstance(s, torch.Tensor) and s.dim() == 1
+        need_s = scale is not None and ctx.needs_input_grad[2]
+        need_b = bias is not None and ctx.needs_input_grad[3]
+
+        ls = opts.label_smoothing
+        g = torch.where(valid, g_row.to(acc), torch.zeros_like(lse))
+        coef_p = g * (1.0 + 2.0 * opts.z_loss * lse)
+        shift = g * (ls / c)
+        hit = g * (1.0 - ls)
+        dpsi = margin_grad_ref(cos_t, opts.angular_margin, opts.exact_margin)
+
+        dxn = torch.zeros_like(xn)
+        dwn = torch.zeros_like(wn)
+        ds = torch.zeros(c if per_class else (), dtype=acc, device=xn.device) if need_s else None
+        db = torch.zeros(c, dtype=acc, device=xn.device) if need_b else None
+        for r0 in range(0, n, r_blk):
+            rows = slice(r0, min(n, r0 + r_blk))
+            for c0 in range(0, c, c_blk):
+                c1 = min(c, c0 + c_blk)
+                # 1. Recompute the tile exactly as the forward did.
+                z, cos = _tile(xn[rows], wn, s, b, t[rows], valid[rows], z_t[rows], psi[rows], c0, c1)
+                # 2. dz = coef_p * softmax - ls/C * g, minus (1 - ls) g on the target.
+                dz = (z - lse[rows, None]).exp_().mul_(coef_p[rows, None]).sub_(shift[rows, None])
+                ii, jj = _target_hits(t[rows], valid[rows], c0, c1)
+                dz[ii, jj] -= hit[rows][ii]
+                if db is not None:
+                    db[c0:c1] += dz.sum(dim=0)
+                if ds is not None:
+                    contrib = (dz * cos).sum(dim=0)
+                    if per_class:
+                        ds[c0:c1] += contrib
+                    else:
+                        ds += contrib.sum()
+                # 3. dcos = dz * scale, with d psi / d cos on the target column.
+                dcos = dz.mul_(s[c0:c1] if per_class else s)
+                dcos[ii, jj] *= dpsi[rows][ii]
+                dxn[rows] += dcos @ wn[c0:c1]
+                dwn[c0:c1] += dcos.T @ xn[rows]
+
+        # 4. Through the normalizations (or straight through when off).
+        dx = row_normalize_backward(dxn, xn, xnorm, opts.eps) if xnorm is not None else dxn
+        dw = row_normalize_backward(dwn, wn, wnorm, opts.eps) if wnorm is not None else dwn
+        x_dtype, w_dtype = ctx.dtypes
+        return (
+            dx.to(x_dtype) if ctx.needs_input_grad[0] else None,
+            dw.to(w_dtype) if ctx.needs_input_grad[1] else None,
+            ds.to(scale.dtype) if ds is not None else None,
+            db.to(bias.dtype) if db is not None else None,
+            None, None, None, None,
+        )
+
+
+def _target_hits(t, valid, c0, c1):
+    """(row, column) indices, local to the tile, of the target entries in [c0, c1)."""
+    ii = (valid & (t >= c0) & (t < c1)).nonzero().squeeze(1)
+    return ii, t[ii] - c0
+
+
+def _tile(xn, wn, s, b, t, valid, z_t, psi, c0, c1):
+    """Logits of rows ``xn`` x classes [c0, c1) with the margins on the target
+    column; also the cosines with psi on the target (what the scale multiplies)."""
+    cos = xn @ wn[c0:c1].T
+    ii, jj = _target_hits(t, valid, c0, c1)
+    cos[ii, jj] = psi[ii]
+    s_blk = s[c0:c1] if isinstance(s, torch.Tensor) and s.dim() == 1 else s
+    z = cos * s_blk
+    if b is not None:
+        z += b[c0:c1]
+    z[ii, jj] = z_t[ii]  # bitwise the forward's target logit, used by the row loss
+    return z, cos
+
+
+def cosine_cross_entropy_torch(x, weight, target, scale, bias, opts: CCEOptions,
+                               *, block_rows: int | None = None, block_classes: int | None = None):
+    """Backend entry (arguments already checked by nnk.functional): returns the
+    (N,) row losses (0 on ignored rows) and the (N,) log-sum-exp."""
+    return _BlockwiseCCE.apply(x, weight, scale, bias, target, opts, block_rows, block_classes)

@@ -1,0 +1,72 @@
+"""``nnk::row_normalize`` and its backward: fake kernels, autograd, and a
+Python front that falls back to the reference when the extension is absent."""
+from __future__ import annotations
+
+import torch
+
+from ..reference import row_normalize_backward_ref, row_normalize_ref
+from ._extension import has_extension, has_op
+
+if has_extension():
+
+    @torch.library.register_fake("nnk::row_normalize")
+    def _row_normalize_fake(x, eps):
+        torch._check(x.dim() == 2, lambda: "nnk::row_normalize: x must be 2-D")
+        norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+            (x.shape[0],), dtype=norm_dtype
+        )
+
+    @torch.library.register_fake("nnk::row_normalize_backward")
+    def _row_normalize_backward_fake(grad_y, y, norm, eps):
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+    def _setup_context(ctx, inputs, output):
+        _, eps = inputs
+        y, norm = output
+        ctx.save_for_backward(y, norm)
+        ctx.eps = eps
+
+    def _backward(ctx, grad_y, grad_norm):
+        y, norm = ctx.saved_tensors
+        if grad_y is None:
+            grad_y = torch.zeros_like(y)
+        dx = torch.ops.nnk.row_normalize_backward(grad_y, y, norm, ctx.eps)
+        if grad_norm is not None:
+            # d||x||/dx = x / ||x|| = y * max(||x||, eps) / ||x|| (0 at x = 0).
+            tiny = torch.finfo(norm.dtype).tiny
+            factor = torch.where(norm > 0, norm.clamp_min(ctx.eps) / norm.clamp_min(tiny), 0.0)
+            dx = dx + (grad_norm * factor)[:, None].to(y.dtype) * y
+        return dx, None
+
+    torch.library.register_autograd(
+        "nnk::row_normalize", _backward, setup_context=_setup_context
+    )
+
+
+def row_normalize(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row L2-normalization with its norms.
+
+    Args:
+        x: (N, D) float16 / bfloat16 / float32 / float64.
+        eps: lower bound on the norm, as ``F.normalize``.
+
+    Returns:
+        ``(y, norm)``: y (N, D) in x's dtype equal to ``F.normalize(x, dim=1, eps=eps)``
+        (computed in float32, float64 for float64), and norm (N,) the row norms
+        ``x.norm(dim=1)`` in float32 (float64 for float64 input).
+    """
+    if has_op("row_normalize", x.device.type):
+        return torch.ops.nnk.row_normalize(x, eps)
+    return row_normalize_ref(x, eps)
+
+
+def row_normalize_backward(
+    grad_y: torch.Tensor, y: torch.Tensor, norm: torch.Tensor, eps: float = 1e-12
+) -> torch.Tensor:
+    """Gradient of :func:`row_normalize`'s y with respect to x:
+    ``(g - y <y, g>) / ||x||`` row-wise where ``||x|| > eps``, else ``g / eps``
+    (the rows F.normalize divides by eps). Shapes as :func:`row_normalize`."""
+    if has_op("row_normalize_backward", y.device.type):
+        return torch.ops.nnk.row_normalize_backward(grad_y, y, norm, eps)
+    return row_normalize_backward_ref(grad_y, y, norm, eps)

@@ -1,0 +1,189 @@
+"""The specification of every nnk op, in plain PyTorch.
+
+Each ``*_ref`` function here is the definition that the kernels (torch
+blockwise, Triton, CUDA), the tests and the benchmarks are checked against.
+They materialize the N x C logits and rely on autograd, so they are simple
+rather than lean. Accumulation is float32 whatever the input dtype (float64
+stays float64, so gradcheck can run on them).
+
+The per-element formulas (margin value and derivative, normalization
+backward) mirror ``csrc/include/nnk/math.h`` line for line.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Lower bound on sin(theta) in the exact ArcFace derivative; see math.h.
+ARC_SIN_MIN = 1e-3
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of nnk for inputs of ``dtype``: float32, or float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_normalize_ref(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(F.normalize(x, dim=1, eps=eps), x.norm(dim=1))`` for (N, D) x, computed
+    in the accumulation dtype; y in x's dtype, the norms in float32 (float64)."""
+    xa = x.to(acc_dtype(x.dtype))
+    norm = torch.linalg.vector_norm(xa, dim=1)
+    return (xa / norm.clamp_min(eps)[:, None]).to(x.dtype), norm
+
+
+def row_normalize_backward_ref(
+    grad_y: torch.Tensor, y: torch.Tensor, norm: torch.Tensor, eps: float = 1e-12
+) -> torch.Tensor:
+    """``(g - y <y, g>) / ||x||`` where ``||x|| > eps``, else ``g / eps``; in y's dtype."""
+    acc = acc_dtype(y.dtype)
+    g, ya, na = grad_y.to(acc), y.to(acc), norm.to(acc)
+    dot = (g * ya).sum(dim=1, keepdim=True)
+    proj = (g - ya * dot) / na.clamp_min(eps)[:, None]
+    return torch.where((na > eps)[:, None], proj, g / eps).to(y.dtype)
+
+
+def margin_value_ref(cos_t: torch.Tensor, angular_margin: float, additive_margin: float) -> torch.Tensor:
+    """psi: the target cosine after the margins.
+
+    ``cos(theta + m) - m_add`` with ``theta = acos(clamp(cos_t, -1, 1))`` where
+    ``theta + m <= pi``, else the ArcFace fallback ``cos_t - m sin m - m_add``.
+    An angular margin of 0 leaves ``cos_t`` unclamped (plain linear heads)."""
+    if angular_margin == 0.0:
+        return cos_t - additive_margin
+    m = angular_margin
+    cc = cos_t.clamp(-1.0, 1.0)
+    sin_t = (1.0 - cc * cc).clamp_min(0.0).sqrt()
+    psi = torch.where(cc >= -math.cos(m), cc * math.cos(m) - sin_t * math.sin(m), cc - m * math.sin(m))
+    return psi - additive_margin
+
+
+def margin_grad_ref(cos_t: torch.Tensor, angular_margin: float, exact: bool) -> torch.Tensor:
+    """d psi / d cos_t: ``cos m + sin m cos_t / max(sin theta, ARC_SIN_MIN)`` on the
+    ArcFace branch, 1 on the fallback branch, without an angular margin, and in
+    the detached mode (psi - cos_t taken as a constant)."""
+    if not exact or angular_margin == 0.0:
+        return torch.ones_like(cos_t)
+    m = angular_margin
+    cc = cos_t.clamp(-1.0, 1.0)
+    sin_t = (1.0 - cc * cc).clamp_min(0.0).sqrt().clamp_min(ARC_SIN_MIN)
+    return torch.where(cc >= -math.cos(m), math.cos(m) + math.sin(m) * cc / sin_t, torch.ones_like(cc))
+
+
+class _Margin(torch.autograd.Function):
+    """psi(cos_t) with the finite derivative of :func:`margin_grad_ref`."""
+
+    @staticmethod
+    def forward(ctx, cos_t, angular_margin, additive_margin, exact):
+        ctx.save_for_backward(cos_t)
+        ctx.angular_margin, ctx.exact = angular_margin, exact
+        return margin_value_ref(cos_t, angular_margin, additive_margin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (cos_t,) = ctx.saved_tensors
+        return grad * margin_grad_ref(cos_t, ctx.angular_margin, ctx.exact), None, None, None
+
+
+def _as_scale(scale, dtype, device) -> torch.Tensor:
+    if isinstance(scale, torch.Tensor):
+        return scale.to(dtype)
+    return torch.tensor(float(scale), dtype=dtype, device=device)
+
+
+def cosine_logits_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    scale=1.0,
+    bias: torch.Tensor | None = None,
+    normalize_input: bool = True,
+    normalize_weight: bool = True,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """``scale * normalize(x) @ normalize(weight).T + bias`` in float32 (float64),
+    without margins: the logits a cosine head predicts with. x (N, D), weight
+    (C, D), scale a float, 0-d or (C,) tensor, bias (C,) or None; returns (N, C)."""
+    acc = acc_dtype(x.dtype)
+    xa, wa = x.to(acc), weight.to(acc)
+    if normalize_input:
+        xa = F.normalize(xa, dim=1, eps=eps)
+    if normalize_weight:
+        wa = F.normalize(wa, dim=1, eps=eps)
+    logits = (xa @ wa.T) * _as_scale(scale, acc, x.device)
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    return logits
+
+
+def cosine_cross_entropy_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    scale=1.0,
+    bias: torch.Tensor | None = None,
+    normalize_input: bool = True,
+    normalize_weight: bool = True,
+    additive_margin: float = 0.0,
+    angular_margin: float = 0.0,
+    margin_grad: str = "exact",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    eps: float = 1e-12,
+    return_lse: bool = False,
+):
+    """The specification of :func:`nnk.cosine_cross_entropy` (see its docstring
+    for the arguments), materializing the (N, C) logits:
+
+    ``cos = normalize(x) @ normalize(weight).T``; on each row's target column
+    ``psi = margin_value_ref(cos_t)``; ``logits = scale * cos`` with
+    ``scale[y] * psi`` at the target, ``+ bias``; the row loss is
+    ``F.cross_entropy(logits, target, ignore_index, label_smoothing, "none")
+    + z_loss * lse**2`` on non-ignored rows, reduced as ``F.cross_entropy``
+    reduces. Returns the loss (float32, float64 for float64 input), and the
+    (N,) log-sum-exp of the logits when ``return_lse``.
+    """
+    acc = acc_dtype(x.dtype)
+    n, c = x.shape[0], weight.shape[0]
+    target = target.long()
+    valid = target != ignore_index
+    safe_t = torch.where(valid, target, torch.zeros_like(target))
+    cos = cosine_logits_ref(
+        x, weight, scale=1.0, normalize_input=normalize_input,
+        normalize_weight=normalize_weight, eps=eps,
+    )
+    s = _as_scale(scale, acc, x.device)
+    if n > 0 and c > 0:
+        cos_t = cos.gather(1, safe_t[:, None]).squeeze(1)
+        psi = _Margin.apply(cos_t, float(angular_margin), float(additive_margin), margin_grad == "exact")
+        # Ignored rows keep their plain cosine, so that their lse is the plain one.
+        psi = torch.where(valid, psi, cos_t)
+        s_t = s[safe_t] if s.dim() == 1 else s
+        logits = (cos * s).scatter(1, safe_t[:, None], (psi * s_t)[:, None])
+    else:
+        logits = cos * s
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    row = F.cross_entropy(
+        logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing, reduction="none"
+    )
+    lse = torch.logsumexp(logits, dim=1)
+    if z_loss != 0.0:
+        row = row + z_loss * lse.square() * valid
+    loss = reduce_rows(row, valid, reduction)
+    return (loss, lse.detach()) if return_lse else loss
+
+
+def reduce_rows(row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-row losses (zero on ignored rows) as ``F.cross_entropy`` does:
+    ``"mean"`` divides by the number of non-ignored rows (NaN when all are
+    ignored), ``"sum"`` adds, ``"none"`` returns the (N,) rows."""
+    if reduction == "none":
+        return row
+    if reduction == "sum":
+        return row.sum()
+    return row.sum() / valid.sum().to(row.dtype)
