@@ -1,0 +1,43 @@
+"""Test configuration.
+
+``pytest --device cuda`` runs the device-parametrized tests on a GPU; the
+default is the CPU, where Triton kernels run under TRITON_INTERPRET=1. The
+interpreter flag must be set before any @triton.jit function is defined, so
+this file sets it at configure time and imports nothing from nnk at module
+level. No CUDA query happens at import or collection time on the CPU.
+"""
+import os
+
+import pytest
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default=os.environ.get("NNK_TEST_DEVICE", "cpu"), choices=("cpu", "cuda"),
+        help="device of the kernel tests (cpu: Triton under TRITON_INTERPRET=1)",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--device") == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--device") == "cuda":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run with --device cuda on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig):
+    """The torch device kernel tests run on ("cpu" or "cuda")."""
+    import torch
+
+    dev = pytestconfig.getoption("--device")
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but no CUDA device is available")
+    return torch.device(dev)
