@@ -145,7 +145,7 @@ def cosine_cross_entropy_ref(
     ``F.cross_entropy(logits, target, ignore_index, label_smoothing, "none")
     + z_loss * lse**2`` on non-ignored rows, reduced as ``F.cross_entropy``
     reduces. Returns the loss (float32, float64 for float64 input), and the
-    (N,) log-sum-exp of the logits when ``return_lse``.
+    (N,) log-sum-exp of the logits when ``return_lse`` (differentiable).
     """
     acc = acc_dtype(x.dtype)
     n, c = x.shape[0], weight.shape[0]
@@ -175,7 +175,7 @@ def cosine_cross_entropy_ref(
     if z_loss != 0.0:
         row = row + z_loss * lse.square() * valid
     loss = reduce_rows(row, valid, reduction)
-    return (loss, lse.detach()) if return_lse else loss
+    return (loss, lse) if return_lse else loss
 
 
 def reduce_rows(row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -187,3 +187,39 @@ def reduce_rows(row: torch.Tensor, valid: torch.Tensor, reduction: str) -> torch
     if reduction == "sum":
         return row.sum()
     return row.sum() / valid.sum().to(row.dtype)
+
+
+# --- Neural-collapse statistics --------------------------------------------
+
+
+def _batched(features: torch.Tensor):
+    return (features[None], True) if features.dim() == 2 else (features, False)
+
+
+def nc_class_sums_ref(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """Per-class counts and feature sums.
+
+    features (N, D) or (B, N, D), any float dtype; labels (N,) int in [0, K).
+    Returns counts (K,) int64 and sums (K, D) or (B, K, D) in the accumulation
+    dtype: ``sums[b, k] = sum_{i: y_i = k} features[b, i]``."""
+    h, squeeze = _batched(features)
+    acc = acc_dtype(h.dtype)
+    counts = torch.bincount(labels.long(), minlength=num_classes)
+    sums = torch.zeros(h.shape[0], num_classes, h.shape[2], dtype=acc, device=h.device)
+    sums.index_add_(1, labels.long(), h.to(acc))
+    return counts, (sums[0] if squeeze else sums)
+
+
+def nc_centered_gram_ref(features: torch.Tensor, labels: torch.Tensor, shifts: torch.Tensor):
+    """Gram of the features centered on a per-class shift:
+    ``G[b] = sum_i (h_bi - c_b[y_i]) (h_bi - c_b[y_i])^T``.
+
+    features (N, D) or (B, N, D); labels (N,); shifts (K, D) or (B, K, D).
+    Returns (D, D) or (B, D, D) in the accumulation dtype of the features
+    (float32; float64 for float64 features or shifts)."""
+    h, squeeze = _batched(features)
+    c, _ = _batched(shifts)
+    acc = torch.float64 if torch.float64 in (h.dtype, c.dtype) else torch.float32
+    centered = h.to(acc) - c.to(acc)[:, labels.long()]
+    gram = centered.transpose(1, 2) @ centered
+    return gram[0] if squeeze else gram

@@ -9,7 +9,7 @@ accumulators plus one tile of ``block_rows x block_classes`` (a few copies).
 
 Math per tile (all in float32, float64 for float64 input), with z the logits,
 ``lse`` the row log-sum-exp and g the upstream gradient of each row loss:
-``dz = g * (p * (1 + 2 zl lse) - (1 - ls) onehot - ls / C)``,
+``dz = g * (p * (1 + 2 zl lse) - (1 - ls) onehot - ls / C) + g_lse * p``,
 ``dcos = dz * scale`` (times ``dpsi/dcos`` on the target column),
 ``dxn += dcos @ wn``, ``dwn += dcos.T @ xn``, ``dscale += sum(dz * cos')``,
 ``dbias += sum_rows(dz)``, then back through the normalizations.
@@ -91,12 +91,11 @@ class _BlockwiseCCE(torch.autograd.Function):
                               scale if isinstance(scale, torch.Tensor) else None, bias)
         ctx.opts, ctx.blocks, ctx.py_scale = opts, (r_blk, c_blk), scale
         ctx.dtypes = (x.dtype, weight.dtype)
-        ctx.mark_non_differentiable(lse)
         return row, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_row, _g_lse):
+    def backward(ctx, g_row, g_lse):
         xn, xnorm, wn, wnorm, t, valid, cos_t, psi, z_t, lse, scale, bias = ctx.saved_tensors
         opts: CCEOptions = ctx.opts
         r_blk, c_blk = ctx.blocks
@@ -110,7 +109,10 @@ class _BlockwiseCCE(torch.autograd.Function):
 
         ls = opts.label_smoothing
         g = torch.where(valid, g_row.to(acc), torch.zeros_like(lse))
+        # d lse / dz = softmax: the lse output's gradient joins the softmax term.
         coef_p = g * (1.0 + 2.0 * opts.z_loss * lse)
+        if g_lse is not None:
+            coef_p = coef_p + g_lse.to(acc)
         shift = g * (ls / c)
         hit = g * (1.0 - ls)
         dpsi = margin_grad_ref(cos_t, opts.angular_margin, opts.exact_margin)
@@ -179,5 +181,6 @@ def _tile(xn, wn, s, b, t, valid, z_t, psi, c0, c1):
 def cosine_cross_entropy_torch(x, weight, target, scale, bias, opts: CCEOptions,
                                *, block_rows: int | None = None, block_classes: int | None = None):
     """Backend entry (arguments already checked by nnk.functional): returns the
-    (N,) row losses (0 on ignored rows) and the (N,) log-sum-exp."""
+    (N,) row losses (0 on ignored rows) and the (N,) log-sum-exp, both
+    differentiable."""
     return _BlockwiseCCE.apply(x, weight, scale, bias, target, opts, block_rows, block_classes)
