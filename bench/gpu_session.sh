@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The GPU session in one command, for the device machine (Python 3.12 at
+# python3, torch 2.11 cu130, triton 3.6, no internet), run from the repository
+# root with the peers' wheels carried in .whl/ (see bench/README.md):
+#
+#   bash bench/gpu_session.sh [OUT_DIR]          # OUT_DIR default: $OUT, else bench_out/gpu
+#
+# Stages, in this order, each time-boxed, all within SESSION_S seconds (default
+# 570: the device tool stops a command at 600):
+#   env    nvidia-smi and versions                              -> env.txt
+#   peers  pip install --no-index --no-deps --target /tmp/site .whl/*.whl -> peers.log
+#   build  pip install --no-build-isolation --no-deps -e .  (BUILD_S, 240) -> build.log
+#   test   pytest --device cuda -m "not slow"                 (TEST_S, 150) -> tests.log
+#   bench  python -m bench --suite full --device cuda --dtype bf16; headline
+#          shapes first; stops starting cases when its time is used (rest)  -> CSV, PNG, summary, bench.log
+#   ncfp32 the NC case in float32, if time is left                         -> *_nc-fp32.csv
+#   report summary + plots rewritten from the CSVs (always; a cut run keeps its finished cases)
+# Environment: STAGES (comma list, default all), SESSION_S, BUILD_S, TEST_S,
+# SHAPES (bench --shapes), PROVIDERS (bench --providers), NNK_GIT_COMMIT
+# (the commit to record: the device gets a copy of the tree without .git).
+set -uo pipefail
+OUT_DIR="${1:-${OUT:-bench_out/gpu}}"
+mkdir -p "$OUT_DIR"
+exec > >(tee -a "$OUT_DIR/session.log") 2>&1
+
+START=$(date +%s)
+SESSION_S="${SESSION_S:-570}"
+STAGES=",${STAGES:-env,peers,build,test,bench,ncfp32,report},"
+PY="${PYTHON:-python3}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+export PYTHONUNBUFFERED=1
+
+left() { echo $(( START + SESSION_S - $(date +%s) )); }
+box() { local l; l=$(left); (( $1 < l )) && echo "$1" || echo "$l"; }   # min(stage box, time left)
+want() { [[ "$STAGES" == *",$1,"* ]]; }
+stage() { echo; echo "=== $1 ($(date -u +%H:%M:%S), $(left) s left)"; }
+
+if want env; then
+  stage env
+  { nvidia-smi; "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+    "$PY" -c 'import triton; print("triton", triton.__version__)'; } > "$OUT_DIR/env.txt" 2>&1
+  cat "$OUT_DIR/env.txt"
+fi
+
+if want peers; then
+  stage peers
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > "$OUT_DIR/peers.log" 2>&1 \
+      && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" && echo "peers installed: $(ls .whl)" \
+      || echo "peers: install failed (see peers.log); the bench reports them unavailable"
+  else
+    echo "peers: no .whl/ carried; the bench reports them unavailable"
+  fi
+fi
+
+if want build; then
+  stage build
+  timeout "$(box "${BUILD_S:-240}")" "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT_DIR/build.log" 2>&1
+  echo "build: exit $? ($(tail -n 1 "$OUT_DIR/build.log"))"
+  "$PY" -m nnk info
+fi
+
+if want test; then
+  stage test
+  timeout "$(box "${TEST_S:-150}")" "$PY" -m pytest --device cuda -m "not slow" -q -p no:cacheprovider \
+    --maxfail=20 -rfEs --durations=15 > "$OUT_DIR/tests.log" 2>&1
+  rc=$?
+  echo "tests: exit $rc$( ((rc == 124)) && echo ' (time box reached: incomplete)')"
+  tail -n 30 "$OUT_DIR/tests.log"
+fi
+
+BENCH_ARGS=(--suite full --device cuda --out "$OUT_DIR" --case-budget 45)
+[[ -n "${PROVIDERS:-}" ]] && BENCH_ARGS+=(--providers "$PROVIDERS")
+if want bench; then
+  stage bench
+  budget=$(( $(left) - 60 ))   # leave time for the NC float32 case and the report
+  if (( budget > 30 )); then
+    # SIGINT at the hard limit: the CSV keeps every finished case.
+    timeout -s INT "$(( budget + 40 ))" "$PY" -m bench "${BENCH_ARGS[@]}" --dtype bf16 --time-budget "$budget" \
+      ${SHAPES:+--shapes "$SHAPES"} 2>&1 | tee "$OUT_DIR/bench.log" | grep -v '^|'
+  else
+    echo "bench: no time left"
+  fi
+fi
+
+if want ncfp32; then
+  stage ncfp32
+  if (( $(left) > 40 )); then
+    timeout -s INT "$(( $(left) - 15 ))" "$PY" -m bench "${BENCH_ARGS[@]}" --dtype fp32 --shapes nc \
+      --tag "$("$PY" -c 'from bench.meta import device_slug; import torch; print(device_slug(torch.device("cuda")))')_full_nc-fp32" \
+      --time-budget "$(( $(left) - 30 ))" 2>&1 | tee "$OUT_DIR/bench_nc_fp32.log" | grep -v '^|'
+  else
+    echo "ncfp32: no time left"
+  fi
+fi
+
+if want report; then
+  stage report
+  for csv in "$OUT_DIR"/*.csv; do
+    [[ -e "$csv" ]] && timeout 60 "$PY" -m bench.report "$csv" > /dev/null && echo "report: $csv"
+  done
+fi
+echo "=== done in $(( $(date +%s) - START )) s; outputs in $OUT_DIR"

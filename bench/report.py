@@ -1,0 +1,167 @@
+"""The CSV schema of the results, its writer, and the markdown summary.
+
+``python -m bench.report RESULTS.csv`` rewrites the summary and the plots of
+a results file (e.g. of a run that was cut short).
+
+Columns (one row per case x provider x mode x dtype, in this order):
+suite, op, case, family, variant, N, D, C (K for nc_stats), scale, provider,
+kind, mode (fwd | bwd | fwdbwd), dtype, status (ok | unavailable | skipped |
+error | oom), median_ms, p20_ms, p80_ms (of the samples), rounds (samples),
+iters (steps per sample), peak_mb, tflops (model FLOPs / median), vs_bound
+(median / bound-gemm's median, same case, mode and dtype), loss (one forward's
+value, a check that every provider solved the same problem), device, torch,
+triton, nnk, git_commit, timestamp (UTC, ISO 8601), notes.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from .roofline import logits_mb
+from .shapes import CE_OP
+
+SCHEMA = [
+    "suite", "op", "case", "family", "variant", "N", "D", "C", "scale", "provider", "kind", "mode",
+    "dtype", "status", "median_ms", "p20_ms", "p80_ms", "rounds", "iters", "peak_mb", "tflops",
+    "vs_bound", "loss", "device", "torch", "triton", "nnk", "git_commit", "timestamp", "notes",
+]
+FLOAT_COLUMNS = ("scale", "median_ms", "p20_ms", "p80_ms", "peak_mb", "tflops", "vs_bound", "loss")
+INT_COLUMNS = ("N", "D", "C", "rounds", "iters")
+MODE_TITLES = {"fwdbwd": "fwd+bwd", "fwd": "fwd", "bwd": "bwd"}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+class CsvLog:
+    """Appends rows to ``path`` as they are measured (a run cut short keeps
+    what it measured); writes the header when the file is new."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(SCHEMA)
+
+    def write(self, rows: list[dict]) -> None:
+        with open(self.path, "a", newline="") as f:
+            w = csv.writer(f)
+            for row in rows:
+                if set(row) != set(SCHEMA):
+                    raise ValueError(f"row keys differ from the schema: {set(row) ^ set(SCHEMA)}")
+                w.writerow([_fmt(row[k]) for k in SCHEMA])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != SCHEMA:
+            raise ValueError(f"{path}: columns {reader.fieldnames} are not the schema {SCHEMA}")
+        rows = list(reader)
+    for r in rows:
+        for k in FLOAT_COLUMNS:
+            r[k] = float(r[k]) if r[k] not in ("", "nan") else math.nan
+        for k in INT_COLUMNS:
+            r[k] = int(r[k]) if r[k] else 0
+    return rows
+
+
+def _ms(r) -> str:
+    if r is None or r["status"] != "ok":
+        return "—" if r is None else r["status"]
+    return f"{r['median_ms']:.4g} ({r['p20_ms']:.4g}–{r['p80_ms']:.4g})"
+
+
+def _num(v, fmt="{:.3g}") -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """Per case and dtype: each provider's times per mode (median, p20–p80),
+    TFLOP/s, time over the GEMM bound and peak memory of the main mode, and
+    the speed-up / memory saving of the fastest nnk impl over each other
+    provider; then the providers not measured and why."""
+    if not rows:
+        return "(no rows)\n"
+    r0 = rows[0]
+    out = [f"# Benchmark summary: {r0['suite']} suite on {r0['device']}", "",
+           f"torch {r0['torch']}, triton {r0['triton']}, nnk {r0['nnk']}, commit {r0['git_commit']}, "
+           f"started {r0['timestamp']}. Times in ms: median (p20–p80) of interleaved samples. "
+           "× bound = time / time of the bare GEMMs (bound-gemm) at the same case and mode.", ""]
+    by_case = defaultdict(list)
+    for r in rows:
+        by_case[(r["case"], r["dtype"])].append(r)
+    for (case, dtype), rs in by_case.items():
+        modes = [m for m in ("fwdbwd", "fwd", "bwd") if any(r["mode"] == m for r in rs)]
+        main = modes[0]
+        cell = {(r["provider"], r["mode"]): r for r in rs}
+        providers = list(dict.fromkeys(r["provider"] for r in rs))
+        measured = [p for p in providers if any(cell.get((p, m), {}).get("status") == "ok" for m in modes)]
+        n, c = rs[0]["N"], rs[0]["C"]
+        title = f"## {case} ({dtype})"
+        logits = logits_mb(n, c) if rs[0]["op"] == CE_OP else None
+        out += [title, ""]
+        head = ["provider"] + [f"{MODE_TITLES[m]} ms" for m in modes] + [
+            f"TFLOP/s ({MODE_TITLES[main]})", f"× bound ({MODE_TITLES[main]})", f"peak MB ({MODE_TITLES[main]})"]
+        if logits:
+            head.append("peak / fp32 logits")
+        head += ["loss", "notes"]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in measured:
+            m = cell.get((p, main))
+            ok = m is not None and m["status"] == "ok"
+            line = [p] + [_ms(cell.get((p, mode))) for mode in modes]
+            line += [_num(m["tflops"]) if ok else "—", _num(m["vs_bound"], "{:.2f}") if ok else "—",
+                     _num(m["peak_mb"], "{:.4g}") if ok else "—"]
+            if logits:
+                line.append(_num(m["peak_mb"] / logits, "{:.1%}") if ok else "—")
+            line += [_num(m["loss"], "{:.5g}") if ok else "—", (m or {}).get("notes", "")]
+            out.append("| " + " | ".join(line) + " |")
+        nnk_main = [cell[(p, main)] for p in measured if p.startswith("nnk-") and cell.get((p, main), {}).get("status") == "ok"]
+        if nnk_main:
+            best = min(nnk_main, key=lambda r: r["median_ms"])
+            others = [cell[(p, main)] for p in measured if not p.startswith("nnk-") and cell.get((p, main), {}).get("status") == "ok"]
+            others = [o for o in others if o["kind"] != "bound"]
+            if others:
+                parts = [f"{o['provider']} {o['median_ms'] / best['median_ms']:.2f}×"
+                         + (f" / {o['peak_mb'] / best['peak_mb']:.2f}×" if best["peak_mb"] > 0 else "")
+                         for o in others]
+                out += ["", f"Speed-up of {best['provider']} ({MODE_TITLES[main]}; their time / its time) and "
+                            "memory saving (their peak / its peak): " + "; ".join(parts) + "."]
+        missing = [(p, cell.get((p, main)) or next(r for r in rs if r["provider"] == p)) for p in providers if p not in measured]
+        if missing:
+            out += ["", "Not measured: " + "; ".join(f"{p} ({r['status']}: {r['notes']})" for p, r in missing) + "."]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_summary(rows: list[dict], path: Path) -> Path:
+    Path(path).write_text(summary_markdown(rows))
+    return Path(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("csv", type=Path)
+    ap.add_argument("--out", type=Path, default=None, help="directory for the summary and plots (default: the CSV's)")
+    args = ap.parse_args(argv)
+    from .plots import write_plots
+
+    rows = read_csv(args.csv)
+    out = args.out or args.csv.parent
+    stem = args.csv.stem
+    print(write_summary(rows, out / f"{stem}_summary.md"))
+    for p in write_plots(rows, out, stem):
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

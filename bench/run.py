@@ -1,0 +1,292 @@
+"""``python -m bench``: time and measure every available provider on the cases
+of a suite; write a CSV (schema in bench/report.py), a metadata JSON, a
+markdown summary and PNG plots.
+
+Per case and dtype: the inputs are made on the device; each provider is
+checked (missing ones get a row saying why) and built; then per mode each is
+warmed up (first call timed apart: compilation, autotuning) and sampled in
+interleaved rounds; then one more step per provider measures its peak memory.
+Rows are appended to the CSV as each case finishes.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import gc
+import json
+import math
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import meta
+from .memory import PeakMemory
+from .nc import NCInputs, nc_providers
+from .providers import CEInputs, Provider, ce_providers
+from .report import CsvLog, read_csv, write_summary
+from .roofline import MODES, NC_MODES, tflops
+from .shapes import CE_OP, SUITES, Case, select
+from .timing import Clock, interleaved, summarize, warm_up
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+DEFAULTS = {  # per device type: rounds, warm-up steps, min ms per sample, max steps per sample
+    "cuda": {"reps": 20, "warmup": 3, "min_sample_ms": 2.0, "max_iters": 200},
+    "cpu": {"reps": 7, "warmup": 2, "min_sample_ms": 10.0, "max_iters": 100},
+}
+
+
+def _csv_list(s: str) -> list[str]:
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", choices=sorted(SUITES), default="quick",
+                    help="quick: CPU-sized smoke suite; medium: the full families at CPU sizes; full: the GPU shapes")
+    ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    ap.add_argument("--dtype", type=_csv_list, default=None,
+                    help="comma list of bf16/fp16/fp32 (default: bf16 on cuda, fp32 on cpu)")
+    ap.add_argument("--out", type=Path, default=Path("bench_out"), help="output directory (default: bench_out)")
+    ap.add_argument("--tag", default=None, help="file-name stem (default: <device-slug>_<suite>)")
+    ap.add_argument("--shapes", type=_csv_list, default=None,
+                    help="comma list of case-id patterns or family names (e.g. 'vision,llm-*-C131072')")
+    ap.add_argument("--providers", type=_csv_list, default=None,
+                    help="comma list of provider-name patterns (e.g. 'nnk-*,ref-eager,bound-gemm')")
+    ap.add_argument("--modes", type=_csv_list, default=list(MODES), help="comma list of fwdbwd,fwd,bwd")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (samples per provider)")
+    ap.add_argument("--min-rounds", type=int, default=3, help="rounds taken even past the case budget")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps after the first call")
+    ap.add_argument("--min-sample-ms", type=float, default=None, help="a sample averages steps up to this long")
+    ap.add_argument("--max-iters", type=int, default=None, help="at most this many steps per sample")
+    ap.add_argument("--case-budget", type=float, default=120.0,
+                    help="seconds of sampling per case (split over its modes) after which rounds stop")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds for the whole run: later cases are reported as skipped")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for CPU runs (1 is robust on a shared machine: no thread-pool "
+                         "barrier waits for a descheduled worker)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--list", action="store_true", help="print the cases and provider availability, run nothing")
+    args = ap.parse_args(argv)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    d = DEFAULTS["cuda" if args.device.type == "cuda" else "cpu"]
+    for k, v in d.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    names = args.dtype or (["bf16"] if args.device.type == "cuda" else ["fp32"])
+    bad = [n for n in names if n not in DTYPES]
+    if bad:
+        ap.error(f"--dtype {bad}: choose from {sorted(DTYPES)}")
+    args.dtypes = [DTYPES[n] for n in names]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        ap.error(f"--modes {bad}: choose from {MODES}")
+    return args
+
+
+def _pick(providers: list[Provider], patterns) -> list[Provider]:
+    if not patterns:
+        return providers
+    return [p for p in providers if any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _failure(e: BaseException) -> tuple[str, str]:
+    """The status of a provider that raised: ``oom``, ``unavailable`` (an
+    installed peer that does not import here), else ``error``."""
+    msg = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower() \
+            or "can't allocate memory" in str(e):
+        return "oom", msg
+    return ("unavailable" if isinstance(e, ImportError) else "error"), msg
+
+
+class Bench:
+    def __init__(self, args, env: dict):
+        self.args, self.env = args, env
+        self.clock, self.mem = Clock(args.device), PeakMemory(args.device)
+        self.timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.deadline = time.monotonic() + args.time_budget if args.time_budget else None
+
+    def row(self, case: Case, dtype, provider: Provider, mode: str, status: str, notes: str = "", **vals) -> dict:
+        r = {"suite": self.args.suite, "op": case.op, "case": case.id, "family": case.family,
+             "variant": case.variant, "N": case.N, "D": case.D, "C": case.C, "scale": case.scale,
+             "provider": provider.name, "kind": provider.kind, "mode": mode, "dtype": _dtype_name(dtype),
+             "status": status, "median_ms": math.nan, "p20_ms": math.nan, "p80_ms": math.nan, "rounds": 0,
+             "iters": 0, "peak_mb": math.nan, "tflops": math.nan, "vs_bound": math.nan, "loss": math.nan,
+             "device": self.env["device"], "torch": self.env["torch"], "triton": self.env["triton"],
+             "nnk": self.env["nnk"], "git_commit": self.env["git_commit"], "timestamp": self.timestamp,
+             "notes": notes}
+        r.update(vals)
+        return r
+
+    def run_case(self, case: Case, dtype, providers: list[Provider]) -> list[dict]:
+        args = self.args
+        modes = [m for m in args.modes if m in (MODES if case.op == CE_OP else NC_MODES)]
+        rows: dict[tuple[str, str], dict] = {}
+
+        def fail(p: Provider, e: BaseException, only_mode: str | None = None):
+            status, msg = _failure(e)
+            print(f"    {p.name}: {status}: {msg}", flush=True)
+            for m in modes:
+                if (only_mode in (None, m)) and rows.get((p.name, m), {}).get("status") != "ok":
+                    rows[(p.name, m)] = self.row(case, dtype, p, m, status, msg)
+
+        try:
+            inputs = (CEInputs if case.op == CE_OP else NCInputs)(case, args.device, dtype, args.seed)
+        except Exception as e:  # noqa: BLE001
+            status, msg = _failure(e)
+            return [self.row(case, dtype, p, m, status, f"making the inputs: {msg}") for p in providers for m in modes]
+
+        runs, losses, notes = {}, {}, {}
+        for p in providers:
+            chk = p.check(case, args.device, dtype)
+            if chk.status != "ok":
+                for m in modes:
+                    rows[(p.name, m)] = self.row(case, dtype, p, m, chk.status, chk.reason)
+                continue
+            try:
+                runs[p.name] = p.build(case, inputs)
+                losses[p.name] = runs[p.name].loss() if runs[p.name].loss else math.nan
+                notes[p.name] = p.notes(case)
+            except Exception as e:  # noqa: BLE001
+                runs.pop(p.name, None)
+                fail(p, e)
+                _free(args.device)
+        by_name = {p.name: p for p in providers}
+        # Everything alive now (modules imported by the builds, the inputs) is
+        # left out of later collections: the gc.collect() before each memory
+        # measurement then costs milliseconds, not a scan of torch's heap.
+        gc.collect()
+        gc.freeze()
+
+        for mode in modes:
+            steps, iters, extra = {}, {}, {}
+            for name, run in list(runs.items()):
+                if mode not in run.steps:
+                    continue
+                try:
+                    w = warm_up(run.steps[mode], self.clock, warmup=args.warmup,
+                                min_sample_ms=args.min_sample_ms, max_iters=args.max_iters)
+                except Exception as e:  # noqa: BLE001
+                    fail(by_name[name], e, mode)
+                    _free(args.device)
+                    continue
+                steps[name], iters[name] = run.steps[mode], w.iters
+                extra[name] = [f"first call {w.first_ms / 1e3:.3g} s"] if w.first_ms > 1000 else []
+                extra[name] += w.warnings
+
+            def on_error(name, e, mode=mode):
+                fail(by_name[name], e, mode)
+                steps.pop(name, None)
+                _free(args.device)
+
+            mode_deadline = time.monotonic() + args.case_budget / len(modes)
+            if self.deadline is not None:
+                mode_deadline = min(mode_deadline, self.deadline)
+            samples = interleaved(dict(steps), iters, self.clock, rounds=args.reps, min_rounds=args.min_rounds,
+                                  deadline=mode_deadline, on_error=on_error)
+            for name in list(steps):
+                try:
+                    peak = self.mem.measure(steps[name])
+                except Exception as e:  # noqa: BLE001
+                    on_error(name, e)
+                    continue
+                med, p20, p80 = summarize(samples[name])
+                note = "; ".join(x for x in [notes[name], *extra[name]] if x)
+                rows[(name, mode)] = self.row(
+                    case, dtype, by_name[name], mode, "ok", note, median_ms=med, p20_ms=p20, p80_ms=p80,
+                    rounds=len(samples[name]), iters=iters[name], peak_mb=peak, tflops=tflops(case, mode, med),
+                    loss=losses[name])
+                r = rows[(name, mode)]
+                print(f"    {mode:6s} {name:14s} {med:10.4g} ms  [{p20:.4g}, {p80:.4g}]  x{len(samples[name])}"
+                      f"  {r['tflops']:8.3g} TFLOP/s  peak {peak:9.4g} MiB", flush=True)
+            _free(args.device)
+
+        del runs, inputs
+        gc.unfreeze()   # so that cycles holding this case's tensors are collected now
+        _free(args.device)
+        for mode in modes:
+            bound = rows.get(("bound-gemm", mode))
+            if bound is not None and bound["status"] == "ok":
+                for p in providers:
+                    r = rows.get((p.name, mode))
+                    if r is not None and r["status"] == "ok":
+                        r["vs_bound"] = r["median_ms"] / bound["median_ms"]
+        return [rows[(p.name, m)] for p in providers for m in modes if (p.name, m) in rows]
+
+    def skipped(self, case: Case, dtype, providers: list[Provider], why: str) -> list[dict]:
+        modes = [m for m in self.args.modes if m in (MODES if case.op == CE_OP else NC_MODES)]
+        return [self.row(case, dtype, p, m, "skipped", why) for p in providers for m in modes]
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    cases = select(SUITES[args.suite], args.shapes)
+    ce, nc = _pick(ce_providers(), args.providers), _pick(nc_providers(), args.providers)
+    env = meta.environment(args.device)
+    if args.list:
+        for case in cases:
+            for dtype in args.dtypes:
+                for p in (ce if case.op == CE_OP else nc):
+                    chk = p.check(case, args.device, dtype)
+                    print(f"{case.id:34s} {_dtype_name(dtype):9s} {p.name:14s} {chk.status:11s} {chk.reason}")
+        return 0
+
+    stem = args.tag or f"{env['device_slug']}_{args.suite}"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, meta_path = out / f"{stem}.csv", out / f"{stem}_meta.json"
+    if csv_path.exists():
+        csv_path.unlink()
+    log, bench = CsvLog(csv_path), Bench(args, env)
+    started = time.monotonic()
+    info = {**env, "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+            "suite": args.suite, "dtypes": [_dtype_name(d) for d in args.dtypes], "modes": args.modes,
+            "cases": [c.id for c in cases], "reps": args.reps, "warmup": args.warmup,
+            "min_sample_ms": args.min_sample_ms, "max_iters": args.max_iters, "case_budget_s": args.case_budget,
+            "time_budget_s": args.time_budget, "timing": bench.clock.method, "peak_memory": bench.mem.method,
+            "started": bench.timestamp, "host_threads": torch.get_num_threads()}
+    meta_path.write_text(json.dumps(info, indent=2))
+    print(f"bench: {args.suite} suite on {env['device']} ({', '.join(info['dtypes'])}) -> {csv_path}", flush=True)
+
+    for dtype in args.dtypes:
+        for case in cases:
+            providers = ce if case.op == CE_OP else nc
+            if bench.deadline is not None and time.monotonic() > bench.deadline:
+                log.write(bench.skipped(case, dtype, providers, f"time budget of {args.time_budget:g} s used up"))
+                continue
+            print(f"  {case.id} {_dtype_name(dtype)}", flush=True)
+            t0 = time.monotonic()
+            log.write(bench.run_case(case, dtype, providers))
+            print(f"  {case.id} {_dtype_name(dtype)}: {time.monotonic() - t0:.1f} s", flush=True)
+
+    info["wall_s"] = round(time.monotonic() - started, 1)
+    info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta_path.write_text(json.dumps(info, indent=2))
+    rows = read_csv(csv_path)
+    print(write_summary(rows, out / f"{stem}_summary.md"))
+    if not args.no_plots:
+        from .plots import write_plots
+
+        for p in write_plots(rows, out, stem):
+            print(p)
+    print(f"bench: {len(rows)} rows in {info['wall_s']} s", flush=True)
+    return 0

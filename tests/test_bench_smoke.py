@@ -1,0 +1,146 @@
+"""Smoke test of the benchmark harness (bench/): a subset of the quick suite
+runs on the CPU with few repetitions and writes its CSV, summary, metadata and
+plots. It checks the schema, that every provider is accounted for (measured,
+or reported as unavailable / skipped with a reason, never an error), that
+what was measured is finite, and that every provider solved the same problem
+(its loss equals the reference's). No timing or memory figure is asserted:
+performance is measured in bench/, never in tests.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# One plain case, one margin case (ArcFace: the trickiest peer setup), the NC case:
+# two torch.compile compilations, the bulk of the ~1 min this takes on 2 cores.
+SHAPES = "vision-plain-N256-D512-C100,face-arcface-*,nc"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "bench", "--suite", "quick", "--device", "cpu", "--shapes", SHAPES,
+           "--reps", "2", "--warmup", "1", "--min-sample-ms", "1", "--threads", "1",
+           "--out", str(out), "--tag", "smoke"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from bench.report import read_csv
+
+    return out, read_csv(out / "smoke.csv")   # read_csv rejects a header that is not the schema
+
+
+def test_every_provider_accounted_for(quick_run):
+    from bench.nc import nc_providers
+    from bench.providers import ce_providers
+    from bench.roofline import MODES
+    from bench.shapes import CE_OP, SUITES, select
+
+    _, rows = quick_run
+    got = {(r["case"], r["provider"], r["mode"]) for r in rows}
+    want = {(c.id, p.name, m) for c in select(SUITES["quick"], SHAPES.split(","))
+            for p in (ce_providers() if c.op == CE_OP else nc_providers())
+            for m in (MODES if c.op == CE_OP else ("fwd",))}
+    assert got == want
+    assert len(rows) == len(want)
+    bad = [(r["case"], r["provider"], r["mode"], r["status"], r["notes"]) for r in rows
+           if r["status"] not in ("ok", "unavailable", "skipped")]
+    assert not bad, bad
+    assert all(r["notes"] for r in rows if r["status"] != "ok"), "a provider not measured must say why"
+
+
+def test_measured_rows_are_finite(quick_run):
+    _, rows = quick_run
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        for k in ("median_ms", "p20_ms", "p80_ms", "tflops", "vs_bound", "peak_mb"):
+            assert math.isfinite(r[k]), (r["case"], r["provider"], r["mode"], k, r[k])
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["rounds"] == 2 and r["iters"] >= 1
+        if r["kind"] != "bound":
+            assert math.isfinite(r["loss"]), (r["case"], r["provider"])
+    # What must run on any CPU: nnk's torch path, the reference eager and compiled, the bound.
+    measured = {(r["case"], r["provider"]) for r in ok}
+    for case in {r["case"] for r in rows if r["op"] == "cosine_cross_entropy"}:
+        for p in ("nnk-torch", "ref-eager", "ref-compile", "bound-gemm"):
+            assert (case, p) in measured, (case, p)
+    assert any(r["op"] == "nc_stats" and r["provider"] == "bound-gemm" for r in ok)
+
+
+def test_providers_solve_the_same_problem(quick_run):
+    """Each provider's forward loss equals the reference's on the same inputs:
+    catches a peer fed the wrong scale, margin or weight layout. Peers without
+    margins are compared on plain cases only."""
+    _, rows = quick_run
+    ref = {r["case"]: r["loss"] for r in rows if r["provider"] == "ref-eager" and r["status"] == "ok"}
+    for r in rows:
+        if r["status"] != "ok" or r["kind"] == "bound" or r["op"] != "cosine_cross_entropy":
+            continue
+        if r["variant"] != "plain" and "no margins" in r["notes"]:
+            continue
+        assert r["loss"] == pytest.approx(ref[r["case"]], rel=1e-4), (r["case"], r["provider"])
+
+
+def test_outputs_written(quick_run):
+    out, rows = quick_run
+    info = json.loads((out / "smoke_meta.json").read_text())
+    for k in ("device", "torch", "triton", "nnk", "git_commit", "command", "timing", "peak_memory", "wall_s"):
+        assert info[k] not in (None, ""), k
+    summary = (out / "smoke_summary.md").read_text()
+    assert "vision-plain-N256-D512-C100" in summary and "Not measured" in summary
+    pngs = sorted(out.glob("smoke_*.png"))
+    assert len(pngs) == 2 and all(p.stat().st_size > 0 for p in pngs)   # vision-plain and face-arcface
+
+
+class _RaisesInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.float().square().sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("boom")
+
+
+def test_failing_providers_are_reported_and_the_others_run():
+    """A peer that does not import is `unavailable`; one whose backward raises
+    is an `error` in the modes with a backward and still measured in `fwd`;
+    the reference beside them is measured in every mode."""
+    from bench import meta
+    from bench.providers import GemmBound, Provider, Reference, loss_run
+    from bench.run import Bench, parse_args
+    from bench.shapes import Case
+
+    class NotImportable(Provider):
+        name, kind = "not-importable", "peer"
+
+        def build(self, case, inputs):
+            raise ImportError("no module named 'peer'")
+
+    class BrokenBackward(Provider):
+        name, kind = "broken-backward", "peer"
+
+        def build(self, case, inputs):
+            return loss_run(lambda: _RaisesInBackward.apply(inputs.x), [inputs.x])
+
+    args = parse_args(["--device", "cpu", "--reps", "2", "--warmup", "0", "--min-sample-ms", "0.1"])
+    bench = Bench(args, meta.environment(torch.device("cpu")))
+    case = Case("cosine_cross_entropy", "tiny", 8, 4, 16, "plain", 20.0)
+    rows = bench.run_case(case, torch.float32, [NotImportable(), BrokenBackward(), Reference(False), GemmBound()])
+    status = {(r["provider"], r["mode"]): (r["status"], r["notes"]) for r in rows}
+    assert all(status[("not-importable", m)][0] == "unavailable" for m in ("fwd", "bwd", "fwdbwd"))
+    assert "no module named 'peer'" in status[("not-importable", "fwd")][1]
+    assert status[("broken-backward", "fwd")][0] == "ok"
+    for m in ("bwd", "fwdbwd"):
+        assert status[("broken-backward", m)][0] == "error" and "boom" in status[("broken-backward", m)][1]
+    for m in ("fwd", "bwd", "fwdbwd"):
+        assert status[("ref-eager", m)][0] == "ok"
+        r = next(r for r in rows if r["provider"] == "ref-eager" and r["mode"] == m)
+        assert math.isfinite(r["vs_bound"]) and r["vs_bound"] > 0
