@@ -46,13 +46,15 @@ __global__ void row_normalize_fwd_kernel(const T* __restrict__ x, T* __restrict_
   const int lane = threadIdx.x % 32;
   if (row >= n) return;
   const T* xr = x + row * d;
-  A ss = 0;
+  // Squares summed in double: no overflow/underflow for any float input (a
+  // float sum overflows above |x| ~ 1e19). The pass is memory-bound.
+  double ss = 0;
   for (int64_t j = lane; j < d; j += 32) {
-    const A v = to_acc(xr[j]);
+    const double v = static_cast<double>(to_acc(xr[j]));
     ss += v * v;
   }
   ss = warp_sum(ss);
-  const A nr = sqrt(ss);
+  const A nr = static_cast<A>(sqrt(ss));
   const A denom = nr > A(eps) ? nr : A(eps);
   if (lane == 0) norm[row] = nr;
   T* yr = y + row * d;
