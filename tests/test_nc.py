@@ -426,3 +426,20 @@ def test_collect_nc_metrics_on_a_tiny_model():
     assert m.nc4 is not None and m.nc4 == ref.nc4
     no4 = collect_nc_metrics(model, loader, 4, nc4=False, head=model[2], progress=True)
     assert no4.nc4 is None and no4.nc1 == pytest.approx(m.nc1, rel=1e-12)
+
+
+# --- the paper-style baseline of bench/ ------------------------------------------------------
+
+
+def test_paper_baseline_agrees_with_nnk():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "nc_baseline.py")
+    spec = importlib.util.spec_from_file_location("nc_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    h, y, w, _ = clustered(300, 16, 5)
+    base = mod.nc_paper_baseline(h, y, 5, w, batch_size=64)
+    m = nnk.nc_metrics(h, y, w)
+    for name in ("nc1", "nc2", "nc3"):
+        assert base[name] == pytest.approx(getattr(m, name), rel=1e-5), name

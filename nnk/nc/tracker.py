@@ -78,6 +78,7 @@ class NCTracker:
         self.shifts = torch.zeros(nb, k, d, dtype=F64, device=self.device)
         self.gram = torch.zeros(nb, d, d, dtype=F64, device=self.device)
         self._shifts32 = torch.zeros(nb, k, d, dtype=torch.float32, device=self.device)
+        self.device = self.counts.device  # "cuda" -> "cuda:<current>", as the batches' device reads
         self._merged = False
         self._nc4: _NC4Pass | None = None
 
