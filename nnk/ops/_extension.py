@@ -34,10 +34,14 @@ def build_info() -> dict:
 
 
 def has_op(name: str, device_type: str = "cpu") -> bool:
-    """Whether ``torch.ops.nnk.<name>`` has a kernel for ``device_type``."""
+    """Whether ``torch.ops.nnk.<name>`` has a kernel for ``device_type`` (False
+    when the extension does not define the operator at all)."""
     if _ext is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"nnk::{name}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"nnk::{name}", key)
+    except RuntimeError:  # "operator nnk::<name> does not exist"
+        return False
