@@ -96,6 +96,7 @@ def cosine_cross_entropy(
     return_lse: bool = False,
     impl: str = "auto",
     deterministic: bool | None = None,
+    check_finite: bool = False,
 ):
     """Cross-entropy of a cosine (normalized) classification head, fused: the
     (N, C) logits are never materialized.
@@ -142,6 +143,9 @@ def cosine_cross_entropy(
             extension (its CPU kernels on CPU tensors).
         deterministic: bitwise-reproducible gradients on GPU backends (a fixed
             reduction order instead of atomics); default ``NNK_DETERMINISTIC=1``.
+        check_finite: raise ValueError if x, weight or bias hold NaN/Inf (one
+            device sync). By default non-finite inputs propagate to the loss
+            and gradients as they do in PyTorch.
 
     Returns:
         The float32 loss (float64 for float64 inputs): a scalar, or (N,) for
@@ -165,7 +169,7 @@ def cosine_cross_entropy(
         label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
         deterministic=deterministic,
     )
-    target, scale = check_tensors(x, weight, target, scale, bias, opts)
+    target, scale = check_tensors(x, weight, target, scale, bias, opts, check_finite=check_finite)
     backend = resolve_impl(impl, x.device, x.dtype)
     row, lse = _backend(backend)(x, weight, target, scale, bias, opts)
     loss = reduce_rows(row, target != opts.ignore_index, reduction)
