@@ -11,6 +11,13 @@ each chunk's GEMM, turns the block into ``d cos`` in one fused epilogue, then
 ``d xn = dcos @ Wn`` and ``d Wn += dcos^T @ xn`` (fp32 accumulator) and the
 normalization backward. Peak extra memory: one chunk of (rows x C) fp32 (+ a
 16-bit copy for fp16/bf16 GEMMs), never N x C.
+
+Gradients are bitwise reproducible whatever ``opts.deterministic`` says: the
+column sums (d bias, d scale) go through per-band partials summed in a fixed
+order, never float atomics. With fp16 inputs, ``d cos = d z * s * dpsi/dcos``
+is rounded to fp16 for the GEMMs; it overflows only when the upstream gradient
+exceeds ~65504 / (s * dpsi/dcos) (e.g. a large GradScaler scale), which
+GradScaler sees as an inf step and backs off from.
 """
 from __future__ import annotations
 
