@@ -7,9 +7,9 @@
 
 #include "nnk/math.h"
 #include "nnk/row_normalize_checks.h"
+#include "row_normalize_cpu.h"
 
 namespace nnk {
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> row_normalize_cpu(const at::Tensor& x_in,
                                                      double eps) {
@@ -78,8 +78,6 @@ at::Tensor row_normalize_backward_cpu(const at::Tensor& g_in,
       });
   return dx;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(nnk, CPU, m) {
   m.impl("row_normalize", &row_normalize_cpu);

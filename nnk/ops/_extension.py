@@ -33,6 +33,9 @@ def build_info() -> dict:
     return {"extension": True, **_ext.build_info()}
 
 
+# A constant for a traced program (kernels register when nnk._C loads):
+# torch.compile evaluates it at trace time instead of breaking the graph.
+@torch.compiler.assume_constant_result
 def has_op(name: str, device_type: str = "cpu") -> bool:
     """Whether ``torch.ops.nnk.<name>`` has a kernel for ``device_type`` (False
     when the extension does not define the operator at all)."""
