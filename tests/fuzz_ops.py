@@ -32,21 +32,26 @@ def tensors(draw):
     return t.to(DEVICE)
 
 
-def arg_strategy(arg):
-    ty = str(arg.type)
+def type_strategy(ty: str):
+    if ty.startswith("Optional[") or ty.endswith("?"):
+        inner = ty[len("Optional["):-1] if ty.startswith("Optional[") else ty[:-1]
+        return st.none() | type_strategy(inner)
+    if ty.startswith("List[") or ty.endswith("[]"):
+        inner = ty[len("List["):-1] if ty.startswith("List[") else ty[:-2]
+        return st.lists(type_strategy(inner), max_size=5)
     if ty == "Tensor":
         return tensors()
-    if ty == "Tensor?":
-        return st.none() | tensors()
     if ty == "float":
-        return st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -1.0, 1e-12])
-    if ty == "int":
+        return st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0.0, -1.0, 1e-12, 0.5])
+    if ty in ("int", "SymInt"):
         return st.integers(-5, 2**40) | st.integers(-3, 12)
     if ty == "bool":
         return st.booleans()
-    if ty == "SymInt[]" or ty == "int[]":
-        return st.lists(st.integers(-2, 10), max_size=3)
-    raise AssertionError(f"fuzzer does not know schema type {ty} ({arg.name})")
+    raise AssertionError(f"fuzzer does not know schema type {ty}")
+
+
+def arg_strategy(arg):
+    return type_strategy(str(arg.type))
 
 
 calls = {"ok": 0, "raised": 0}
