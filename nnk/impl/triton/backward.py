@@ -6,6 +6,7 @@ turns them into d logits on the spot and contracts them with the raw rows:
     dz   = g (p (1 + 2 zl lse) - (1 - ls) [c == y] - ls / C) + g_lse p
     dcos = dz s_c, on the target column dz s_y dpsi/dcos
     d xn_i += sum_j (dcos_ij / ||w_j||) w_j,   d wn_j += sum_i (dcos_ij / ||x_i||) x_i
+                                    (norms clamped below at eps, raw rows w_j, x_i)
     d s_c += sum_i dz_ic cos'_ic (cos' = psi on the target),   d b_c += sum_i dz_ic
 
 (``p = exp(z - lse)``; ``g``, ``g_lse`` the gradients of the row loss, zeroed
@@ -105,7 +106,7 @@ def _cce_bwd_kernel(
 
         # 3. The logit tile, recomputed as the forward computed it.
         inv_w, live_w, s_c, b_c = _col_terms(WNORM_ptr, S_ptr, B_ptr, cols, col_mask, eps,
-                                     NORM_W, HAS_CLASS_SCALE, HAS_BIAS)
+                                             NORM_W, HAS_CLASS_SCALE, HAS_BIAS)
         cos = _cosine_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, inv_x, inv_w, D,
                            stride_xn, stride_xd, stride_wc, stride_wd, UPCAST, DOT_PRECISION,
                            BLOCK_N, BLOCK_C, BLOCK_D)
@@ -147,6 +148,7 @@ def _cce_bwd_kernel(
                 ptrs = DW_ptr + (part * c_count + local[:, None]) * D + ks[None, :]
                 _accumulate(ptrs, _grad_dot(b_hi, b_lo, b_p, x, DOT_PRECISION, SPLIT_GRAD),
                             col_mask[:, None] & k_mask[None, :], ROW_MAJOR)
+
 
 _cce_bwd_tuned = triton.autotune(
     configs=configs.BWD_CONFIGS,

@@ -59,7 +59,7 @@ def _cce_fwd_kernel(
         cols = tile * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < C
         inv_w, live_w, s_c, b_c = _col_terms(WNORM_ptr, S_ptr, B_ptr, cols, col_mask, eps,
-                                     NORM_W, HAS_CLASS_SCALE, HAS_BIAS)
+                                             NORM_W, HAS_CLASS_SCALE, HAS_BIAS)
         cos = _cosine_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, inv_x, inv_w, D,
                            stride_xn, stride_xd, stride_wc, stride_wd, UPCAST, DOT_PRECISION,
                            BLOCK_N, BLOCK_C, BLOCK_D)
@@ -67,7 +67,7 @@ def _cce_fwd_kernel(
         is_t = valid[:, None] & (cols[None, :] == t[:, None])
         cos_t_tile = tl.sum(tl.where(is_t, cos, 0.0), axis=1)
         psi, z_t = _target_logit(cos_t_tile, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback,
-                               additive, HAS_ARC)
+                                 additive, HAS_ARC)
         z = tl.where(col_mask[None, :], _logits(cos, is_t, z_t, s_c, b_c), float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)

@@ -9,7 +9,7 @@ from .backward import cce_backward
 from .forward import cce_forward
 
 
-def _scale_buffer(scale, c: int, device: torch.device) -> torch.Tensor:
+def _scale_buffer(scale, device: torch.device) -> torch.Tensor:
     """The scale as the kernels read it: (1,) or (C,) float32, contiguous."""
     if isinstance(scale, torch.Tensor):
         return scale.detach().to(torch.float32).reshape(-1).contiguous()
@@ -19,7 +19,7 @@ def _scale_buffer(scale, c: int, device: torch.device) -> torch.Tensor:
 class _TritonCCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias, target, opts: CCEOptions, tuning: dict):
-        s = _scale_buffer(scale, weight.shape[0], x.device)
+        s = _scale_buffer(scale, x.device)
         b = bias.detach().to(torch.float32).contiguous() if bias is not None else None
         fwd = cce_forward(x, weight, target, s, b, opts, class_splits=tuning.get("class_splits"))
         ctx.save_for_backward(x, weight, target, s, b, fwd.cos_t, fwd.lse, fwd.xnorm, fwd.wnorm)

@@ -35,7 +35,7 @@ def _grad_operand(dcos, inv, live, dtype: tl.constexpr, UPCAST: tl.constexpr, SP
     float32 (or UPCAST): hi = lo = v, p = 1, one IEEE dot. 16-bit: hi = v
     rounded to ``dtype`` and, when SPLIT, lo = the rounding error rounded
     again, so that two dots give v to about 2^-17 (bf16) / 2^-22 (fp16)
-    relative instead of 2^-9 / 2^-12 (d logits sum to about zero per row, so
+    relative instead of 2^-9 / 2^-11 (d logits sum to about zero per row, so
     their rounding errors do not average out; one rounding costs about 2x the
     reference's error). float16 also needs range: each row is scaled by a
     power of two to a maximum in [1, 2) (exact, undone after the dot), since
