@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 # atol, relative to the largest true value (of the row, for matrices), per
 # input dtype: below the dtype's own rounding of the returned gradients, so
 # that the 2x rule does the judging.
-ATOL_REL = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 1e-3}
+ATOL_REL = {torch.float32: 2e-6, torch.float16: 5e-5, torch.bfloat16: 4e-4}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -136,9 +136,10 @@ def _case(device, dtype, n, d, c, *, seed=0, scale=10.0, bias=False, ignore=(), 
     return x.to(device, dtype), w.to(device, dtype), target.to(device), scale, b
 
 
-def _check(fn, x, w, target, scale, bias, kw, *, lse=True, g_scale=1.0, seed=1):
+def _check(fn, x, w, target, scale, bias, kw, *, lse=True, g_scale=1.0, factor=2.0, seed=1):
     """Kernel vs reference (input dtype) vs ground truth (float64), with
-    upstream gradients of size ``g_scale`` for the loss and the lse."""
+    upstream gradients of size ``g_scale`` for the loss and the lse: kernel
+    error <= factor x reference error + atol."""
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     g_loss = torch.rand(n, generator=gen) + 0.5 if kw.get("reduction") == "none" else torch.tensor(1.7)
@@ -158,8 +159,8 @@ def _check(fn, x, w, target, scale, bias, kw, *, lse=True, g_scale=1.0, seed=1):
         assert torch.isfinite(got[name]).all(), f"{name}: non-finite values"
         err, ref_err = _error(got[name], truth), _error(ref[name], truth)
         atol = ATOL_REL[x.dtype]
-        assert err <= 2 * ref_err + atol, (
-            f"{name}: kernel error {err:.3e} > 2 x reference error {ref_err:.3e} + atol {atol:.1e} (relative)")
+        assert err <= factor * ref_err + atol, (
+            f"{name}: kernel error {err:.3e} > {factor} x reference error {ref_err:.3e} + atol {atol:.1e} (relative)")
     return got
 
 
@@ -259,8 +260,13 @@ def test_strided_inputs(device):
     (dict(additive_margin=0.35), 1e-4),
 ], ids=["arcface", "cosface-smooth", "tiny-upstream-grad"])
 def test_matches_reference_fp16(device, loss_kw, g_scale):
+    from nnk.impl.triton import configs
+
     x, w, t, scale, bias = _case(device, torch.float16, 97, 59, 1031, scale=64.0, bias=True, ignore=(8,))
-    _check(_public_fn, x, w, t, scale, bias, loss_kw, g_scale=g_scale)
+    # With hi + lo gradient operands the kernel is as accurate as the float32
+    # reference (measured: equal to 3 digits); one rounding passes 2x only.
+    _check(_public_fn, x, w, t, scale, bias, loss_kw, g_scale=g_scale,
+           factor=1.25 if configs.SPLIT_GRAD else 2.0)
 
 
 def test_float64_is_rejected():
