@@ -20,21 +20,23 @@ from . import configs
 @triton.jit
 def _row_norm_kernel(X_ptr, NORM_ptr, R, D, stride_r, stride_d,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # 1. Sum of squares in float32 over feature chunks; 2. its square root.
+    # 1. Sum of squares over feature chunks, in float64 as in math.h and the
+    #    reference: a float32 sum overflows above |x| ~ 1e19 (the pass is
+    #    memory-bound, fp64 adds no visible time); 2. its square root.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    sq = tl.zeros((BLOCK_R,), tl.float32)
+    sq = tl.zeros((BLOCK_R,), tl.float64)
     for k in range(0, D, BLOCK_D):
         ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
         m = row_mask[:, None] & (ks < D)[None, :]
         v = tl.load(X_ptr + rows[:, None] * stride_r + ks[None, :] * stride_d, mask=m, other=0.0)
-        v = v.to(tl.float32)
+        v = v.to(tl.float64)
         sq += tl.sum(v * v, axis=1)
-    tl.store(NORM_ptr + rows, tl.sqrt_rn(sq), mask=row_mask)
+    tl.store(NORM_ptr + rows, tl.sqrt(sq).to(tl.float32), mask=row_mask)
 
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
-    """``torch.linalg.vector_norm(x.float(), dim=1)`` for (R, D) float16 /
+    """``torch.linalg.vector_norm(x.double(), dim=1).float()`` for (R, D) float16 /
     bfloat16 / float32 x of any strides: (R,) float32."""
     r, d = x.shape
     out = torch.empty(r, dtype=torch.float32, device=x.device)
