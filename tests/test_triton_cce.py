@@ -30,19 +30,6 @@ pytest.importorskip("triton")
 ATOL_REL = {torch.float32: 2e-6, torch.float16: 5e-5, torch.bfloat16: 4e-4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread_blas():
-    """The interpreter runs tl.dot through numpy; a multithreaded OpenBLAS on
-    a loaded 2-core machine makes each small matmul ~100x slower."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # slower, not wrong
-        yield
-        return
-    with threadpool_limits(1, user_api="blas"):
-        yield
-
-
 OPTION_DEFAULTS = dict(
     normalize_input=True, normalize_weight=True, additive_margin=0.0, angular_margin=0.0,
     margin_grad="exact", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, eps=1e-12,
