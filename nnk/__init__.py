@@ -8,5 +8,17 @@ import torch  # noqa: F401  (loads libtorch before the extension nnk._C)
 from . import ops, reference
 from ._version import __version__
 from .functional import cosine_cross_entropy
+from .nc import NCMetrics, NCStats, NCTracker, nc_metrics, nc_metrics_from_stats, nc_stats
 
-__all__ = ["__version__", "cosine_cross_entropy", "ops", "reference"]
+__all__ = [
+    "NCMetrics",
+    "NCStats",
+    "NCTracker",
+    "__version__",
+    "cosine_cross_entropy",
+    "nc_metrics",
+    "nc_metrics_from_stats",
+    "nc_stats",
+    "ops",
+    "reference",
+]

@@ -21,6 +21,15 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--device") == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        # The interpreter runs tl.dot through numpy; a multithreaded OpenBLAS
+        # on a loaded 2-core machine makes each small matmul ~100x slower
+        # (measured 47 ms vs 0.3 ms). torch's own BLAS (MKL) is not affected.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # slower, not wrong
+            return
+        config._nnk_blas_limit = threadpool_limits(1, user_api="blas")  # numpy if already loaded
 
 
 def pytest_collection_modifyitems(config, items):

@@ -33,11 +33,18 @@ def build_info() -> dict:
     return {"extension": True, **_ext.build_info()}
 
 
+# A constant for a traced program (kernels register when nnk._C loads):
+# torch.compile evaluates it at trace time instead of breaking the graph.
+@torch.compiler.assume_constant_result
 def has_op(name: str, device_type: str = "cpu") -> bool:
-    """Whether ``torch.ops.nnk.<name>`` has a kernel for ``device_type``."""
+    """Whether ``torch.ops.nnk.<name>`` has a kernel for ``device_type`` (False
+    when the extension does not define the operator at all)."""
     if _ext is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"nnk::{name}", key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"nnk::{name}", key)
+    except RuntimeError:  # "operator nnk::<name> does not exist"
+        return False

@@ -1,0 +1,268 @@
+"""Backward kernel of the Triton cosine cross-entropy and its launcher.
+
+Each program recomputes logit tiles with the forward's device functions,
+turns them into d logits on the spot and contracts them with the raw rows:
+
+    dz   = g (p (1 + 2 zl lse) - (1 - ls) [c == y] - ls / C) + g_lse p
+    dcos = dz s_c, on the target column dz s_y dpsi/dcos
+    d xn_i += sum_j (dcos_ij / ||w_j||) w_j,   d wn_j += sum_i (dcos_ij / ||x_i||) x_i
+                                    (norms clamped below at eps, raw rows w_j, x_i)
+    d s_c += sum_i dz_ic cos'_ic (cos' = psi on the target),   d b_c += sum_i dz_ic
+
+(``p = exp(z - lse)``; ``g``, ``g_lse`` the gradients of the row loss, zeroed
+on ignored rows, and of the lse output). The kernel is written once for two
+loop orders:
+
+* ROW_MAJOR: a program owns a row block and walks the class tiles of its
+  split; d xn accumulates in its own float32 rows of a per-split buffer
+  (no atomics). In the default mode the same pass adds d wn, d s, d b with
+  float32 atomics (relaxed; only atomicity is needed): one recomputation of
+  the logits serves both gradients.
+* class-major (deterministic mode, for d wn, d s, d b): a program owns a
+  class block and walks the row tiles of its split in order, accumulating in
+  its own rows of a per-split buffer. Per-split buffers are summed in a fixed
+  order afterwards, so every result is bitwise reproducible, at the price of
+  a second recomputation of the logits.
+
+d xn and d wn then go through the normalizations in norms.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._options import CCEOptions
+from . import configs
+from .launch import dtype_args, launch, margin_args
+from .norms import normalize_backward
+from .tile import (
+    _accumulate, _col_terms, _cosine_tile, _grad_dot, _grad_operand, _load_tile, _logits, _margin_grad,
+    _row_terms, _target_logit,
+)
+
+
+@triton.jit
+def _cce_bwd_kernel(
+    X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr,
+    DX_ptr, DW_ptr, DB_ptr, DS_ptr,
+    N, C, D, c_lo, c_count,
+    stride_xn, stride_xd, stride_wc, stride_wd,
+    ignore_index, eps, label_smoothing, z_loss,
+    cos_m, sin_m, arc_threshold, arc_fallback, additive,
+    ROW_MAJOR: tl.constexpr, NORM_X: tl.constexpr, NORM_W: tl.constexpr,
+    HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ARC: tl.constexpr,
+    EXACT_MARGIN: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr, HAS_DS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SPLIT_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # 1. The owned block (rows, or classes of the chunk [c_lo, c_lo + c_count))
+    #    and this split's range of tiles along the other axis.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    if ROW_MAJOR:
+        n_minor = tl.cdiv(c_count, BLOCK_C)
+    else:
+        n_minor = tl.cdiv(N, BLOCK_N)
+    minor_lo = split * n_minor // n_splits
+    minor_hi = (split + 1) * n_minor // n_splits
+    # Per-class accumulators: one buffer shared by all row blocks (atomics) in
+    # ROW_MAJOR mode, one slice per split, owned by this program, otherwise.
+    if ROW_MAJOR:
+        part = 0
+    else:
+        part = split.to(tl.int64)
+    for minor in range(minor_lo, minor_hi):
+        if ROW_MAJOR:
+            row_blk = pid
+            col_blk = minor
+        else:
+            row_blk = minor
+            col_blk = pid
+        # Block starts stay below N + BLOCK_N (int32); offsets are int64 from here on.
+        rows = row_blk * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        local = col_blk * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        col_mask = local < c_count
+        cols = c_lo + local
+
+        # 2. Per-row terms; the target logit from the forward's stored cosine
+        #    (bitwise the forward's), the coefficients of dz.
+        row_mask, t, valid, inv_x, live_x, s_t, b_t = _row_terms(
+            T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
+        cos_t = tl.load(COST_ptr + rows, mask=valid, other=0.0)
+        psi, z_t = _target_logit(cos_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback,
+                                 additive, HAS_ARC)
+        dpsi = _margin_grad(cos_t, cos_m, sin_m, arc_threshold, HAS_ARC, EXACT_MARGIN)
+        lse = tl.load(LSE_ptr + rows, mask=row_mask, other=0.0)
+        g = tl.load(G_ptr + rows, mask=valid, other=0.0)
+        g_lse = tl.load(GLSE_ptr + rows, mask=row_mask, other=0.0)
+        coef_p = g * (1.0 + 2.0 * z_loss * lse) + g_lse
+        hit = g * (1.0 - label_smoothing)
+        shift = g * (label_smoothing / C)
+
+        # 3. The logit tile, recomputed as the forward computed it.
+        inv_w, live_w, s_c, b_c = _col_terms(WNORM_ptr, S_ptr, B_ptr, cols, col_mask, eps,
+                                             NORM_W, HAS_CLASS_SCALE, HAS_BIAS)
+        cos = _cosine_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, inv_x, inv_w, D,
+                           stride_xn, stride_xd, stride_wc, stride_wd, UPCAST, DOT_PRECISION,
+                           BLOCK_N, BLOCK_C, BLOCK_D)
+        is_t = valid[:, None] & (cols[None, :] == t[:, None])
+        z = _logits(cos, is_t, z_t, s_c, b_c)
+
+        # 4. dz (math.h dlogit, plus the lse output's g_lse * p) and the class
+        #    reductions for d bias and d scale.
+        dz = coef_p[:, None] * tl.exp(z - lse[:, None]) - shift[:, None] - tl.where(is_t, hit[:, None], 0.0)
+        dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
+        vec_ptrs = part * C + cols
+        if HAS_DB:
+            _accumulate(DB_ptr + vec_ptrs, tl.sum(dz, axis=0), col_mask, ROW_MAJOR)
+        if HAS_DS:
+            cos_eff = tl.where(is_t, psi[:, None], cos)
+            _accumulate(DS_ptr + vec_ptrs, tl.sum(dz * cos_eff, axis=0), col_mask, ROW_MAJOR)
+
+        # 5. d cos: the scale, times d psi / d cos on the target column.
+        dcos = dz * tl.where(is_t, (s_t * dpsi)[:, None], s_c[None, :])
+
+        # 6. Contractions with the raw rows, which are exact operands; the
+        #    inverse norms go into the float32 gradient before its rounding.
+        if HAS_DX:
+            a_hi, a_lo, a_p = _grad_operand(dcos, inv_w, live_w, W_ptr.dtype.element_ty, UPCAST, SPLIT_GRAD)
+            for k in range(0, D, BLOCK_D):
+                ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
+                k_mask = ks < D
+                w = _load_tile(W_ptr, cols, col_mask, stride_wc, ks, k_mask, stride_wd, UPCAST)
+                ptrs = DX_ptr + (split.to(tl.int64) * N + rows[:, None]) * D + ks[None, :]
+                _accumulate(ptrs, _grad_dot(a_hi, a_lo, a_p, w, DOT_PRECISION, SPLIT_GRAD),
+                            row_mask[:, None] & k_mask[None, :], False)
+        if HAS_DW:
+            b_hi, b_lo, b_p = _grad_operand(tl.trans(dcos), inv_x, live_x, X_ptr.dtype.element_ty, UPCAST,
+                                            SPLIT_GRAD)
+            for k in range(0, D, BLOCK_D):
+                ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
+                k_mask = ks < D
+                x = _load_tile(X_ptr, rows, row_mask, stride_xn, ks, k_mask, stride_xd, UPCAST)
+                ptrs = DW_ptr + (part * c_count + local[:, None]) * D + ks[None, :]
+                _accumulate(ptrs, _grad_dot(b_hi, b_lo, b_p, x, DOT_PRECISION, SPLIT_GRAD),
+                            col_mask[:, None] & k_mask[None, :], ROW_MAJOR)
+
+
+_cce_bwd_tuned = triton.autotune(
+    configs=configs.BWD_CONFIGS,
+    key=["C", "D", "ROW_MAJOR", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS", "HAS_ARC",
+         "HAS_DX", "HAS_DW", "HAS_DB", "HAS_DS"],
+    # Benchmarking runs the kernel several times: the accumulators must come
+    # back to their values before each run and before the real one.
+    restore_value=["DX_ptr", "DW_ptr", "DB_ptr", "DS_ptr"],
+)(_cce_bwd_kernel)
+
+
+@dataclass
+class Grads:
+    dx: torch.Tensor | None  # (N, D) in x's dtype
+    dw: torch.Tensor | None  # (C, D) in weight's dtype
+    ds: torch.Tensor | None  # (C,) float32 per-class d scale (summed by the caller for a scalar scale)
+    db: torch.Tensor | None  # (C,) float32
+
+
+def cce_backward(
+    x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+    bias: torch.Tensor | None, lse: torch.Tensor, cos_t: torch.Tensor, xnorm: torch.Tensor | None,
+    wnorm: torch.Tensor | None, g_row: torch.Tensor, g_lse: torch.Tensor,
+    opts: CCEOptions, *, need_dx: bool, need_dw: bool, need_ds: bool, need_db: bool,
+    class_splits: int | None = None, row_splits: int | None = None, class_chunk: int | None = None,
+) -> Grads:
+    """Gradients of the row losses and lse of :func:`forward.cce_forward`.
+
+    Args:
+        x, weight, target, scale, bias, opts: as given to ``cce_forward``.
+        lse, cos_t, xnorm, wnorm: from its result (log-sum-exp, target cosines, norms).
+        g_row, g_lse: (N,) float32 gradients of the row losses and of lse.
+        need_*: which gradients to compute.
+        class_splits: programs per row block in the row-major pass.
+        row_splits: programs per class block in the class-major pass (deterministic mode).
+        class_chunk: classes per launch while a float32 (chunk, D) d wn buffer is live
+            (default :func:`configs.class_chunk`).
+
+    Replaces ``torch.autograd.grad((row, lse), (x, weight, scale, bias), (g_row, g_lse))``
+    through ``nnk.reference.cosine_cross_entropy_ref`` without the N x C logits.
+    """
+    n, d = x.shape
+    c = weight.shape[0]
+    dev = x.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    atomic = not opts.deterministic
+    g_row = g_row.to(torch.float32).contiguous()
+    g_lse = g_lse.to(torch.float32).contiguous()
+    dw = torch.empty(c, d, dtype=weight.dtype, device=dev) if need_dw else None
+    common = dict(
+        N=n, C=c, D=d,
+        stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
+        ignore_index=opts.ignore_index, eps=opts.eps, label_smoothing=opts.label_smoothing,
+        z_loss=opts.z_loss, **margin_args(opts),
+        NORM_X=opts.normalize_input, NORM_W=opts.normalize_weight,
+        HAS_CLASS_SCALE=scale.numel() > 1, HAS_BIAS=bias is not None,
+        EXACT_MARGIN=opts.exact_margin, SPLIT_GRAD=configs.SPLIT_GRAD, **dtype_args(x.dtype),
+    )
+    tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, lse, g_row, g_lse)
+
+    def run(grid, dx_buf, dw_buf, db_buf, ds_buf, c0, count, row_major):
+        launch(_cce_bwd_tuned, grid, opts.deterministic, configs.FIXED_BWD,
+               *tensors, dx_buf, dw_buf, db_buf, ds_buf, c_lo=c0, c_count=count, ROW_MAJOR=row_major,
+               HAS_DX=dx_buf is not None, HAS_DW=dw_buf is not None,
+               HAS_DB=db_buf is not None, HAS_DS=ds_buf is not None, **common)
+
+    def finish_dw(dw_buf, c0, count):
+        norm = wnorm[c0:c0 + count] if wnorm is not None else None
+        normalize_backward(dw_buf, weight[c0:c0 + count], norm, opts.eps, dw[c0:c0 + count])
+
+    # 1. Row-major pass: d xn; in the default (atomic) mode also d wn per class
+    #    chunk, d s, d b. d xn has one float32 (N, D) slice per class split.
+    splits = class_splits or configs.num_splits(
+        triton.cdiv(n, configs.NOMINAL_BLOCK_N), c, configs.NOMINAL_BLOCK_C, dev, 4 * n * d)
+    dx_part = torch.zeros(splits, n, d, **f32) if need_dx else None
+    row_dw = atomic and need_dw
+    db_vec = torch.zeros(1, c, **f32) if atomic and need_db else None
+    ds_vec = torch.zeros(1, c, **f32) if atomic and need_ds else None
+    if n > 0 and (need_dx or row_dw or db_vec is not None or ds_vec is not None):
+        chunk = (class_chunk or configs.class_chunk(c, d, 1)) if row_dw else c
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        for c0 in range(0, c, chunk):
+            count = min(chunk, c - c0)
+            dw_buf = torch.zeros(1, count, d, **f32) if row_dw else None
+            run(grid, dx_part, dw_buf, db_vec, ds_vec, c0, count, True)
+            if row_dw:
+                finish_dw(dw_buf, c0, count)
+    elif row_dw:
+        dw.zero_()
+
+    # 2. Class-major pass (deterministic mode): d wn, d s, d b, each class block
+    #    owned by one program per row split, rows visited in a fixed order.
+    if not atomic and (need_dw or need_db or need_ds):
+        parts = row_splits or configs.num_splits(
+            triton.cdiv(min(c, configs.class_chunk(c, d, 1)), configs.NOMINAL_BLOCK_C), n,
+            configs.NOMINAL_BLOCK_N, dev)
+        chunk = (class_chunk or configs.class_chunk(c, d, parts)) if need_dw else c
+        db_vec = torch.zeros(parts, c, **f32) if need_db else None
+        ds_vec = torch.zeros(parts, c, **f32) if need_ds else None
+        for c0 in range(0, c, chunk):
+            count = min(chunk, c - c0)
+            dw_buf = torch.zeros(parts, count, d, **f32) if need_dw else None
+            grid = lambda meta, count=count: (triton.cdiv(count, meta["BLOCK_C"]), parts)  # noqa: E731
+            run(grid, None, dw_buf, db_vec, ds_vec, c0, count, False)
+            if need_dw:
+                finish_dw(dw_buf, c0, count)
+
+    # 3. Through the normalization of x (summing the class splits in order).
+    dx = None
+    if need_dx:
+        dx = torch.empty(n, d, dtype=x.dtype, device=dev)
+        normalize_backward(dx_part, x, xnorm, opts.eps, dx)
+    return Grads(
+        dx, dw,
+        ds_vec.sum(dim=0) if ds_vec is not None else None,
+        db_vec.sum(dim=0) if db_vec is not None else None,
+    )

@@ -1,0 +1,107 @@
+"""Block sizes, autotuning candidates and work-splitting heuristics of the
+Triton cosine cross-entropy.
+
+Under ``TRITON_INTERPRET=1`` (CPU) every kernel gets exactly one config: the
+interpreter cannot autotune over several, and its cost is mostly per op and
+per device-function call, not per element, so 64 x 256 tiles (few of them)
+run fastest there. On GPUs ``@triton.autotune`` picks among the candidates
+below per (C, D, dtype, mode). In deterministic mode the first candidate is
+used without autotuning, so that a fresh process cannot pick other block
+sizes (and hence another summation order) than the last one.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# 16-bit inputs: the d-logit operand of the backward contractions as hi + lo
+# halves (two tensor-core dots each, about float32-accurate gradients, within
+# 2x of the float32-accumulating reference) unless NNK_TRITON_FAST_GRAD=1 (one
+# rounding to the input dtype: 2 of 5 backward dots fewer, about 2x the
+# reference's error on bf16 gradients). See tile._grad_operand.
+SPLIT_GRAD = os.environ.get("NNK_TRITON_FAST_GRAD", "0") != "1"
+
+# Bytes of float32 scratch the backward aims at per gradient accumulator: the
+# d xn partials of the class splits (at least one (N, D) buffer) and the d wn
+# of one class chunk.
+# Above it the classes are processed in chunks, so peak memory does not grow
+# with C * D (issue 3 asks for < 5% of the N x C float32 logits: 215 MB at
+# N = 8192, C = 131072).
+SCRATCH_BYTES = 64 << 20
+
+# Block sizes the split heuristics assume (the autotuned ones vary around them).
+NOMINAL_BLOCK_N = 64
+NOMINAL_BLOCK_C = 128
+
+
+def _cfg(bn: int, bc: int, bd: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "BLOCK_C": bc, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:
+    FWD_CONFIGS = [_cfg(64, 256, 64, 4, 1)]
+    BWD_CONFIGS = [_cfg(64, 256, 64, 4, 1)]
+else:
+    # Candidates for Hopper (H100/H200) and Ampere (A100). Register pressure,
+    # not shared memory, is the limit: ptxas (sm_90a, bf16) reports 255
+    # registers for all of these; BLOCK_D = 32 keeps the spills smallest
+    # (e.g. forward 128x128x32, 8 warps, no margin: 24 B; backward 128x64x32,
+    # 8 warps: 148 B; with BLOCK_D = 64: 0.4-4 KB). Untimed so far: the first
+    # GPU session tunes this list.
+    FWD_CONFIGS = [
+        _cfg(128, 128, 32, 8, 3),
+        _cfg(64, 128, 32, 4, 4),
+        _cfg(128, 128, 64, 8, 3),
+        _cfg(128, 256, 32, 8, 3),
+        _cfg(64, 64, 64, 4, 3),
+    ]
+    # Backward: the logit tile, its gradient (hi and lo halves) and one
+    # BLOCK_N x BLOCK_D (or BLOCK_C x BLOCK_D) update live at once.
+    BWD_CONFIGS = [
+        _cfg(128, 64, 32, 8, 3),
+        _cfg(64, 64, 32, 4, 3),
+        _cfg(64, 128, 32, 4, 3),
+        _cfg(128, 128, 32, 8, 3),
+        _cfg(64, 128, 64, 4, 3),
+    ]
+
+FIXED_FWD = FWD_CONFIGS[0]
+FIXED_BWD = BWD_CONFIGS[0]
+
+
+def rowwise_blocks(d: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_D) of the row-wise kernels (norms, normalization
+    backward): memory-bound, so wide enough rows for coalesced loads and about
+    4K elements in flight per program."""
+    block_d = min(triton.next_power_of_2(max(d, 1)), 128 if INTERPRET else 512)
+    block_r = max(1, min(64, 4096 // block_d))
+    return block_r, block_d
+
+
+def num_splits(major: int, minor: int, minor_block: int, device: torch.device,
+               bytes_per_split: int = 0) -> int:
+    """How many programs share one major block (rows or classes) by splitting
+    the minor axis: enough to put about two programs on every SM when the
+    major axis alone is short (e.g. N = 1024 rows against a million classes),
+    at most one per minor tile, and at most SCRATCH_BYTES of per-split
+    partial buffers. One on the CPU, where the interpreter runs programs one
+    after another anyway."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = math.ceil(2 * sms / max(major, 1))
+    cap = SCRATCH_BYTES // bytes_per_split if bytes_per_split else want
+    return max(1, min(want, triton.cdiv(minor, minor_block), cap))
+
+
+def class_chunk(c: int, d: int, parts: int) -> int:
+    """Classes per backward launch so that ``parts`` float32 (chunk, D)
+    d wn buffers stay within SCRATCH_BYTES (a multiple of 256 classes)."""
+    per_class = 4 * d * max(parts, 1)
+    chunk = max(256, (SCRATCH_BYTES // per_class) // 256 * 256)
+    return min(c, chunk)

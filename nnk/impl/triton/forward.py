@@ -1,0 +1,167 @@
+"""Forward kernel of the Triton cosine cross-entropy and its launcher.
+
+One program owns BLOCK_N rows and one contiguous range of class tiles (a
+"class split"; one split covers all classes unless the rows alone are too few
+to fill the GPU). Per class tile: the raw dot ``x W^T`` on tensor cores, the
+inverse norms as row/column scales, the margin on the target column, then an
+online max / sum-of-exponentials in float32. Per split it writes the running
+max, sum of exp and (label smoothing) sum of logits: O(N x splits) values,
+plus the target cosine and logit of each row (O(N)) from the split that
+holds the target. The N x C logits never exist.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._options import CCEOptions
+from . import configs
+from .launch import dtype_args, launch, margin_args
+from .norms import row_norms
+from .tile import _col_terms, _cosine_tile, _logits, _row_terms, _target_logit
+
+
+@triton.jit
+def _cce_fwd_kernel(
+    X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr,
+    MAX_ptr, SUMEXP_ptr, SUMZ_ptr, COST_ptr, ZT_ptr,
+    N, C, D,
+    stride_xn, stride_xd, stride_wc, stride_wd,
+    ignore_index, eps, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+    NORM_X: tl.constexpr, NORM_W: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_ARC: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # 1. This program's rows and their per-row terms.
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask, t, valid, inv_x, live_x, s_t, b_t = _row_terms(
+        T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
+
+    # 2. The class tiles of this split: [tile_lo, tile_hi), balanced to one tile.
+    n_tiles = tl.cdiv(C, BLOCK_C)
+    tile_lo = split * n_tiles // n_splits
+    tile_hi = (split + 1) * n_tiles // n_splits
+
+    # 3. Online log-sum-exp over the tiles (math.h lse_merge: a finite tile max
+    #    always exists, since every tile holds at least one real class).
+    run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK_N,), tl.float32)
+    sum_z = tl.zeros((BLOCK_N,), tl.float32)
+    cos_t = tl.zeros((BLOCK_N,), tl.float32)
+    for tile in range(tile_lo, tile_hi):
+        cols = tile * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        col_mask = cols < C
+        inv_w, live_w, s_c, b_c = _col_terms(WNORM_ptr, S_ptr, B_ptr, cols, col_mask, eps,
+                                             NORM_W, HAS_CLASS_SCALE, HAS_BIAS)
+        cos = _cosine_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, inv_x, inv_w, D,
+                           stride_xn, stride_xd, stride_wc, stride_wd, UPCAST, DOT_PRECISION,
+                           BLOCK_N, BLOCK_C, BLOCK_D)
+        # The margin is evaluated per row (O(BLOCK_N)), not on the whole tile.
+        is_t = valid[:, None] & (cols[None, :] == t[:, None])
+        cos_t_tile = tl.sum(tl.where(is_t, cos, 0.0), axis=1)
+        psi, z_t = _target_logit(cos_t_tile, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback,
+                                 additive, HAS_ARC)
+        z = tl.where(col_mask[None, :], _logits(cos, is_t, z_t, s_c, b_c), float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        run_max = new_max
+        if HAS_SMOOTHING:
+            sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+        cos_t += cos_t_tile
+
+    # 4. Partials of this split; the target cosine and logit from the one
+    #    split whose tiles hold the target (recomputed from cos_t with the same
+    #    function, so bitwise the value the tile used).
+    part = split.to(tl.int64) * N + rows
+    tl.store(MAX_ptr + part, run_max, mask=row_mask)
+    tl.store(SUMEXP_ptr + part, run_sum, mask=row_mask)
+    if HAS_SMOOTHING:
+        tl.store(SUMZ_ptr + part, sum_z, mask=row_mask)
+    t_tile = tl.where(valid, t, 0) // BLOCK_C
+    owner = valid & (t_tile >= tile_lo) & (t_tile < tile_hi)
+    psi, z_t = _target_logit(cos_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
+    tl.store(COST_ptr + rows, cos_t, mask=owner)
+    tl.store(ZT_ptr + rows, z_t, mask=owner)
+
+
+_cce_fwd_tuned = triton.autotune(
+    configs=configs.FWD_CONFIGS,
+    key=["C", "D", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS", "HAS_ARC", "HAS_SMOOTHING"],
+)(_cce_fwd_kernel)
+
+
+@dataclass
+class ForwardResult:
+    row: torch.Tensor     # (N,) float32 row losses, 0 on ignored rows
+    lse: torch.Tensor     # (N,) float32 log-sum-exp of the logits
+    cos_t: torch.Tensor   # (N,) float32 target cosine before the margin (0 on ignored rows)
+    xnorm: torch.Tensor | None  # (N,) float32 ||x_i|| when normalizing x
+    wnorm: torch.Tensor | None  # (C,) float32 ||w_c|| when normalizing W
+
+
+def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None, opts: CCEOptions, class_splits: int | None = None) -> ForwardResult:
+    """Row losses and log-sum-exp of the cosine cross-entropy.
+
+    Args:
+        x: (N, D) float16 / bfloat16 / float32, any strides.
+        weight: (C, D), x's dtype, any strides.
+        target: (N,) int64, in [0, C) or ``opts.ignore_index``.
+        scale: (1,) or (C,) float32, contiguous (the scalar or per-class s).
+        bias: (C,) float32 contiguous, or None.
+        opts: the checked options.
+        class_splits: programs per row block (default: :func:`configs.num_splits`).
+
+    Replaces ``nnk.reference.cosine_cross_entropy_ref(..., reduction="none",
+    return_lse=True)`` (the row losses, before reduction) without the N x C logits.
+    """
+    n, d = x.shape
+    c = weight.shape[0]
+    dev = x.device
+    # 1. Row norms in float32 (O((N + C) D) reads; what the tiles scale by).
+    xnorm = row_norms(x) if opts.normalize_input else None
+    wnorm = row_norms(weight) if opts.normalize_weight else None
+
+    # 2. Per-split partial LSE terms, target cosine and logit.
+    splits = class_splits or configs.num_splits(
+        triton.cdiv(n, configs.NOMINAL_BLOCK_N), c, configs.NOMINAL_BLOCK_C, dev)
+    smoothing = opts.label_smoothing != 0.0
+    parts = torch.empty((3 if smoothing else 2, splits, n), dtype=torch.float32, device=dev)
+    cos_t = torch.zeros(n, dtype=torch.float32, device=dev)
+    z_t = torch.zeros(n, dtype=torch.float32, device=dev)
+    if n > 0:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+        launch(
+            _cce_fwd_tuned, grid, opts.deterministic, configs.FIXED_FWD,
+            x, weight, target, xnorm, wnorm, scale, bias,
+            parts[0], parts[1], parts[2] if smoothing else None, cos_t, z_t,
+            n, c, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            opts.ignore_index, opts.eps, **margin_args(opts),
+            NORM_X=opts.normalize_input, NORM_W=opts.normalize_weight,
+            HAS_CLASS_SCALE=scale.numel() > 1,
+            HAS_BIAS=bias is not None, HAS_SMOOTHING=smoothing,
+            **dtype_args(x.dtype),
+        )
+
+    # 3. Merge the splits (O(N x splits)): lse = m + log sum_k l_k exp(m_k - m).
+    run_max = parts[0].amax(dim=0)
+    lse = run_max + (parts[1] * torch.exp(parts[0] - run_max)).sum(dim=0).log()
+
+    # 4. Row loss = lse - (1 - ls) z_t - (ls / C) sum_c z_c + zl lse^2, 0 if ignored,
+    #    grouped as F.cross_entropy groups it: (1 - ls)(lse - z_t) + ls (lse - sum_z / C)
+    #    (each difference exact where it vanishes, e.g. C = 1).
+    ls = opts.label_smoothing
+    row = lse - z_t
+    if smoothing:
+        row = (1.0 - ls) * row + ls * (lse - parts[2].sum(dim=0) / c)
+    if opts.z_loss:
+        row = row + opts.z_loss * lse.square()
+    row = torch.where(target != opts.ignore_index, row, torch.zeros_like(row))
+    return ForwardResult(row, lse, cos_t, xnorm, wnorm)

@@ -1,0 +1,39 @@
+"""Launch helpers shared by the forward and backward launchers."""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from ..._options import CCEOptions
+from . import configs
+
+
+def margin_args(opts: CCEOptions) -> dict:
+    """Kernel arguments of the margins: the constants of math.h's ArcMargin
+    (computed in float64, rounded to float32 at launch) and the HAS_ARC flag."""
+    m = opts.angular_margin
+    return dict(
+        cos_m=math.cos(m), sin_m=math.sin(m), arc_threshold=-math.cos(m),
+        arc_fallback=m * math.sin(m), additive=opts.additive_margin, HAS_ARC=m != 0.0,
+    )
+
+
+def launch(kernel_tuned, grid, deterministic: bool, fixed: triton.Config, *args, **kwargs):
+    """Launch the autotuned kernel, or in deterministic mode the plain kernel
+    with the fixed config: the same block sizes, hence the same summation
+    order, in every process (autotuning could pick other ones)."""
+    if deterministic:
+        kernel_tuned.fn[grid](*args, **kwargs, **fixed.all_kwargs())
+    else:
+        kernel_tuned[grid](*args, **kwargs)
+
+
+def dtype_args(dtype: torch.dtype) -> dict:
+    """UPCAST: bfloat16 tiles go to float32 right after loading under the
+    interpreter (which computes on bfloat16 bits as integers), never on a GPU,
+    where bf16 stays a tensor-core operand. DOT_PRECISION: "ieee" for float32
+    operands (Triton's default is TF32 on the GPU); operands of 16 bits ignore it."""
+    upcast = configs.INTERPRET and dtype == torch.bfloat16
+    return dict(UPCAST=upcast, DOT_PRECISION="ieee" if upcast or dtype == torch.float32 else "tf32")

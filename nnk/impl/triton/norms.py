@@ -1,0 +1,119 @@
+"""Row-wise kernels around the fused cosine cross-entropy: the row norms the
+forward scales by, and the backward through ``y = x / max(||x||, eps)`` that
+turns the float32 d y accumulators into d x in x's dtype.
+
+Own kernels instead of ``nnk.ops.row_normalize``: that op writes the
+normalized copy (N x D, C x D) which the fused kernels avoid, and its
+backward needs that copy as input; here y is recomputed from the raw rows and
+the norm, and the per-split partial accumulators are summed on the way in a
+fixed order (deterministic).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+
+
+@triton.jit
+def _row_norm_kernel(X_ptr, NORM_ptr, R, D, stride_r, stride_d,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # 1. Sum of squares over feature chunks, in float64 as in math.h and the
+    #    reference: a float32 sum overflows above |x| ~ 1e19 (the pass is
+    #    memory-bound, fp64 adds no visible time); 2. its square root.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    sq = tl.zeros((BLOCK_R,), tl.float64)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
+        m = row_mask[:, None] & (ks < D)[None, :]
+        v = tl.load(X_ptr + rows[:, None] * stride_r + ks[None, :] * stride_d, mask=m, other=0.0)
+        v = v.to(tl.float64)
+        sq += tl.sum(v * v, axis=1)
+    tl.store(NORM_ptr + rows, tl.sqrt(sq).to(tl.float32), mask=row_mask)
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.vector_norm(x.double(), dim=1).float()`` for (R, D) float16 /
+    bfloat16 / float32 x of any strides: (R,) float32."""
+    r, d = x.shape
+    out = torch.empty(r, dtype=torch.float32, device=x.device)
+    if r == 0:
+        return out
+    block_r, block_d = configs.rowwise_blocks(d)
+    _row_norm_kernel[(triton.cdiv(r, block_r),)](
+        x, out, r, d, x.stride(0), x.stride(1), BLOCK_R=block_r, BLOCK_D=block_d)
+    return out
+
+
+@triton.jit
+def _sum_parts(G_ptr, rows, ks, mask, D, n_parts, part_stride):
+    """sum_p G[p, rows, ks] of the (n_parts, R, D) float32 partials, p in
+    order (part_stride = R D, passed as int64 by Triton when >= 2^31)."""
+    g = tl.zeros(mask.shape, tl.float32)
+    ptrs = G_ptr + rows[:, None] * D + ks[None, :]
+    for _ in range(n_parts):
+        g += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += part_stride
+    return g
+
+
+@triton.jit
+def _normalize_backward_kernel(
+    G_ptr, Y_ptr, NORM_ptr, OUT_ptr, R, D, n_parts, part_stride,
+    stride_yr, stride_yd, stride_or, stride_od, eps,
+    NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    if NORMALIZE:
+        # 1. <y, g> per row, with y = raw / max(||raw||, eps) recomputed.
+        norm = tl.load(NORM_ptr + rows, mask=row_mask, other=1.0)
+        inv = tl.div_rn(1.0, tl.maximum(norm, eps))
+        dot = tl.zeros((BLOCK_R,), tl.float32)
+        for k in range(0, D, BLOCK_D):
+            ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
+            m = row_mask[:, None] & (ks < D)[None, :]
+            g = _sum_parts(G_ptr, rows, ks, m, D, n_parts, part_stride)
+            y = tl.load(Y_ptr + rows[:, None] * stride_yr + ks[None, :] * stride_yd, mask=m, other=0.0)
+            dot += tl.sum(y.to(tl.float32) * inv[:, None] * g, axis=1)
+        # 2. (g - y <y, g>) / ||x|| where ||x|| > eps, else g / eps (math.h normalize_grad;
+        #    F.normalize is linear, x / eps, below eps): both are (g - y c) / max(||x||, eps).
+        proj = tl.where(norm > eps, dot, 0.0)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
+        m = row_mask[:, None] & (ks < D)[None, :]
+        g = _sum_parts(G_ptr, rows, ks, m, D, n_parts, part_stride)
+        if NORMALIZE:
+            y = tl.load(Y_ptr + rows[:, None] * stride_yr + ks[None, :] * stride_yd, mask=m, other=0.0)
+            g = (g - y.to(tl.float32) * inv[:, None] * proj[:, None]) * inv[:, None]
+        tl.store(OUT_ptr + rows[:, None] * stride_or + ks[None, :] * stride_od,
+                 g.to(OUT_ptr.dtype.element_ty), mask=m)
+
+
+def normalize_backward(partials: torch.Tensor, raw: torch.Tensor, norm: torch.Tensor | None,
+                       eps: float, out: torch.Tensor) -> None:
+    """Write into ``out`` the gradient with respect to ``raw`` given the
+    gradient with respect to ``F.normalize(raw, dim=1, eps=eps)`` (or to raw
+    itself when ``norm`` is None).
+
+    Args:
+        partials: (P, R, D) float32 contiguous; the gradient is their sum over P.
+        raw: (R, D) the un-normalized rows (any dtype, any strides).
+        norm: (R,) float32 ``||raw||``, or None for no normalization.
+        eps: the normalization's lower bound on the norm.
+        out: (R, D) destination (any float dtype, any strides).
+
+    Replaces ``nnk.ops.row_normalize_backward(partials.sum(0), y, norm, eps).to(out.dtype)``
+    with ``y = F.normalize(raw, dim=1, eps=eps)`` never materialized.
+    """
+    p, r, d = partials.shape
+    if r == 0:
+        return
+    block_r, block_d = configs.rowwise_blocks(d)
+    _normalize_backward_kernel[(triton.cdiv(r, block_r),)](
+        partials, raw, norm, out, r, d, p, r * d,
+        raw.stride(0), raw.stride(1), out.stride(0), out.stride(1), eps,
+        NORMALIZE=norm is not None, BLOCK_R=block_r, BLOCK_D=block_d)
