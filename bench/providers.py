@@ -128,6 +128,7 @@ class Provider:
     name = ""
     kind = ""        # "nnk" | "reference" | "pytorch" | "peer" | "bound"
     op = CE_OP
+    slow = False     # seconds per call: no warm-up beyond the first call, one sample
 
     def check(self, case: Case, device: torch.device, dtype: torch.dtype) -> Check:
         return OK
@@ -139,6 +140,24 @@ class Provider:
         return ""
 
 
+def impl_check(impl: str, module: str, device: torch.device, dtype: torch.dtype, op: str) -> Check:
+    """Whether nnk's ``impl`` can run here: its module is in this nnk,
+    ``nnk.functional.resolve_impl`` accepts it for the device and dtype
+    (``op``: the extension operator that stands for "cuda"), and Triton only
+    on CUDA devices (the CPU interpreter is not worth timing)."""
+    from nnk.functional import resolve_impl
+
+    if importlib.util.find_spec(module) is None:
+        return Check("unavailable", f"{module} is not in this nnk")
+    if impl == "triton" and device.type != "cuda":
+        return Check("unavailable", "Triton kernels are timed on CUDA devices only (not the CPU interpreter)")
+    try:
+        resolve_impl(impl, device, dtype, op=op)
+    except (ValueError, TypeError) as e:
+        return Check("unavailable", str(e))
+    return OK
+
+
 class Nnk(Provider):
     kind = "nnk"
     _module = {"torch": "nnk.impl.torch_blockwise", "triton": "nnk.impl.triton", "cuda": "nnk.impl.extension"}
@@ -147,17 +166,7 @@ class Nnk(Provider):
         self.impl, self.name = impl, f"nnk-{impl}"
 
     def check(self, case, device, dtype):
-        from nnk.functional import resolve_impl
-
-        if importlib.util.find_spec(self._module[self.impl]) is None:
-            return Check("unavailable", f"{self._module[self.impl]} is not in this nnk")
-        if self.impl == "triton" and device.type != "cuda":
-            return Check("unavailable", "Triton kernels are timed on CUDA devices only (not the CPU interpreter)")
-        try:
-            resolve_impl(self.impl, device, dtype)
-        except (ValueError, TypeError) as e:
-            return Check("unavailable", str(e))
-        return OK
+        return impl_check(self.impl, self._module[self.impl], device, dtype, "cosine_cross_entropy_fwd")
 
     def build(self, case, inputs):
         import nnk

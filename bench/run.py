@@ -182,9 +182,10 @@ class Bench:
             for name, run in list(runs.items()):
                 if mode not in run.steps:
                     continue
+                slow = by_name[name].slow
                 try:
-                    w = warm_up(run.steps[mode], self.clock, warmup=args.warmup,
-                                min_sample_ms=args.min_sample_ms, max_iters=args.max_iters)
+                    w = warm_up(run.steps[mode], self.clock, warmup=0 if slow else args.warmup,
+                                min_sample_ms=args.min_sample_ms, max_iters=1 if slow else args.max_iters)
                 except Exception as e:  # noqa: BLE001
                     fail(by_name[name], e, mode)
                     _free(args.device)
@@ -202,7 +203,8 @@ class Bench:
             if self.deadline is not None:
                 mode_deadline = min(mode_deadline, self.deadline)
             samples = interleaved(dict(steps), iters, self.clock, rounds=args.reps, min_rounds=args.min_rounds,
-                                  deadline=mode_deadline, on_error=on_error)
+                                  deadline=mode_deadline, on_error=on_error,
+                                  max_rounds={n: 1 for n in steps if by_name[n].slow})
             for name in list(steps):
                 try:
                     peak = self.mem.measure(steps[name])
@@ -216,7 +218,7 @@ class Bench:
                     rounds=len(samples[name]), iters=iters[name], peak_mb=peak, tflops=tflops(case, mode, med),
                     loss=losses[name])
                 r = rows[(name, mode)]
-                print(f"    {mode:6s} {name:14s} {med:10.4g} ms  [{p20:.4g}, {p80:.4g}]  x{len(samples[name])}"
+                print(f"    {mode:6s} {name:20s} {med:10.4g} ms  [{p20:.4g}, {p80:.4g}]  x{len(samples[name])}"
                       f"  {r['tflops']:8.3g} TFLOP/s  peak {peak:9.4g} MiB", flush=True)
             _free(args.device)
 
@@ -247,7 +249,7 @@ def main(argv=None) -> int:
             for dtype in args.dtypes:
                 for p in (ce if case.op == CE_OP else nc):
                     chk = p.check(case, args.device, dtype)
-                    print(f"{case.id:34s} {_dtype_name(dtype):9s} {p.name:14s} {chk.status:11s} {chk.reason}")
+                    print(f"{case.id:34s} {_dtype_name(dtype):9s} {p.name:20s} {chk.status:11s} {chk.reason}")
         return 0
 
     stem = args.tag or f"{env['device_slug']}_{args.suite}"

@@ -95,17 +95,22 @@ def warm_up(step: Step, clock: Clock, *, warmup: int, min_sample_ms: float, max_
 
 
 def interleaved(steps: dict[str, Step], iters: dict[str, int], clock: Clock, *, rounds: int,
-                min_rounds: int, deadline: float | None, on_error: Callable[[str, BaseException], None]):
+                min_rounds: int, deadline: float | None, on_error: Callable[[str, BaseException], None],
+                max_rounds: dict[str, int] | None = None):
     """Samples (ms per step) of every step, ``rounds`` round-robin rounds, fewer
-    (but at least ``min_rounds``) when ``time.monotonic()`` passes ``deadline``.
+    (but at least ``min_rounds``) when ``time.monotonic()`` passes ``deadline``;
+    at most ``max_rounds[name]`` samples of a step named there (a slow baseline).
     A step that raises is reported through ``on_error`` and dropped."""
     live = list(steps)
+    cap = max_rounds or {}
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(rounds):
         if r >= min_rounds and deadline is not None and time.monotonic() > deadline:
             break
         k = r % max(len(live), 1)
         for name in live[k:] + live[:k]:
+            if len(samples[name]) >= cap.get(name, rounds):
+                continue
             try:
                 samples[name].append(clock.time(steps[name], iters[name]))
             except Exception as e:  # noqa: BLE001  (reported, the others go on)
