@@ -86,8 +86,8 @@ def _num(v, fmt="{:.3g}") -> str:
 def summary_markdown(rows: list[dict]) -> str:
     """Per case and dtype: each provider's times per mode (median, p20–p80),
     TFLOP/s, time over the GEMM bound and peak memory of the main mode, and
-    the speed-up / memory saving of the fastest nnk impl over each other
-    provider; then the providers not measured and why."""
+    the time and memory ratios of every other provider to each nnk one; then
+    the providers not measured and why."""
     if not rows:
         return "(no rows)\n"
     r0 = rows[0]
@@ -112,7 +112,7 @@ def summary_markdown(rows: list[dict]) -> str:
             f"TFLOP/s ({MODE_TITLES[main]})", f"× bound ({MODE_TITLES[main]})", f"peak MB ({MODE_TITLES[main]})"]
         if logits:
             head.append("peak / fp32 logits")
-        head += ["loss", "notes"]
+        head += (["loss"] if logits else []) + ["notes"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in measured:
             m = cell.get((p, main))
@@ -122,19 +122,17 @@ def summary_markdown(rows: list[dict]) -> str:
                      _num(m["peak_mb"], "{:.4g}") if ok else "—"]
             if logits:
                 line.append(_num(m["peak_mb"] / logits, "{:.1%}") if ok else "—")
-            line += [_num(m["loss"], "{:.5g}") if ok else "—", (m or {}).get("notes", "")]
+            line += ([_num(m["loss"], "{:.5g}") if ok else "—"] if logits else []) + [(m or {}).get("notes", "")]
             out.append("| " + " | ".join(line) + " |")
-        nnk_main = [cell[(p, main)] for p in measured if p.startswith("nnk-") and cell.get((p, main), {}).get("status") == "ok"]
-        if nnk_main:
-            best = min(nnk_main, key=lambda r: r["median_ms"])
-            others = [cell[(p, main)] for p in measured if not p.startswith("nnk-") and cell.get((p, main), {}).get("status") == "ok"]
-            others = [o for o in others if o["kind"] != "bound"]
+        ok_main = [cell[(p, main)] for p in measured if cell.get((p, main), {}).get("status") == "ok"]
+        others = [o for o in ok_main if not o["provider"].startswith("nnk-") and o["kind"] != "bound"]
+        for mine in (r for r in ok_main if r["provider"].startswith("nnk-")):
             if others:
-                parts = [f"{o['provider']} {o['median_ms'] / best['median_ms']:.2f}×"
-                         + (f" / {o['peak_mb'] / best['peak_mb']:.2f}×" if best["peak_mb"] > 0 else "")
+                parts = [f"{o['provider']} {o['median_ms'] / mine['median_ms']:.2f}×"
+                         + (f" / {o['peak_mb'] / mine['peak_mb']:.2f}×" if mine["peak_mb"] > 0 else "")
                          for o in others]
-                out += ["", f"Speed-up of {best['provider']} ({MODE_TITLES[main]}; their time / its time) and "
-                            "memory saving (their peak / its peak): " + "; ".join(parts) + "."]
+                out += ["", f"Speed-up of {mine['provider']} ({MODE_TITLES[main]}; their time / its time) and "
+                            "memory ratio (their peak / its peak): " + "; ".join(parts) + "."]
         missing = [(p, cell.get((p, main)) or next(r for r in rs if r["provider"] == p)) for p in providers if p not in measured]
         if missing:
             out += ["", "Not measured: " + "; ".join(f"{p} ({r['status']}: {r['notes']})" for p, r in missing) + "."]
@@ -156,6 +154,7 @@ def main(argv=None) -> int:
 
     rows = read_csv(args.csv)
     out = args.out or args.csv.parent
+    out.mkdir(parents=True, exist_ok=True)
     stem = args.csv.stem
     print(write_summary(rows, out / f"{stem}_summary.md"))
     for p in write_plots(rows, out, stem):
