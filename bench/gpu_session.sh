@@ -17,7 +17,8 @@
 #   report summary + plots rewritten from the CSVs (always; a cut run keeps its finished cases)
 # Environment: STAGES (comma list, default all), SESSION_S, BUILD_S, TEST_S,
 # SHAPES (bench --shapes), PROVIDERS (bench --providers), NNK_GIT_COMMIT
-# (the commit to record: the device gets a copy of the tree without .git).
+# (the commit to record: the device gets a copy of the tree without .git),
+# BENCH_DEVICE (default cuda; cpu dry-runs the script's bench stages anywhere).
 set -uo pipefail
 OUT_DIR="${1:-${OUT:-bench_out/gpu}}"
 mkdir -p "$OUT_DIR"
@@ -70,7 +71,8 @@ if want test; then
   tail -n 30 "$OUT_DIR/tests.log"
 fi
 
-BENCH_ARGS=(--suite full --device cuda --out "$OUT_DIR" --case-budget 45)
+DEVICE="${BENCH_DEVICE:-cuda}"
+BENCH_ARGS=(--suite full --device "$DEVICE" --out "$OUT_DIR" --case-budget 45)
 [[ -n "${PROVIDERS:-}" ]] && BENCH_ARGS+=(--providers "$PROVIDERS")
 if want bench; then
   stage bench
@@ -88,7 +90,7 @@ if want ncfp32; then
   stage ncfp32
   if (( $(left) > 40 )); then
     timeout -s INT "$(( $(left) - 15 ))" "$PY" -m bench "${BENCH_ARGS[@]}" --dtype fp32 --shapes nc \
-      --tag "$("$PY" -c 'from bench.meta import device_slug; import torch; print(device_slug(torch.device("cuda")))')_full_nc-fp32" \
+      --tag "$("$PY" -c 'import sys, torch; from bench.meta import device_slug; print(device_slug(torch.device(sys.argv[1])))' "$DEVICE")_full_nc-fp32" \
       --time-budget "$(( $(left) - 30 ))" 2>&1 | tee "$OUT_DIR/bench_nc_fp32.log" | grep -v '^|'
   else
     echo "ncfp32: no time left"

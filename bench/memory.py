@@ -71,11 +71,14 @@ class PeakMemory:
             base = torch.cuda.memory_allocated()
             step.body()
             torch.cuda.synchronize()
-            return (torch.cuda.max_memory_allocated() - base) / MB
-        if self._trim is not None:
-            self._trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _hwm_bytes()
-        step.body()
-        return (_hwm_bytes() - base) / MB
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            if self._trim is not None:
+                self._trim(0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            base = _hwm_bytes()
+            step.body()
+            peak = _hwm_bytes() - base
+        step.teardown()
+        return peak / MB

@@ -73,7 +73,9 @@ def installed(dist: str, module: str) -> str | None:
 def loss_run(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Run:
     """The three modes of a differentiable loss: forward (building the graph,
     as in training), backward alone (after an untimed forward), both. The
-    setup drops the previous step's gradients and graph first."""
+    setup drops the previous step's gradients and graph first, and so does
+    the teardown after a sample, so that a provider's gradients never crowd
+    another's steps."""
     state: dict[str, torch.Tensor] = {}
 
     def clear():
@@ -95,8 +97,9 @@ def loss_run(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) ->
         with torch.no_grad():
             return float(loss_fn().float())
 
-    return Run({"fwd": Step(forward, clear), "bwd": Step(lambda: state.pop("loss").backward(), setup_backward),
-                "fwdbwd": Step(both, clear)}, value)
+    return Run({"fwd": Step(forward, clear, clear),
+                "bwd": Step(lambda: state.pop("loss").backward(), setup_backward, clear),
+                "fwdbwd": Step(both, clear, clear)}, value)
 
 
 class CEInputs:

@@ -188,6 +188,7 @@ class Bench:
                                 min_sample_ms=args.min_sample_ms, max_iters=1 if slow else args.max_iters)
                 except Exception as e:  # noqa: BLE001
                     fail(by_name[name], e, mode)
+                    run.steps[mode].teardown()
                     _free(args.device)
                     continue
                 steps[name], iters[name] = run.steps[mode], w.iters
@@ -196,6 +197,7 @@ class Bench:
 
             def on_error(name, e, mode=mode):
                 fail(by_name[name], e, mode)
+                runs[name].steps[mode].teardown()
                 steps.pop(name, None)
                 _free(args.device)
 

@@ -34,7 +34,8 @@ def _nothing() -> None:
 @dataclass
 class Step:
     body: Callable[[], object]
-    setup: Callable[[], None] = _nothing
+    setup: Callable[[], None] = _nothing      # untimed, before each body
+    teardown: Callable[[], None] = _nothing   # untimed, after a sample (or a failure)
 
 
 class Clock:
@@ -56,6 +57,7 @@ class Clock:
                 end.record()
                 events.append((start, end))
             torch.cuda.synchronize()
+            step.teardown()
             return sum(s.elapsed_time(e) for s, e in events) / iters
         total = 0.0
         for _ in range(iters):
@@ -63,6 +65,7 @@ class Clock:
             t0 = time.perf_counter()
             step.body()
             total += time.perf_counter() - t0
+        step.teardown()
         return 1e3 * total / iters
 
 
