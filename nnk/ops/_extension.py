@@ -33,6 +33,10 @@ def build_info() -> dict:
     return {"extension": True, **_ext.build_info()}
 
 
+# Constant for the life of the process once nnk._C is loaded; declaring it so
+# lets torch.compile(fullgraph=True) trace the callers (the query returns a
+# bool, which Dynamo cannot put in a graph).
+@torch.compiler.assume_constant_result
 def has_op(name: str, device_type: str = "cpu") -> bool:
     """Whether ``torch.ops.nnk.<name>`` has a kernel for ``device_type``."""
     if _ext is None:
