@@ -8,5 +8,15 @@ import torch  # noqa: F401  (loads libtorch before the extension nnk._C)
 from . import ops, reference
 from ._version import __version__
 from .functional import cosine_cross_entropy
+from .modules import CosineCrossEntropyLoss, CosineLinear, project_after_step, replace_head
 
-__all__ = ["__version__", "cosine_cross_entropy", "ops", "reference"]
+__all__ = [
+    "CosineCrossEntropyLoss",
+    "CosineLinear",
+    "__version__",
+    "cosine_cross_entropy",
+    "ops",
+    "project_after_step",
+    "reference",
+    "replace_head",
+]
