@@ -1,0 +1,115 @@
+"""Shared cases of the cosine cross-entropy tests: option sets, input makers and
+an fp64 ground truth written independently of nnk.reference (literal acos/cos,
+explicit smoothing sum), so that the reference itself is checked."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+IGNORE = -100
+
+# (id, options). Tensor-valued options are given as ("scale_scalar_tensor", v) etc.
+# and materialized per test by make_inputs, so that each test gets fresh leaves.
+OPTION_CASES = [
+    ("plain", {}),
+    ("scale20", {"scale": 20.0}),
+    ("scale_tensor", {"scale": "tensor0d"}),
+    ("scale_per_class", {"scale": "per_class"}),
+    ("bias", {"bias": True}),
+    ("cosface", {"scale": 30.0, "additive_margin": 0.35}),
+    ("arcface_exact", {"scale": 30.0, "angular_margin": 0.5}),
+    ("arcface_detached", {"scale": 30.0, "angular_margin": 0.5, "margin_grad": "detached"}),
+    ("combined", {"scale": "per_class", "bias": True, "angular_margin": 0.3, "additive_margin": 0.2}),
+    ("smoothing", {"scale": 10.0, "label_smoothing": 0.2}),
+    ("z_loss", {"scale": 10.0, "z_loss": 1e-2}),
+    ("ignored", {"scale": 10.0, "ignore": True}),
+    ("ignore_index_custom", {"scale": 10.0, "ignore": True, "ignore_index": 3}),
+    ("sum", {"scale": 5.0, "reduction": "sum"}),
+    ("none", {"scale": 5.0, "reduction": "none", "ignore": True}),
+    ("no_input_norm", {"normalize_input": False, "additive_margin": 0.1}),
+    ("no_weight_norm", {"normalize_weight": False, "scale": 2.0}),
+    ("linear", {"normalize_input": False, "normalize_weight": False, "bias": True}),
+    ("everything", {"scale": "per_class", "bias": True, "angular_margin": 0.4, "additive_margin": 0.1,
+                    "label_smoothing": 0.1, "z_loss": 1e-3, "ignore": True, "reduction": "sum"}),
+]
+
+
+def make_inputs(n, d, c, opts, *, dtype=torch.float64, device="cpu", seed=0, requires_grad=True):
+    """Returns (x, weight, target, kwargs) for nnk.cosine_cross_entropy and the
+    leaves (name -> tensor) whose gradients the tests compare."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    w = torch.randn(c, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    target = torch.randint(0, c, (n,), generator=g).to(device)
+    kw = {k: v for k, v in opts.items() if k not in ("scale", "bias", "ignore")}
+    leaves = {"x": x, "weight": w}
+    if opts.get("ignore"):
+        ign = kw.get("ignore_index", IGNORE)
+        target[::3] = ign
+    sc = opts.get("scale", 1.0)
+    if sc == "tensor0d":
+        sc = torch.tensor(12.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+        leaves["scale"] = sc
+    elif sc == "per_class":
+        sc = (torch.rand(c, generator=g, dtype=torch.float64) * 20 + 1).to(
+            device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        leaves["scale"] = sc
+    kw["scale"] = sc
+    if opts.get("bias"):
+        b = torch.randn(c, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        kw["bias"] = b
+        leaves["bias"] = b
+    if requires_grad:
+        for t in leaves.values():
+            t.requires_grad_(True)
+    return x, w, target, kw, leaves
+
+
+def ground_truth(x, weight, target, *, scale=1.0, bias=None, normalize_input=True, normalize_weight=True,
+                 additive_margin=0.0, angular_margin=0.0, margin_grad="exact", ignore_index=IGNORE,
+                 label_smoothing=0.0, reduction="mean", z_loss=0.0, eps=1e-12, return_lse=False):
+    """fp64 loss from the formulas of the API docstring, written without nnk."""
+    del margin_grad  # the value does not depend on it
+    xd, wd = x.detach().double(), weight.detach().double()
+    if normalize_input:
+        xd = xd / xd.norm(dim=1, keepdim=True).clamp_min(eps)
+    if normalize_weight:
+        wd = wd / wd.norm(dim=1, keepdim=True).clamp_min(eps)
+    cos = xd @ wd.T
+    n, c = cos.shape
+    s = scale.detach().double() if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=torch.float64)
+    s_vec = s.expand(c) if s.dim() == 0 else s
+    logits = cos * s_vec
+    valid = target != ignore_index
+    for i in range(n):
+        if not valid[i]:
+            continue
+        y = int(target[i])
+        ct = float(cos[i, y])
+        psi = ct
+        if angular_margin:
+            th = math.acos(min(1.0, max(-1.0, ct)))
+            psi = math.cos(th + angular_margin) if th + angular_margin <= math.pi else ct - angular_margin * math.sin(angular_margin)
+        psi -= additive_margin
+        logits[i, y] = s_vec[y] * psi
+    if bias is not None:
+        logits = logits + bias.detach().double()
+    lse = torch.logsumexp(logits, dim=1)
+    rows = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        if valid[i]:
+            y = int(target[i])
+            rows[i] = (lse[i] - (1 - label_smoothing) * logits[i, y] - label_smoothing / c * logits[i].sum()
+                       + z_loss * lse[i] ** 2)
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / valid.sum()
+    return (loss, lse) if return_lse else loss
+
+
+def max_err(a, b):
+    return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0

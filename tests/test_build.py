@@ -1,0 +1,88 @@
+"""The compiled extension: it loads, registers its ops, and was built with its
+CUDA sources whenever a CUDA toolkit and a CUDA build of torch were present."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nnk
+from nnk.ops import build_info, has_extension, has_op
+
+SKIPPED_BUILD = os.environ.get("NNK_NO_EXT") == "1"
+OPS = ["row_normalize", "row_normalize_backward"]
+
+
+def _cuda_toolkit_present():
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return os.path.exists(os.path.join(home, "bin", "nvcc")) or shutil.which("nvcc") is not None
+
+
+@pytest.mark.skipif(SKIPPED_BUILD, reason="NNK_NO_EXT=1: pure-Python install, no extension")
+def test_extension_loads_and_registers_ops():
+    assert has_extension(), f"nnk._C failed to load: {nnk.ops.extension_error()!r}"
+    info = build_info()
+    assert info["version"] == nnk.__version__
+    for op in OPS:
+        assert has_op(op, "cpu"), op
+
+
+@pytest.mark.skipif(SKIPPED_BUILD or os.environ.get("NNK_NO_CUDA") == "1",
+                    reason="extension or its CUDA sources skipped on purpose (NNK_NO_EXT / NNK_NO_CUDA)")
+def test_cuda_sources_built_when_toolkit_present():
+    if not (_cuda_toolkit_present() and torch.version.cuda):
+        pytest.skip("no CUDA toolkit or a CPU build of torch: the CUDA sources are legitimately skipped")
+    info = build_info()
+    assert info["cuda"], f"nvcc and CUDA torch {torch.version.cuda} present but the CUDA sources were skipped: {info}"
+    for op in OPS:
+        assert has_op(op, "cuda"), op
+
+
+def test_import_does_not_initialize_cuda():
+    code = "import torch, nnk; assert not torch.cuda.is_initialized(); print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.skipif(not has_extension(), reason="nnk._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_opcheck_row_normalize(dtype, device):
+    x = torch.randn(9, 13, dtype=dtype, device=device)
+    x[3] = 0
+    torch.library.opcheck(torch.ops.nnk.row_normalize.default, (x, 1e-12))
+    torch.library.opcheck(torch.ops.nnk.row_normalize.default, (x.clone().requires_grad_(dtype != torch.bfloat16), 1e-12))
+    y, n = torch.ops.nnk.row_normalize(x, 1e-12)
+    g = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.nnk.row_normalize_backward.default, (g, y, n, 1e-12))
+
+
+@pytest.mark.skipif(not has_extension(), reason="nnk._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_row_normalize_op_matches_reference(dtype, device):
+    from nnk.reference import row_normalize_backward_ref, row_normalize_ref
+
+    x = torch.randn(37, 301, dtype=dtype, device=device) * 3
+    if dtype != torch.float16:  # g / eps overflows float16 on zero rows, as in F.normalize
+        x[5] = 0
+        x[6] *= 1e-20 if dtype == torch.float64 else 0
+    y, n = torch.ops.nnk.row_normalize(x, 1e-12)
+    yr, nr = row_normalize_ref(x, 1e-12)
+    tol = {torch.float32: 1e-6, torch.float64: 1e-14, torch.float16: 1e-3}[dtype]
+    assert (y.double() - yr.double()).abs().max() <= tol and (n - nr).abs().max() <= tol * 30
+    g = torch.randn_like(x)
+    dx = torch.ops.nnk.row_normalize_backward(g, y, n, 1e-12)
+    dxr = row_normalize_backward_ref(g, y, n, 1e-12)
+    assert ((dx.double() - dxr.double()).abs() / (dxr.double().abs() + 1)).max() <= 4 * tol
+
+
+def test_row_normalize_op_rejects_bad_input():
+    if not has_extension():
+        pytest.skip("nnk._C not built")
+    with pytest.raises(RuntimeError, match="2-D"):
+        torch.ops.nnk.row_normalize(torch.randn(3), 1e-12)
+    with pytest.raises(RuntimeError, match="eps"):
+        torch.ops.nnk.row_normalize(torch.randn(3, 2), 0.0)
+    with pytest.raises(RuntimeError, match="norm must have shape"):
+        torch.ops.nnk.row_normalize_backward(torch.randn(3, 2), torch.randn(3, 2), torch.randn(4), 1e-12)

@@ -1,0 +1,87 @@
+"""Bad input raises TypeError / ValueError naming the argument, before any
+computation, for every impl reachable on this machine."""
+import math
+
+import pytest
+import torch
+
+import nnk
+
+
+def _ok(n=4, d=3, c=5):
+    return torch.randn(n, d), torch.randn(c, d), torch.randint(0, c, (n,))
+
+
+CASES = [
+    # (id, exception, message fragment, mutate(args, kwargs))
+    ("x_not_tensor", TypeError, "x must be a torch.Tensor", lambda a, k: a.__setitem__(0, [[1.0]])),
+    ("x_1d", ValueError, "x must be 2-D", lambda a, k: a.__setitem__(0, torch.randn(4))),
+    ("weight_3d", ValueError, "weight must be 2-D", lambda a, k: a.__setitem__(1, torch.randn(5, 3, 1))),
+    ("d_mismatch", ValueError, "weight must have D=3", lambda a, k: a.__setitem__(1, torch.randn(5, 4))),
+    ("c_zero", ValueError, "at least one class", lambda a, k: a.__setitem__(1, torch.randn(0, 3))),
+    ("x_int", TypeError, "x must be float16", lambda a, k: a.__setitem__(0, torch.ones(4, 3, dtype=torch.int32))),
+    ("dtype_mix", TypeError, "weight dtype", lambda a, k: a.__setitem__(1, torch.randn(5, 3, dtype=torch.float64))),
+    ("target_float", TypeError, "target must be int64 or int32", lambda a, k: a.__setitem__(2, torch.zeros(4))),
+    ("target_shape", ValueError, "target must have shape", lambda a, k: a.__setitem__(2, torch.zeros(3, dtype=torch.long))),
+    ("target_high", ValueError, "target values", lambda a, k: a.__setitem__(2, torch.tensor([0, 1, 5, 2]))),
+    ("target_negative", ValueError, "target values", lambda a, k: a.__setitem__(2, torch.tensor([0, -1, 1, 2]))),
+    ("device_mix", ValueError, "target is on meta", lambda a, k: a.__setitem__(2, torch.zeros(4, dtype=torch.long, device="meta"))),
+    ("bias_shape", ValueError, "bias must have shape", lambda a, k: k.update(bias=torch.zeros(4))),
+    ("bias_type", TypeError, "bias must be a torch.Tensor", lambda a, k: k.update(bias=[0.0] * 5)),
+    ("scale_nan", ValueError, "scale must be finite", lambda a, k: k.update(scale=math.nan)),
+    ("scale_inf_tensor", ValueError, "scale must be finite", lambda a, k: k.update(scale=torch.tensor(math.inf))),
+    ("scale_zero", ValueError, "scale must be >", lambda a, k: k.update(scale=0.0)),
+    ("scale_negative_vec", ValueError, "scale must be > 0", lambda a, k: k.update(scale=-torch.ones(5))),
+    ("scale_shape", ValueError, "scale must be a float", lambda a, k: k.update(scale=torch.ones(4))),
+    ("scale_str", TypeError, "scale must be a real number", lambda a, k: k.update(scale="10")),
+    ("reduction", ValueError, "reduction must be one of", lambda a, k: k.update(reduction="avg")),
+    ("impl", ValueError, "impl must be one of", lambda a, k: k.update(impl="cudnn")),
+    ("margin_grad", ValueError, "margin_grad must be one of", lambda a, k: k.update(margin_grad="approx")),
+    ("angular_negative", ValueError, "angular_margin must be >=", lambda a, k: k.update(angular_margin=-0.1)),
+    ("angular_degrees", ValueError, "angular_margin must be <=", lambda a, k: k.update(angular_margin=28.6)),
+    ("angular_without_norm", ValueError, "angular_margin needs normalize", lambda a, k: k.update(angular_margin=0.5, normalize_weight=False)),
+    ("additive_nan", ValueError, "additive_margin must be finite", lambda a, k: k.update(additive_margin=math.nan)),
+    ("smoothing_range", ValueError, "label_smoothing must be <=", lambda a, k: k.update(label_smoothing=1.5)),
+    ("z_loss_negative", ValueError, "z_loss must be >=", lambda a, k: k.update(z_loss=-1.0)),
+    ("eps_zero", ValueError, "eps must be >", lambda a, k: k.update(eps=0.0)),
+    ("ignore_index_float", TypeError, "ignore_index must be an int", lambda a, k: k.update(ignore_index=-100.0)),
+]
+
+
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises_before_compute(case, impl, monkeypatch):
+    name, exc, msg, mutate = case
+    args, kwargs = list(_ok()), {"impl": impl}
+    mutate(args, kwargs)
+
+    def boom(*a, **k):  # any backend call means validation came too late
+        raise AssertionError("a backend ran before validation failed")
+
+    import nnk.functional as fn
+
+    monkeypatch.setattr(fn, "_backend", lambda impl: boom)
+    with pytest.raises(exc, match=msg):
+        nnk.cosine_cross_entropy(*args, **kwargs)
+
+
+def test_float64_on_gpu_impl_is_a_type_error():
+    x, w, t = _ok()
+    with pytest.raises(TypeError, match="float64 runs on impl='torch'"):
+        nnk.cosine_cross_entropy(x.double(), w.double(), t, impl="triton")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, w, t = _ok()
+    with pytest.raises(ValueError, match="impl='triton' needs"):
+        nnk.cosine_cross_entropy(x, w, t, impl="triton")
+
+
+def test_nnk_impl_env_sets_the_default(monkeypatch):
+    x, w, t = _ok()
+    monkeypatch.setenv("NNK_IMPL", "bogus")
+    with pytest.raises(ValueError, match="NNK_IMPL must be one of"):
+        nnk.cosine_cross_entropy(x, w, t)
+    monkeypatch.setenv("NNK_IMPL", "torch")
+    assert torch.isfinite(nnk.cosine_cross_entropy(x, w, t))
