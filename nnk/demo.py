@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=0.0, help="cosine head additive (CosFace) margin (default 0)")
     p.add_argument("--angular-margin", type=float, default=0.0,
                    help="cosine head angular (ArcFace) margin in radians (default 0)")
-    p.add_argument("--out", default="nnk-demo", help="output folder for demo.json and demo.png (default ./nnk-demo)")
+    p.add_argument("--out", default="nnk_out", help="output folder for demo.json and demo.png (default ./nnk_out)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the batch order")
     p.add_argument("--batch-size", type=int, default=64, help="(default 64)")
