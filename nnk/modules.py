@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ._options import IMPLS, REDUCTIONS, _choice, make_options
+from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, make_options
 from .functional import cosine_cross_entropy
 from .impl.torch_blockwise import TILE_ELEMENTS, _blocks  # the blockwise path's tile sizes
 from .reference import acc_dtype, cosine_logits_ref, row_normalize_ref
@@ -75,7 +75,7 @@ def default_scale(
     return math.log((num_classes - 1) * target_prob / (1.0 - target_prob)) / gap
 
 
-# --- option checks shared by the modules ----------------------------------
+# --- option checks and leading dims -------------------------------------------
 
 _LOSS_OPTIONS = {
     name: p.default
@@ -85,22 +85,24 @@ _LOSS_OPTIONS = {
 _OPTION_FIELDS = tuple(inspect.signature(make_options).parameters)
 
 
-def _check_loss_options(owner: str, kwargs: dict, owned: tuple[str, ...]) -> None:
-    """Unknown or module-owned keyword options are a TypeError; bad values the
-    ValueError/TypeError of nnk.cosine_cross_entropy, raised here, early."""
-    for name in kwargs:
-        if name in owned:
-            raise TypeError(f"{owner}: {name} is set by the module, not per call")
+def _check_loss_options(options: dict) -> None:
+    """CosineCrossEntropyLoss's options, checked at construction: unknown names
+    are a TypeError, bad values nnk.cosine_cross_entropy's ValueError/TypeError."""
+    for name in options:
+        if name == "bias":
+            raise TypeError("CosineCrossEntropyLoss: bias is an argument of forward, not an option")
         if name not in _LOSS_OPTIONS:
             raise TypeError(
-                f"{owner}: unknown option {name!r}; nnk.cosine_cross_entropy takes "
-                + ", ".join(n for n in _LOSS_OPTIONS if n not in owned)
+                f"CosineCrossEntropyLoss: unknown option {name!r}; nnk.cosine_cross_entropy takes "
+                + ", ".join(n for n in _LOSS_OPTIONS if n != "bias")
             )
-    merged = {**_LOSS_OPTIONS, **kwargs}
+    merged = {**_LOSS_OPTIONS, **options}
     make_options(**{k: merged[k] for k in _OPTION_FIELDS if k != "deterministic"},
                  deterministic=bool(merged["deterministic"]))
     _choice("reduction", merged["reduction"], REDUCTIONS)
     _choice("impl", merged["impl"], IMPLS)
+    if not isinstance(merged["scale"], torch.Tensor):  # a tensor is checked per call (needs C)
+        _finite_float("scale", merged["scale"], lo=0.0, lo_open=True)
 
 
 def _loss_any_dims(x, weight, target, **kwargs):
@@ -196,10 +198,8 @@ class CosineLinear(nn.Linear):
         if scale is None:
             scale = default_scale(out_features, additive_margin=opts.additive_margin,
                                   angular_margin=opts.angular_margin)
-        elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (
-            math.isfinite(scale) and scale > 0
-        ):
-            raise ValueError(f"scale must be a finite float > 0 or None, got {scale!r}")
+        else:
+            scale = _finite_float("scale", scale, lo=0.0, lo_open=True)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.init_scale = float(scale)
         self.learn_scale = bool(learn_scale or per_class_scale)
@@ -249,7 +249,9 @@ class CosineLinear(nn.Linear):
         and the margins to override the module's for this call (a margin
         schedule). ``reduction="none"`` and the lse have target's shape.
         """
-        _check_loss_options("CosineLinear.loss", kwargs, owned=_MODULE_OWNED)
+        for name in _MODULE_OWNED:  # the functional checks the rest
+            if name in kwargs:
+                raise TypeError(f"CosineLinear.loss: {name} is set by the module, not per call")
         opts = dict(
             normalize_input=self.normalize_input, normalize_weight=self.normalize_weight,
             additive_margin=self.additive_margin, angular_margin=self.angular_margin,
@@ -422,7 +424,7 @@ class CosineCrossEntropyLoss(nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        _check_loss_options("CosineCrossEntropyLoss", options, owned=("bias",))
+        _check_loss_options(options)
         self.options = options
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,

@@ -33,9 +33,12 @@ def test_default_scale_reaches_target_prob_at_the_etf():
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), "8", True])
-def test_bad_scale_is_a_value_error(bad):
-    with pytest.raises(ValueError, match="scale"):
+def test_bad_scale_names_the_argument(bad):
+    err = TypeError if isinstance(bad, (str, bool)) else ValueError
+    with pytest.raises(err, match="scale"):
         nnk.CosineLinear(4, 3, scale=bad)
+    with pytest.raises(err, match="scale"):
+        nnk.CosineCrossEntropyLoss(scale=bad)
 
 
 def test_bad_options_name_the_argument():
@@ -47,8 +50,10 @@ def test_bad_options_name_the_argument():
     x, t = torch.randn(2, 4), torch.tensor([0, 1])
     with pytest.raises(TypeError, match="scale is set by the module"):
         head.loss(x, t, scale=3.0)
-    with pytest.raises(TypeError, match="unknown option 'smoothing'"):
+    with pytest.raises(TypeError, match="smoothing"):
         head.loss(x, t, smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        head.loss(x, t, label_smoothing=2.0)
     with pytest.raises(ValueError, match="shape"):
         head(torch.randn(2, 5))
     with pytest.raises(ValueError, match="target"):
