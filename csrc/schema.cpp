@@ -11,4 +11,38 @@ TORCH_LIBRARY(nnk, m) {
   m.def(
       "row_normalize_backward(Tensor grad_y, Tensor y, Tensor norm, float eps)"
       " -> Tensor");
+
+  // Fused cosine cross-entropy (the math: nnk.reference.cosine_cross_entropy_ref)
+  // without the N x C logits: rows in chunks of chunk_rows (0: as many as fit
+  // a memory budget). scale: () or (C,); bias: (C,) or None; target: int64,
+  // ignore_index rows get loss 0. Returns the (N,) row losses and the (N,)
+  // log-sum-exp in the accumulation dtype (float32; float64 for float64).
+  m.def(
+      "cosine_cross_entropy_fwd(Tensor x, Tensor weight, Tensor target, Tensor scale,"
+      " Tensor? bias, bool normalize_input, bool normalize_weight, float additive_margin,"
+      " float angular_margin, int ignore_index, float label_smoothing, float z_loss,"
+      " float eps, int chunk_rows) -> (Tensor loss, Tensor lse)");
+  // Its backward, recomputing the logits chunk by chunk: d loss_i enters with
+  // grad_loss_i (zero on ignored rows), d lse_i with grad_lse_i (None: zero).
+  // output_mask selects (grad_x, grad_weight, grad_scale, grad_bias); the
+  // others come back as empty (0,) tensors. Gradients are in each input's dtype.
+  m.def(
+      "cosine_cross_entropy_bwd(Tensor? grad_loss, Tensor? grad_lse, Tensor x,"
+      " Tensor weight, Tensor target, Tensor scale, Tensor? bias, Tensor lse,"
+      " bool normalize_input, bool normalize_weight, float additive_margin,"
+      " float angular_margin, bool exact_margin, int ignore_index,"
+      " float label_smoothing, float z_loss, float eps, int chunk_rows,"
+      " bool[4] output_mask)"
+      " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
+
+  // Neural-collapse statistics (the contracts of nnk.reference.nc_class_sums_ref
+  // and nc_centered_gram_ref). features: (N, D) or (B, N, D); labels: (N,)
+  // int32/int64 in [0, K). counts (K,) int64; sums (K, D) / (B, K, D) in the
+  // accumulation dtype.
+  m.def("nc_class_sums(Tensor features, Tensor labels, int num_classes)"
+        " -> (Tensor counts, Tensor sums)");
+  // sum_i (h_i - shifts[y_i]) (h_i - shifts[y_i])^T per batch, the centering
+  // fused into the load. shifts: (K, D) or (B, K, D). (D, D) or (B, D, D),
+  // float32 (float64 when features or shifts are float64).
+  m.def("nc_centered_gram(Tensor features, Tensor labels, Tensor shifts) -> Tensor");
 }

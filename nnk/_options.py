@@ -100,10 +100,11 @@ def _data_checks_enabled() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def check_tensors(x, weight, target, scale, bias, opts: CCEOptions):
+def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_finite: bool = False):
     """Check shapes, dtypes, devices and values; return ``(target, scale)`` with
     target as int64 and scale as a Python float or a float32 tensor of shape
-    () or (C,) (keeping its autograd history)."""
+    () or (C,) (keeping its autograd history). ``check_finite`` also rejects
+    NaN/Inf in x, weight and bias (otherwise they propagate, as in PyTorch)."""
     for name, t in (("x", x), ("weight", weight), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -142,6 +143,10 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions):
         if bias.device != dev:
             raise ValueError(f"bias is on {bias.device} but x is on {dev}")
     scale = _check_scale(scale, c, dev)
+    if check_finite and _data_checks_enabled():
+        for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
     target = target.long()
     if _data_checks_enabled() and n > 0:
         bad = ((target < 0) & (target != opts.ignore_index)) | (target >= c)

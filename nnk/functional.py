@@ -19,14 +19,23 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+def resolve_impl(
+    impl: str,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    *,
+    op: str = "cosine_cross_entropy_fwd",
+    arg: str = "x",
+) -> str:
     """The backend that ``impl`` means for tensors on ``device``.
 
     ``"auto"`` takes ``NNK_IMPL`` when set, else: on CUDA devices the Triton
     kernels when triton is installed, else the compiled extension, else the
     blockwise PyTorch path; on other devices the blockwise PyTorch path.
     float64 runs on the torch path only. An explicit impl that cannot run on
-    ``device`` is a ValueError, one that cannot take ``dtype`` a TypeError."""
+    ``device`` is a ValueError, one that cannot take ``dtype`` a TypeError.
+    ``op`` is the extension operator whose presence means "cuda" is
+    available, ``arg`` the argument named in the dtype error."""
     _choice("impl", impl, IMPLS)
     if impl == "auto":
         impl = _choice("NNK_IMPL", os.environ.get("NNK_IMPL", "auto"), IMPLS)
@@ -36,20 +45,20 @@ def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype | None = No
         if device.type == "cuda":
             if _triton_usable(device):
                 return "triton"
-            if has_op("cosine_cross_entropy_fwd", "cuda"):
+            if has_op(op, "cuda"):
                 return "cuda"
         return "torch"
     if impl == "triton" and not _triton_usable(device):
         raise ValueError(
             f"impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); got tensors on {device}"
         )
-    if impl == "cuda" and not has_op("cosine_cross_entropy_fwd", device.type):
+    if impl == "cuda" and not has_op(op, device.type):
         raise ValueError(
             f"impl='cuda' needs the compiled extension nnk._C with kernels for {device.type} "
             "(see nnk.ops.build_info())"
         )
     if impl != "torch" and dtype == torch.float64:
-        raise TypeError(f"impl={impl!r} takes float16, bfloat16 or float32 x; float64 runs on impl='torch'")
+        raise TypeError(f"impl={impl!r} takes float16, bfloat16 or float32 {arg}; float64 runs on impl='torch'")
     return impl
 
 
@@ -87,6 +96,7 @@ def cosine_cross_entropy(
     return_lse: bool = False,
     impl: str = "auto",
     deterministic: bool | None = None,
+    check_finite: bool = False,
 ):
     """Cross-entropy of a cosine (normalized) classification head, fused: the
     (N, C) logits are never materialized.
@@ -133,6 +143,9 @@ def cosine_cross_entropy(
             extension (its CPU kernels on CPU tensors).
         deterministic: bitwise-reproducible gradients on GPU backends (a fixed
             reduction order instead of atomics); default ``NNK_DETERMINISTIC=1``.
+        check_finite: raise ValueError if x, weight or bias hold NaN/Inf (one
+            device sync). By default non-finite inputs propagate to the loss
+            and gradients as they do in PyTorch.
 
     Returns:
         The float32 loss (float64 for float64 inputs): a scalar, or (N,) for
@@ -156,7 +169,7 @@ def cosine_cross_entropy(
         label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
         deterministic=deterministic,
     )
-    target, scale = check_tensors(x, weight, target, scale, bias, opts)
+    target, scale = check_tensors(x, weight, target, scale, bias, opts, check_finite=check_finite)
     backend = resolve_impl(impl, x.device, x.dtype)
     row, lse = _backend(backend)(x, weight, target, scale, bias, opts)
     loss = reduce_rows(row, target != opts.ignore_index, reduction)

@@ -25,12 +25,24 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def row_norm_ref(x: torch.Tensor) -> torch.Tensor:
+    """Row L2 norms of (N, D) x in the accumulation dtype. The squares are summed
+    in float64: exact in range for any float32/float16/bfloat16 input, where a
+    float32 sum overflows above |x| ~ 1e19 (and F.normalize then returns 0)."""
+    return torch.linalg.vector_norm(x.to(torch.float64), dim=1).to(acc_dtype(x.dtype))
+
+
+def normalize_ref(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``F.normalize(x, dim=1, eps=eps)`` in the accumulation dtype, with the
+    overflow-free norms of :func:`row_norm_ref` (differentiable)."""
+    return x.to(acc_dtype(x.dtype)) / row_norm_ref(x).clamp_min(eps)[:, None]
+
+
 def row_normalize_ref(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
     """``(F.normalize(x, dim=1, eps=eps), x.norm(dim=1))`` for (N, D) x, computed
     in the accumulation dtype; y in x's dtype, the norms in float32 (float64)."""
-    xa = x.to(acc_dtype(x.dtype))
-    norm = torch.linalg.vector_norm(xa, dim=1)
-    return (xa / norm.clamp_min(eps)[:, None]).to(x.dtype), norm
+    norm = row_norm_ref(x)
+    return (x.to(norm.dtype) / norm.clamp_min(eps)[:, None]).to(x.dtype), norm
 
 
 def row_normalize_backward_ref(
@@ -106,11 +118,8 @@ def cosine_logits_ref(
     without margins: the logits a cosine head predicts with. x (N, D), weight
     (C, D), scale a float, 0-d or (C,) tensor, bias (C,) or None; returns (N, C)."""
     acc = acc_dtype(x.dtype)
-    xa, wa = x.to(acc), weight.to(acc)
-    if normalize_input:
-        xa = F.normalize(xa, dim=1, eps=eps)
-    if normalize_weight:
-        wa = F.normalize(wa, dim=1, eps=eps)
+    xa = normalize_ref(x, eps) if normalize_input else x.to(acc)
+    wa = normalize_ref(weight, eps) if normalize_weight else weight.to(acc)
     logits = (xa @ wa.T) * _as_scale(scale, acc, x.device)
     if bias is not None:
         logits = logits + bias.to(acc)

@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from nnk.reference import cosine_cross_entropy_ref
+
 IGNORE = -100
 
 # (id, options). Tensor-valued options are given as ("scale_scalar_tensor", v) etc.
@@ -113,3 +115,37 @@ def ground_truth(x, weight, target, *, scale=1.0, bias=None, normalize_input=Tru
 
 def max_err(a, b):
     return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
+
+
+def grads(loss, leaves):
+    out = loss if loss.dim() == 0 else loss.sum()
+    return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()))))
+
+
+def error_table(fn, opts, n, d, c, dtype, seed=0, device="cpu", mutate=None):
+    """Errors of fn(x, w, t, kw) -> (loss, lse) and of the same-dtype reference
+    against the fp64 reference on the same (rounded) inputs: loss, lse and every
+    gradient, as {"impl": {name: err}, "ref": {name: err}}."""
+    x, w, t, kw, leaves = make_inputs(n, d, c, opts, dtype=dtype, seed=seed, device=device)
+    if mutate is not None:  # edit the inputs in place (peaked rows, zero rows, ...)
+        with torch.no_grad():
+            mutate(x, w, t)
+    x64, w64, _, kw64, leaves64 = make_inputs(n, d, c, opts, dtype=torch.float64, seed=seed, device=device)
+    with torch.no_grad():  # ground truth on exactly the rounded low-precision values
+        for k in leaves:
+            leaves64[k].copy_(leaves[k].double())
+    truth = cosine_cross_entropy_ref(x64, w64, t, return_lse=True, **kw64)
+    g_truth = grads(truth[0], leaves64)
+    out = {}
+    for name, f in (("impl", fn), ("ref", lambda *a: cosine_cross_entropy_ref(*a[:3], return_lse=True, **a[3]))):
+        loss, lse = f(x, w, t, kw)
+        g = grads(loss, leaves)
+        errs = {"loss": max_err(loss, truth[0]), "lse": max_err(lse, truth[1])}
+        errs.update({k: max_err(g[k], g_truth[k]) for k in g})
+        out[name] = errs
+    return out
+
+
+def assert_within_bound(errs, atol):
+    for k, e in errs["impl"].items():
+        assert e <= 2 * errs["ref"][k] + atol, f"{k}: impl error {e:.3g} vs reference {errs['ref'][k]:.3g}"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nnk
-from cce_cases import OPTION_CASES, make_inputs, max_err
+from cce_cases import OPTION_CASES, assert_within_bound, error_table as _errors, grads as _grads, make_inputs, max_err
 from nnk._options import make_options
 from nnk.impl.torch_blockwise import cosine_cross_entropy_torch
 from nnk.reference import cosine_cross_entropy_ref, reduce_rows
@@ -23,36 +23,6 @@ def _blockwise(x, w, t, kw, blocks):
     row, lse = cosine_cross_entropy_torch(x, w, t, kw.get("scale", 1.0), kw.get("bias"), opts,
                                           block_rows=blocks[0], block_classes=blocks[1])
     return reduce_rows(row, t != opts.ignore_index, kw.get("reduction", "mean")), lse
-
-
-def _grads(loss, leaves):
-    out = loss if loss.dim() == 0 else loss.sum()
-    return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()))))
-
-
-def _errors(fn, opts, n, d, c, dtype, seed=0):
-    """Errors of fn(x, w, t, kw) and of the same-dtype reference against the
-    fp64 reference on the same (rounded) inputs: loss, lse and every gradient."""
-    x, w, t, kw, leaves = make_inputs(n, d, c, opts, dtype=dtype, seed=seed)
-    x64, w64, _, kw64, leaves64 = make_inputs(n, d, c, opts, dtype=torch.float64, seed=seed)
-    with torch.no_grad():  # ground truth on exactly the rounded low-precision values
-        for k in leaves:
-            leaves64[k].copy_(leaves[k].double())
-    truth = cosine_cross_entropy_ref(x64, w64, t, return_lse=True, **kw64)
-    g_truth = _grads(truth[0], leaves64)
-    out = {}
-    for name, f in (("impl", fn), ("ref", lambda *a: cosine_cross_entropy_ref(*a[:3], return_lse=True, **a[3]))):
-        loss, lse = f(x, w, t, kw)
-        g = _grads(loss, leaves)
-        errs = {"loss": max_err(loss, truth[0]), "lse": max_err(lse, truth[1])}
-        errs.update({k: max_err(g[k], g_truth[k]) for k in g})
-        out[name] = errs
-    return out
-
-
-def assert_within_bound(errs, atol):
-    for k, e in errs["impl"].items():
-        assert e <= 2 * errs["ref"][k] + atol, f"{k}: impl error {e:.3g} vs reference {errs['ref'][k]:.3g}"
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])

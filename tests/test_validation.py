@@ -44,6 +44,8 @@ CASES = [
     ("smoothing_range", ValueError, "label_smoothing must be <=", lambda a, k: k.update(label_smoothing=1.5)),
     ("z_loss_negative", ValueError, "z_loss must be >=", lambda a, k: k.update(z_loss=-1.0)),
     ("eps_zero", ValueError, "eps must be >", lambda a, k: k.update(eps=0.0)),
+    ("x_nan_checked", ValueError, "x contains NaN", lambda a, k: (a[0].__setitem__((1, 1), math.nan), k.update(check_finite=True))),
+    ("bias_inf_checked", ValueError, "bias contains NaN or Inf", lambda a, k: k.update(bias=torch.tensor([0, math.inf, 0, 0, 0.]), check_finite=True)),
     ("ignore_index_float", TypeError, "ignore_index must be an int", lambda a, k: k.update(ignore_index=-100.0)),
 ]
 
@@ -85,3 +87,11 @@ def test_nnk_impl_env_sets_the_default(monkeypatch):
         nnk.cosine_cross_entropy(x, w, t)
     monkeypatch.setenv("NNK_IMPL", "torch")
     assert torch.isfinite(nnk.cosine_cross_entropy(x, w, t))
+
+
+def test_non_finite_inputs_propagate_by_default():
+    x, w, t = _ok()
+    x[1, 1] = math.nan
+    assert torch.isnan(nnk.cosine_cross_entropy(x, w, t, impl="torch"))
+    row = nnk.cosine_cross_entropy(x, w, t, impl="torch", reduction="none")
+    assert torch.isnan(row[1]) and torch.isfinite(row[[0, 2, 3]]).all()

@@ -7,9 +7,9 @@
 
 #include "nnk/math.h"
 #include "nnk/row_normalize_checks.h"
+#include "row_normalize_cpu.h"
 
 namespace nnk {
-namespace {
 
 std::tuple<at::Tensor, at::Tensor> row_normalize_cpu(const at::Tensor& x_in,
                                                      double eps) {
@@ -27,12 +27,14 @@ std::tuple<at::Tensor, at::Tensor> row_normalize_cpu(const at::Tensor& x_in,
         at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
             const scalar_t* xr = xp + r * d;
-            acc_t ss = 0;
+            // Squares summed in double: no overflow/underflow for any float
+            // input (a float sum overflows above |x| ~ 1e19).
+            double ss = 0;
             for (int64_t j = 0; j < d; ++j) {
-              const acc_t v = static_cast<acc_t>(xr[j]);
+              const double v = static_cast<double>(xr[j]);
               ss += v * v;
             }
-            const acc_t nr = std::sqrt(ss);
+            const acc_t nr = static_cast<acc_t>(std::sqrt(ss));
             const acc_t denom = nr > acc_t(eps) ? nr : acc_t(eps);
             np[r] = nr;
             for (int64_t j = 0; j < d; ++j) {
@@ -76,8 +78,6 @@ at::Tensor row_normalize_backward_cpu(const at::Tensor& g_in,
       });
   return dx;
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(nnk, CPU, m) {
   m.impl("row_normalize", &row_normalize_cpu);

@@ -6,20 +6,78 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "nnk/cce_chunk.h"
+
 namespace nnk {
 namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // x, y: (n, d) row-major of `dtype`; norm: (n,) float64 for kFloat64, else float32.
+// y == nullptr computes the norms only.
 cudaError_t launch_row_normalize_fwd(DType dtype, const void* x, void* y, void* norm,
                                      int64_t n, int64_t d, double eps,
                                      cudaStream_t stream);
 
-// g, y, dx: (n, d) row-major of `dtype`; norm as above.
-cudaError_t launch_row_normalize_bwd(DType dtype, const void* g, const void* y,
-                                     const void* norm, void* dx, int64_t n, int64_t d,
-                                     double eps, cudaStream_t stream);
+// y, dx: (n, d) row-major of `dtype`; g: (n, d) of `g_dtype`, which is `dtype`
+// or, for kFloat16 / kBFloat16 rows, kFloat32; norm as above.
+cudaError_t launch_row_normalize_bwd(DType dtype, DType g_dtype, const void* g,
+                                     const void* y, const void* norm, void* dx, int64_t n,
+                                     int64_t d, double eps, cudaStream_t stream);
+
+// --- Fused cosine cross-entropy epilogues (cce_kernel.cu) ---------------------
+// Forward: per row of the chunk, its lse and loss (see nnk/cce_chunk.h).
+cudaError_t launch_cce_forward_epilogue(const cce::Chunk<float>& ch, float* loss, float* lse,
+                                        cudaStream_t stream);
+cudaError_t launch_cce_forward_epilogue(const cce::Chunk<double>& ch, double* loss,
+                                        double* lse, cudaStream_t stream);
+
+// Backward: d cos of every entry into `dcos` ((rows, classes) of `dcos_dtype`;
+// it may alias ch.block when the types agree) and the per-band partial column
+// sums of d z and d z * cos' (grad.dbias_part / dscale_part, when not null).
+// dcos_dtype: kFloat32 / kFloat16 / kBFloat16 for float chunks, kFloat64 for double.
+cudaError_t launch_cce_backward_epilogue(const cce::Chunk<float>& ch,
+                                         const cce::ChunkGrad<float>& grad, void* dcos,
+                                         DType dcos_dtype, cudaStream_t stream);
+cudaError_t launch_cce_backward_epilogue(const cce::Chunk<double>& ch,
+                                         const cce::ChunkGrad<double>& grad, void* dcos,
+                                         DType dcos_dtype, cudaStream_t stream);
+
+// --- Neural-collapse statistics (nc_kernel.cu) --------------------------------
+// Both reductions are deterministic (a fixed summation order, no float
+// atomics); for parallelism they split the rows into `splits` ranges whose
+// partial results the caller sums in a fixed order (splits == 1: the final
+// result is written directly).
+
+// counts[k] = #{i : labels[i] = k} (int64, zeroed by the caller); labels outside
+// [0, classes) are not counted and add 1 to *bad (int64, zeroed by the caller).
+cudaError_t launch_nc_count(const int64_t* labels, int64_t n, int64_t classes, int64_t* counts,
+                            int64_t* bad, cudaStream_t stream);
+
+// partial[s, b, k, :] = sum of features[b, perm[r], :] over the s-th of
+// `splits` equal ranges of r in [offsets[k], offsets[k] + counts[k]) (perm: the
+// rows sorted by label, offsets: the exclusive prefix sum of counts).
+// features: (batches, n, d) row-major of `dtype`; partial in `acc` (kFloat32,
+// or kFloat64 for kFloat64 features).
+int64_t nc_class_sums_splits(int64_t batches, int64_t n, int64_t d, int64_t classes);
+cudaError_t launch_nc_class_sums(DType dtype, DType acc, const void* features,
+                                 const int64_t* perm, const int64_t* offsets,
+                                 const int64_t* counts, int64_t batches, int64_t n, int64_t d,
+                                 int64_t classes, int64_t splits, void* partial,
+                                 cudaStream_t stream);
+
+// partial[s, b] = sum over the s-th row range of (h_i - c[y_i]) (h_i - c[y_i])^T
+// with h_i = features[b, i], c = shifts[b] if shifts_batched else shifts[0]:
+// a (d, d) Gram, the centering fused into the tile loads. features: (batches,
+// n, d) of `dtype`; shifts (*, classes, d) and partial in `acc` (kFloat32 or
+// kFloat64; kFloat64 accepts every feature dtype). Labels outside
+// [0, classes) center on 0 (never read out of bounds).
+int64_t nc_gram_splits(int64_t batches, int64_t n, int64_t d);
+cudaError_t launch_nc_centered_gram(DType dtype, DType acc, const void* features,
+                                    const int64_t* labels, const void* shifts,
+                                    bool shifts_batched, int64_t batches, int64_t n, int64_t d,
+                                    int64_t classes, int64_t splits, void* partial,
+                                    cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace nnk

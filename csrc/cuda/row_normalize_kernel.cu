@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "device_convert.cuh"
 #include "launchers.h"
 #include "nnk/math.h"
 
@@ -11,31 +12,6 @@ namespace cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename T> __device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
-  return static_cast<typename Acc<T>::type>(v);
-}
-template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <typename T, typename A> __device__ __forceinline__ T from_acc(A v) {
-  return static_cast<T>(v);
-}
-template <> __device__ __forceinline__ __half from_acc<__half, float>(float v) {
-  return __float2half_rn(v);
-}
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-template <typename A> __device__ __forceinline__ A warp_sum(A v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 template <typename T>
 __global__ void row_normalize_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
@@ -46,21 +22,26 @@ __global__ void row_normalize_fwd_kernel(const T* __restrict__ x, T* __restrict_
   const int lane = threadIdx.x % 32;
   if (row >= n) return;
   const T* xr = x + row * d;
-  A ss = 0;
+  // Squares summed in double: no overflow/underflow for any float input (a
+  // float sum overflows above |x| ~ 1e19). The pass is memory-bound.
+  double ss = 0;
   for (int64_t j = lane; j < d; j += 32) {
-    const A v = to_acc(xr[j]);
+    const double v = static_cast<double>(to_acc(xr[j]));
     ss += v * v;
   }
   ss = warp_sum(ss);
-  const A nr = sqrt(ss);
+  const A nr = static_cast<A>(sqrt(ss));
   const A denom = nr > A(eps) ? nr : A(eps);
   if (lane == 0) norm[row] = nr;
+  if (y == nullptr) return;  // norms only
   T* yr = y + row * d;
   for (int64_t j = lane; j < d; j += 32) yr[j] = from_acc<T>(to_acc(xr[j]) / denom);
 }
 
-template <typename T>
-__global__ void row_normalize_bwd_kernel(const T* __restrict__ g, const T* __restrict__ y,
+// g may be T or the accumulation type (an fp32 gradient of fp16/bf16 rows is
+// projected without first rounding it to 16 bits).
+template <typename T, typename G>
+__global__ void row_normalize_bwd_kernel(const G* __restrict__ g, const T* __restrict__ y,
                                          const typename Acc<T>::type* __restrict__ norm,
                                          T* __restrict__ dx, int64_t n, int64_t d,
                                          double eps) {
@@ -68,7 +49,7 @@ __global__ void row_normalize_bwd_kernel(const T* __restrict__ g, const T* __res
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= n) return;
-  const T* gr = g + row * d;
+  const G* gr = g + row * d;
   const T* yr = y + row * d;
   A dot = 0;
   for (int64_t j = lane; j < d; j += 32) dot += to_acc(gr[j]) * to_acc(yr[j]);
@@ -94,12 +75,12 @@ cudaError_t fwd(const void* x, void* y, void* norm, int64_t n, int64_t d, double
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, typename G = T>
 cudaError_t bwd(const void* g, const void* y, const void* norm, void* dx, int64_t n,
                 int64_t d, double eps, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  row_normalize_bwd_kernel<T><<<grid_for(n), kWarpsPerBlock * 32, 0, s>>>(
-      static_cast<const T*>(g), static_cast<const T*>(y),
+  row_normalize_bwd_kernel<T, G><<<grid_for(n), kWarpsPerBlock * 32, 0, s>>>(
+      static_cast<const G*>(g), static_cast<const T*>(y),
       static_cast<const typename Acc<T>::type*>(norm), static_cast<T*>(dx), n, d, eps);
   return cudaGetLastError();
 }
@@ -117,9 +98,14 @@ cudaError_t launch_row_normalize_fwd(DType dtype, const void* x, void* y, void* 
   return cudaErrorInvalidValue;
 }
 
-cudaError_t launch_row_normalize_bwd(DType dtype, const void* g, const void* y,
-                                     const void* norm, void* dx, int64_t n, int64_t d,
-                                     double eps, cudaStream_t s) {
+cudaError_t launch_row_normalize_bwd(DType dtype, DType g_dtype, const void* g,
+                                     const void* y, const void* norm, void* dx, int64_t n,
+                                     int64_t d, double eps, cudaStream_t s) {
+  if (g_dtype == DType::kFloat32 && dtype != DType::kFloat32 && dtype != DType::kFloat64) {
+    if (dtype == DType::kFloat16) return bwd<__half, float>(g, y, norm, dx, n, d, eps, s);
+    return bwd<__nv_bfloat16, float>(g, y, norm, dx, n, d, eps, s);
+  }
+  if (g_dtype != dtype) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat32: return bwd<float>(g, y, norm, dx, n, d, eps, s);
     case DType::kFloat16: return bwd<__half>(g, y, norm, dx, n, d, eps, s);

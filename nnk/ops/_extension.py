@@ -55,7 +55,8 @@ if _ext is not None:
 
 
 def has_op(name: str, device_type: str = "cpu") -> bool:
-    """Whether ``torch.ops.nnk.<name>`` has a kernel for ``device_type``."""
+    """Whether ``torch.ops.nnk.<name>`` has a kernel for ``device_type`` (False
+    when the extension does not define the operator at all)."""
     if _ext is None:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)

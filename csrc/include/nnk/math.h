@@ -120,13 +120,41 @@ NNK_HD T lse_finish(T run_max, T run_sum) {
 // (cross-entropy with label smoothing ls, plus the z-loss), times the upstream
 // gradient g_i of the row loss:
 //   g_i * (p_ic (1 + 2 zl lse_i) - (1 - ls) [c == y_i] - ls / C).
+//
+// With g_lse, the upstream gradient of the row's log-sum-exp (when the lse is
+// an output of its own), d lse_i / d z_ic = p_ic adds g_lse_i * p_ic.
 template <typename T>
 NNK_HD T dlogit(T z, T lse, bool is_target, T smoothing, T inv_c, T z_loss,
-                T g) {
+                T g, T g_lse) {
   const T p = exp(z - lse);
   T d = p * (T(1) + T(2) * z_loss * lse) - smoothing * inv_c;
   if (is_target) d -= T(1) - smoothing;
-  return g * d;
+  return g * d + g_lse * p;
+}
+
+template <typename T>
+NNK_HD T dlogit(T z, T lse, bool is_target, T smoothing, T inv_c, T z_loss,
+                T g) {
+  return dlogit(z, lse, is_target, smoothing, inv_c, z_loss, g, T(0));
+}
+
+// The logit of one (row, class) entry from its cosine c: s_c * c + b_c, with
+// psi(c) in place of c on the row's target column. *cos_prime receives what
+// the scale multiplies (c, or psi on the target): d z / d s_c.
+template <typename T>
+NNK_HD T cosine_logit(T c, bool is_target, const ArcMargin<T>& a, T additive,
+                      T s, T b, T* cos_prime) {
+  const T cp = is_target ? margin_value(c, a, additive) : c;
+  *cos_prime = cp;
+  return s * cp + b;
+}
+
+// The row loss from its reductions (0 for ignored rows is the caller's):
+//   lse - (1 - ls) z_t - (ls / C) sum_c z_c + zl * lse^2.
+template <typename T>
+NNK_HD T row_loss(T lse, T z_target, T sum_z, T smoothing, T inv_c, T z_loss) {
+  return lse - (T(1) - smoothing) * z_target - smoothing * inv_c * sum_z +
+         z_loss * lse * lse;
 }
 
 // Backward of y = x / max(||x||, eps) for one element, given dot = <y, g> and

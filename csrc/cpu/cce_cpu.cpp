@@ -1,0 +1,119 @@
+// CPU implementation of nnk::cosine_cross_entropy_fwd / _bwd: the chunk loop
+// of nnk/cce_driver.h with GEMMs in the accumulation dtype (float32, float64
+// for float64) and the epilogues as loops over the element functions of
+// nnk/cce_chunk.h, the same ones the CUDA kernels call.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "nnk/cce_chunk.h"
+#include "nnk/cce_driver.h"
+#include "row_normalize_cpu.h"
+
+namespace nnk {
+namespace {
+
+struct CpuBackend {
+  struct Guard {
+    explicit Guard(const c10::Device&) {}
+  };
+
+  // The CPU has no fast half GEMM: operands are converted once to the
+  // accumulation dtype, so every product and the d cos block are fp32/fp64.
+  static at::ScalarType gemm_dtype(at::ScalarType t) { return cce::acc_dtype(t); }
+
+  static at::Tensor row_norms(const at::Tensor& x, double eps) {
+    return std::get<1>(row_normalize_cpu(x, eps));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> row_normalize(const at::Tensor& x, double eps) {
+    return row_normalize_cpu(x, eps);
+  }
+
+  static at::Tensor row_normalize_backward(const at::Tensor& g, const at::Tensor& y,
+                                           const at::Tensor& norm, double eps) {
+    return row_normalize_backward_cpu(g, y, norm, eps);
+  }
+
+  static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    if (accumulate) {
+      out.addmm_(a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+  }
+
+  // Checked eagerly: on the CPU this costs no device synchronization.
+  static void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+    const at::Tensor t = target.contiguous();
+    const int64_t* p = t.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      TORCH_CHECK(p[i] == ignore_index || (p[i] >= 0 && p[i] < classes),
+                  "nnk::cosine_cross_entropy_fwd: target values must be in [0, ", classes,
+                  ") or ignore_index=", ignore_index, ", got ", p[i], " at row ", i);
+    }
+  }
+
+  template <typename A>
+  static void forward_epilogue(const cce::Chunk<A>& ch, A* loss, A* lse) {
+    at::parallel_for(0, ch.rows, 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = cce::target_column(ch, r);
+        A run_max = -INFINITY, run_sum = 0, sum_z = 0, z_t = 0;
+        for (int64_t c = 0; c < ch.classes; ++c) {
+          A cos_prime;
+          const A z = cce::logit(ch, r, c, c == t, &cos_prime);
+          math::lse_merge(run_max, run_sum, z, A(1));
+          sum_z += z;
+          if (c == t) z_t = z;
+        }
+        const A l = math::lse_finish(run_max, run_sum);
+        lse[r] = l;
+        loss[r] = t < 0 ? A(0)
+                        : math::row_loss(l, z_t, sum_z, ch.label_smoothing, ch.inv_classes,
+                                         ch.z_loss);
+      }
+    });
+  }
+
+  template <typename A>
+  static void backward_epilogue(const cce::Chunk<A>& ch, const cce::ChunkGrad<A>& gr,
+                                at::Tensor& dcos) {
+    TORCH_INTERNAL_ASSERT(dcos.scalar_type() == c10::CppTypeToScalarType<A>::value);
+    A* out = dcos.mutable_data_ptr<A>();  // may alias ch.block: each entry is read first
+    const int64_t cls = ch.classes;
+    // One band of kRowsPerPart rows per task, each with its own partial row:
+    // the sums do not depend on the thread count.
+    at::parallel_for(0, cce::num_parts(ch.rows), 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t part = p0; part < p1; ++part) {
+        A* db = gr.dbias_part != nullptr ? gr.dbias_part + part * cls : nullptr;
+        A* ds = gr.dscale_part != nullptr ? gr.dscale_part + part * cls : nullptr;
+        if (db != nullptr) std::fill(db, db + cls, A(0));
+        if (ds != nullptr) std::fill(ds, ds + cls, A(0));
+        const int64_t r_end = std::min(ch.rows, (part + 1) * cce::kRowsPerPart);
+        for (int64_t r = part * cce::kRowsPerPart; r < r_end; ++r) {
+          const int64_t t = cce::target_column(ch, r);
+          const A g = (t < 0 || gr.grad_loss == nullptr) ? A(0) : gr.grad_loss[r];
+          const A g_lse = gr.grad_lse != nullptr ? gr.grad_lse[r] : A(0);
+          for (int64_t c = 0; c < cls; ++c) {
+            A dz, cos_prime;
+            out[r * cls + c] = cce::dcosine(ch, r, c, c == t, gr.lse[r], g, g_lse, &dz, &cos_prime);
+            if (db != nullptr) db[c] += dz;
+            if (ds != nullptr) ds[c] += dz * cos_prime;
+          }
+        }
+      }
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nnk, CPU, m) {
+  m.impl("cosine_cross_entropy_fwd", &cce::forward_op<CpuBackend>);
+  m.impl("cosine_cross_entropy_bwd", &cce::backward_op<CpuBackend>);
+}
+
+}  // namespace nnk

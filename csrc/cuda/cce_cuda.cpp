@@ -1,0 +1,111 @@
+// CUDA implementation of nnk::cosine_cross_entropy_fwd / _bwd: the chunk loop
+// of nnk/cce_driver.h with cuBLAS GEMMs (through ATen, on the current stream)
+// on the raw fp16/bf16/fp32 operands with fp32 output, and the fused
+// epilogues and row-normalization kernels of cce_kernel.cu /
+// row_normalize_kernel.cu.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "dtype.h"
+#include "launchers.h"
+#include "nnk/cce_chunk.h"
+#include "nnk/cce_driver.h"
+
+namespace nnk {
+namespace {
+
+cuda::DType launch_dtype(const at::Tensor& t) {
+  return cuda::to_launch_dtype(t.scalar_type(), "nnk::cosine_cross_entropy");
+}
+
+struct CudaBackend {
+  using Guard = c10::cuda::CUDAGuard;
+
+  // Tensor-core GEMMs on the input dtype; cuBLAS accumulates in fp32.
+  static at::ScalarType gemm_dtype(at::ScalarType t) { return t; }
+
+  static at::Tensor row_norms(const at::Tensor& x, double eps) {
+    at::Tensor norm = at::empty({x.size(0)}, x.options().dtype(cce::acc_dtype(x.scalar_type())));
+    C10_CUDA_CHECK(cuda::launch_row_normalize_fwd(launch_dtype(x), x.const_data_ptr(), nullptr,
+                                                  norm.mutable_data_ptr(), x.size(0), x.size(1),
+                                                  eps, c10::cuda::getCurrentCUDAStream()));
+    return norm;
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> row_normalize(const at::Tensor& x, double eps) {
+    at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+    at::Tensor norm = at::empty({x.size(0)}, x.options().dtype(cce::acc_dtype(x.scalar_type())));
+    C10_CUDA_CHECK(cuda::launch_row_normalize_fwd(launch_dtype(x), x.const_data_ptr(),
+                                                  y.mutable_data_ptr(), norm.mutable_data_ptr(),
+                                                  x.size(0), x.size(1), eps,
+                                                  c10::cuda::getCurrentCUDAStream()));
+    return {y, norm};
+  }
+
+  // g: accumulation dtype (fp32 for fp16/bf16 rows: projected before rounding).
+  static at::Tensor row_normalize_backward(const at::Tensor& g_in, const at::Tensor& y,
+                                           const at::Tensor& norm, double eps) {
+    const at::Tensor g = g_in.contiguous();
+    at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
+    C10_CUDA_CHECK(cuda::launch_row_normalize_bwd(
+        launch_dtype(y), launch_dtype(g), g.const_data_ptr(), y.const_data_ptr(),
+        norm.const_data_ptr(), dx.mutable_data_ptr(), y.size(0), y.size(1), eps,
+        c10::cuda::getCurrentCUDAStream()));
+    return dx;
+  }
+
+  // out (fp32/fp64) (+)= a @ b. fp16/bf16 operands use the out_dtype GEMMs
+  // (aten::mm.dtype_out, aten::baddbmm.dtype_out): fp32 output and, for the
+  // d W accumulator, beta = 1 on the fp32 buffer, with no 16-bit rounding.
+  static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    if (a.scalar_type() == out.scalar_type()) {
+      if (accumulate) {
+        out.addmm_(a, b);
+      } else {
+        at::mm_out(out, a, b);
+      }
+    } else if (!accumulate) {
+      at::mm_out(out, a, b, out.scalar_type());
+    } else {
+      at::Tensor out3 = out.unsqueeze(0);
+      at::baddbmm_out(out3, out3, a.unsqueeze(0), b.unsqueeze(0), out.scalar_type());
+    }
+  }
+
+  // On the device without a host synchronization: an asynchronous assert
+  // (a device-side assert at the next synchronization, as PyTorch's own
+  // indexing kernels). The epilogues never index memory by a target, so a bad
+  // one cannot read out of bounds before the assert fires. nnk.functional
+  // checks the range eagerly (with a sync) outside torch.compile.
+  static void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+    if (target.numel() == 0) return;
+    const at::Tensor ok = ((target >= 0) & (target < classes)) | (target == ignore_index);
+    at::_assert_async(ok.all(), "nnk::cosine_cross_entropy_fwd: target values out of range");
+  }
+
+  template <typename A>
+  static void forward_epilogue(const cce::Chunk<A>& ch, A* loss, A* lse) {
+    C10_CUDA_CHECK(
+        cuda::launch_cce_forward_epilogue(ch, loss, lse, c10::cuda::getCurrentCUDAStream()));
+  }
+
+  template <typename A>
+  static void backward_epilogue(const cce::Chunk<A>& ch, const cce::ChunkGrad<A>& gr,
+                                at::Tensor& dcos) {
+    C10_CUDA_CHECK(cuda::launch_cce_backward_epilogue(ch, gr, dcos.mutable_data_ptr(),
+                                                      launch_dtype(dcos),
+                                                      c10::cuda::getCurrentCUDAStream()));
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nnk, CUDA, m) {
+  m.impl("cosine_cross_entropy_fwd", &cce::forward_op<CudaBackend>);
+  m.impl("cosine_cross_entropy_bwd", &cce::backward_op<CudaBackend>);
+}
+
+}  // namespace nnk

@@ -1,0 +1,160 @@
+// The two fused epilogues of the chunked cosine cross-entropy (the GEMMs
+// around them are cuBLAS, called from cce_cuda.cpp). Every per-element formula
+// is an element function of nnk/cce_chunk.h (built on nnk/math.h), the same
+// ones the CPU implementation loops over.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+
+#include "device_convert.cuh"
+#include "launchers.h"
+#include "nnk/cce_chunk.h"
+#include "nnk/math.h"
+
+namespace nnk {
+namespace cuda {
+namespace {
+
+constexpr int kMaxThreads = 256;  // forward: threads per row
+constexpr int kColumnsPerBlock = 256;  // backward: columns per block
+
+// Forward: one block per row. Each thread runs an online log-sum-exp over its
+// strided columns (one exp per entry), then the (max, sum) pairs merge across
+// the warp and the block with the same lse_merge. The row's loss needs z at
+// the target column, recomputed by thread 0 from the same element function.
+template <typename A>
+__global__ void cce_forward_kernel(const cce::Chunk<A> ch, A* __restrict__ loss,
+                                   A* __restrict__ lse) {
+  const int64_t r = blockIdx.x;
+  const int64_t t = cce::target_column(ch, r);
+  // 1. Per-thread online lse and sum of logits over columns c = tid + k * blockDim.
+  A run_max = -INFINITY, run_sum = 0, sum_z = 0;
+  for (int64_t c = threadIdx.x; c < ch.classes; c += blockDim.x) {
+    A cos_prime;
+    const A z = cce::logit(ch, r, c, c == t, &cos_prime);
+    math::lse_merge(run_max, run_sum, z, A(1));
+    sum_z += z;
+  }
+  // 2. Warp merge (butterfly: every lane ends with the warp's pair).
+  for (int off = 16; off > 0; off >>= 1) {
+    const A o_max = __shfl_xor_sync(0xffffffffu, run_max, off);
+    const A o_sum = __shfl_xor_sync(0xffffffffu, run_sum, off);
+    math::lse_merge(run_max, run_sum, o_max, o_sum);
+    sum_z += __shfl_xor_sync(0xffffffffu, sum_z, off);
+  }
+  // 3. Block merge through shared memory, in warp 0.
+  __shared__ A s_max[kMaxThreads / 32], s_sum[kMaxThreads / 32], s_z[kMaxThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n_warps = blockDim.x / 32;
+  if (lane == 0) {
+    s_max[warp] = run_max;
+    s_sum[warp] = run_sum;
+    s_z[warp] = sum_z;
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  run_max = lane < n_warps ? s_max[lane] : A(-INFINITY);
+  run_sum = lane < n_warps ? s_sum[lane] : A(0);
+  sum_z = lane < n_warps ? s_z[lane] : A(0);
+  for (int off = 16; off > 0; off >>= 1) {
+    const A o_max = __shfl_xor_sync(0xffffffffu, run_max, off);
+    const A o_sum = __shfl_xor_sync(0xffffffffu, run_sum, off);
+    math::lse_merge(run_max, run_sum, o_max, o_sum);
+    sum_z += __shfl_xor_sync(0xffffffffu, sum_z, off);
+  }
+  // 4. The row's lse and loss (0 on ignored rows).
+  if (lane != 0) return;
+  const A l = math::lse_finish(run_max, run_sum);
+  lse[r] = l;
+  if (t < 0) {
+    loss[r] = A(0);
+    return;
+  }
+  A cos_prime;
+  const A z_t = cce::logit(ch, r, t, true, &cos_prime);
+  loss[r] = math::row_loss(l, z_t, sum_z, ch.label_smoothing, ch.inv_classes, ch.z_loss);
+}
+
+// Backward: elementwise given the saved lse. Block (part, column tile): each
+// thread owns one column and walks the kRowsPerPart rows of its band, writing
+// d cos over the block (coalesced along the row) and keeping the band's column
+// sums of d z and d z * cos' in registers: one partial per (band, column), no
+// atomics, so d bias and d scale are reproducible. `dcos` may alias ch.block.
+template <typename A, typename O>
+__global__ void cce_backward_kernel(const cce::Chunk<A> ch, const cce::ChunkGrad<A> gr,
+                                    O* dcos) {
+  const int64_t part = blockIdx.x;
+  const int64_t r_begin = part * cce::kRowsPerPart;
+  const int64_t r_end =
+      ch.rows < r_begin + cce::kRowsPerPart ? ch.rows : r_begin + cce::kRowsPerPart;
+  for (int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; c < ch.classes;
+       c += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    A db = 0, ds = 0;
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const int64_t t = cce::target_column(ch, r);
+      const A g = (t < 0 || gr.grad_loss == nullptr) ? A(0) : gr.grad_loss[r];
+      const A g_lse = gr.grad_lse != nullptr ? gr.grad_lse[r] : A(0);
+      A dz, cos_prime;
+      const A v = cce::dcosine(ch, r, c, c == t, gr.lse[r], g, g_lse, &dz, &cos_prime);
+      dcos[r * ch.classes + c] = from_acc<O>(v);
+      db += dz;
+      ds += dz * cos_prime;
+    }
+    if (gr.dbias_part != nullptr) gr.dbias_part[part * ch.classes + c] = db;
+    if (gr.dscale_part != nullptr) gr.dscale_part[part * ch.classes + c] = ds;
+  }
+}
+
+template <typename A>
+cudaError_t forward(const cce::Chunk<A>& ch, A* loss, A* lse, cudaStream_t s) {
+  if (ch.rows == 0) return cudaSuccess;
+  // Enough warps to cover C once, at most kMaxThreads.
+  int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (ch.classes + 31) / 32 * 32));
+  cce_forward_kernel<A><<<static_cast<unsigned>(ch.rows), threads, 0, s>>>(ch, loss, lse);
+  return cudaGetLastError();
+}
+
+template <typename A, typename O>
+cudaError_t backward(const cce::Chunk<A>& ch, const cce::ChunkGrad<A>& gr, void* dcos,
+                     cudaStream_t s) {
+  if (ch.rows == 0) return cudaSuccess;
+  const int64_t tiles = (ch.classes + kColumnsPerBlock - 1) / kColumnsPerBlock;
+  const dim3 grid(static_cast<unsigned>(cce::num_parts(ch.rows)),
+                  static_cast<unsigned>(std::min<int64_t>(tiles, 65535)));
+  cce_backward_kernel<A, O><<<grid, kColumnsPerBlock, 0, s>>>(ch, gr, static_cast<O*>(dcos));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_cce_forward_epilogue(const cce::Chunk<float>& ch, float* loss, float* lse,
+                                        cudaStream_t s) {
+  return forward<float>(ch, loss, lse, s);
+}
+
+cudaError_t launch_cce_forward_epilogue(const cce::Chunk<double>& ch, double* loss,
+                                        double* lse, cudaStream_t s) {
+  return forward<double>(ch, loss, lse, s);
+}
+
+cudaError_t launch_cce_backward_epilogue(const cce::Chunk<float>& ch,
+                                         const cce::ChunkGrad<float>& gr, void* dcos,
+                                         DType dcos_dtype, cudaStream_t s) {
+  switch (dcos_dtype) {
+    case DType::kFloat32: return backward<float, float>(ch, gr, dcos, s);
+    case DType::kFloat16: return backward<float, __half>(ch, gr, dcos, s);
+    case DType::kBFloat16: return backward<float, __nv_bfloat16>(ch, gr, dcos, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_cce_backward_epilogue(const cce::Chunk<double>& ch,
+                                         const cce::ChunkGrad<double>& gr, void* dcos,
+                                         DType dcos_dtype, cudaStream_t s) {
+  if (dcos_dtype != DType::kFloat64) return cudaErrorInvalidValue;
+  return backward<double, double>(ch, gr, dcos, s);
+}
+
+}  // namespace cuda
+}  // namespace nnk

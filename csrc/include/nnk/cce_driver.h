@@ -1,0 +1,369 @@
+// The chunk loop of nnk::cosine_cross_entropy_fwd / _bwd, shared by the CPU
+// and CUDA implementations. A backend K supplies the device-specific pieces:
+//
+//   K::Guard                         device guard constructed from a Device
+//   K::gemm_dtype(t)                 dtype of the GEMM operands for inputs of t
+//   K::row_norms(x, eps)             (n,) norms in the accumulation dtype
+//   K::row_normalize(x, eps)         (x / max(||x||, eps), ||x||)
+//   K::row_normalize_backward(g, y, norm, eps)   g in the accumulation dtype,
+//                                    result in y's dtype
+//   K::gemm(out, a, b, accumulate)   out (accumulation dtype) (+)= a @ b
+//   K::check_targets(t, C, ignore)   target range check (see the backends)
+//   K::forward_epilogue<A>(chunk, loss, lse)
+//   K::backward_epilogue<A>(chunk, grad, dcos)
+//
+// Design (the forward does NOT compute gradients):
+//   forward   per chunk of rows: block = x_c @ W^T (raw operands, fp32 out),
+//             then one fused epilogue applies the norms, scale, margins and
+//             bias and reduces each row to its lse and loss. Nothing of the
+//             block is kept: saved for backward are only the inputs and lse.
+//   backward  per chunk: the same GEMM recomputes the block; one fused
+//             epilogue turns it into d cos (in place for fp32, or into a
+//             GEMM-dtype buffer for fp16/bf16) and the partial column sums of
+//             d bias / d scale; then d xn_c = dcos @ Wn and dWn += dcos^T @ xn_c
+//             (fp32 accumulator), and the fused normalization backward.
+// Extra memory: one (rows x C) block (+ its GEMM-dtype copy for half inputs),
+// O((N + C) D) for normalized operands and the fp32 d W accumulator; the
+// chunk height is the largest that keeps the block within kChunkBytes.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <tuple>
+
+#include "nnk/cce_chunk.h"
+
+namespace nnk {
+namespace cce {
+
+// Budget of the per-chunk (rows x C) buffers. Larger chunks read W fewer
+// times (each chunk's GEMMs stream all of W); 1 GiB keeps >= 512-row chunks up
+// to C = 256k classes with half inputs.
+constexpr int64_t kChunkBytes = int64_t(1) << 30;
+
+struct Options {
+  bool normalize_input = true;
+  bool normalize_weight = true;
+  double additive_margin = 0.0;
+  double angular_margin = 0.0;
+  bool exact_margin = true;
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  double eps = 1e-12;
+  int64_t chunk_rows = 0;  // 0: from kChunkBytes
+};
+
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Rows per chunk: `requested` when > 0, else the most whose buffers fit the
+// budget, rounded down to a multiple of 128 (GEMM tile height) when possible.
+// The forward and backward use the same value, so the recomputed logits come
+// from GEMMs of identical shapes and match the forward's bit for bit.
+inline int64_t chunk_rows(int64_t n, int64_t c, int64_t bytes_per_entry, int64_t requested) {
+  const int64_t cap = std::max<int64_t>(n, 1);
+  if (requested > 0) return std::min(requested, cap);
+  int64_t r = kChunkBytes / std::max<int64_t>(c * bytes_per_entry, 1);
+  if (r >= 128) r -= r % 128;
+  return std::max<int64_t>(1, std::min(r, cap));
+}
+
+inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
+                         const at::Tensor& target, const at::Tensor& scale,
+                         const std::optional<at::Tensor>& bias, const Options& o) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (N, D), got shape ", x.sizes());
+  TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D (C, D), got shape ", w.sizes());
+  TORCH_CHECK(w.size(1) == x.size(1), op, ": weight must have D=", x.size(1),
+              " columns like x, got shape ", w.sizes());
+  TORCH_CHECK(w.size(0) >= 1, op, ": weight must have at least one class (C >= 1)");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              op, ": x must be float16, bfloat16, float32 or float64, got ", dt);
+  TORCH_CHECK(w.scalar_type() == dt, op, ": weight dtype ", w.scalar_type(),
+              " must match x dtype ", dt);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == x.size(0), op,
+              ": target must have shape (", x.size(0), ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
+              target.scalar_type());
+  TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op,
+              ": scale must be a floating tensor, got ", scale.scalar_type());
+  TORCH_CHECK(scale.dim() == 0 || (scale.dim() == 1 && scale.size(0) == w.size(0)), op,
+              ": scale must have shape () or (", w.size(0), ",), got ", scale.sizes());
+  const auto dev = x.device();
+  TORCH_CHECK(w.device() == dev && target.device() == dev && scale.device() == dev, op,
+              ": x, weight, target and scale must be on one device, got ", dev, ", ",
+              w.device(), ", ", target.device(), ", ", scale.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), op,
+                ": bias must have shape (", w.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op,
+                ": bias must be floating point, got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == dev, op, ": bias is on ", bias->device(),
+                " but x is on ", dev);
+  }
+  TORCH_CHECK(o.eps > 0, op, ": eps must be > 0, got ", o.eps);
+  TORCH_CHECK(o.label_smoothing >= 0 && o.label_smoothing <= 1, op,
+              ": label_smoothing must be in [0, 1], got ", o.label_smoothing);
+  TORCH_CHECK(o.angular_margin == 0 || (o.normalize_input && o.normalize_weight), op,
+              ": angular_margin needs normalize_input and normalize_weight");
+}
+
+// The per-row vectors of the backward (grad_loss, grad_lse, lse): shape (N,)
+// and on x's device; they are converted to the accumulation dtype.
+inline void check_row_vector(const char* op, const char* name, const at::Tensor& v,
+                             const at::Tensor& x) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(0), op, ": ", name, " must have shape (",
+              x.size(0), ",), got ", v.sizes());
+  TORCH_CHECK(at::isFloatingType(v.scalar_type()), op, ": ", name,
+              " must be floating point, got ", v.scalar_type());
+  TORCH_CHECK(v.device() == x.device(), op, ": ", name, " is on ", v.device(),
+              " but x is on ", x.device());
+}
+
+template <typename A>
+const A* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+
+// The chunk of rows [r0, r0 + m) over the (m, C) raw-product block.
+template <typename A>
+Chunk<A> make_chunk(const at::Tensor& block, const at::Tensor& x_norm,
+                    const at::Tensor& w_norm, const at::Tensor& target, int64_t r0,
+                    const at::Tensor& scale, const at::Tensor& bias, const Options& o) {
+  Chunk<A> ch;
+  ch.block = block.const_data_ptr<A>();
+  ch.rows = block.size(0);
+  ch.classes = block.size(1);
+  ch.inv_classes = A(1) / A(ch.classes);
+  ch.x_norm = ptr_or_null<A>(x_norm);
+  ch.w_norm = ptr_or_null<A>(w_norm);
+  ch.eps = A(o.eps);
+  ch.target = target.const_data_ptr<int64_t>() + r0;
+  ch.ignore_index = o.ignore_index;
+  ch.scale = scale.const_data_ptr<A>();
+  ch.per_class_scale = scale.numel() == ch.classes;  // scale is flattened: (1,) or (C,)
+  ch.bias = ptr_or_null<A>(bias);
+  ch.arc = math::make_arc_margin<A>(o.angular_margin);
+  ch.additive_margin = A(o.additive_margin);
+  ch.exact_margin = o.exact_margin;
+  ch.label_smoothing = A(o.label_smoothing);
+  ch.z_loss = A(o.z_loss);
+  return ch;
+}
+
+// Operands shared by both passes: GEMM-dtype contiguous x and W, and the
+// scale (flattened: (1,) or (C,)) and bias in the accumulation dtype.
+struct Operands {
+  at::Tensor x, w, target, scale, bias;
+  at::ScalarType acc;
+};
+
+template <class K>
+Operands prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
+                 const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
+  Operands p;
+  p.acc = acc_dtype(x.scalar_type());
+  const auto g = K::gemm_dtype(x.scalar_type());
+  p.x = x.to(g).contiguous();
+  p.w = w.to(g).contiguous();
+  p.target = target.contiguous();
+  p.scale = scale.to(p.acc).contiguous().reshape({-1});
+  if (bias.has_value()) p.bias = bias->to(p.acc).contiguous();
+  return p;
+}
+
+// Bytes per block entry: the accumulation-dtype block, plus its GEMM-dtype
+// copy when the GEMMs run in another dtype (fp16/bf16 on CUDA).
+inline int64_t entry_bytes(at::ScalarType acc, at::ScalarType gemm) {
+  return at::elementSize(acc) + (gemm == acc ? 0 : at::elementSize(gemm));
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& target, const at::Tensor& scale,
+                                           const std::optional<at::Tensor>& bias,
+                                           const Options& o) {
+  constexpr const char* op = "nnk::cosine_cross_entropy_fwd";
+  check_inputs(op, x, weight, target, scale, bias, o);
+  const typename K::Guard guard(x.device());
+  const int64_t n = x.size(0), c = weight.size(0);
+  K::check_targets(target, c, o.ignore_index);
+  const Operands p = prepare<K>(x, weight, target, scale, bias);
+  at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
+  at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
+  if (n == 0) return {loss, lse};
+
+  // 1. Norms of the rows of x and W (the GEMM runs on the raw operands).
+  const at::Tensor x_norm = o.normalize_input ? K::row_norms(p.x, o.eps) : at::Tensor();
+  const at::Tensor w_norm = o.normalize_weight ? K::row_norms(p.w, o.eps) : at::Tensor();
+  const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
+  at::Tensor block = at::empty({rows, c}, x.options().dtype(p.acc));
+  AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_forward", [&] {
+    for (int64_t r0 = 0; r0 < n; r0 += rows) {
+      const int64_t m = std::min(rows, n - r0);
+      // 2. The chunk's raw products <x_r, w_c> by one GEMM.
+      at::Tensor blk = block.narrow(0, 0, m);
+      K::gemm(blk, p.x.narrow(0, r0, m), p.w.t(), false);
+      // 3. One fused epilogue: cosines, margins, scale, bias -> lse and loss.
+      const Chunk<scalar_t> ch = make_chunk<scalar_t>(
+          blk, x_norm.defined() ? x_norm.narrow(0, r0, m) : at::Tensor(), w_norm,
+          p.target, r0, p.scale, p.bias, o);
+      K::template forward_epilogue<scalar_t>(ch, loss.mutable_data_ptr<scalar_t>() + r0,
+                                             lse.mutable_data_ptr<scalar_t>() + r0);
+    }
+  });
+  return {loss, lse};
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+    const at::Tensor& scale, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+    const Options& o, std::array<bool, 4> mask) {
+  constexpr const char* op = "nnk::cosine_cross_entropy_bwd";
+  check_inputs(op, x, weight, target, scale, bias, o);
+  check_row_vector(op, "lse", lse, x);
+  if (grad_loss.has_value()) check_row_vector(op, "grad_loss", *grad_loss, x);
+  if (grad_lse.has_value()) check_row_vector(op, "grad_lse", *grad_lse, x);
+  TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
+  const typename K::Guard guard(x.device());
+  const int64_t n = x.size(0), c = weight.size(0), d = x.size(1);
+  const Operands p = prepare<K>(x, weight, target, scale, bias);
+  const auto acc_opts = x.options().dtype(p.acc);
+  const bool per_class = scale.dim() == 1;
+
+  const at::Tensor lse_a = lse.to(p.acc).contiguous();
+  const at::Tensor g_loss = grad_loss.has_value() ? grad_loss->to(p.acc).contiguous() : at::Tensor();
+  const at::Tensor g_lse = grad_lse.has_value() ? grad_lse->to(p.acc).contiguous() : at::Tensor();
+  const bool any_grad = mask[0] || mask[1] || mask[2] || mask[3];
+  // Without rows or upstream gradients every gradient is zero.
+  const bool work = n > 0 && any_grad && (g_loss.defined() || g_lse.defined());
+
+  // Outputs not asked for are empty (0,) tensors.
+  at::Tensor dx = !mask[0] ? at::empty({0}, x.options())
+                  : work   ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                           : at::zeros_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor dw_acc = mask[1] ? at::zeros({c, d}, acc_opts) : at::Tensor();
+  at::Tensor ds = at::zeros({per_class ? c : 1}, acc_opts);
+  at::Tensor db = at::zeros({c}, acc_opts);
+
+  at::Tensor wn = p.w, w_norm;
+  if (work) {
+    if (o.normalize_weight) std::tie(wn, w_norm) = K::row_normalize(p.w, o.eps);
+    const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
+    at::Tensor block = at::empty({rows, c}, acc_opts);
+    // fp32 GEMMs take d cos in place of the block; fp16/bf16 GEMMs a copy.
+    at::Tensor dcos_buf = p.x.scalar_type() == p.acc ? block : at::empty({rows, c}, p.x.options());
+    const int64_t parts = num_parts(rows);
+    at::Tensor db_part = mask[3] ? at::empty({parts, c}, acc_opts) : at::Tensor();
+    at::Tensor ds_part = mask[2] ? at::empty({parts, c}, acc_opts) : at::Tensor();
+    at::Tensor dxn_buf = mask[0] ? at::empty({rows, d}, acc_opts) : at::Tensor();
+
+    AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_backward", [&] {
+      using A = scalar_t;
+      for (int64_t r0 = 0; r0 < n; r0 += rows) {
+        const int64_t m = std::min(rows, n - r0);
+        const at::Tensor xc = p.x.narrow(0, r0, m);
+        // 1. Recompute the chunk's raw products exactly as the forward did.
+        at::Tensor blk = block.narrow(0, 0, m);
+        K::gemm(blk, xc, p.w.t(), false);
+        at::Tensor xn = xc, x_norm;
+        if (o.normalize_input) std::tie(xn, x_norm) = K::row_normalize(xc, o.eps);
+        // 2. One fused epilogue: d cos (in place or into the GEMM-dtype copy)
+        //    and the per-band column sums of d z and d z * cos'.
+        const Chunk<A> ch = make_chunk<A>(blk, x_norm, w_norm, p.target, r0, p.scale, p.bias, o);
+        ChunkGrad<A> gr;
+        gr.lse = lse_a.const_data_ptr<A>() + r0;
+        gr.grad_loss = g_loss.defined() ? g_loss.const_data_ptr<A>() + r0 : nullptr;
+        gr.grad_lse = g_lse.defined() ? g_lse.const_data_ptr<A>() + r0 : nullptr;
+        gr.dbias_part = db_part.defined() ? db_part.mutable_data_ptr<A>() : nullptr;
+        gr.dscale_part = ds_part.defined() ? ds_part.mutable_data_ptr<A>() : nullptr;
+        at::Tensor dcos = dcos_buf.narrow(0, 0, m);
+        K::template backward_epilogue<A>(ch, gr, dcos);
+        const int64_t used = num_parts(m);
+        if (mask[3]) db.add_(db_part.narrow(0, 0, used).sum(0));
+        if (mask[2]) {
+          const at::Tensor s_sum = ds_part.narrow(0, 0, used).sum(0);
+          ds.add_(per_class ? s_sum : s_sum.sum().reshape({1}));
+        }
+        // 3. d xn = d cos @ Wn, then through the normalization of x.
+        if (mask[0]) {
+          at::Tensor dxn = dxn_buf.narrow(0, 0, m);
+          K::gemm(dxn, dcos, wn, false);
+          dx.narrow(0, r0, m).copy_(o.normalize_input
+                                        ? K::row_normalize_backward(dxn, xn, x_norm, o.eps)
+                                        : dxn);
+        }
+        // 4. d Wn += d cos^T @ xn, accumulated in fp32 across chunks.
+        if (mask[1]) K::gemm(dw_acc, dcos.t(), xn, true);
+      }
+    });
+  }
+
+  at::Tensor dw = at::empty({0}, weight.options());
+  if (mask[1]) {
+    dw = (o.normalize_weight && w_norm.defined())
+             ? K::row_normalize_backward(dw_acc, wn, w_norm, o.eps).to(weight.scalar_type())
+             : dw_acc.to(weight.scalar_type());
+  }
+  at::Tensor d_scale = mask[2] ? ds.reshape(scale.sizes()).to(scale.scalar_type())
+                               : at::empty({0}, scale.options());
+  at::Tensor d_bias = mask[3]            ? db.to(bias->scalar_type())
+                     : bias.has_value() ? at::empty({0}, bias->options())
+                                        : at::empty({0}, x.options());
+  return {dx, dw, d_scale, d_bias};
+}
+
+// The registered ops' signatures (see csrc/schema.cpp).
+template <class K>
+std::tuple<at::Tensor, at::Tensor> forward_op(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+    const at::Tensor& scale, const std::optional<at::Tensor>& bias, bool normalize_input,
+    bool normalize_weight, double additive_margin, double angular_margin,
+    int64_t ignore_index, double label_smoothing, double z_loss, double eps,
+    int64_t chunk_rows) {
+  Options o;
+  o.normalize_input = normalize_input;
+  o.normalize_weight = normalize_weight;
+  o.additive_margin = additive_margin;
+  o.angular_margin = angular_margin;
+  o.ignore_index = ignore_index;
+  o.label_smoothing = label_smoothing;
+  o.z_loss = z_loss;
+  o.eps = eps;
+  o.chunk_rows = chunk_rows;
+  return forward<K>(x, weight, target, scale, bias, o);
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+    const at::Tensor& scale, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+    bool normalize_input, bool normalize_weight, double additive_margin,
+    double angular_margin, bool exact_margin, int64_t ignore_index,
+    double label_smoothing, double z_loss, double eps, int64_t chunk_rows,
+    std::array<bool, 4> output_mask) {
+  Options o;
+  o.normalize_input = normalize_input;
+  o.normalize_weight = normalize_weight;
+  o.additive_margin = additive_margin;
+  o.angular_margin = angular_margin;
+  o.exact_margin = exact_margin;
+  o.ignore_index = ignore_index;
+  o.label_smoothing = label_smoothing;
+  o.z_loss = z_loss;
+  o.eps = eps;
+  o.chunk_rows = chunk_rows;
+  return backward<K>(grad_loss, grad_lse, x, weight, target, scale, bias, lse, o, output_mask);
+}
+
+}  // namespace cce
+}  // namespace nnk

@@ -1,0 +1,176 @@
+"""Class-parallel cosine cross-entropy: classes sharded over the ranks of a
+process group, O(N) numbers per rank exchanged per step.
+
+Forward, per row (``P_r`` the partials of rank r's shard, see partials.py):
+
+1. ``M = max_r lse_r`` -- an all-reduce(MAX) of N floats, outside autograd:
+   ``lse = M + log sum_r exp(lse_r - M)`` does not depend on M, so M needs no
+   gradient.
+2. one all-reduce(SUM) of the stacked ``[exp(lse_r - M), z_t_r (, sum_z_r)]``:
+   2N floats (3N with label smoothing).
+3. every rank then holds the full row loss
+   ``lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2`` (0 on ignored rows) and
+   reduces it as ``F.cross_entropy``.
+
+Backward: none of these collectives communicates (see collectives.py): the
+gradient of ``lse_r`` is ``exp(lse_r - lse)``, which is local, and the local
+backend turns it into the shard's softmax. Only the gradient of x (and of a
+shared scalar scale) is summed over the ranks.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._options import REDUCTIONS, _choice, make_options
+from ..reference import reduce_rows
+from .collectives import all_reduce_max, replicated, sum_over_group
+from .partials import CCEPartials, check_shard, shard_partials
+from .rank_checks import agree, check_partition
+
+CALLER = "nnk.distributed.cosine_cross_entropy"
+
+
+def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes: int,
+                     label_smoothing: float, z_loss: float, reduction: str, group=None):
+    """The exact loss from every rank's partials (two all-reduces: MAX of N
+    floats, SUM of 2N or 3N floats). ``valid`` (N,) bool marks the non-ignored
+    rows. Returns ``(loss, lse)`` with lse the (N,) log-sum-exp over all classes."""
+    m = all_reduce_max(partials.lse, group)
+    cols = [(partials.lse - m).exp(), partials.target_logit]
+    if label_smoothing:
+        cols.append(partials.sum_logits)
+    total = sum_over_group(torch.stack(cols), group)
+    lse = m + total[0].log()
+    row = lse - (1.0 - label_smoothing) * total[1]
+    if label_smoothing:
+        row = row - (label_smoothing / num_classes) * total[2]
+    if z_loss:
+        row = row + z_loss * lse.square()
+    row = torch.where(valid, row, torch.zeros_like(row))
+    return reduce_rows(row, valid, reduction), lse
+
+
+def _target_checksum(target: torch.Tensor) -> int:
+    # Cheap evidence that every rank got the same labels (int64 wraps, deterministically).
+    w = torch.arange(1, 2 * target.numel() + 1, 2, device=target.device)
+    return int((target.long() * w).sum())
+
+
+def cosine_cross_entropy(
+    x: torch.Tensor,
+    weight_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_start: int,
+    num_classes: int,
+    group=None,
+    scale: float | torch.Tensor = 1.0,
+    bias: torch.Tensor | None = None,
+    normalize_input: bool = True,
+    normalize_weight: bool = True,
+    additive_margin: float = 0.0,
+    angular_margin: float = 0.0,
+    margin_grad: str = "exact",
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    eps: float = 1e-12,
+    return_lse: bool = False,
+    impl: str = "auto",
+    deterministic: bool | None = None,
+):
+    """:func:`nnk.cosine_cross_entropy` with the classes sharded over the ranks of
+    ``group``: rank r holds rows ``[class_start, class_start + C_local)`` of the
+    classifier and the full batch. Replaces, on every rank::
+
+        weight = torch.cat(all ranks' weight_shard, ordered by class_start)   # (C, D)
+        nnk.cosine_cross_entropy(x, weight, target, scale=..., bias=cat(bias shards), ...)
+
+    returning exactly that loss on every rank, while exchanging only O(N)
+    numbers (an all-reduce MAX of N floats and an all-reduce SUM of 2N floats,
+    3N with label smoothing) and never gathering the weights.
+
+    Every rank must pass the same x, target, options and shared scale, and
+    call ``backward()`` on the returned loss with the same upstream gradient
+    (as ``loss.backward()`` does). Then x.grad is the full single-process
+    gradient on every rank (the ranks' parts are all-reduced in the backward;
+    the only communication of the backward), and weight_shard, bias and a
+    (C_local,) scale get their own rows of the single-process gradient.
+
+    Args:
+        x: (N, D) features, identical on every rank; float16 / bfloat16 /
+            float32 (float64 on impl="torch").
+        weight_shard: (C_local, D) this rank's classes, x's dtype, C_local >= 1.
+        target: (N,) int64 / int32 global classes in [0, num_classes) or
+            ``ignore_index``, identical on every rank.
+        class_start: this rank's first class; the ranks' shards must tile
+            [0, num_classes) (any rank order, uneven sizes allowed).
+        num_classes: C.
+        group: the process group of the class shards (None: the default group).
+        scale: float or 0-d tensor (identical on every rank), or this rank's
+            (C_local,) per-class scales; may require grad.
+        bias: this rank's (C_local,) biases, or None.
+        normalize_input, normalize_weight, additive_margin, angular_margin,
+        margin_grad, ignore_index, label_smoothing, reduction, z_loss, eps,
+        return_lse, impl, deterministic: as :func:`nnk.cosine_cross_entropy`
+            (impl picks the local backend of the partials).
+
+    Returns:
+        As :func:`nnk.cosine_cross_entropy`; the same value on every rank.
+
+    Raises:
+        On every rank, before any collective but one small all-gather of the
+        arguments' signature: the errors of nnk.cosine_cross_entropy when any
+        rank's arguments are invalid (that rank raises its own, the others a
+        ValueError naming it), and a ValueError when the ranks disagree on N,
+        D, dtype, options, target contents, which inputs require grad, or when
+        their shards do not tile [0, num_classes). RuntimeError without an
+        initialized process group.
+    """
+    if deterministic is None:
+        deterministic = os.environ.get("NNK_DETERMINISTIC", "0") == "1"
+
+    def describe():
+        _choice("reduction", reduction, REDUCTIONS)
+        opts = make_options(
+            normalize_input=normalize_input, normalize_weight=normalize_weight,
+            additive_margin=additive_margin, angular_margin=angular_margin, margin_grad=margin_grad,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
+            deterministic=deterministic,
+        )
+        local, s = check_shard(x, weight_shard, target, scale, bias, opts, class_start, num_classes)
+        shared_scale = not (isinstance(s, torch.Tensor) and s.dim() == 1)
+        values = {
+            "N (x.shape[0])": x.shape[0], "D (x.shape[1])": x.shape[1], "x.dtype": str(x.dtype),
+            "device type": x.device.type, "num_classes": num_classes, "options": repr(opts),
+            "reduction": reduction, "return_lse": bool(return_lse),
+            "target checksum": _target_checksum(target),
+            "x.requires_grad": x.requires_grad,
+            "scale kind": "per-class" if not shared_scale else type(s).__name__,
+            "shared scale value": (float(s.detach()) if isinstance(s, torch.Tensor) else s) if shared_scale else None,
+            "shared scale requires_grad": shared_scale and isinstance(s, torch.Tensor) and s.requires_grad,
+            "bias given": bias is not None,
+            "class_start": class_start, "C_local": weight_shard.shape[0],
+        }
+        return (opts, local, s), values
+
+    same = ("N (x.shape[0])", "D (x.shape[1])", "x.dtype", "device type", "num_classes", "options",
+            "reduction", "return_lse", "target checksum", "x.requires_grad", "scale kind",
+            "shared scale value", "shared scale requires_grad", "bias given")
+    (opts, local, s), shards = agree(CALLER, group, describe, same, info=("class_start", "C_local"))
+    check_partition(CALLER, shards["class_start"], shards["C_local"], num_classes)
+
+    if x.requires_grad:
+        x = replicated(x, group)
+    if isinstance(s, torch.Tensor) and s.dim() == 0 and s.requires_grad:
+        s = replicated(s, group)
+    partials = shard_partials(x, weight_shard, local, s, bias, opts, impl=impl,
+                              deterministic=deterministic, with_sum_logits=label_smoothing > 0)
+    loss, lse = combine_partials(
+        partials, target != ignore_index, num_classes=num_classes, label_smoothing=opts.label_smoothing,
+        z_loss=opts.z_loss, reduction=reduction, group=group,
+    )
+    return (loss, lse) if return_lse else loss

@@ -1,0 +1,194 @@
+"""The per-shard partials of the cosine cross-entropy.
+
+A rank that holds classes ``[class_start, class_start + C_local)`` contributes
+to each row i three numbers, from which the ranks' sums give the exact loss:
+
+- ``lse_i``: log-sum-exp of the shard's logits, the margin applied on the
+  target column when the target is in the shard. The heavy O(N C_local D)
+  part: computed by the local backend (torch, triton or cuda) through
+  ``nnk.cosine_cross_entropy(..., return_lse=True)``, whose lse is
+  differentiable with gradient ``softmax`` of the shard's logits.
+- ``z_t``: the target logit ``s_t psi + b_t`` where the target is in the
+  shard, else 0 (O(N D): one gathered weight row per row).
+- ``sum_z``: the sum of the shard's logits, for label smoothing, without the
+  N x C_local logits: ``sum_c (s_c xn . wn_c + b_c) = xn . (sum_c s_c wn_c)
+  + sum_c b_c``, plus ``s_t (psi - cos_t)`` where the target is in the shard
+  (O((N + C_local) D)).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import NamedTuple
+
+import torch
+
+from .._options import CCEOptions, check_tensors, make_options
+from ..functional import cosine_cross_entropy as _local_cosine_cross_entropy
+from ..ops import row_normalize
+from ..reference import _as_scale, _Margin, acc_dtype
+
+# What the local backend sees as the target of rows whose class is elsewhere.
+LOCAL_IGNORE = -1
+
+
+class CCEPartials(NamedTuple):
+    """Per-row partials of one class shard, each (N,) float32 (float64 for
+    float64 input) and differentiable."""
+
+    lse: torch.Tensor
+    target_logit: torch.Tensor
+    sum_logits: torch.Tensor | None
+
+
+def local_targets(target: torch.Tensor, class_start: int, num_local: int, ignore_index: int) -> torch.Tensor:
+    """Targets relative to the shard: ``target - class_start`` for rows whose
+    (non-ignored) class is in ``[class_start, class_start + num_local)``, else
+    ``LOCAL_IGNORE``."""
+    target = target.long()
+    inside = (target != ignore_index) & (target >= class_start) & (target < class_start + num_local)
+    return torch.where(inside, target - class_start, torch.full_like(target, LOCAL_IGNORE))
+
+
+def _check_int(name: str, v, lo: int) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {v}")
+    return v
+
+
+def check_shard(x, weight_shard, target, scale, bias, opts: CCEOptions, class_start, num_classes):
+    """All the local checks of a sharded call (before any collective).
+
+    Returns ``(local_target, scale)``: the targets relative to the shard (see
+    :func:`local_targets`) and the scale as ``check_tensors`` returns it."""
+    _check_int("class_start", class_start, 0)
+    _check_int("num_classes", num_classes, 1)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be int64 or int32, got {target.dtype}")
+    num_local = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() == 2 else 0
+    local = local_targets(target, class_start, num_local, opts.ignore_index)
+    # The shard's own checks (shapes, dtypes, devices, scale and bias per local class).
+    local, scale = check_tensors(x, weight_shard, local, scale, bias, replace(opts, ignore_index=LOCAL_IGNORE))
+    if class_start + num_local > num_classes:
+        raise ValueError(
+            f"the shard [class_start, class_start + weight_shard.shape[0]) = [{class_start}, "
+            f"{class_start + num_local}) must lie in [0, num_classes={num_classes})"
+        )
+    if target.numel() > 0 and not torch.compiler.is_compiling():
+        t = target.long()
+        bad = ((t < 0) & (t != opts.ignore_index)) | (t >= num_classes)
+        if bool(bad.any()):
+            raise ValueError(
+                f"target values must be in [0, num_classes={num_classes}) or "
+                f"ignore_index={opts.ignore_index}, got {int(t[bad][0])}"
+            )
+    return local, scale
+
+
+def shard_partials(x, weight_shard, local_target, scale, bias, opts: CCEOptions, *,
+                   impl: str = "auto", deterministic: bool | None = None,
+                   with_sum_logits: bool = True) -> CCEPartials:
+    """:func:`cosine_cross_entropy_partials` on checked arguments and shard-local
+    targets (``LOCAL_IGNORE`` for rows whose class is elsewhere or ignored)."""
+    _, lse = _local_cosine_cross_entropy(
+        x, weight_shard, local_target, scale=scale, bias=bias,
+        normalize_input=opts.normalize_input, normalize_weight=opts.normalize_weight,
+        additive_margin=opts.additive_margin, angular_margin=opts.angular_margin,
+        margin_grad=opts.margin_grad, ignore_index=LOCAL_IGNORE, eps=opts.eps,
+        reduction="none", return_lse=True, impl=impl, deterministic=deterministic,
+    )
+    acc = acc_dtype(x.dtype)
+    xn = row_normalize(x.to(acc), opts.eps)[0] if opts.normalize_input else x.to(acc)
+    wn = row_normalize(weight_shard.to(acc), opts.eps)[0] if opts.normalize_weight else weight_shard.to(acc)
+    s = _as_scale(scale, acc, x.device)
+    b = bias.to(acc) if bias is not None else None
+    here = local_target != LOCAL_IGNORE
+    t = torch.where(here, local_target, torch.zeros_like(local_target))
+
+    # 1. Target cosine and margin on the rows whose class is here.
+    cos_t = (xn * wn[t]).sum(dim=1)
+    psi = _Margin.apply(cos_t, opts.angular_margin, opts.additive_margin, opts.exact_margin)
+    s_t = s[t] if s.dim() == 1 else s
+    z_t = s_t * psi + (b[t] if b is not None else 0.0)
+    zero = torch.zeros_like(cos_t)
+    target_logit = torch.where(here, z_t, zero)
+
+    # 2. Sum of the shard's logits through the scaled class sum (no N x C_local tile).
+    sum_logits = None
+    if with_sum_logits:
+        class_sum = (wn * s[:, None]).sum(dim=0) if s.dim() == 1 else wn.sum(dim=0) * s
+        sum_logits = xn @ class_sum + torch.where(here, s_t * (psi - cos_t), zero)
+        if b is not None:
+            sum_logits = sum_logits + b.sum()
+    return CCEPartials(lse.to(acc), target_logit, sum_logits)
+
+
+def cosine_cross_entropy_partials(
+    x: torch.Tensor,
+    weight_shard: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_start: int,
+    num_classes: int,
+    scale: float | torch.Tensor = 1.0,
+    bias: torch.Tensor | None = None,
+    normalize_input: bool = True,
+    normalize_weight: bool = True,
+    additive_margin: float = 0.0,
+    angular_margin: float = 0.0,
+    margin_grad: str = "exact",
+    ignore_index: int = -100,
+    eps: float = 1e-12,
+    sum_logits: bool = True,
+    impl: str = "auto",
+    deterministic: bool | None = None,
+) -> CCEPartials:
+    """Per-row partials of the cosine cross-entropy over one shard of classes
+    (no communication). With z the logits of :func:`nnk.cosine_cross_entropy`
+    (margins on each row's target column), restricted to the shard's columns
+    ``S = [class_start, class_start + C_local)``, it replaces::
+
+        lse          = torch.logsumexp(z[:, S], dim=1)
+        target_logit = torch.where(target in S, z[i, target_i], 0)   # 0 on ignored rows
+        sum_logits   = z[:, S].sum(dim=1)
+
+    without materializing ``z``. Summing ``exp(lse)``, ``target_logit`` and
+    ``sum_logits`` over a partition of the classes gives the full row's
+    log-sum-exp, target logit and sum of logits (see
+    :func:`nnk.distributed.cosine_cross_entropy`).
+
+    Args:
+        x: (N, D) float16 / bfloat16 / float32 features (float64 on impl="torch").
+        weight_shard: (C_local, D) rows ``class_start ...`` of the classifier, x's dtype.
+        target: (N,) int64 / int32 *global* class indices in [0, num_classes),
+            or ``ignore_index``.
+        class_start: first global class of the shard.
+        num_classes: total number of classes C.
+        scale: float, 0-d tensor, or (C_local,) tensor of the shard's scales.
+        bias: (C_local,) floating tensor of the shard's biases, or None.
+        normalize_input, normalize_weight, additive_margin, angular_margin,
+        margin_grad, ignore_index, eps, impl, deterministic: as
+            :func:`nnk.cosine_cross_entropy`.
+        sum_logits: compute ``sum_logits`` (needed only for label smoothing).
+
+    Returns:
+        :class:`CCEPartials` ``(lse, target_logit, sum_logits)``, each (N,)
+        float32 (float64 for float64 x), differentiable with respect to x,
+        weight_shard, scale and bias; ``sum_logits`` is None when not asked.
+        Rows whose target is ignored or elsewhere get the plain (margin-free) lse.
+
+    Raises:
+        TypeError / ValueError naming the argument, as nnk.cosine_cross_entropy,
+        and for a shard outside [0, num_classes) or targets >= num_classes.
+    """
+    opts = make_options(
+        normalize_input=normalize_input, normalize_weight=normalize_weight,
+        additive_margin=additive_margin, angular_margin=angular_margin, margin_grad=margin_grad,
+        ignore_index=ignore_index, label_smoothing=0.0, z_loss=0.0, eps=eps,
+    )
+    local, scale = check_shard(x, weight_shard, target, scale, bias, opts, class_start, num_classes)
+    return shard_partials(x, weight_shard, local, scale, bias, opts, impl=impl,
+                          deterministic=deterministic, with_sum_logits=sum_logits)

@@ -1,0 +1,319 @@
+"""``ShardedCosineLinear``: a cosine classification head whose classes are
+sharded over the ranks of a data-parallel group (insightface's Partial FC
+pattern): the backbone runs data-parallel (DDP), the head class-parallel.
+
+Per step: the ranks all-gather their features and labels; each rank computes
+the partials of its classes for the whole gathered batch; two all-reduces of
+O(N) floats give every rank the exact loss of the global batch. The backward
+of the features' all-gather is a reduce-scatter: each rank gets the gradient
+of its own features, summed over all class shards.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .._options import FLOAT_DTYPES, REDUCTIONS, _choice, _finite_float, make_options
+from .collectives import gather_rows, replicated
+from .loss import combine_partials
+from .partials import LOCAL_IGNORE, _check_int, local_targets, shard_partials
+from .rank_checks import agree, check_partition, group_rank
+
+CALLER = "nnk.distributed.ShardedCosineLinear"
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(class_start, C_local)`` of ``rank``: contiguous shards in rank order,
+    the first ``num_classes % world_size`` ranks holding one class more."""
+    base, extra = divmod(num_classes, world_size)
+    return rank * base + min(rank, extra), base + int(rank < extra)
+
+
+def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sample_rate: float,
+                   ignore_index: int = -100, generator: torch.Generator | None = None):
+    """Partial FC's negative sampling of one shard.
+
+    Keeps every class of the shard that is a label of the batch (the
+    positives) and fills up to ``ceil(sample_rate * num_local)`` classes with a
+    uniform sample of the others (all positives are kept even when they are more).
+
+    Args:
+        labels: (N,) int64 global labels of the (gathered) batch.
+        class_start, num_local: the shard ``[class_start, class_start + num_local)``.
+        sample_rate: in (0, 1].
+        ignore_index: label of ignored rows.
+        generator: torch.Generator on labels' device for the uniform draw
+            (default: the global one).
+
+    Returns:
+        ``(classes, local_target)``: (K,) int64 sorted shard-local indices of the
+        kept classes, and (N,) int64 targets as indices into ``classes``
+        (``LOCAL_IGNORE`` for rows whose class is in another shard or ignored).
+    """
+    local = local_targets(labels, class_start, num_local, ignore_index)
+    here = local != LOCAL_IGNORE
+    positive = torch.zeros(num_local, dtype=torch.bool, device=labels.device)
+    positive[local[here]] = True
+    keep = max(int(positive.sum()), math.ceil(sample_rate * num_local))
+    # Uniform scores in [0, 1) for the negatives; positives score 2 and always win.
+    score = torch.rand(num_local, generator=generator, device=labels.device)
+    score[positive] = 2.0
+    classes = score.topk(keep).indices.sort().values
+    position = torch.full((num_local,), LOCAL_IGNORE, dtype=torch.int64, device=labels.device)
+    position[classes] = torch.arange(keep, device=labels.device)
+    return classes, torch.where(here, position[local.clamp_min(0)], local)
+
+
+class ShardedCosineLinear(nn.Module):
+    """Class-parallel cosine head with its loss: rank r of ``group`` holds classes
+    ``shard_range(num_classes, r, world_size)`` (uneven when C is not divisible).
+
+    ``loss = module(features, labels)`` with this rank's (n_r, in_features)
+    features and (n_r,) labels (n_r may differ between ranks) replaces, on every
+    rank::
+
+        X = torch.cat(all ranks' features); Y = torch.cat(all ranks' labels)
+        nnk.cosine_cross_entropy(X, W, Y, scale=s, bias=b, ...)   # W: all C classes
+
+    and the backward gives ``features`` the gradient of that loss with respect
+    to this rank's rows, times the group size when ``ddp_average`` (DDP then
+    averages the backbone's gradients over the ranks, which makes them the
+    gradient of the global-batch loss, as a single process with the whole batch
+    would compute). The head's parameters get exact gradients of their own
+    rows; keep this module out of DDP (its parameters differ per rank).
+
+    Args:
+        in_features: D.
+        num_classes: C (at least the group size).
+        group: the data-parallel process group that also shards the classes
+            (None: the default group). Constructed after init_process_group.
+        scale: s, > 0 (the initial value when learnt).
+        learn_scale: make s a parameter (a shared scalar, its gradient summed over
+            the ranks, or per class with ``per_class_scale``).
+        per_class_scale: one scale per class (sharded like the weight).
+        bias: learn a (C,) bias, sharded.
+        additive_margin, angular_margin, margin_grad, ignore_index,
+        label_smoothing, z_loss, reduction, eps, impl, deterministic: as
+            :func:`nnk.cosine_cross_entropy` (impl: the local backend).
+        sample_rate: in (0, 1]; below 1, in training mode each rank keeps the
+            batch's positive classes plus a uniform sample of its other classes
+            (Partial FC) and the loss runs over the kept classes only.
+            1 (default): all classes, exact. Not combinable with label smoothing.
+        ddp_average: multiply the features' gradient by the group size (to
+            cancel DDP's averaging); False when the backbone's gradients are
+            summed over the ranks or the backbone is not data-parallel.
+        device, dtype: of the weight and bias (a scale tensor is float32, float64 for float64).
+
+    State: ``state_dict()`` holds this rank's rows and records its class range;
+    ``load_state_dict`` accepts only the same range. To change the world size,
+    ``load_resharded(states)`` takes the state_dicts of all ranks of any earlier
+    sharding (or one ``full_state_dict()``).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, group=None, *, scale: float = 1.0,
+                 learn_scale: bool = False, per_class_scale: bool = False, bias: bool = False,
+                 additive_margin: float = 0.0, angular_margin: float = 0.0, margin_grad: str = "exact",
+                 ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 reduction: str = "mean", eps: float = 1e-12, sample_rate: float = 1.0,
+                 ddp_average: bool = True, impl: str = "auto", deterministic: bool | None = None,
+                 device=None, dtype=None):
+        super().__init__()
+        rank, world = group_rank(group, CALLER)
+        self.in_features = _check_int("in_features", in_features, 1)
+        self.num_classes = _check_int("num_classes", num_classes, world)
+        self.opts = make_options(
+            normalize_input=True, normalize_weight=True, additive_margin=additive_margin,
+            angular_margin=angular_margin, margin_grad=margin_grad, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
+        )
+        self.reduction = _choice("reduction", reduction, REDUCTIONS)
+        self.sample_rate = _finite_float("sample_rate", sample_rate, lo=0.0, hi=1.0, lo_open=True)
+        if self.sample_rate < 1.0 and self.opts.label_smoothing:
+            raise ValueError("label_smoothing spreads mass over all classes: "
+                             "it cannot be combined with sample_rate < 1")
+        self.group, self.ddp_average, self.impl, self.deterministic = group, bool(ddp_average), impl, deterministic
+        self.class_start, self.num_local = shard_range(self.num_classes, rank, world)
+        self._scale_init = _finite_float("scale", scale, lo=0.0, lo_open=True)
+
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features, **factory))
+        scale_shape = (self.num_local,) if per_class_scale else ()
+        # float32 like nnk's scales (float64 heads keep a float64 scale for gradcheck-grade tests).
+        scale_t = torch.empty(scale_shape, device=device,
+                              dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        if learn_scale:
+            self.scale = nn.Parameter(scale_t)
+        elif per_class_scale:
+            self.register_buffer("scale", scale_t)
+        else:
+            self.scale = self._scale_init
+        self.bias = nn.Parameter(torch.empty(self.num_local, **factory)) if bias else None
+        # The state entries that hold one row per class (sharded like the weight).
+        self._per_class = ("weight",) + (("scale",) if per_class_scale else ()) + (("bias",) if bias else ())
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weight rows ~ N(0, 1/D) (unit norm in expectation), drawn from a seed
+        taken from the global RNG plus the shard's first class, so that ranks
+        seeded alike still draw different classes; scale to its initial value,
+        bias to 0."""
+        seed = int(torch.randint(0, 2**62, ()).item()) + self.class_start
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(self.weight.shape, generator=g) / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.weight.copy_(w)
+            if isinstance(self.scale, torch.Tensor):
+                self.scale.fill_(self._scale_init)
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"classes=[{self.class_start}, {self.class_start + self.num_local}), "
+                f"sample_rate={self.sample_rate}, ddp_average={self.ddp_average}")
+
+    # --- loss -------------------------------------------------------------
+
+    def _describe(self, features, labels):
+        for name, t in (("features", features), ("labels", labels)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        n, d = features.shape if features.dim() == 2 else (None, None)
+        if d != self.in_features:
+            raise ValueError(f"features must have shape (n, in_features={self.in_features}), "
+                             f"got {tuple(features.shape)}")
+        if features.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"features must be float16, bfloat16, float32 or float64, got {features.dtype}")
+        if features.device != self.weight.device:
+            raise ValueError(f"features are on {features.device} but the weight is on {self.weight.device}")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
+        if labels.shape != (n,) or labels.device != features.device:
+            raise ValueError(f"labels must have shape ({n},) on {features.device} like features, "
+                             f"got {tuple(labels.shape)} on {labels.device}")
+        ii = self.opts.ignore_index
+        bad = ((labels < 0) & (labels != ii)) | (labels >= self.num_classes)
+        if labels.numel() and bool(bad.any()):
+            raise ValueError(f"labels must be in [0, {self.num_classes}) or ignore_index={ii}, "
+                             f"got {int(labels[bad][0])}")
+        shared = not (isinstance(self.scale, torch.Tensor) and self.scale.dim() == 1)
+        scalar = isinstance(self.scale, torch.Tensor) and shared
+        return None, {
+            "in_features": features.shape[1], "features.dtype": str(features.dtype),
+            "features.requires_grad": features.requires_grad, "num_classes": self.num_classes,
+            "options": repr((self.opts, self.reduction, self.sample_rate, self.ddp_average)),
+            "shared scale value": (float(self.scale.detach()) if scalar else self.scale) if shared else None,
+            "shared scale requires_grad": scalar and self.scale.requires_grad,
+            "rows": features.shape[0], "class_start": self.class_start, "C_local": self.num_local,
+        }
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of the gathered batch (see the class docstring); the same
+        value on every rank. features (n_r, in_features) float, labels (n_r,) int."""
+        group = self.group
+        _, world = group_rank(group, CALLER)
+        same = ("in_features", "features.dtype", "features.requires_grad", "num_classes", "options",
+                "shared scale value", "shared scale requires_grad")
+        _, got = agree(CALLER, group, lambda: self._describe(features, labels), same,
+                       info=("rows", "class_start", "C_local"))
+        check_partition(CALLER, got["class_start"], got["C_local"], self.num_classes)
+
+        # 1. The global batch on every rank (the backward reduce-scatters).
+        x = gather_rows(features, got["rows"], group, grad_scale=world if self.ddp_average else 1.0)
+        target = gather_rows(labels.long(), got["rows"], group)
+
+        # 2. This rank's classes: all of them, or Partial FC's sample.
+        weight, scale, bias = self.weight, self.scale, self.bias
+        if self.training and self.sample_rate < 1.0:
+            classes, local = sample_classes(target, self.class_start, self.num_local, self.sample_rate,
+                                            self.opts.ignore_index)
+            weight = weight[classes]
+            bias = bias[classes] if bias is not None else None
+            if isinstance(scale, torch.Tensor) and scale.dim() == 1:
+                scale = scale[classes]
+        else:
+            local = local_targets(target, self.class_start, self.num_local, self.opts.ignore_index)
+        if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.requires_grad:
+            scale = replicated(scale, group)
+
+        # 3. Partials of the shard, combined over the ranks.
+        partials = shard_partials(x, weight.to(x.dtype), local, scale, bias, self.opts, impl=self.impl,
+                                  deterministic=self.deterministic,
+                                  with_sum_logits=self.opts.label_smoothing > 0)
+        loss, _ = combine_partials(
+            partials, target != self.opts.ignore_index, num_classes=self.num_classes,
+            label_smoothing=self.opts.label_smoothing, z_loss=self.opts.z_loss,
+            reduction=self.reduction, group=group,
+        )
+        return loss
+
+    # --- state ------------------------------------------------------------
+
+    def get_extra_state(self) -> dict:
+        return {"class_start": self.class_start, "class_count": self.num_local, "num_classes": self.num_classes,
+                "in_features": self.in_features}
+
+    def set_extra_state(self, state) -> None:
+        mine = self.get_extra_state()
+        if dict(state) != mine:
+            a, n = state.get("class_start", 0), state.get("class_count", 0)
+            raise ValueError(
+                f"{CALLER}: this state_dict holds classes [{a}, {a + n}) of {state.get('num_classes')} "
+                f"(in_features={state.get('in_features')}); "
+                f"this rank holds [{self.class_start}, {self.class_start + self.num_local}) of {self.num_classes} "
+                f"(in_features={self.in_features}): use load_resharded(states) to change the sharding"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Check the class range before any parameter is overwritten.
+        if prefix + "_extra_state" in state_dict:
+            self.set_extra_state(state_dict[prefix + "_extra_state"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def full_state_dict(self) -> dict:
+        """The state of the whole head (all C classes), on every rank: a
+        collective (all-gather) over the group. Loadable with
+        ``load_resharded([state])`` on any world size, and with
+        ``load_state_dict`` by a world-size-1 module. Holds C x D on every rank."""
+        _, world = group_rank(self.group, CALLER)
+        sizes = [shard_range(self.num_classes, r, world)[1] for r in range(world)]
+        full = {}
+        for name, t in self.state_dict().items():
+            if name in self._per_class:
+                full[name] = gather_rows(t, sizes, self.group)
+            elif name != "_extra_state":
+                full[name] = t.clone()
+        full["_extra_state"] = {"class_start": 0, "class_count": self.num_classes, "num_classes": self.num_classes,
+                                "in_features": self.in_features}
+        return full
+
+    def load_resharded(self, states: Sequence[Mapping]) -> None:
+        """Load this rank's classes from the ``state_dict()`` of every rank of
+        an earlier run on any world size (any order), or from one
+        ``full_state_dict()``. No communication: each rank reads the overlap of
+        its class range with each state."""
+        mine = self.state_dict()
+        infos = []
+        for i, st in enumerate(states):
+            if set(st.keys()) != set(mine.keys()):
+                raise ValueError(f"{CALLER}.load_resharded: states[{i}] has keys {sorted(st.keys())}, "
+                                 f"this module {sorted(mine.keys())} (same scale/bias options needed)")
+            info = st["_extra_state"]
+            if (info["num_classes"], info["in_features"]) != (self.num_classes, self.in_features):
+                raise ValueError(f"{CALLER}.load_resharded: states[{i}] is a head of {info['num_classes']} classes x "
+                                 f"{info['in_features']} features, this one {self.num_classes} x {self.in_features}")
+            infos.append((info["class_start"], info["class_count"]))
+        check_partition(f"{CALLER}.load_resharded", [a for a, _ in infos], [n for _, n in infos], self.num_classes)
+        lo, hi = self.class_start, self.class_start + self.num_local
+        with torch.no_grad():
+            for st, (a, n) in zip(states, infos):
+                s0, s1 = max(lo, a), min(hi, a + n)
+                for name in self._per_class:
+                    if s0 < s1:
+                        mine[name][s0 - lo:s1 - lo].copy_(st[name][s0 - a:s1 - a])
+            shared = [name for name in mine if name not in self._per_class and name != "_extra_state"]
+            for name in shared:  # a learnt scalar scale: the same in every state
+                mine[name].copy_(states[0][name])

@@ -1,0 +1,100 @@
+"""Argument checks of the NC entry points: one place, run before any kernel."""
+from __future__ import annotations
+
+import torch
+
+from .._options import FLOAT_DTYPES
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_num_classes(num_classes) -> int:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return num_classes
+
+
+def check_dim(dim) -> int:
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    return dim
+
+
+def check_features(features, *, batch: int | None | bool = False, dim: int | None = None) -> torch.Tensor:
+    """features: (N, D) (``batch=None``), (B, N, D) with this B (``batch=B``),
+    or either (``batch=False``); float16/bfloat16/float32/float64, finite, N >= 1."""
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"features must be float16, bfloat16, float32 or float64, got {features.dtype}")
+    want = {None: (2,), False: (2, 3)}.get(batch, (3,))
+    if features.dim() not in want:
+        shape = {2: "(N, D)", 3: f"({'B' if batch is False else batch}, N, D)"}
+        raise ValueError(
+            f"features must be {' or '.join(shape[w] for w in want)}, got shape {tuple(features.shape)}"
+        )
+    if batch not in (None, False) and features.shape[0] != batch:
+        raise ValueError(f"features must have batch size {batch} (first dim), got shape {tuple(features.shape)}")
+    if dim is not None and features.shape[-1] != dim:
+        raise ValueError(f"features must have D={dim} columns, got shape {tuple(features.shape)}")
+    if features.shape[-1] == 0:
+        raise ValueError("features must have D >= 1 columns, got D=0")
+    if features.shape[-2] == 0:
+        raise ValueError("features must have at least one row (N >= 1), got N=0")
+    # aminmax reads the tensor once without a temporary; NaN propagates to it.
+    lo, hi = torch.aminmax(features)
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        raise ValueError("features contain NaN or infinite values")
+    return features
+
+
+def check_labels(labels, n: int, num_classes: int, device: torch.device) -> torch.Tensor:
+    """labels: (n,) integer tensor on ``device`` with values in [0, num_classes)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in _INT_DTYPES:
+        raise TypeError(f"labels must be an integer tensor (int64, int32, ...), got {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},) like the rows of features, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but features are on {device}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"labels must be in [0, {num_classes}) (num_classes={num_classes}), got {bad}")
+    return labels
+
+
+def check_classifier(weight, bias, num_classes: int, dim: int, batch: int | None, device: torch.device):
+    """weight: (K, D) (or (B, K, D) for batched features) float, on ``device``;
+    bias: None or (K,) / (B, K) float. Returns them detached."""
+    if weight is None:
+        if bias is not None:
+            raise ValueError("bias was given without weight")
+        return None, None
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    shapes = [(num_classes, dim)] + ([(batch, num_classes, dim)] if batch is not None else [])
+    if tuple(weight.shape) not in shapes:
+        raise ValueError(f"weight must have shape {' or '.join(map(str, shapes))}, got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but features are on {device}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight contains NaN or infinite values")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"bias must be floating point, got {bias.dtype}")
+        if tuple(bias.shape) != tuple(weight.shape[:-1]):
+            raise ValueError(f"bias must have shape {tuple(weight.shape[:-1])} like weight's rows, got {tuple(bias.shape)}")
+        if bias.device != device:
+            raise ValueError(f"bias is on {bias.device} but features are on {device}")
+        bias = bias.detach()
+    return weight.detach(), bias

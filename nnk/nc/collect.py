@@ -1,0 +1,103 @@
+"""Neural-collapse metrics of a model over a DataLoader: the penultimate
+features are captured by a forward hook on the classifier head."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .metrics import NCMetrics
+from .tracker import NCTracker
+
+
+def _default_head(model: nn.Module) -> nn.Module:
+    heads = [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+    if not heads:
+        raise ValueError("model has no module with a 2-D weight (nn.Linear-like head): pass head=")
+    return heads[-1]
+
+
+@torch.no_grad()
+def collect_nc_metrics(
+    model: nn.Module,
+    loader,
+    num_classes: int,
+    *,
+    head: nn.Module | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    nc4: bool = True,
+    device=None,
+    progress: bool = True,
+    impl: str = "auto",
+    all_reduce: bool = False,
+    group=None,
+) -> NCMetrics:
+    """Run ``model`` over ``loader`` in eval mode and return its NC metrics.
+
+    The input of ``head`` (the penultimate features, flattened to (n, D)) is
+    captured with a forward hook and streamed into an :class:`NCTracker`; with
+    ``nc4`` and a classifier, a second pass over ``loader`` counts NC4.
+
+    Args:
+        model: the network; called as ``model(inputs)``.
+        loader: iterable of ``(inputs, labels, ...)`` batches (a DataLoader).
+        num_classes: K.
+        head: the classifier module whose input are the features; default the
+            last module (in ``model.modules()`` order) with a 2-D ``weight``.
+        weight, bias: the classifier for NC2/NC3/NC4; default ``head.weight`` /
+            ``head.bias`` when the head has them.
+        nc4: take the second pass for NC4 (needs a weight).
+        device: where inputs go; default the device of the model's parameters.
+        progress: show tqdm progress bars.
+        impl: backend of the statistics (see :func:`nnk.nc_stats`).
+        all_reduce: data-parallel run: merge the ranks' statistics (and NC4
+            counts) with :meth:`NCTracker.all_reduce` over ``group``; every
+            rank then returns the metrics of all ranks' samples.
+
+    Returns:
+        :class:`NCMetrics`. The model's training mode is restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    head = _default_head(model) if head is None else head
+    if weight is None and isinstance(getattr(head, "weight", None), torch.Tensor):
+        weight = head.weight
+        if bias is None and isinstance(getattr(head, "bias", None), torch.Tensor):
+            bias = head.bias
+    if device is None:
+        p = next(model.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach().flatten(1)))
+    was_training = model.training
+    model.eval()
+    tracker: NCTracker | None = None
+
+    def features_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = batch[0], batch[1]
+        captured.clear()
+        model(inputs.to(device))
+        if len(captured) != 1:
+            raise RuntimeError(f"the head ran {len(captured)} times in one forward; expected once")
+        return captured[0], labels.to(device)
+
+    try:
+        for batch in tqdm(loader, desc="NC statistics", disable=not progress):
+            h, y = features_of(batch)
+            if tracker is None:
+                tracker = NCTracker(num_classes, h.shape[1], h.device, impl=impl)
+            tracker.update(h, y)
+        if tracker is None:
+            raise ValueError("loader yielded no batches")
+        if all_reduce:
+            tracker.all_reduce(group)
+        if nc4 and weight is not None:
+            tracker.begin_nc4(weight.to(tracker.device), None if bias is None else bias.to(tracker.device))
+            for batch in tqdm(loader, desc="NC4 (second pass)", disable=not progress):
+                tracker.update_nc4(features_of(batch)[0])
+            if all_reduce:
+                tracker.all_reduce(group)
+        return tracker.metrics(weight.to(tracker.device) if weight is not None else None)
+    finally:
+        hook.remove()
+        model.train(was_training)

@@ -1,0 +1,230 @@
+"""NC1-NC4 from :class:`NCStats` (and the features, for NC4).
+
+Notation: K classes (the classifier's rows), K' of them with samples, mu_k the
+class means, mu_G the sample-weighted global mean, M~ the K' rows
+``mu_k - mu_G``, W the (K, D) classifier as given, and
+``ETF_k = (I_k - 1 1^T / k) / sqrt(k - 1)`` (unit Frobenius norm).
+Everything is computed in float64 from the statistics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import _backend
+from ._checks import check_classifier, check_features, check_labels, check_num_classes
+from .stats import F64, NCStats, two_pass_stats
+
+# Rows per block when NC4 compares the nearest class mean with the classifier.
+NC4_BLOCK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class NCMetrics:
+    """Neural-collapse metrics; every one is 0 at perfect collapse.
+
+    Attributes:
+        nc1: ``tr(Sigma_W Sigma_B^+) / K'`` (pseudo-inverse cut as torch.linalg.pinv's default).
+        nc2_equinorm: ``std(|mu_k - mu_G|) / mean(|mu_k - mu_G|)`` (population std).
+        nc2_equiangular: mean over pairs k < l of ``|cos(mu_k - mu_G, mu_l - mu_G) + 1/(K'-1)|``.
+        nc2: ``|| W W^T / ||W W^T||_F - ETF_K ||_F`` over all K rows of W; None without weight.
+        nc3: ``|| W M^T / ||W M^T||_F - ETF_K' ||_F``, M the uncentered means of the
+            present classes and W their rows; None without weight.
+        nc3_duality: ``|| W / ||W||_F - M~ / ||M~||_F ||_F`` (present classes); None without weight.
+        nc4: fraction of samples whose nearest class mean (Euclidean, present
+            classes) differs from ``argmax(h W^T + b)``; None without weight or features.
+        num_classes: K. num_present: K'. missing_classes: the classes without samples.
+        n: the number of samples.
+    """
+
+    nc1: float
+    nc2_equinorm: float
+    nc2_equiangular: float
+    nc2: float | None = None
+    nc3: float | None = None
+    nc3_duality: float | None = None
+    nc4: float | None = None
+    num_classes: int = 0
+    num_present: int = 0
+    missing_classes: tuple[int, ...] = ()
+    n: int = 0
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["missing_classes"] = list(self.missing_classes)
+        return d
+
+
+def _nc1(sigma_w: torch.Tensor, centered: torch.Tensor) -> float:
+    """``tr(Sigma_W pinv(Sigma_B)) / K'`` with ``Sigma_B = M~^T M~ / K'``.
+
+    The nonzero eigenpairs of the D x D ``Sigma_B`` are those of the K' x K'
+    ``M~ M~^T / K' = V diag(lam) V^T``, with eigenvectors ``q_j = M~^T v_j /
+    sqrt(K' lam_j)``. Hence ``tr(Sigma_W pinv(Sigma_B)) = sum_j q_j^T Sigma_W q_j / lam_j
+    = sum_j (V^T A V)_jj / (K' lam_j^2)`` with ``A = M~ Sigma_W M~^T``: K' x K'
+    work when K' < D. The cut is torch.linalg.pinv's default for the D x D
+    matrix: eigenvalues <= D * eps(float64) * lam_max are dropped."""
+    kp, d = centered.shape
+    if kp < d:
+        lam, v = torch.linalg.eigh(centered @ centered.T / kp)
+        a = centered @ sigma_w @ centered.T
+        num = (v.T @ a @ v).diagonal()
+        den = kp * lam.square()
+    else:
+        lam, v = torch.linalg.eigh(centered.T @ centered / kp)
+        num = (v.T @ sigma_w @ v).diagonal()
+        den = lam
+    keep = lam.abs() > d * torch.finfo(F64).eps * lam.abs().max()
+    return float((num[keep] / den[keep]).sum()) / kp
+
+
+def _etf_distance(a: torch.Tensor, name: str) -> float:
+    """``|| A / ||A||_F - ETF_k ||_F`` for a k x k matrix A."""
+    k = a.shape[0]
+    norm = torch.linalg.matrix_norm(a)
+    if norm == 0:
+        raise ValueError(f"{name}: the product is the zero matrix, its direction is undefined")
+    etf = (torch.eye(k, dtype=F64, device=a.device) - 1.0 / k) / math.sqrt(k - 1)
+    return float(torch.linalg.matrix_norm(a / norm - etf))
+
+
+def _metrics_one(stats: NCStats, weight: torch.Tensor | None) -> NCMetrics:
+    present = stats.present
+    kp, k = stats.num_present, stats.num_classes
+    if kp < 2:
+        raise ValueError(
+            f"NC metrics need at least 2 classes with samples, got {kp} of num_classes={k}: "
+            "between-class statistics of one class are undefined"
+        )
+    means = stats.means[present]
+    centered = means - stats.global_mean
+    norms = torch.linalg.vector_norm(centered, dim=1)
+    if not bool((norms > 0).any()):
+        raise ValueError("all class means are equal (Sigma_B = 0): the NC metrics are undefined")
+    # A class whose mean is the global mean has no direction: its cosines count as 0.
+    unit = centered / norms.clamp_min(torch.finfo(F64).tiny)[:, None]
+    iu = torch.triu_indices(kp, kp, 1, device=unit.device)
+    cos = (unit @ unit.T)[iu[0], iu[1]]
+    out = dict(
+        nc1=_nc1(stats.sigma_w, centered),
+        nc2_equinorm=float(norms.std(correction=0) / norms.mean()),
+        nc2_equiangular=float((cos + 1.0 / (kp - 1)).abs().mean()),
+        num_classes=k, num_present=kp, missing_classes=stats.missing_classes, n=stats.n,
+    )
+    if weight is not None:
+        w = weight.to(F64)
+        wp = w[present]
+        wp_norm = torch.linalg.matrix_norm(wp)
+        if wp_norm == 0:
+            raise ValueError("weight: the rows of the classes with samples are all zero")
+        out.update(
+            nc2=_etf_distance(w @ w.T, "nc2 (W W^T)"),
+            nc3=_etf_distance(wp @ means.T, "nc3 (W M^T)"),
+            nc3_duality=float(torch.linalg.matrix_norm(wp / wp_norm - centered / torch.linalg.matrix_norm(centered))),
+        )
+    return NCMetrics(**out)
+
+
+def _per_batch(t: torch.Tensor | None, b: int, batched_dims: int):
+    return t[b] if t is not None and t.dim() == batched_dims else t
+
+
+def nc_metrics_from_stats(stats: NCStats, weight: torch.Tensor | None = None) -> NCMetrics | list[NCMetrics]:
+    """NC1, NC2, NC3 of :class:`NCStats` (everything but NC4, which needs the features).
+
+    Args:
+        stats: from :func:`nnk.nc_stats` or :meth:`nnk.NCTracker.compute`.
+        weight: None, or the (K, D) classifier rows (a (B, K, D) stack for
+            batched statistics), any float dtype; used in float64.
+
+    Returns:
+        :class:`NCMetrics` (a list of B of them for batched statistics).
+
+    Raises:
+        ValueError when fewer than 2 classes have samples or all class means
+        coincide (the metrics are undefined there; never a silent NaN).
+        One sample per class is allowed: Sigma_W = 0 and nc1 = 0.
+    """
+    if not isinstance(stats, NCStats):
+        raise TypeError(f"stats must be NCStats, got {type(stats).__name__}")
+    nb = stats.batch_size
+    weight, _ = check_classifier(weight, None, stats.num_classes, stats.dim, nb, stats.means.device)
+    if nb is None:
+        return _metrics_one(stats, weight)
+    return [_metrics_one(stats[b], _per_batch(weight, b, 3)) for b in range(nb)]
+
+
+def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(B,) int64 (B = 1 for unbatched): per feature set, the number of rows
+    whose nearest class mean (present classes) differs from ``argmax(h W^T + b)``.
+    Computed in blocks of rows in float32 (float64 for float64 features), with
+    the features and means taken relative to the global mean (smaller numbers,
+    same nearest mean: ``argmin_k |h - mu_k|^2 = argmax_k 2 h'.m_k - |m_k|^2``)."""
+    acc = F64 if features.dtype == F64 else torch.float32
+    h3 = features[None] if features.dim() == 2 else features
+    idx = torch.nonzero(stats.present).flatten()
+    out = torch.zeros(h3.shape[0], dtype=torch.int64, device=features.device)
+    for b in range(h3.shape[0]):
+        sb = stats if stats.batch_size is None else stats[b]
+        w = _per_batch(weight, b, 3).to(acc)
+        bias_b = _per_batch(bias, b, 2)
+        g = sb.global_mean.to(acc)
+        m = sb.means[idx].to(acc) - g
+        m_sq = m.square().sum(1)
+        for r0 in range(0, h3.shape[1], NC4_BLOCK_ROWS):
+            h = h3[b, r0:r0 + NC4_BLOCK_ROWS].to(acc)
+            nearest = idx[torch.argmax(2.0 * (h - g) @ m.T - m_sq, dim=1)]
+            logits = h @ w.T
+            if bias_b is not None:
+                logits = logits + bias_b.to(acc)
+            out[b] += (nearest != torch.argmax(logits, dim=1)).sum()
+    return out
+
+
+def nc_metrics(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    *,
+    impl: str = "auto",
+) -> NCMetrics | list[NCMetrics]:
+    """All neural-collapse metrics of in-memory features (two exact passes).
+
+    Equivalent to ``nc_metrics_from_stats(nc_stats(features, labels, K), weight)``
+    plus ``nc4`` when ``weight`` is given.
+
+    Args:
+        features: (N, D) or (B, N, D) float16 / bfloat16 / float32 / float64.
+        labels: (N,) integer in [0, K).
+        weight: None or the (K, D) classifier ((B, K, D) for batched features).
+        bias: None or (K,) ((B, K)); only NC4 uses it.
+        num_classes: K; default ``weight.shape[-2]``, else ``labels.max() + 1``.
+        impl: backend of the statistics, ``"auto" | "triton" | "torch" | "cuda"``.
+
+    Returns:
+        :class:`NCMetrics`, or a list of B of them for batched features.
+    """
+    features = check_features(features)
+    nb = features.shape[0] if features.dim() == 3 else None
+    if num_classes is None:
+        if isinstance(weight, torch.Tensor) and weight.dim() in (2, 3):
+            num_classes = weight.shape[-2]
+        else:
+            check_labels(labels, features.shape[-2], torch.iinfo(torch.int64).max, features.device)
+            num_classes = int(labels.max()) + 1
+    num_classes = check_num_classes(num_classes)
+    labels = check_labels(labels, features.shape[-2], num_classes, features.device)
+    weight, bias = check_classifier(weight, bias, num_classes, features.shape[-1], nb, features.device)
+    stats = two_pass_stats(features, labels, num_classes, _backend.resolve(impl, features.device, features.dtype))
+    metrics = nc_metrics_from_stats(stats, weight)
+    if weight is None:
+        return metrics
+    frac = (nc4_mismatches(features, stats, weight, bias).to(F64) / stats.n).tolist()
+    if nb is None:
+        return dataclasses.replace(metrics, nc4=frac[0])
+    return [dataclasses.replace(m, nc4=f) for m, f in zip(metrics, frac)]

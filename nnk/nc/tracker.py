@@ -1,0 +1,228 @@
+"""``NCTracker``: neural-collapse statistics streamed over batches, merged
+across data-parallel ranks, with an optional second pass for NC4."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .._options import IMPLS, _choice
+from . import _backend
+from ._checks import check_classifier, check_dim, check_features, check_labels, check_num_classes
+from .metrics import NCMetrics, nc4_mismatches, nc_metrics_from_stats
+from .stats import F64, NCStats, assemble_stats, recenter_gram
+
+
+@dataclasses.dataclass
+class _NC4Pass:
+    stats: NCStats
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    mismatches: torch.Tensor  # (B,) int64
+    n: int = 0
+    merged: bool = False
+
+
+class NCTracker:
+    """Neural-collapse statistics over any number of batches, in one pass.
+
+    Per batch it computes class counts and sums and the Gram of the features
+    centered on a per-class shift ``c_k``: the mean of class k in the first
+    batch that contains it, fixed from then on (rounded to float32 so every
+    backend centers on exactly the stored value). The running sums and Gram are
+    kept in float64; :meth:`compute` returns
+    ``Sigma_W = (G_c - sum_k n_k (mu_k - c_k)(mu_k - c_k)^T) / N``, which has no
+    catastrophic cancellation even on collapsed features (see
+    :mod:`nnk.nc.stats`). The result equals :func:`nnk.nc_stats` on the
+    concatenated batches up to float32 rounding of the per-batch kernels.
+
+    Args:
+        num_classes: K.
+        dim: D, the feature dimension.
+        device: where the state lives and the batches must be (default CPU).
+        batch: None for (N, D) batches; B for (B, N, D) batches (B feature
+            sets sharing the labels).
+        impl: ``"auto" | "triton" | "torch" | "cuda"``, resolved per batch.
+
+    State: O(K D + D^2) float64 (two (K, D) and one (D, D) buffer per B).
+
+    Usage::
+
+        tracker = NCTracker(K, D, device="cuda")
+        for x, y in loader:
+            tracker.update(features_of(x), y)
+        tracker.all_reduce()            # data-parallel ranks, if any
+        stats = tracker.compute()       # NCStats
+        tracker.begin_nc4(W, b)         # optional second pass for nc4
+        for x, y in loader:
+            tracker.update_nc4(features_of(x))
+        tracker.all_reduce()            # merges the nc4 counts
+        metrics = tracker.metrics()     # NCMetrics with nc4
+    """
+
+    def __init__(self, num_classes: int, dim: int, device=None, *, batch: int | None = None, impl: str = "auto"):
+        self.num_classes = check_num_classes(num_classes)
+        self.dim = check_dim(dim)
+        if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+            raise ValueError(f"batch must be None or an int >= 1, got {batch!r}")
+        self.batch = batch
+        self.device = torch.device("cpu" if device is None else device)
+        self.impl = _choice("impl", impl, IMPLS)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sample (and any merge or NC4 pass)."""
+        nb, k, d = self.batch or 1, self.num_classes, self.dim
+        self.counts = torch.zeros(k, dtype=torch.int64, device=self.device)
+        self.sums = torch.zeros(nb, k, d, dtype=F64, device=self.device)
+        self.shifts = torch.zeros(nb, k, d, dtype=F64, device=self.device)
+        self.gram = torch.zeros(nb, d, d, dtype=F64, device=self.device)
+        self._shifts32 = torch.zeros(nb, k, d, dtype=torch.float32, device=self.device)
+        self.device = self.counts.device  # "cuda" -> "cuda:<current>", as the batches' device reads
+        self._merged = False
+        self._nc4: _NC4Pass | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+    def _check_batch(self, features) -> torch.Tensor:
+        features = check_features(features, batch=self.batch, dim=self.dim)
+        if features.device != self.device:
+            raise ValueError(f"features are on {features.device} but the tracker is on {self.device}")
+        return features
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> NCTracker:
+        """Add a batch: features (N, D) (or (B, N, D) with ``batch=B``), float
+        16/32/64, on the tracker's device; labels (N,) integer in [0, K)."""
+        if self._merged or self._nc4 is not None:
+            raise RuntimeError(
+                "NCTracker.update() after all_reduce() or begin_nc4(): the statistics are final; call reset() first"
+            )
+        features = self._check_batch(features)
+        labels = check_labels(labels, features.shape[-2], self.num_classes, self.device)
+        impl = _backend.resolve(self.impl, self.device, features.dtype)
+        h = features[None] if self.batch is None else features
+        # 1. Class counts and sums of the batch.
+        counts, sums = _backend.class_sums(impl, h, labels, self.num_classes)
+        # 2. Classes seen for the first time get their batch mean as shift.
+        new = (counts > 0) & (self.counts == 0)
+        if bool(new.any()):
+            first = (sums[:, new] / counts[new, None].to(sums.dtype)).to(torch.float32)
+            self._shifts32[:, new] = first
+            self.shifts[:, new] = first.to(F64)
+        # 3. The batch's Gram around the fixed shifts (float32 values, exact
+        #    as float64 too), then the float64 running sums.
+        shifts = self.shifts if h.dtype == F64 else self._shifts32
+        gram = _backend.centered_gram(impl, h, labels, shifts)
+        self.counts += counts
+        self.sums += sums.to(F64)
+        self.gram += gram.to(F64)
+        return self
+
+    def compute(self) -> NCStats:
+        """The statistics of every sample added so far (float64 NCStats)."""
+        return assemble_stats(self.counts, self.sums, self.shifts, self.gram, squeeze=self.batch is None)
+
+    # --- NC4: a second pass over the data ------------------------------------
+
+    def begin_nc4(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> NCTracker:
+        """Freeze the class means (:meth:`compute`) and start counting, over the
+        batches given to :meth:`update_nc4`, the samples whose nearest class
+        mean differs from ``argmax(h W^T + b)``. weight (K, D) (or (B, K, D)),
+        bias (K,) (or (B, K)) or None."""
+        stats = self.compute()
+        weight, bias = check_classifier(weight, bias, self.num_classes, self.dim, self.batch, self.device)
+        nb = self.batch or 1
+        self._nc4 = _NC4Pass(stats, weight, bias, torch.zeros(nb, dtype=torch.int64, device=self.device))
+        return self
+
+    @torch.no_grad()
+    def update_nc4(self, features: torch.Tensor) -> NCTracker:
+        """Add a batch to the NC4 pass (labels are not needed)."""
+        p = self._nc4
+        if p is None:
+            raise RuntimeError("NCTracker.update_nc4() before begin_nc4()")
+        if p.merged:
+            raise RuntimeError("NCTracker.update_nc4() after the NC4 counts were merged by all_reduce()")
+        features = self._check_batch(features)
+        p.mismatches += nc4_mismatches(features, p.stats, p.weight, p.bias)
+        p.n += features.shape[-2]
+        return self
+
+    def metrics(self, weight: torch.Tensor | None = None) -> NCMetrics | list[NCMetrics]:
+        """:func:`nnk.nc_metrics_from_stats` of :meth:`compute`, with ``nc4``
+        filled in when an NC4 pass ran (weight then defaults to its weight).
+        A list of B NCMetrics for batched features."""
+        p = self._nc4
+        if p is not None and weight is None:
+            weight = p.weight
+        m = nc_metrics_from_stats(self.compute() if p is None else p.stats, weight)
+        if p is None or p.n == 0:
+            return m
+        frac = (p.mismatches.to(F64) / p.n).tolist()
+        if self.batch is None:
+            return dataclasses.replace(m, nc4=frac[0])
+        return [dataclasses.replace(mb, nc4=f) for mb, f in zip(m, frac)]
+
+    # --- data parallelism -----------------------------------------------------
+
+    @torch.no_grad()
+    def all_reduce(self, group=None) -> NCTracker:
+        """Merge the trackers of all ranks of ``group`` (torch.distributed), exactly.
+
+        First call (after the :meth:`update` pass): every rank ends with the
+        statistics of the union of all ranks' samples. The shift of each class
+        becomes that of the lowest rank which has seen it; every rank first
+        re-centers its own Gram onto those common shifts with the exact
+        rank-one corrections of :func:`nnk.nc.stats.recenter_gram`, then counts,
+        sums and Grams are summed (all_reduce). Communication: O(K + K D + D^2)
+        per rank, no samples. After :meth:`begin_nc4` / :meth:`update_nc4`, the
+        next call sums the NC4 counts.
+
+        Collective: every rank of the group must call it. A rank whose tracker
+        differs in (num_classes, dim, batch) or in its phase makes every rank
+        raise ValueError (no rank is left waiting). Tensors travel on the
+        tracker's device (CPU for gloo, CUDA for NCCL).
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("NCTracker.all_reduce() needs an initialized torch.distributed process group")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        p = self._nc4
+        phase = 0 if not self._merged and p is None else 1 if self._merged and p is not None and not p.merged else 2
+        meta = torch.tensor([self.num_classes, self.dim, self.batch or 0, phase], device=self.device)
+        metas = [torch.empty_like(meta) for _ in range(world)]
+        dist.all_gather(metas, meta, group=group)
+        rows = [tuple(m.tolist()) for m in metas]
+        if len(set(rows)) != 1:
+            raise ValueError(
+                "NCTracker.all_reduce: the ranks' trackers differ in (num_classes, dim, batch, phase): "
+                + ", ".join(f"rank {r}: {row}" for r, row in enumerate(rows))
+            )
+        if phase == 2:
+            raise RuntimeError(
+                "NCTracker.all_reduce: nothing to merge (statistics and NC4 counts already merged), or "
+                "begin_nc4() was called before the statistics were merged"
+            )
+        if phase == 1:
+            counts = torch.cat([p.mismatches, torch.tensor([p.n], device=self.device)])
+            dist.all_reduce(counts, group=group)
+            p.mismatches, p.n, p.merged = counts[:-1], int(counts[-1]), True
+            return self
+        # 1. The common shift of class k: that of the lowest rank holding k
+        #    (a sum of one value and zeros: exact, identical on every rank).
+        owner = torch.where(self.counts > 0, rank, world)
+        dist.all_reduce(owner, op=dist.ReduceOp.MIN, group=group)
+        common = torch.where((owner == rank)[None, :, None], self.shifts, 0.0)
+        dist.all_reduce(common, group=group)
+        # 2. This rank's Gram around the common shifts, then the sums.
+        self.gram = recenter_gram(self.gram, self.sums, self.counts, self.shifts, common)
+        for t in (self.counts, self.sums, self.gram):
+            dist.all_reduce(t, group=group)
+        self.shifts = common
+        self._shifts32 = common.to(torch.float32)
+        self._merged = True
+        return self

@@ -1,0 +1,224 @@
+"""Triton kernels of the neural-collapse statistics.
+
+Same contract as :func:`nnk.reference.nc_class_sums_ref` and
+:func:`nnk.reference.nc_centered_gram_ref` (features (N, D) or (B, N, D) in
+float16 / bfloat16 / float32, any strides; results in float32):
+
+- ``nc_class_sums_triton``: per-class counts and sums. The rows are visited in
+  label-sorted order (a stable argsort of the labels, O(N) int work), so each
+  program owns one class and one block of columns and adds its rows in a fixed
+  order: no atomics, bitwise reproducible.
+- ``nc_centered_gram_triton``: ``G = sum_i (h_i - c[y_i]) (h_i - c[y_i])^T``. The
+  shift ``c[y_i]`` is gathered and subtracted in registers right after the
+  feature tile is loaded (no centered copy of H exists), the tile product is
+  accumulated in float32, and only tiles on or above the diagonal are computed
+  (G is symmetric; each is stored twice). Rows may be split over several
+  programs whose partial Grams are summed in a fixed order (deterministic).
+
+Precision of the tile product: float32 features use IEEE fp32 ``tl.dot``
+(never tf32). For float16 / bfloat16 features the *centered* values (computed
+in fp32) are rounded back to the feature dtype for the tensor-core product with
+fp32 accumulation: the rounding error is relative to ``|h - c|``, not to
+``|h|``, so it stays far below the error already present in 16-bit storage,
+even on collapsed features. Under ``TRITON_INTERPRET=1`` bfloat16 arithmetic is
+broken (triton #4972), so there the product of bf16 features stays in fp32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import _batched
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# One configuration each (autotune with several configs fails in the
+# interpreter). Not tuned on a GPU yet: see bench/.
+SUMS_BLOCK_N, SUMS_BLOCK_D = 32, 128
+GRAM_BLOCK_D = 64 if _INTERPRET else 128
+GRAM_BLOCK_N = 64 if _INTERPRET else 32
+GRAM_WARPS = 8
+
+
+@triton.jit
+def _nc_class_sums_kernel(
+    X_ptr, PERM_ptr, OFFS_ptr, OUT_ptr,
+    D,
+    stride_xb, stride_xn, stride_xd,
+    stride_ob, stride_ok, stride_od,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_k = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    # 1. The rows of class k are PERM[OFFS[k] : OFFS[k + 1]] (labels sorted).
+    lo = tl.load(OFFS_ptr + pid_k)
+    hi = tl.load(OFFS_ptr + pid_k + 1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    x_base = X_ptr + pid_b * stride_xb + cols.to(tl.int64)[None, :] * stride_xd
+
+    # 2. Accumulate a (BLOCK_N, BLOCK_D) fp32 tile, reduce its rows once at the
+    #    end: BLOCK_N interleaved partial sums instead of one long serial chain.
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        r = start + tl.arange(0, BLOCK_N)
+        r_ok = r < hi
+        idx = tl.load(PERM_ptr + r, mask=r_ok, other=0)
+        x = tl.load(x_base + idx[:, None] * stride_xn, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        acc += x.to(tl.float32)
+
+    # 3. Store the class's column block (zeros for a class without rows).
+    out = tl.sum(acc, axis=0)
+    tl.store(OUT_ptr + pid_b * stride_ob + pid_k * stride_ok + cols * stride_od, out, mask=col_ok)
+
+
+@triton.jit
+def _centered_tile(X_ptr, C_ptr, rows64, r_ok, y, cols, col_ok, stride_xn, stride_xd, stride_ck, stride_cd):
+    # (BLOCK_N, BLOCK_D) tile of h_i - c[y_i] in fp32; 0 outside the matrix.
+    m = r_ok[:, None] & col_ok[None, :]
+    x = tl.load(X_ptr + rows64[:, None] * stride_xn + cols[None, :] * stride_xd, mask=m, other=0.0)
+    c = tl.load(C_ptr + y[:, None] * stride_ck + cols[None, :] * stride_cd, mask=m, other=0.0)
+    return x.to(tl.float32) - c.to(tl.float32)
+
+
+@triton.jit
+def _nc_centered_gram_kernel(
+    X_ptr, Y_ptr, C_ptr, OUT_ptr,
+    N, D, rows_per_split, num_tiles, splits,
+    stride_xb, stride_xn, stride_xd,
+    stride_y,
+    stride_cb, stride_ck, stride_cd,
+    stride_os, stride_ob, stride_oi, stride_oj,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_LOWP: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_bs = tl.program_id(1)
+    ti = pid_t // num_tiles
+    tj = pid_t % num_tiles
+    # 1. G is symmetric: compute the tiles on or above the diagonal only.
+    if tj < ti:
+        return
+    b = (pid_bs // splits).to(tl.int64)
+    s = (pid_bs % splits).to(tl.int64)
+    row_lo = s * rows_per_split
+    row_hi = tl.minimum(row_lo + rows_per_split, N)
+
+    ci = (ti * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    cj = (tj * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    ci_ok = ci < D
+    cj_ok = cj < D
+    x_b = X_ptr + b * stride_xb
+    c_b = C_ptr + b * stride_cb
+
+    # 2. Over this split's rows: load both column blocks of the row tile with
+    #    the class shift subtracted on the fly, accumulate (H-C)_i^T (H-C)_j.
+    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+    for start in range(row_lo, row_hi, BLOCK_N):
+        rows = start + tl.arange(0, BLOCK_N)
+        r_ok = rows < row_hi
+        y = tl.load(Y_ptr + rows * stride_y, mask=r_ok, other=0).to(tl.int64)
+        a = _centered_tile(x_b, c_b, rows, r_ok, y, ci, ci_ok, stride_xn, stride_xd, stride_ck, stride_cd)
+        bt = _centered_tile(x_b, c_b, rows, r_ok, y, cj, cj_ok, stride_xn, stride_xd, stride_ck, stride_cd)
+        if DOT_LOWP:
+            lowp = X_ptr.dtype.element_ty
+            acc = tl.dot(tl.trans(a.to(lowp)), bt.to(lowp), acc)
+        else:
+            acc = tl.dot(tl.trans(a), bt, acc, input_precision="ieee")
+
+    # 3. Store the tile and, off the diagonal, its mirror G[j, i] = G[i, j].
+    out = OUT_ptr + s * stride_os + b * stride_ob
+    m = ci_ok[:, None] & cj_ok[None, :]
+    tl.store(out + ci[:, None] * stride_oi + cj[None, :] * stride_oj, acc, mask=m)
+    if tj != ti:
+        tl.store(out + ci[:, None] * stride_oj + cj[None, :] * stride_oi, acc, mask=m)
+
+
+def _check(features: torch.Tensor, labels: torch.Tensor):
+    if features.dim() not in (2, 3):
+        raise ValueError(f"features must be (N, D) or (B, N, D), got shape {tuple(features.shape)}")
+    if features.dtype not in (*_LOW_PRECISION, torch.float32):
+        raise TypeError(f"the Triton NC kernels take float16, bfloat16 or float32 features, got {features.dtype}")
+    if labels.shape != (features.shape[-2],):
+        raise ValueError(f"labels must have shape ({features.shape[-2]},), got {tuple(labels.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"labels are on {labels.device} but features are on {features.device}")
+
+
+def nc_class_sums_triton(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """Per-class counts (K,) int64 and float32 sums (K, D) or (B, K, D) of
+    features (N, D) / (B, N, D); same as ``nnk.reference.nc_class_sums_ref``.
+    labels (N,) integer in [0, num_classes) (not range-checked here)."""
+    _check(features, labels)
+    h, squeeze = _batched(features)
+    nb, n, d = h.shape
+    labels = labels.long()
+    counts = torch.bincount(labels, minlength=num_classes)
+    perm = torch.argsort(labels, stable=True)
+    offs = torch.zeros(num_classes + 1, dtype=torch.int64, device=h.device)
+    torch.cumsum(counts, 0, out=offs[1:])
+    sums = torch.empty(nb, num_classes, d, dtype=torch.float32, device=h.device)
+    if d > 0:
+        grid = (num_classes, triton.cdiv(d, SUMS_BLOCK_D), nb)
+        _nc_class_sums_kernel[grid](
+            h, perm, offs, sums, d,
+            h.stride(0), h.stride(1), h.stride(2),
+            sums.stride(0), sums.stride(1), sums.stride(2),
+            BLOCK_N=SUMS_BLOCK_N, BLOCK_D=SUMS_BLOCK_D,
+        )
+    return counts, (sums[0] if squeeze else sums)
+
+
+def _default_splits(n: int, tiles: int, device: torch.device) -> int:
+    # Enough programs to fill the GPU about twice when D is small, but at
+    # least 8 row blocks per program. One split in the interpreter (serial).
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, tiles), n // (8 * GRAM_BLOCK_N)))
+
+
+def nc_centered_gram_triton(
+    features: torch.Tensor, labels: torch.Tensor, shifts: torch.Tensor, *, splits: int | None = None
+) -> torch.Tensor:
+    """``sum_i (h_i - c[y_i]) (h_i - c[y_i])^T`` as float32 (D, D) or (B, D, D);
+    same as ``nnk.reference.nc_centered_gram_ref``.
+
+    features (N, D) / (B, N, D) float16 / bfloat16 / float32; labels (N,)
+    integer in [0, K); shifts (K, D) or (B, K, D), any float dtype (used as
+    float32). ``splits``: number of row ranges reduced separately (default: by
+    occupancy on CUDA, 1 otherwise)."""
+    _check(features, labels)
+    h, squeeze = _batched(features)
+    nb, n, d = h.shape
+    if shifts.dim() not in (2, 3) or shifts.shape[-1] != d or (shifts.dim() == 3 and shifts.shape[0] != nb):
+        raise ValueError(f"shifts must be (K, {d}) or ({nb}, K, {d}), got shape {tuple(shifts.shape)}")
+    c = shifts.to(device=h.device, dtype=torch.float32)
+    c3 = c[None] if c.dim() == 2 else c
+    stride_cb = 0 if c.dim() == 2 else c3.stride(0)
+    if d == 0:
+        gram = h.new_zeros((nb, 0, 0), dtype=torch.float32)
+        return gram[0] if squeeze else gram
+    tiles = triton.cdiv(d, GRAM_BLOCK_D)
+    if splits is None:
+        splits = _default_splits(n, nb * tiles * (tiles + 1) // 2, h.device)
+    splits = max(1, min(int(splits), max(n, 1)))
+    rows_per_split = triton.cdiv(max(n, 1), splits)
+    out = torch.empty(splits, nb, d, d, dtype=torch.float32, device=h.device)
+    lowp = h.dtype == torch.float16 or (h.dtype == torch.bfloat16 and not _INTERPRET)
+    _nc_centered_gram_kernel[(tiles * tiles, nb * splits)](
+        h, labels, c3, out,
+        n, d, rows_per_split, tiles, splits,
+        h.stride(0), h.stride(1), h.stride(2),
+        labels.stride(0),
+        stride_cb, c3.stride(1), c3.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        BLOCK_N=GRAM_BLOCK_N, BLOCK_D=GRAM_BLOCK_D, DOT_LOWP=lowp, num_warps=GRAM_WARPS,
+    )
+    gram = out[0] if splits == 1 else out.sum(0)
+    return gram[0] if squeeze else gram

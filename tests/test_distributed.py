@@ -1,0 +1,569 @@
+"""nnk.distributed against the single-process specification.
+
+Single-process tests check the per-shard partials and the sampling. The
+multi-process tests run gloo on 127.0.0.1 with 2 and 3 ranks (one spawn per
+world size, bounded by timeouts): every rank runs all checks of the suite
+and records its failures, which the test functions below then assert on.
+Each rank computes the single-process reference itself from the same seeded
+data (nnk.reference.cosine_cross_entropy_ref on the full classifier).
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+
+import nnk
+from nnk.distributed import (
+    ShardedCosineLinear,
+    cosine_cross_entropy,
+    cosine_cross_entropy_partials,
+    sample_classes,
+    shard_range,
+)
+from nnk.reference import _Margin, cosine_cross_entropy_ref, cosine_logits_ref
+
+F64 = dict(rtol=1e-10, atol=1e-12)
+SPAWN_TIMEOUT_S = 150  # whole spawn; collectives time out after 60 s
+N, D, C = 13, 6, 11  # C = 11 is uneven over 2 and 3 ranks
+
+
+def mismatch(got, want, rtol=F64["rtol"], atol=F64["atol"]):
+    """None if ``got`` equals ``want`` within ``atol + rtol |want|`` (NaNs equal,
+    same shape and dtype), else what differs. (torch.testing.assert_close costs
+    ~4 s of imports per process on these machines.)"""
+    got, want = torch.as_tensor(got).detach(), torch.as_tensor(want).detach()
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"got {got.dtype}{tuple(got.shape)}, want {want.dtype}{tuple(want.shape)}"
+    if torch.allclose(got, want, rtol=rtol, atol=atol, equal_nan=True):
+        return None
+    err = (got - want).abs().nan_to_num(float("inf"))
+    i = int(err.flatten().argmax())
+    return (f"max |got - want| = {float(err.max()):.3g} at flat index {i}: got {float(got.flatten()[i])!r}, "
+            f"want {float(want.flatten()[i])!r} (rtol={rtol}, atol={atol})")
+
+
+# --- single process ----------------------------------------------------------
+
+
+def _logits_with_margin(x, w, t, s, b, am, addm, exact, ignore_index=-100):
+    """The (N, C) logits of the spec, margin on the target column (materialized)."""
+    cos = cosine_logits_ref(x, w)
+    valid = t != ignore_index
+    st = torch.where(valid, t, 0)
+    ct = cos.gather(1, st[:, None])[:, 0]
+    psi = torch.where(valid, _Margin.apply(ct, am, addm, exact), ct)
+    s = s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=x.dtype)
+    s_t = s[st] if s.dim() == 1 else s
+    z = (cos * s).scatter(1, st[:, None], (psi * s_t)[:, None])
+    return z + b if b is not None else z
+
+
+@pytest.mark.parametrize("am,addm,grad,per_class", [
+    (0.0, 0.0, "exact", False), (0.5, 0.1, "exact", True), (0.3, 0.0, "detached", True), (0.0, 0.35, "exact", False),
+])
+def test_partials_match_materialized_logits(am, addm, grad, per_class):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64, requires_grad=True)
+    s = (torch.rand(C if per_class else (), generator=g, dtype=torch.float64) * 10 + 5).requires_grad_()
+    b = torch.randn(C, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, C, (N,), generator=g)
+    t[[1, 4]] = -100
+    z = _logits_with_margin(x, w, t, s, b, am, addm, grad == "exact")
+    for a, n in [(0, 4), (4, 5), (9, 2)]:
+        p = cosine_cross_entropy_partials(
+            x, w[a:a + n], t, class_start=a, num_classes=C, scale=s[a:a + n] if per_class else s,
+            bias=b[a:a + n], angular_margin=am, additive_margin=addm, margin_grad=grad, impl="torch")
+        here = (t >= a) & (t < a + n)
+        want = (torch.logsumexp(z[:, a:a + n], 1),
+                torch.where(here, z.gather(1, torch.where(t >= 0, t, 0)[:, None])[:, 0], 0.0),
+                z[:, a:a + n].sum(1))
+        for got, ref in zip(p, want):
+            assert mismatch(got, ref) is None, mismatch(got, ref)
+        u = torch.randn(3, N, generator=g, dtype=torch.float64)
+        got_g = torch.autograd.grad(sum((q * v).sum() for q, v in zip(p, u)), (x, w, s, b))
+        ref_g = torch.autograd.grad(sum((q * v).sum() for q, v in zip(want, u)), (x, w, s, b), retain_graph=True)
+        for got, ref in zip(got_g, ref_g):
+            assert mismatch(got, ref) is None, mismatch(got, ref)
+
+
+def test_partials_argument_errors():
+    x, w, t = torch.randn(4, 3), torch.randn(2, 3), torch.tensor([0, 1, 5, -100])
+    with pytest.raises(ValueError, match="num_classes=6"):
+        cosine_cross_entropy_partials(x, w, t, class_start=5, num_classes=6)
+    with pytest.raises(ValueError, match="target values must be in \\[0, num_classes=5\\)"):
+        cosine_cross_entropy_partials(x, w, t, class_start=0, num_classes=5)
+    with pytest.raises(TypeError, match="class_start"):
+        cosine_cross_entropy_partials(x, w, t, class_start=0.0, num_classes=6)
+    with pytest.raises(ValueError, match="weight must have D=3"):
+        cosine_cross_entropy_partials(x, torch.randn(2, 4), t, class_start=0, num_classes=6)
+    with pytest.raises(ValueError, match="scale must be"):
+        cosine_cross_entropy_partials(x, w, t, class_start=0, num_classes=6, scale=torch.ones(6))
+
+
+def test_shard_range_tiles_classes():
+    for c, world in [(11, 2), (11, 3), (7, 7), (100, 8)]:
+        spans = [shard_range(c, r, world) for r in range(world)]
+        assert spans[0][0] == 0 and all(a + n == spans[i + 1][0] for i, (a, n) in enumerate(spans[:-1]))
+        assert sum(n for _, n in spans) == c and max(n for _, n in spans) - min(n for _, n in spans) <= 1
+
+
+def test_sample_classes_keeps_positives():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([3, 5, 5, 40, -100, 12, 3])
+    classes, local = sample_classes(labels, 2, 20, 0.25, generator=g)  # shard [2, 22)
+    assert classes.tolist() == sorted(set(classes.tolist())) and len(classes) == 5  # ceil(0.25 * 20)
+    assert {1, 3, 10} <= set(classes.tolist())  # classes 3, 5, 12 are positives
+    here = (labels >= 2) & (labels < 22)
+    assert torch.equal(classes[local[here]] + 2, labels[here]) and (local[~here] == -1).all()
+    classes, _ = sample_classes(torch.arange(2, 22), 2, 20, 0.1, generator=g)  # more positives than 2
+    assert classes.tolist() == list(range(20))
+
+
+def test_needs_process_group():
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        cosine_cross_entropy(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]), class_start=0, num_classes=2)
+
+
+# --- multi process: the worker --------------------------------------------
+
+
+class Recorder:
+    """Per-rank record of the checks that ran and their failures."""
+
+    def __init__(self):
+        self.seen, self.fail = [], {}
+
+    def close(self, name, got, want, **tol):
+        self.seen.append(name)
+        problem = mismatch(got, want, **tol)
+        if problem:
+            self.fail.setdefault(name, []).append(problem)
+
+    def expect_raise(self, name, fn, exc, *fragments):
+        self.seen.append(name)
+        try:
+            fn()
+        except exc as e:
+            missing = [f for f in fragments if f not in str(e)]
+            if missing:
+                self.fail.setdefault(name, []).append(f"message lacks {missing}: {e}")
+            return
+        except Exception as e:  # noqa: BLE001
+            self.fail.setdefault(name, []).append(f"raised {type(e).__name__} instead of {exc.__name__}: {e}")
+            return
+        self.fail.setdefault(name, []).append("did not raise")
+
+
+FUNCTIONAL_CASES = {
+    "plain": dict(scale=16.0),
+    "margins_exact_smoothing_zloss_sum": dict(
+        scale="per_class", bias=True, angular_margin=0.5, additive_margin=0.1, label_smoothing=0.1,
+        z_loss=1e-3, reduction="sum"),
+    "arcface_detached_shared_scale_none": dict(
+        scale="shared", bias=True, angular_margin=0.3, margin_grad="detached", reduction="none"),
+    "unnormalized_cosface_smoothing": dict(
+        scale=2.0, normalize_input=False, normalize_weight=False, additive_margin=0.2, label_smoothing=0.2),
+    "ignore_index_is_a_class": dict(scale="per_class_fixed", ignore_index=3, label_smoothing=0.05),
+    "return_lse_peaked": dict(scale=64.0, angular_margin=0.5, return_lse=True),
+    "all_ignored_sum": dict(scale=8.0, all_ignored=True, reduction="sum"),
+}
+
+
+def _case_data(name, case, span, dtype=torch.float64):
+    """Full data of a case (identical on every rank) and this rank's shard of it."""
+    g = torch.Generator().manual_seed(len(name) * 7919)
+    x = torch.randn(N, D, generator=g, dtype=dtype)
+    w = torch.randn(C, D, generator=g, dtype=dtype)
+    t = torch.randint(0, C, (N,), generator=g)
+    ii = case.get("ignore_index", -100)
+    t[[2, 7]] = ii
+    if case.get("all_ignored"):
+        t[:] = ii
+    kind = case["scale"]
+    if kind in ("per_class", "per_class_fixed"):
+        s = torch.rand(C, generator=g, dtype=dtype) * 20 + 4
+    elif kind == "shared":
+        s = torch.tensor(30.0, dtype=dtype)
+    else:
+        s = kind
+    b = torch.randn(C, generator=g, dtype=dtype) if case.get("bias") else None
+    a, n = span
+    grads = kind in ("per_class", "shared")
+    full = dict(x=x.requires_grad_(), w=w.requires_grad_(), t=t,
+                s=s.clone().requires_grad_(grads) if isinstance(s, torch.Tensor) else s,
+                b=b.clone().requires_grad_() if b is not None else None)
+    mine = dict(x=x.detach().clone().requires_grad_(), w=w[a:a + n].detach().clone().requires_grad_(), t=t,
+                s=(s[a:a + n] if kind.startswith("per_class") else s).clone().requires_grad_(grads)
+                if isinstance(s, torch.Tensor) else s,
+                b=b[a:a + n].clone().requires_grad_() if b is not None else None)
+    return full, mine, torch.randn(N, generator=g, dtype=dtype)
+
+
+def _check_functional(rec, rank, world, span, tag):
+    a, n = span
+    for name, case in FUNCTIONAL_CASES.items():
+        opts = {k: v for k, v in case.items() if k not in ("scale", "bias", "all_ignored")}
+        full, mine, u = _case_data(name, case, span)
+        ref = cosine_cross_entropy_ref(full["x"], full["w"], full["t"], scale=full["s"], bias=full["b"], **opts)
+        out = cosine_cross_entropy(mine["x"], mine["w"], mine["t"], class_start=a, num_classes=C,
+                                   scale=mine["s"], bias=mine["b"], impl="torch", **opts)
+        (ref_loss, ref_lse), (loss, lse) = (ref, out) if case.get("return_lse") else ((ref, None), (out, None))
+        key = f"{tag}:case:{name}"
+        rec.close(key + ":loss", loss, ref_loss)
+        if lse is not None:
+            rec.close(key + ":lse", lse, ref_lse)
+        # Upstream weights u for reduction="none" and through the lse, the same on every rank.
+        def objective(lo, ls):
+            v = (lo * u).sum() if lo.dim() else lo
+            return v + 0.1 * (ls * u).sum() if ls is not None else v
+        objective(ref_loss, ref_lse).backward()
+        objective(loss, lse).backward()
+        rec.close(key + ":dx", mine["x"].grad, full["x"].grad)
+        rec.close(key + ":dw", mine["w"].grad, full["w"].grad[a:a + n])
+        if mine["b"] is not None:
+            rec.close(key + ":db", mine["b"].grad, full["b"].grad[a:a + n])
+        if isinstance(mine["s"], torch.Tensor) and mine["s"].requires_grad:
+            want = full["s"].grad[a:a + n] if full["s"].dim() else full["s"].grad
+            rec.close(key + ":ds", mine["s"].grad, want)
+
+    # float32 (what GPUs train in): the sharded loss vs the single-process nnk op.
+    full, mine, _ = _case_data("fp32", FUNCTIONAL_CASES["margins_exact_smoothing_zloss_sum"], span, torch.float32)
+    opts = dict(angular_margin=0.5, additive_margin=0.1, label_smoothing=0.1, z_loss=1e-3)
+    ref = nnk.cosine_cross_entropy(full["x"], full["w"], full["t"], scale=full["s"], bias=full["b"],
+                                   impl="torch", **opts)
+    out = cosine_cross_entropy(mine["x"], mine["w"], mine["t"], class_start=a, num_classes=C,
+                               scale=mine["s"], bias=mine["b"], **opts)
+    ref.backward(), out.backward()
+    tol = dict(rtol=2e-5, atol=1e-6)
+    rec.close(f"{tag}:case:fp32:loss", out, ref, **tol)
+    rec.close(f"{tag}:case:fp32:dx", mine["x"].grad, full["x"].grad, **tol)
+    rec.close(f"{tag}:case:fp32:dw", mine["w"].grad, full["w"].grad[a:a + n], **tol)
+    rec.close(f"{tag}:case:fp32:ds", mine["s"].grad, full["s"].grad[a:a + n], **tol)
+
+    # Mean over no valid row is NaN, as F.cross_entropy's.
+    _, mine, _ = _case_data("all_ignored_sum", FUNCTIONAL_CASES["all_ignored_sum"], span)
+    nan = cosine_cross_entropy(mine["x"], mine["w"], mine["t"], class_start=a, num_classes=C, scale=8.0)
+    rec.seen.append(f"{tag}:case:all_ignored_mean_is_nan")
+    if not torch.isnan(nan):
+        rec.fail[f"{tag}:case:all_ignored_mean_is_nan"] = [f"got {nan}"]
+
+
+def _check_mismatches(rec, rank, world, span, tag):
+    a, n = span
+    _, mine, _ = _case_data("plain", FUNCTIONAL_CASES["plain"], span)
+    x, w, t = mine["x"], mine["w"], mine["t"]
+    last = rank == world - 1
+    call = dict(class_start=a, num_classes=C, scale=16.0)
+    bad = world - 1
+    rec.expect_raise(f"{tag}:mismatch:rows", lambda: cosine_cross_entropy(
+        x[:-1] if last else x, w, t[:-1] if last else t, **call), ValueError, "ranks disagree on N (x.shape[0])")
+    if last:
+        local = ("weight must have D=",)
+    else:
+        local = (f"rank {bad} rejected its arguments", "weight must have D=")
+    rec.expect_raise(f"{tag}:mismatch:local_error", lambda: cosine_cross_entropy(
+        x, torch.randn(n, D + 1, dtype=x.dtype) if last else w, t, **call), ValueError, *local)
+    rec.expect_raise(f"{tag}:mismatch:options", lambda: cosine_cross_entropy(
+        x, w, t, label_smoothing=0.1 if last else 0.0, **call), ValueError, "ranks disagree on options")
+    rec.expect_raise(f"{tag}:mismatch:targets", lambda: cosine_cross_entropy(
+        x, w, t.flip(0) if last else t, **call), ValueError, "ranks disagree on target checksum")
+    rec.expect_raise(f"{tag}:mismatch:overlap", lambda: cosine_cross_entropy(
+        x, w, t, class_start=0, num_classes=C, scale=16.0), ValueError, "must tile [0, 11)")
+    head = ShardedCosineLinear(D, C, scale=8.0, dtype=torch.float64)
+    feats = torch.randn(3, D + 1 if last else D, dtype=torch.float64)
+    rec.expect_raise(f"{tag}:mismatch:module_features", lambda: head(feats, torch.tensor([0, 1, 2])),
+                     ValueError, "in_features=6")
+    # The group still works after the errors: a valid call agrees with the reference.
+    full, _, _ = _case_data("plain", FUNCTIONAL_CASES["plain"], span)
+    rec.close(f"{tag}:mismatch:group_still_usable", cosine_cross_entropy(x.detach(), w.detach(), t, **call),
+              cosine_cross_entropy_ref(full["x"], full["w"], t, scale=16.0))
+
+
+HEAD_OPTS = dict(scale=10.0, learn_scale=True, bias=True, angular_margin=0.3, additive_margin=0.05,
+                 label_smoothing=0.1, z_loss=1e-3)
+SPLITS = {2: [6, 7], 3: [5, 3, 5]}  # uneven data-parallel batches (global N = 13)
+
+
+def _full_head_state(seed, per_class=False):
+    g = torch.Generator().manual_seed(seed)
+    return {"weight": torch.randn(C, D, generator=g, dtype=torch.float64),
+            "scale": torch.rand(C if per_class else (), generator=g, dtype=torch.float64) * 4 + 8,
+            "bias": torch.randn(C, generator=g, dtype=torch.float64) * 0.1,
+            "_extra_state": {"class_start": 0, "class_count": C, "num_classes": C, "in_features": D}}
+
+
+def _batch(step, din):
+    g = torch.Generator().manual_seed(1000 + step)
+    y = torch.randint(0, C, (N,), generator=g)
+    y[step % N] = -100
+    return torch.randn(N, din, generator=g, dtype=torch.float64), y
+
+
+class MomentumSGD:
+    """``torch.optim.SGD(lr, momentum)``'s update (torch.optim imports torch._dynamo: seconds per process)."""
+
+    def __init__(self, params, lr, momentum):
+        self.params, self.lr, self.momentum = list(params), lr, momentum
+        self.bufs = [None] * len(self.params)
+
+    @torch.no_grad()
+    def step(self):
+        for i, p in enumerate(self.params):
+            g = p.grad
+            self.bufs[i] = g.clone() if self.bufs[i] is None else self.bufs[i].mul_(self.momentum).add_(g)
+            p.sub_(self.lr * self.bufs[i])
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+def _check_module_training(rec, rank, world, tag):
+    import torch.distributed as dist
+
+    din = 4
+    torch.manual_seed(7)  # the same backbone on every rank (DDP also broadcasts rank 0's)
+    backbone = torch.nn.Linear(din, D, dtype=torch.float64)
+    backbone_ref = copy.deepcopy(backbone)
+    # Real DDP on 2 ranks; on 3 ranks the same averaging by hand (building DDP
+    # imports torch._dynamo: 8-19 s per process on these 2-core machines).
+    if world == 2:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(backbone)
+    else:
+        ddp = backbone
+    head = ShardedCosineLinear(D, C, dtype=torch.float64, **HEAD_OPTS)
+    state = _full_head_state(11)
+    head.load_resharded([state])
+    w_ref, s_ref, b_ref = (torch.nn.Parameter(state[k].clone()) for k in ("weight", "scale", "bias"))
+    opt = MomentumSGD(list(ddp.parameters()) + list(head.parameters()), lr=0.5, momentum=0.9)
+    opt_ref = MomentumSGD(list(backbone_ref.parameters()) + [w_ref, s_ref, b_ref], lr=0.5, momentum=0.9)
+    sizes = SPLITS[world]
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    a, n = head.class_start, head.num_local
+    ref_opts = {k: v for k, v in HEAD_OPTS.items() if k not in ("scale", "learn_scale", "bias")}
+    for step in range(3):
+        u, y = _batch(step, din)
+        feats = ddp(u[lo:hi])
+        feats.retain_grad()
+        loss = head(feats, y[lo:hi])
+        feats_ref = backbone_ref(u)
+        feats_ref.retain_grad()
+        loss_ref = cosine_cross_entropy_ref(feats_ref, w_ref, y, scale=s_ref, bias=b_ref, **ref_opts)
+        opt.zero_grad(), opt_ref.zero_grad()
+        loss.backward(), loss_ref.backward()
+        if ddp is backbone:
+            for p in backbone.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        rec.close(f"{tag}:module:loss_step{step}", loss, loss_ref)
+        if step == 0:
+            # DDP averages over `world` ranks: the features' gradient carries the factor back.
+            rec.close(f"{tag}:module:ddp_feature_grad_scaled", feats.grad, world * feats_ref.grad[lo:hi])
+            for (name, p), p_ref in zip(backbone.named_parameters(), backbone_ref.parameters()):
+                rec.close(f"{tag}:module:ddp_backbone_grad:{name}", p.grad, p_ref.grad)
+            rec.close(f"{tag}:module:head_grad_weight", head.weight.grad, w_ref.grad[a:a + n])
+            rec.close(f"{tag}:module:head_grad_scale", head.scale.grad, s_ref.grad)
+            rec.close(f"{tag}:module:head_grad_bias", head.bias.grad, b_ref.grad[a:a + n])
+        opt.step(), opt_ref.step()
+    rec.close(f"{tag}:module:trained_weight", head.weight, w_ref[a:a + n])
+    rec.close(f"{tag}:module:trained_scale", head.scale, s_ref)
+    rec.close(f"{tag}:module:trained_bias", head.bias, b_ref[a:a + n])
+    for (name, p), p_ref in zip(backbone.named_parameters(), backbone_ref.parameters()):
+        rec.close(f"{tag}:module:trained_backbone:{name}", p, p_ref)
+
+    # Without DDP averaging (ddp_average=False) the feature gradient is the plain one.
+    plain = ShardedCosineLinear(D, C, ddp_average=False, dtype=torch.float64, **HEAD_OPTS)
+    plain.load_resharded([state])
+    u, y = _batch(5, D)
+    f = u[lo:hi].clone().requires_grad_()
+    plain(f, y[lo:hi]).backward()
+    f_ref = u.clone().requires_grad_()
+    cosine_cross_entropy_ref(f_ref, state["weight"], y, scale=state["scale"],
+                             bias=state["bias"], **ref_opts).backward()
+    rec.close(f"{tag}:module:feature_grad_without_ddp", f.grad, f_ref.grad[lo:hi])
+
+
+def _check_module_sampling(rec, rank, world, tag):
+    import torch.distributed as dist
+
+    opts = dict(scale=8.0, learn_scale=True, per_class_scale=True, bias=True, angular_margin=0.2)
+    head = ShardedCosineLinear(D, C, sample_rate=0.5, dtype=torch.float64, **opts)
+    state = _full_head_state(13, per_class=True)
+    head.load_resharded([state])
+    sizes = SPLITS[world]
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    u, y = _batch(9, D)
+    torch.manual_seed(500 + rank)
+    loss = head(u[lo:hi], y[lo:hi])
+    loss.backward()
+    torch.manual_seed(500 + rank)
+    kept, _ = sample_classes(y, head.class_start, head.num_local, 0.5)
+    kept = (kept + head.class_start).tolist()
+    every = [None] * world
+    dist.all_gather_object(every, kept)
+    union = sorted(c for ks in every for c in ks)
+    positives = set(y[(y >= head.class_start) & (y < head.class_start + head.num_local)].tolist())
+    rec.seen.append(f"{tag}:sampling:positives_kept")
+    want_count = max(len(positives), math.ceil(0.5 * head.num_local))
+    if not (positives <= set(kept) and len(kept) == want_count):
+        rec.fail[f"{tag}:sampling:positives_kept"] = [f"kept {kept}, positives {positives}"]
+    # The reference: the single-process loss over the kept classes only.
+    idx = torch.tensor(union)
+    remap = torch.full((C,), -100, dtype=torch.int64)
+    remap[idx] = torch.arange(len(union))
+    w = state["weight"].clone().requires_grad_()
+    s = state["scale"].clone().requires_grad_()
+    b = state["bias"].clone().requires_grad_()
+    y_sub = torch.where(y >= 0, remap[y.clamp_min(0)], y)
+    ref = cosine_cross_entropy_ref(u, w[idx], y_sub, scale=s[idx], bias=b[idx], angular_margin=0.2)
+    ref.backward()
+    a, n = head.class_start, head.num_local
+    rec.close(f"{tag}:sampling:loss", loss, ref)
+    rec.close(f"{tag}:sampling:grad_weight", head.weight.grad, w.grad[a:a + n])  # 0 on the dropped rows
+    rec.close(f"{tag}:sampling:grad_scale", head.scale.grad, s.grad[a:a + n])
+    rec.close(f"{tag}:sampling:grad_bias", head.bias.grad, b.grad[a:a + n])
+    # In eval mode nothing is sampled: the exact loss over all classes.
+    head.eval()
+    rec.close(f"{tag}:sampling:eval_is_exact", head(u[lo:hi], y[lo:hi]),
+              cosine_cross_entropy_ref(u, state["weight"], y, scale=state["scale"], bias=state["bias"],
+                                       angular_margin=0.2))
+
+
+def _check_reshard(rec, rank, world, tmp, tag):
+    """Train a head on ranks {0, 1} (a sub-group), save its shards, load them on 3 ranks."""
+    import torch.distributed as dist
+
+    opts = dict(scale=6.0, learn_scale=True, per_class_scale=True, bias=True, additive_margin=0.1)
+    sub = dist.new_group([0, 1])
+    if rank < 2:
+        torch.manual_seed(rank)
+        head = ShardedCosineLinear(D, C, group=sub, dtype=torch.float64, **opts)
+        u, y = _batch(20, D)
+        half = slice(0, 6) if rank == 0 else slice(6, N)
+        head(u[half], y[half]).backward()
+        MomentumSGD(head.parameters(), lr=0.3, momentum=0.0).step()
+        torch.save(head.state_dict(), os.path.join(tmp, f"shard{rank}.pt"))
+        full = head.full_state_dict()
+        if rank == 0:
+            torch.save(full, os.path.join(tmp, "full.pt"))
+    dist.barrier()
+    shards = [torch.load(os.path.join(tmp, f"shard{r}.pt")) for r in (1, 0)]  # any order
+    full = torch.load(os.path.join(tmp, "full.pt"))
+    rec.seen.append(f"{tag}:reshard:records_class_range")
+    if shards[0]["_extra_state"] != {"class_start": 6, "class_count": 5, "num_classes": C, "in_features": D}:
+        rec.fail[f"{tag}:reshard:records_class_range"] = [repr(shards[0]["_extra_state"])]
+    head3 = ShardedCosineLinear(D, C, dtype=torch.float64, **opts)
+    head3.load_resharded(shards)
+    from_full = ShardedCosineLinear(D, C, dtype=torch.float64, **opts)
+    from_full.load_resharded([full])
+    a, n = head3.class_start, head3.num_local
+    for name in ("weight", "scale", "bias"):
+        rec.close(f"{tag}:reshard:{name}", getattr(head3, name), full[name][a:a + n], rtol=0, atol=0)
+        rec.close(f"{tag}:reshard:full_{name}", getattr(from_full, name), full[name][a:a + n], rtol=0, atol=0)
+    u, y = _batch(21, D)
+    rec.close(f"{tag}:reshard:loss", head3(u[[rank, rank + 3, rank + 6]], y[[rank, rank + 3, rank + 6]]),
+              cosine_cross_entropy_ref(u[[0, 3, 6, 1, 4, 7, 2, 5, 8]], full["weight"], y[[0, 3, 6, 1, 4, 7, 2, 5, 8]],
+                                       scale=full["scale"], bias=full["bias"], additive_margin=0.1))
+    rec.expect_raise(f"{tag}:reshard:plain_load_refuses_other_range",
+                     lambda: head3.load_state_dict(shards[1]), ValueError, "load_resharded")
+    rec.close(f"{tag}:reshard:refused_load_left_weight", head3.weight, full["weight"][a:a + n], rtol=0, atol=0)
+
+
+def _worker(rank, world, port, tmp):
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    rec = Recorder()
+    try:
+        tag = f"w{world}"
+        # Shards in a rotated rank order for 3 ranks: the tiling need not follow the ranks.
+        order = [(r + 1) % world for r in range(world)] if world == 3 else list(range(world))
+        span = shard_range(C, order[rank], world)
+        t0 = time.perf_counter()
+        _check_functional(rec, rank, world, span, tag)
+        _check_mismatches(rec, rank, world, span, tag)
+        _check_module_training(rec, rank, world, tag)
+        _check_module_sampling(rec, rank, world, tag)
+        if world == 3:
+            _check_reshard(rec, rank, world, tmp, tag)
+        rec.seen.append(f"{tag}:seconds:{time.perf_counter() - t0:.1f}")
+        dist.barrier()
+    except Exception:
+        rec.fail.setdefault("worker crashed", []).append(traceback.format_exc())
+        raise
+    finally:
+        with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
+            json.dump({"seen": rec.seen, "fail": rec.fail}, f)
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2ranks", "3ranks"])
+def ranks(request, tmp_path_factory):
+    """Runs the whole suite once on ``world`` gloo ranks; returns (world, per-rank records)."""
+    import torch.multiprocessing as mp
+
+    world = request.param
+    tmp = str(tmp_path_factory.mktemp(f"dist{world}"))
+    ctx = mp.spawn(_worker, args=(world, _free_port(), tmp), nprocs=world, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world}-rank run exceeded {SPAWN_TIMEOUT_S} s")
+    records = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(world)]
+    print(f"{world} ranks: spawn-to-join {time.monotonic() - deadline + SPAWN_TIMEOUT_S:.1f} s; checks",
+          [n for rec in records for n in rec["seen"] if ":seconds:" in n])
+    return world, records
+
+
+def _assert_checks(ranks, part, at_least):
+    world, records = ranks
+    for r, rec in enumerate(records):
+        names = [n for n in rec["seen"] if f":{part}:" in n]
+        assert len(names) >= at_least, f"rank {r}: only {len(names)} '{part}' checks ran"
+        failures = {k: v for k, v in rec["fail"].items() if f":{part}:" in k}
+        assert not failures, f"rank {r} of {world}: {json.dumps(failures, indent=1)}"
+
+
+def test_loss_and_gradients_match_single_process(ranks):
+    _assert_checks(ranks, "case", 31)
+
+
+def test_mismatched_arguments_raise_on_every_rank(ranks):
+    _assert_checks(ranks, "mismatch", 7)
+
+
+def test_module_training_matches_single_process_under_ddp(ranks):
+    _assert_checks(ranks, "module", 15)
+
+
+def test_module_negative_sampling(ranks):
+    _assert_checks(ranks, "sampling", 6)
+
+
+@pytest.mark.parametrize("ranks", [3], ids=["3ranks"], indirect=True)
+def test_state_dict_reshards_from_2_to_3_ranks(ranks):
+    # The 3-rank job trains and saves on a 2-rank sub-group, then loads on all 3.
+    _assert_checks(ranks, "reshard", 10)

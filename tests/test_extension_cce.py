@@ -1,0 +1,287 @@
+"""impl="cuda": the compiled extension's fused cosine cross-entropy
+(nnk::cosine_cross_entropy_fwd / _bwd) against the reference and an fp64
+ground truth. On the CPU (CI) this runs the extension's CPU kernels, which
+call the same element functions (csrc/include/nnk/cce_chunk.h, math.h) as the
+CUDA kernels; ``pytest --device cuda`` runs the device-parametrized tests and
+the ``gpu`` ones on a GPU."""
+import pytest
+import torch
+
+import nnk
+from cce_cases import OPTION_CASES, make_inputs, max_err
+from nnk._options import make_options
+from nnk.ops import has_op
+from nnk.reference import cosine_cross_entropy_ref, reduce_rows
+
+pytestmark = pytest.mark.skipif(not has_op("cosine_cross_entropy_fwd", "cpu"),
+                                reason="nnk._C not built (or built without the CCE ops)")
+
+DEFAULTS = dict(normalize_input=True, normalize_weight=True, additive_margin=0.0, angular_margin=0.0,
+                margin_grad="exact", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, eps=1e-12)
+# Weight of the lse output in the test objective: its gradient (+ g_lse * softmax)
+# is part of the backend contract.
+LSE_WEIGHT = 0.3
+
+
+def _extension(x, w, t, kw, chunk_rows=None):
+    from nnk.impl.extension import cosine_cross_entropy_extension
+
+    opts = make_options(**{**DEFAULTS, **{k: v for k, v in kw.items() if k in DEFAULTS}})
+    row, lse = cosine_cross_entropy_extension(x, w, t, kw.get("scale", 1.0), kw.get("bias"), opts,
+                                              chunk_rows=chunk_rows)
+    return reduce_rows(row, t != opts.ignore_index, kw.get("reduction", "mean")), lse
+
+
+def _reference(x, w, t, kw):
+    return cosine_cross_entropy_ref(x, w, t, return_lse=True, **kw)
+
+
+def _objective(loss, lse):
+    # Row-dependent lse weights, so that g_lse is not a constant.
+    weights = torch.linspace(-1.0, 1.0, lse.shape[0], dtype=lse.dtype, device=lse.device)
+    return (loss if loss.dim() == 0 else loss.sum()) + LSE_WEIGHT * (lse * weights).sum()
+
+
+def _grads(loss, lse, leaves):
+    return dict(zip(leaves, torch.autograd.grad(_objective(loss, lse), list(leaves.values()))))
+
+
+def _errors(fn, opts, n, d, c, dtype, device, seed=0, edit=None):
+    """Errors of fn and of the same-dtype reference against the fp64 reference
+    on the same (rounded) inputs: loss, lse and every gradient, with the lse in
+    the objective. ``edit(x, w, t)`` modifies the inputs first."""
+    x, w, t, kw, leaves = make_inputs(n, d, c, opts, dtype=dtype, device=device, seed=seed)
+    x64, w64, t64, kw64, leaves64 = make_inputs(n, d, c, opts, dtype=torch.float64, device=device, seed=seed)
+    with torch.no_grad():
+        if edit is not None:
+            edit(x, w, t)
+            t64.copy_(t)
+        for k in leaves:
+            leaves64[k].copy_(leaves[k].double())
+    truth = _reference(x64, w64, t64, kw64)
+    g_truth = _grads(*truth, leaves64)
+    out = {"mag": {"loss": truth[0].abs().max().item(), "lse": truth[1].abs().max().item()}}
+    out["mag"].update({k: v.abs().max().item() for k, v in g_truth.items()})
+    for name, f in (("impl", fn), ("ref", _reference)):
+        loss, lse = f(x, w, t, kw)
+        g = _grads(loss, lse, leaves)
+        errs = {"loss": max_err(loss, truth[0]), "lse": max_err(lse, truth[1])}
+        errs.update({k: max_err(g[k], g_truth[k]) for k in g})
+        out[name] = errs
+    return out
+
+
+def assert_within_bound(errs, atol):
+    for k, e in errs["impl"].items():
+        assert e <= 2 * errs["ref"][k] + atol, f"{k}: impl error {e:.3g} vs reference {errs['ref'][k]:.3g}"
+
+
+# --- accuracy on the odd shape, every option ------------------------------------
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
+def test_fp32_odd_shape_every_option(case, device):
+    # 97 rows in chunks of 32: three full chunks and a partial one.
+    errs = _errors(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=32), case[1], 97, 59, 1031,
+                   torch.float32, device)
+    assert_within_bound(errs, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
+def test_fp64_equals_reference(case, device):
+    x, w, t, kw, leaves = make_inputs(23, 9, 31, case[1], device=device)
+    ref = _reference(x, w, t, kw)
+    got = _extension(x, w, t, kw, chunk_rows=5)
+    assert max_err(got[0], ref[0]) < 1e-12 and max_err(got[1], ref[1]) < 1e-12
+    g_ref, g_got = _grads(*ref, leaves), _grads(*got, leaves)
+    for k in leaves:
+        assert max_err(g_got[k], g_ref[k]) < 1e-11, k
+
+
+def test_gradcheck_with_lse(device):
+    opts = {"scale": "per_class", "bias": True, "angular_margin": 0.4, "additive_margin": 0.1,
+            "label_smoothing": 0.1, "z_loss": 1e-2, "ignore": True}
+    x, w, t, kw, _ = make_inputs(7, 5, 9, opts, device=device)
+
+    def f(x_, w_, s_, b_):
+        return _extension(x_, w_, t, {**kw, "scale": s_, "bias": b_}, chunk_rows=3)
+
+    assert torch.autograd.gradcheck(f, (x, w, kw["scale"], kw["bias"]), atol=1e-6, rtol=1e-5)
+
+
+def _peaked_and_zero_rows(x, w, t):
+    x[1:10] = w[t[1:10]] * 3.0  # cos = 1 on the target: softmax ~ 1 to fp32 precision
+    x[10:13] = 0.0              # zero-norm rows: cos = 0, dx = g / eps
+    w[5] = 0.0                  # a zero-norm class
+
+
+def test_scale64_margins_peaked_softmax_zero_norm_rows(device):
+    """At cos = 1 the ArcFace psi = c cos m - sqrt(1 - c^2) sin m turns one fp32
+    ulp of c into ~1e-2 of logit at s = 64: the fp32 reference is that far from
+    the fp64 truth too, so the bound is relative to its error."""
+    opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
+    errs = _errors(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=40), opts, 97, 59, 1031,
+                   torch.float32, device, edit=_peaked_and_zero_rows)
+    assert all(torch.isfinite(torch.tensor(e)) for e in errs["impl"].values()), errs
+    assert_within_bound(errs, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs(dtype, device):
+    """fp16/bf16 inputs. On the CPU the GEMMs run in fp32: the bound is the
+    reference's. On a GPU they run on the 16-bit operands (fp32 accumulation)
+    and d cos and the normalized operands are rounded to 16 bits before the
+    d x / d W GEMMs: allowed a few unit roundoffs of the largest entry more."""
+    opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
+    errs = _errors(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=40), opts, 97, 59, 1031, dtype, device)
+    if device.type == "cpu":
+        assert_within_bound(errs, atol=1e-4)
+    else:
+        u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+        for k, e in errs["impl"].items():
+            assert e <= 2 * errs["ref"][k] + 8 * u * errs["mag"][k] + 1e-4, (k, e, errs["ref"][k], errs["mag"][k])
+
+
+def test_chunking_does_not_change_results(device):
+    opts = {"scale": "per_class", "bias": True, "additive_margin": 0.2, "label_smoothing": 0.1, "ignore": True}
+    x, w, t, kw, leaves = make_inputs(50, 17, 203, opts, dtype=torch.float32, device=device)
+    one = _extension(x, w, t, kw)
+    many = _extension(x, w, t, kw, chunk_rows=7)
+    assert max_err(one[0], many[0]) < 1e-5 and max_err(one[1], many[1]) < 1e-5
+    g1, g2 = _grads(*one, leaves), _grads(*many, leaves)
+    for k in leaves:
+        assert max_err(g1[k], g2[k]) < 1e-5 * max(1.0, g1[k].abs().max().item()), k
+
+
+def test_public_api_dispatch_and_edge_shapes(device):
+    x, w, t, kw, _ = make_inputs(1, 3, 1, {"scale": 5.0}, dtype=torch.float32, device=device)  # N=1, C=1
+    got = nnk.cosine_cross_entropy(x, w, t, impl="cuda", **kw)
+    assert max_err(got, cosine_cross_entropy_ref(x, w, t, **kw)) < 1e-6
+    empty = nnk.cosine_cross_entropy(torch.zeros(0, 3, device=device), torch.randn(4, 3, device=device),
+                                     torch.zeros(0, dtype=torch.long, device=device), impl="cuda", reduction="sum")
+    assert empty.item() == 0.0
+    x, w, t, kw, leaves = make_inputs(6, 3, 4, {}, dtype=torch.float32, device=device)
+    t[:] = -100
+    assert torch.isnan(nnk.cosine_cross_entropy(x, w, t, impl="cuda"))
+    loss, lse = nnk.cosine_cross_entropy(x, w, t.int(), impl="cuda", reduction="none", return_lse=True)
+    assert torch.equal(loss, torch.zeros(6, device=device)) and lse.dtype == torch.float32
+    loss.sum().backward()  # all rows ignored: zero gradients, not NaN
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_gradients_in_input_dtype_and_frozen_inputs(device):
+    x, w, t, kw, leaves = make_inputs(8, 5, 7, {"scale": "per_class", "bias": True}, dtype=torch.bfloat16,
+                                      device=device)
+    nnk.cosine_cross_entropy(x, w, t, impl="cuda", **kw).backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.bfloat16
+    assert kw["bias"].grad.dtype == torch.bfloat16 and kw["scale"].grad.dtype == torch.float32
+    # A frozen classifier (e.g. a fixed simplex ETF): only x gets a gradient.
+    x2, w2, t2, kw2, _ = make_inputs(8, 5, 7, {"scale": 10.0}, dtype=torch.float32, device=device)
+    w2.requires_grad_(False)
+    loss = nnk.cosine_cross_entropy(x2, w2, t2, impl="cuda", **kw2)
+    (gx,) = torch.autograd.grad(loss, [x2])
+    (gx_ref,) = torch.autograd.grad(cosine_cross_entropy_ref(x2, w2, t2, **kw2), [x2])
+    assert max_err(gx, gx_ref) < 1e-6
+
+
+# --- registration -----------------------------------------------------------------
+
+
+def _op_args(device, dtype, per_class, with_bias, c=11):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 6, generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(c, 6, generator=g).to(device=device, dtype=dtype)
+    t = torch.randint(0, c, (9,), generator=g).to(device)
+    t[2] = -100
+    s = (torch.rand(c, generator=g) * 10 + 1 if per_class else torch.tensor(8.0)).to(device)
+    b = torch.randn(c, generator=g).to(device=device, dtype=dtype) if with_bias else None
+    return x, w, t, s, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("per_class,with_bias", [(False, False), (True, True)])
+def test_opcheck(dtype, per_class, with_bias, device):
+    x, w, t, s, b = _op_args(device, dtype, per_class, with_bias)
+    fwd = (True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4)
+    torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_fwd.default, (x, w, t, s, b, *fwd))
+    _, lse = torch.ops.nnk.cosine_cross_entropy_fwd(x, w, t, s, b, *fwd)
+    g = torch.randn(9, device=device)
+    bwd = (True, True, 0.1, 0.3, True, -100, 0.1, 1e-3, 1e-12, 4)
+    for grads, mask in (((g, g * 0.5), [True, True, True, with_bias]), ((None, g), [True, False, per_class, False]),
+                        ((g, None), [False, True, False, with_bias])):
+        torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_bwd.default,
+                              (*grads, x, w, t, s, b, lse, *bwd, mask))
+
+
+def test_op_rejects_bad_input():
+    x, w, t, s, b = _op_args("cpu", torch.float32, False, True)
+    fwd = (True, True, 0.0, 0.0, -100, 0.0, 0.0, 1e-12, 0)
+    op = torch.ops.nnk.cosine_cross_entropy_fwd
+    with pytest.raises(RuntimeError, match="weight must have D=6"):
+        op(x, w[:, :5], t, s, b, *fwd)
+    with pytest.raises(RuntimeError, match="weight dtype"):
+        op(x, w.double(), t, s, b, *fwd)
+    with pytest.raises(RuntimeError, match="target must be int64"):
+        op(x, w, t.int(), s, b, *fwd)
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        op(x, w, t, torch.ones(3), b, *fwd)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        op(x, w, t, s, b[:4], *fwd)
+    bad = t.clone()
+    bad[4] = 11
+    with pytest.raises(RuntimeError, match=r"target values must be in \[0, 11\) or ignore_index=-100, got 11 at row 4"):
+        op(x, w, bad, s, b, *fwd)
+    with pytest.raises(RuntimeError, match="angular_margin needs"):
+        op(x, w, t, s, b, False, True, 0.0, 0.5, -100, 0.0, 0.0, 1e-12, 0)
+
+
+def test_torch_compile_fullgraph_cpu():
+    opts = {"scale": "per_class", "bias": True, "angular_margin": 0.3, "label_smoothing": 0.1, "ignore": True}
+    x, w, t, kw, leaves = make_inputs(33, 17, 101, opts, dtype=torch.float32)
+
+    def f(x_, w_, s_, b_):
+        return nnk.cosine_cross_entropy(x_, w_, t, **{**kw, "scale": s_, "bias": b_}, impl="cuda",
+                                        return_lse=True)
+
+    compiled = torch.compile(f, fullgraph=True)
+    loss, lse = compiled(x, w, kw["scale"], kw["bias"])
+    g = _grads(loss, lse, leaves)
+    ref = _reference(x, w, t, kw)
+    g_ref = _grads(*ref, leaves)
+    assert max_err(loss, ref[0]) < 1e-5 and max_err(lse, ref[1]) < 1e-5
+    for k in leaves:
+        assert max_err(g[k], g_ref[k]) < 1e-5 * max(1.0, g_ref[k].abs().max().item()), k
+
+
+# --- GPU only ---------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_gradients_are_bitwise_reproducible():
+    opts = {"scale": "per_class", "bias": True, "additive_margin": 0.2, "ignore": True}
+    x, w, t, kw, leaves = make_inputs(300, 64, 5000, opts, dtype=torch.bfloat16, device="cuda")
+    runs = []
+    for _ in range(2):
+        got = _extension(x, w, t, kw, chunk_rows=128)
+        runs.append(_grads(*got, leaves))
+    for k in leaves:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+@pytest.mark.gpu
+def test_cuda_peak_memory_is_one_chunk():
+    n, c, d, rows = 4096, 200_000, 64, 256
+    x = torch.randn(n, d, device="cuda", requires_grad=True)
+    w = torch.randn(c, d, device="cuda", requires_grad=True)
+    t = torch.randint(0, c, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, _ = _extension(x, w, t, {"scale": 30.0, "additive_margin": 0.2}, chunk_rows=rows)
+    loss.backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    chunk = rows * c * 4
+    operands = (n + 3 * c) * d * 4  # normalized W, fp32 dW accumulator, dW, dx
+    assert peak < 2 * chunk + 2 * operands, (peak, chunk, operands)
+    assert peak < n * c * 4 / 5  # far below the logits

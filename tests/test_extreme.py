@@ -1,0 +1,147 @@
+"""Extreme numerics on every impl that runs on this machine (the blockwise
+torch path; the extension's CPU kernels; Triton under the interpreter on CPU,
+or on the GPU with --device cuda): no NaN/Inf where the fp64 reference is
+finite, and errors within 2x the same-dtype reference's (+ atol)."""
+import math
+
+import pytest
+import torch
+
+import nnk
+from cce_cases import assert_within_bound, error_table, make_inputs
+from nnk.functional import resolve_impl
+from nnk.reference import cosine_cross_entropy_ref
+
+IMPLS = ["torch", "cuda", "triton"]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, device):
+    try:
+        resolve_impl(request.param, device, torch.float32)
+    except (ValueError, TypeError) as e:
+        pytest.skip(f"impl={request.param!r} unavailable here: {e}")
+    return request.param
+
+
+def _fn(impl, **extra):
+    return lambda x, w, t, kw: nnk.cosine_cross_entropy(x, w, t, impl=impl, return_lse=True, **kw, **extra)
+
+
+def _dtypes(device):
+    # The Triton interpreter cannot compute in bfloat16 (see environment notes).
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("margin_grad", ["exact", "detached"])
+def test_arcface_s64_at_cos_plus_minus_one(impl, device, margin_grad):
+    """The classic ArcFace NaN: theta -> 0 (x parallel to its class) and
+    theta -> pi (anti-parallel), s=64, m=0.5, in every dtype."""
+    def mutate(x, w, t):
+        x[:8] = w[t[:8]] * 2.0
+        x[8:16] = -w[t[8:16]] * 0.5
+
+    opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "margin_grad": margin_grad}
+    for dtype in _dtypes(device):
+        errs = error_table(_fn(impl), opts, 33, 24, 257, dtype, device=device, mutate=mutate)
+        assert all(math.isfinite(v) for v in errs["impl"].values()), errs
+        assert_within_bound(errs, atol=2e-3)
+
+
+def test_all_logits_equal(impl, device):
+    x, w, t, kw, leaves = make_inputs(9, 16, 130, {"scale": 30.0}, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        w.copy_(w[:1].expand_as(w))
+    loss, lse = nnk.cosine_cross_entropy(x, w, t, impl=impl, return_lse=True, **kw)
+    cos = torch.nn.functional.normalize(x.double(), dim=1) @ torch.nn.functional.normalize(w[0].double(), dim=0)
+    assert abs(loss.item() - math.log(130)) < 1e-5
+    assert (lse.double() - (30.0 * cos + math.log(130))).abs().max() < 1e-4
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_one_logit_dominates(impl, device):
+    """softmax = 1 to fp32 precision on the target: loss ~ 0, gradients tiny but
+    exact (p - 1 must not cancel to garbage)."""
+    def mutate(x, w, t):
+        x.copy_(w[t] * 3.0)
+
+    errs = error_table(_fn(impl), {"scale": 64.0}, 17, 32, 300, torch.float32, device=device, mutate=mutate)
+    assert_within_bound(errs, atol=1e-6)
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30])
+def test_tiny_and_huge_feature_norms(impl, device, magnitude):
+    x, w, t, kw, leaves = make_inputs(12, 8, 50, {"scale": 16.0, "additive_margin": 0.2}, dtype=torch.float32,
+                                      device=device)
+    with torch.no_grad():
+        x.mul_(magnitude)
+    loss = nnk.cosine_cross_entropy(x, w, t, impl=impl, **kw)
+    ref = cosine_cross_entropy_ref(x.double(), w.double(), t, **kw)
+    assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 1e-4 * max(1.0, abs(ref.item()))
+    loss.backward()
+    assert torch.isfinite(w.grad).all() and torch.isfinite(x.grad).all()
+
+
+def test_single_row_one_million_classes(impl, device):
+    if impl == "triton" and device.type == "cpu":
+        pytest.skip("C=1e6 is ~8000 class tiles: too slow for the Triton interpreter (runs with --device cuda)")
+    errs = error_table(_fn(impl), {"scale": 30.0, "angular_margin": 0.5}, 1, 8, 1_000_000, torch.float32,
+                       device=device)
+    assert_within_bound(errs, atol=1e-5)
+
+
+def test_empty_batch(impl, device):
+    x = torch.zeros(0, 5, device=device, requires_grad=True)
+    w = torch.randn(7, 5, device=device, requires_grad=True)
+    t = torch.zeros(0, dtype=torch.long, device=device)
+    total = nnk.cosine_cross_entropy(x, w, t, impl=impl, reduction="sum")
+    assert total.item() == 0.0
+    total.backward()
+    assert x.grad.shape == (0, 5) and torch.equal(w.grad, torch.zeros_like(w))
+    assert torch.isnan(nnk.cosine_cross_entropy(x, w, t, impl=impl))  # mean over no rows, as F.cross_entropy
+
+
+def test_non_contiguous_and_overlapping_inputs(impl, device):
+    x, w, t, kw, _ = make_inputs(10, 12, 40, {"scale": 8.0, "bias": True}, dtype=torch.float32, device=device,
+                                 requires_grad=False)
+    xs = x.t().contiguous().t()                       # column-major
+    ws = torch.cat([w, w], dim=1)[:, ::2]             # strided columns: same values as w
+    xe = x[:1].expand(10, 12)                         # overlapping rows (stride 0)
+    for xi, wi in ((xs, w), (x, ws), (xe, w)):
+        got = nnk.cosine_cross_entropy(xi, wi, t, impl=impl, **kw)
+        want = cosine_cross_entropy_ref(xi.contiguous(), wi.contiguous(), t, **kw)
+        assert abs(got.item() - want.item()) < 1e-5
+
+
+def test_deterministic_mode_is_bitwise_reproducible(impl, device):
+    x, w, t, kw, leaves = make_inputs(37, 19, 211, {"scale": "per_class", "bias": True, "angular_margin": 0.3},
+                                      dtype=torch.float32, device=device)
+    runs = []
+    for _ in range(2):
+        loss = nnk.cosine_cross_entropy(x, w, t, impl=impl, deterministic=True, **kw)
+        grads = torch.autograd.grad(loss, list(leaves.values()))
+        runs.append([loss, *grads])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_more_logits_than_int32_indexes(impl, device):
+    """N * C > 2^31: offsets must be 64-bit everywhere. A GPU test: 2^31 logits
+    take minutes on 2 CPU cores (measured 307 s for impl="torch")."""
+    n, c = 2**16 + 3, 2**15 + 7
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g).to(device).requires_grad_()
+    w = torch.randn(c, 4, generator=g).to(device).requires_grad_()
+    t = torch.randint(0, c, (n,), generator=g).to(device)
+    t[-1] = c - 1
+    loss = nnk.cosine_cross_entropy(x, w, t, scale=10.0, impl=impl, reduction="sum")
+    loss.backward()
+    # Last row's loss by hand (it sits at the far end of the index space).
+    xn = torch.nn.functional.normalize(x[-1].detach().double(), dim=0)
+    z = 10.0 * torch.nn.functional.normalize(w.detach().double(), dim=1) @ xn
+    last = torch.logsumexp(z, 0) - z[c - 1]
+    row = nnk.cosine_cross_entropy(x[-1:].detach(), w.detach(), t[-1:], scale=10.0, impl=impl)
+    assert abs(row.item() - last.item()) < 1e-4
+    assert torch.isfinite(loss) and torch.isfinite(w.grad).all() and x.grad[-1].abs().sum() > 0

@@ -1,0 +1,445 @@
+"""Neural-collapse statistics and metrics (issue 5): against independent float64
+formulas (tests/nc_formulas.py, scipy pinv of the D x D Sigma_B), streaming
+against two passes, batched against separate calls, the Triton kernels (CPU
+interpreter or --device cuda) against the reference, bad input, the CLI and
+the DataLoader helper."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import nnk
+from nnk.nc import collect_nc_metrics
+from nnk.nc.cli import main as cli_main
+from nnk.nc.stats import recenter_gram
+from nnk.reference import nc_centered_gram_ref, nc_class_sums_ref
+
+sys.path.insert(0, os.path.dirname(__file__))
+import nc_formulas as F  # noqa: E402
+
+METRIC_NAMES = ("nc1", "nc2_equinorm", "nc2_equiangular", "nc2", "nc3", "nc3_duality", "nc4")
+
+
+def clustered(n, d, k, *, spread=1.0, seed=0, probs=None, dtype=torch.float32):
+    """Features around k random class means; ``probs`` skews the class sizes."""
+    g = torch.Generator().manual_seed(seed)
+    if probs is None:
+        y = torch.randint(0, k, (n,), generator=g)
+    else:
+        y = torch.multinomial(torch.tensor(probs, dtype=torch.float64), n, replacement=True, generator=g)
+    mu = 2.0 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    h = mu[y] + spread * torch.randn(n, d, generator=g, dtype=torch.float64)
+    w = torch.randn(k, d, generator=g, dtype=torch.float64)
+    b = torch.randn(k, generator=g, dtype=torch.float64)
+    return h.to(dtype), y, w.to(dtype), b.to(dtype)
+
+
+def assert_metrics_close(m: nnk.NCMetrics, ref: dict, rtol: float, atol: float = 1e-9):
+    for name in METRIC_NAMES:
+        if name in ref:
+            got = getattr(m, name)
+            if ref[name] is None:
+                assert got is None, name
+                continue
+            assert got is not None, name
+            assert abs(got - ref[name]) <= atol + rtol * abs(ref[name]), (name, got, ref[name])
+
+
+# --- metrics against the float64 formulas -----------------------------------
+
+CASES = {
+    # K' < D: nc1 in the K'-dimensional class space
+    "random": dict(n=300, d=24, k=6),
+    # K' >= D: nc1 in feature space
+    "many_classes": dict(n=400, d=8, k=12),
+    # skewed class sizes and a class without samples (k = 7, last prob 0)
+    "imbalanced": dict(n=350, d=16, k=7, probs=[0.4, 0.25, 0.15, 0.1, 0.07, 0.03, 0.0]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_metrics_match_float64_formulas(case, dtype):
+    kw = CASES[case]
+    h, y, w, b = clustered(**kw, dtype=dtype)
+    ref = F.metrics64(h.double().numpy(), y.numpy(), kw["k"], w.double().numpy(), b.double().numpy())
+    m = nnk.nc_metrics(h, y, w, b, impl="torch")
+    assert_metrics_close(m, ref, rtol=1e-9 if dtype == torch.float64 else 2e-5)
+    counts = np.bincount(y.numpy(), minlength=kw["k"])
+    assert m.num_classes == kw["k"] and m.n == kw["n"]
+    assert m.missing_classes == tuple(np.flatnonzero(counts == 0).tolist())
+    assert m.num_present == int((counts > 0).sum())
+    if case == "imbalanced":
+        assert m.missing_classes == (6,)
+
+
+def test_stats_match_float64_formulas():
+    kw = CASES["imbalanced"]
+    h, y, _, _ = clustered(**kw)
+    s = nnk.nc_stats(h, y, kw["k"])
+    ref = F.stats64(h.double().numpy(), y.numpy(), kw["k"])
+    assert torch.equal(s.counts, torch.from_numpy(ref["counts"]))
+    assert s.n == kw["n"] and s.missing_classes == (6,)
+    for name in ("means", "global_mean", "sigma_w", "sigma_b"):
+        np.testing.assert_allclose(getattr(s, name).numpy(), ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_metrics_without_weight_have_no_classifier_metrics():
+    h, y, _, _ = clustered(200, 12, 5)
+    m = nnk.nc_metrics(h, y)
+    assert m.num_classes == 5
+    assert (m.nc2, m.nc3, m.nc3_duality, m.nc4) == (None, None, None, None)
+    ref = F.metrics64(h.double().numpy(), y.numpy(), 5)
+    assert_metrics_close(m, ref, rtol=2e-5)
+
+
+def test_metrics_of_a_perfect_simplex_etf_are_zero():
+    k, d = 5, 8
+    m_etf = torch.zeros(k, d, dtype=torch.float64)
+    m_etf[:, :k] = torch.eye(k) - 1.0 / k
+    y = torch.arange(k).repeat(4)
+    m = nnk.nc_metrics(m_etf[y] + 3.0, y, m_etf)  # collapsed, ETF means, W = M~ (duality)
+    for name in METRIC_NAMES:
+        assert abs(getattr(m, name)) < 1e-12, name
+
+
+# --- streaming and collapse ----------------------------------------------------
+
+
+def stream(h, y, k, batch_size, **kw):
+    t = nnk.NCTracker(k, h.shape[-1], **kw)
+    for i in range(0, h.shape[-2], batch_size):
+        t.update(h[..., i:i + batch_size, :], y[i:i + batch_size])
+    return t
+
+
+def assert_stats_close(a: nnk.NCStats, b: nnk.NCStats, rtol: float, atol: float = 0.0):
+    assert torch.equal(a.counts, b.counts) and a.n == b.n
+    for name in ("means", "global_mean", "sigma_w", "sigma_b"):
+        x, z = getattr(a, name), getattr(b, name)
+        scale = z.abs().max()
+        assert (x - z).abs().max() <= atol + rtol * scale, (name, float((x - z).abs().max()), float(scale))
+
+
+def test_streaming_equals_two_pass():
+    # Classes 5 and 6 appear only in the last batches; batches of uneven size.
+    h, y, _, _ = clustered(500, 20, 7, probs=[0.3, 0.2, 0.2, 0.15, 0.15, 0.0, 0.0])
+    y[-30:-10], y[-10:] = 5, 6
+    two = nnk.nc_stats(h, y, 7)
+    assert_stats_close(stream(h, y, 7, 37).compute(), two, rtol=1e-5)
+    assert_metrics_close(
+        stream(h, y, 7, 64).metrics(), nnk.nc_metrics_from_stats(two).as_dict(), rtol=1e-5
+    )
+
+
+def test_collapsed_streaming_matches_two_pass_and_raw_moments_do_not():
+    """Within-class spread 1e-4 of the class-mean distance, float32 features:
+    the shifted one-pass statistics keep their digits, the raw-moment formula
+    ``(H^T H - sum n mu mu^T) / N`` in float32 (the kernels' accumulation
+    dtype) has none left."""
+    n, d, k = 2000, 32, 5
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, k, (n,), generator=g)
+    mu = torch.randn(k, d, generator=g, dtype=torch.float64)
+    mean_dist = torch.pdist(mu).mean()
+    h = (mu[y] + 1e-4 * mean_dist / d**0.5 * torch.randn(n, d, generator=g, dtype=torch.float64)).float()
+    truth = torch.from_numpy(F.stats64(h.double().numpy(), y.numpy(), k)["sigma_w"])
+
+    def rel_err(sw):
+        return float((sw.double() - truth).abs().max() / truth.abs().max())
+
+    two = nnk.nc_stats(h, y, k)
+    one = stream(h, y, k, 64).compute()
+    counts = torch.bincount(y, minlength=k).float()
+    means = torch.zeros(k, d).index_add_(0, y, h) / counts[:, None]
+    raw = (h.T @ h - (means.T * counts) @ means) / n
+    assert rel_err(two.sigma_w) < 1e-4
+    assert rel_err(one.sigma_w) < 1e-3
+    assert rel_err(raw) > 1.0  # catastrophic cancellation: not one correct digit
+    ref_nc1 = F.metrics64(h.double().numpy(), y.numpy(), k)["nc1"]
+    for s in (two, one):
+        assert abs(nnk.nc_metrics_from_stats(s).nc1 - ref_nc1) <= 2e-3 * ref_nc1
+
+
+def test_recenter_gram_is_exact():
+    h, y, _, _ = clustered(120, 9, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    c_old = torch.randn(1, 4, 9, generator=g, dtype=torch.float64)
+    c_new = torch.randn(1, 4, 9, generator=g, dtype=torch.float64)
+    counts, sums = nc_class_sums_ref(h[None], y, 4)
+    got = recenter_gram(nc_centered_gram_ref(h[None], y, c_old), sums, counts, c_old, c_new)
+    want = nc_centered_gram_ref(h[None], y, c_new)
+    assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+# --- batched features -------------------------------------------------------------
+
+
+def test_batched_equals_separate_calls():
+    b, n, d, k = 3, 150, 10, 5
+    h, y, w, bias = clustered(n, d, k)
+    hb = torch.stack([h, 2.0 * h + 1.0, h.flip(1)])
+    wb = torch.stack([w, -w, w.flip(1)])
+    biasb = torch.stack([bias, bias, -bias])
+    sb = nnk.nc_stats(hb, y, k)
+    assert sb.batch_size == b
+    mb = nnk.nc_metrics(hb, y, wb, biasb)
+    tb = stream(hb, y, k, 40, batch=b)
+    for i in range(b):
+        single = nnk.nc_stats(hb[i], y, k)
+        assert_stats_close(sb[i], single, rtol=1e-6)
+        assert_stats_close(tb.compute()[i], single, rtol=1e-5)
+        assert_metrics_close(mb[i], nnk.nc_metrics(hb[i], y, wb[i], biasb[i]).as_dict(), rtol=1e-6)
+    shared = nnk.nc_metrics(hb, y, w)  # one (K, D) classifier for every feature set
+    assert_metrics_close(shared[2], nnk.nc_metrics(hb[2], y, w).as_dict(), rtol=1e-6)
+
+
+# --- Triton kernels against the reference --------------------------------------
+
+
+def _lowp_product(dtype, device) -> bool:
+    # The kernel rounds the centered values to 16 bits for the tensor-core
+    # product (fp16 everywhere; bf16 only on a GPU, the interpreter lacks bf16).
+    return dtype == torch.float16 or (dtype == torch.bfloat16 and device.type == "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(97, 59, 7, None), (64, 130, 3, 2)], ids=["odd", "batched_3_tiles"])
+def test_triton_kernels_match_reference(device, dtype, shape):
+    from nnk.nc.triton_kernels import nc_centered_gram_triton, nc_class_sums_triton
+
+    n, d, k, b = shape
+    g = torch.Generator().manual_seed(0)
+    lead = () if b is None else (b,)
+    h64 = 3.0 + torch.randn(*lead, n, d, generator=g, dtype=torch.float64)
+    y = torch.randint(0, k - 1, (n,), generator=g)  # class k - 1 stays empty
+    h = h64.to(dtype).to(device)
+    y_dev = y.to(device=device, dtype=torch.int32)
+    shifts = (3.0 + torch.randn(*lead, k, d, generator=g)).to(device)
+    exact = h.double().cpu()
+
+    counts, sums = nc_class_sums_triton(h, y_dev, k)
+    r_counts, r_sums = nc_class_sums_ref(h, y_dev, k)
+    truth = nc_class_sums_ref(exact, y, k)[1]
+    assert torch.equal(counts.cpu(), r_counts.cpu()) and counts[k - 1] == 0
+    assert sums.dtype == torch.float32 and sums.shape == r_sums.shape
+    ref_err = (r_sums.double().cpu() - truth).abs().max()
+    assert (sums.double().cpu() - truth).abs().max() <= 2 * ref_err + 1e-5 * truth.abs().max()
+
+    truth = nc_centered_gram_ref(exact, y, shifts.double().cpu())
+    ref = nc_centered_gram_ref(h, y_dev, shifts)
+    ref_err = (ref.double().cpu() - truth).abs().max()
+    if _lowp_product(dtype, device):  # same-dtype torch: centered values rounded to `dtype`
+        c = (h.float() - shifts.float()[..., y.to(device), :]).to(dtype).float()
+        ref_err = max(ref_err, (c.mT @ c).double().cpu().sub(truth).abs().max())
+    for splits in (None, 3):
+        gram = nc_centered_gram_triton(h, y_dev, shifts, splits=splits)
+        assert gram.dtype == torch.float32 and gram.shape == ref.shape
+        err = (gram.double().cpu() - truth).abs().max()
+        assert err <= 2 * ref_err + 1e-6 * truth.abs().max(), (splits, float(err), float(ref_err))
+
+
+def test_triton_kernels_take_strided_features_and_shared_shifts(device):
+    from nnk.nc.triton_kernels import nc_centered_gram_triton, nc_class_sums_triton
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(2, 50, 70, generator=g).to(device)
+    h = base.transpose(1, 2)[:, ::2, :]  # (2, 35, 50), non-contiguous
+    y = torch.randint(0, 4, (70,), generator=g).to(device)[::2]  # strided labels too
+    shifts = torch.randn(4, 50, generator=g).to(device)  # (K, D) shared by the batch
+    for got, want in ((nc_class_sums_triton(h, y, 4)[1], nc_class_sums_ref(h, y, 4)[1]),
+                      (nc_centered_gram_triton(h, y, shifts), nc_centered_gram_ref(h, y, shifts))):
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_triton_impl_equals_torch_impl(device):
+    h, y, w, b = clustered(160, 40, 6, probs=[0.3, 0.3, 0.2, 0.1, 0.1, 0.0])
+    h, y, w, b = (t.to(device) for t in (h, y, w, b))
+    assert_stats_close(nnk.nc_stats(h, y, 6, impl="triton"), nnk.nc_stats(h, y, 6, impl="torch"), rtol=1e-5)
+    assert_stats_close(
+        stream(h, y, 6, 50, device=device, impl="triton").compute(),
+        nnk.nc_stats(h, y, 6, impl="torch"), rtol=1e-5,
+    )
+    m_t, m_r = nnk.nc_metrics(h, y, w, b, impl="triton"), nnk.nc_metrics(h, y, w, b, impl="torch")
+    assert_metrics_close(m_t, m_r.as_dict(), rtol=1e-4)
+
+
+# --- backends ---------------------------------------------------------------------------
+
+
+def test_auto_impl_falls_back_without_the_extension_ops():
+    from nnk.nc._backend import resolve
+
+    cpu = torch.device("cpu")
+    if os.environ.get("NNK_IMPL") is None:
+        assert resolve("auto", cpu, torch.float32) == "torch"
+    assert resolve("torch", cpu, torch.float64) == "torch"
+    with pytest.raises(TypeError, match="features"):
+        resolve("triton", cpu, torch.float64)
+    with pytest.raises(ValueError, match="impl"):
+        resolve("fast", cpu, torch.float32)
+    if not nnk.ops.has_op("nc_class_sums", "cpu"):
+        with pytest.raises(ValueError, match="impl='cuda'"):
+            nnk.nc_stats(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), 2, impl="cuda")
+
+
+def test_import_nnk_does_not_import_triton():
+    code = "import sys, nnk; nnk.NCTracker(3, 4); assert 'triton' not in sys.modules, 'triton imported'"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# --- bad input and degenerate cases ------------------------------------------------
+
+
+def _bad_calls():
+    h, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    nan = h.clone()
+    nan[3, 2] = float("nan")
+    inf = h.clone()
+    inf[0, 0] = float("inf")
+    return [
+        ("labels out of range", lambda: nnk.nc_stats(h, torch.full((10,), 3), 3), ValueError, "labels must be in"),
+        ("negative label", lambda: nnk.nc_stats(h, -torch.ones(10, dtype=torch.long), 3), ValueError, "labels"),
+        ("labels shape", lambda: nnk.nc_stats(h, y[:9], 3), ValueError, "labels must have shape"),
+        ("labels float", lambda: nnk.nc_stats(h, y.float(), 3), TypeError, "labels"),
+        ("features 1-D", lambda: nnk.nc_stats(h[0], y, 3), ValueError, "features must be"),
+        ("features int", lambda: nnk.nc_stats(y[:, None], y, 3), TypeError, "features"),
+        ("features NaN", lambda: nnk.nc_stats(nan, y, 3), ValueError, "features contain NaN"),
+        ("features inf", lambda: nnk.nc_metrics(inf, y), ValueError, "features contain NaN"),
+        ("features empty", lambda: nnk.nc_stats(h[:0], y[:0], 3), ValueError, "at least one row"),
+        ("features not tensor", lambda: nnk.nc_stats(h.numpy(), y, 3), TypeError, "features"),
+        ("num_classes 0", lambda: nnk.nc_stats(h, y, 0), ValueError, "num_classes"),
+        ("num_classes float", lambda: nnk.nc_stats(h, y, 3.0), TypeError, "num_classes"),
+        ("weight shape", lambda: nnk.nc_metrics(h, y, torch.randn(3, 5)), ValueError, "weight must have shape"),
+        ("weight vs K", lambda: nnk.nc_metrics(h, y, torch.randn(4, 4), num_classes=3), ValueError, "weight"),
+        ("bias shape", lambda: nnk.nc_metrics(h, y, torch.randn(3, 4), torch.randn(4)), ValueError, "bias"),
+        ("bias no weight", lambda: nnk.nc_metrics(h, y, None, torch.randn(3)), ValueError, "bias"),
+        ("tracker dim", lambda: nnk.NCTracker(3, 5).update(h, y), ValueError, "D=5"),
+        ("tracker batch", lambda: nnk.NCTracker(3, 4, batch=2).update(h, y), ValueError, r"\(2, N, D\)"),
+        ("tracker empty", lambda: nnk.NCTracker(3, 4).compute(), ValueError, "no samples"),
+        ("stats type", lambda: nnk.nc_metrics_from_stats({"counts": 1}), TypeError, "stats"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_input_raises_clear_errors(name, call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_one_class_is_a_clear_error_and_one_sample_per_class_is_zero_nc1():
+    h = torch.randn(6, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        nnk.nc_metrics(h, torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2 classes"):  # K = 3, one present
+        nnk.nc_metrics(h, torch.ones(6, dtype=torch.long), num_classes=3)
+    with pytest.raises(ValueError, match="class means are equal"):
+        nnk.nc_metrics(torch.ones(6, 4), torch.tensor([0, 1, 0, 1, 0, 1]))
+    # One sample per class: Sigma_W = 0, so nc1 = 0 exactly; the rest is defined.
+    y = torch.arange(6)
+    w = torch.randn(6, 4, dtype=torch.float64)
+    m = nnk.nc_metrics(h, y, w)
+    assert m.nc1 == 0.0
+    assert_metrics_close(m, F.metrics64(h.numpy(), y.numpy(), 6, w.numpy()), rtol=1e-9)
+    assert all(np.isfinite(v) for v in m.as_dict().values() if isinstance(v, float))
+
+
+def test_tracker_state_machine():
+    h, y, w, _ = clustered(40, 4, 3)
+    t = stream(h, y, 3, 16)
+    with pytest.raises(RuntimeError, match="before begin_nc4"):
+        t.update_nc4(h)
+    t.begin_nc4(w)
+    with pytest.raises(RuntimeError, match="reset"):
+        t.update(h, y)
+    t.update_nc4(h[:25]).update_nc4(h[25:])
+    assert t.metrics().nc4 == pytest.approx(nnk.nc_metrics(h, y, w).nc4, abs=0)
+    with pytest.raises(RuntimeError, match="process group"):
+        t.all_reduce()
+    t.reset()
+    assert t.n == 0
+    t.update(h, y)
+    assert t.n == 40
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["pt", "npy"])
+def test_cli_on_saved_tensors(tmp_path, capsys, fmt):
+    h, y, w, b = clustered(120, 6, 4)
+    paths = {}
+    for name, t in (("features", h), ("labels", y), ("weight", w), ("bias", b)):
+        paths[name] = str(tmp_path / f"{name}.{fmt}")
+        torch.save(t, paths[name]) if fmt == "pt" else np.save(paths[name], t.numpy())
+    argv = [paths["features"], paths["labels"], "--weight", paths["weight"], "--bias", paths["bias"], "--json"]
+    assert cli_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert_metrics_close(nnk.NCMetrics(**{**out, "missing_classes": tuple(out["missing_classes"])}),
+                         nnk.nc_metrics(h, y, w, b).as_dict(), rtol=1e-12)
+    assert out["num_classes"] == 4 and out["n"] == 120
+    from nnk.__main__ import main as nnk_main
+
+    assert nnk_main(["nc", paths["features"], paths["labels"]]) == 0
+    table = capsys.readouterr().out
+    assert "nc1" in table and "n/a (needs --weight)" in table
+
+
+def test_cli_errors(tmp_path, capsys):
+    h, y, _, _ = clustered(20, 3, 2)
+    torch.save(h, tmp_path / "h.pt")
+    torch.save(y + 5, tmp_path / "bad.pt")
+    torch.save({"h": h}, tmp_path / "dict.pt")
+    assert cli_main([str(tmp_path / "h.pt"), str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    assert cli_main([str(tmp_path / "h.pt"), str(tmp_path / "bad.pt"), "--num-classes", "3"]) == 2
+    assert "labels must be in" in capsys.readouterr().err
+    assert cli_main([str(tmp_path / "dict.pt"), str(tmp_path / "h.pt")]) == 2
+    assert "one tensor" in capsys.readouterr().err
+    assert cli_main(["--help"]) == 0
+
+
+# --- DataLoader helper ----------------------------------------------------------------------
+
+
+def test_collect_nc_metrics_on_a_tiny_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x = torch.randn(150, 6)
+    y = torch.randint(0, 4, (150,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    model.train()
+    m = collect_nc_metrics(model, loader, 4, progress=False)
+    assert model.training and not model[2]._forward_hooks
+    with torch.no_grad():
+        feats = model[1](model[0](x))
+    ref = nnk.nc_metrics(feats, y, model[2].weight.detach(), model[2].bias.detach())
+    assert_metrics_close(m, ref.as_dict(), rtol=1e-5)
+    assert m.nc4 is not None and m.nc4 == ref.nc4
+    no4 = collect_nc_metrics(model, loader, 4, nc4=False, head=model[2], progress=True)
+    assert no4.nc4 is None and no4.nc1 == pytest.approx(m.nc1, rel=1e-12)
+
+
+# --- the paper-style baseline of bench/ ------------------------------------------------------
+
+
+def test_paper_baseline_agrees_with_nnk():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "nc_baseline.py")
+    spec = importlib.util.spec_from_file_location("nc_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    h, y, w, _ = clustered(300, 16, 5)
+    base = mod.nc_paper_baseline(h, y, 5, w, batch_size=64)
+    m = nnk.nc_metrics(h, y, w)
+    for name in ("nc1", "nc2", "nc3"):
+        assert base[name] == pytest.approx(getattr(m, name), rel=1e-5), name
