@@ -8,9 +8,12 @@ import torch  # noqa: F401  (loads libtorch before the extension nnk._C)
 from . import ops, reference
 from ._version import __version__
 from .functional import cosine_cross_entropy
+from .modules import CosineCrossEntropyLoss, CosineLinear, project_after_step, replace_head
 from .nc import NCMetrics, NCStats, NCTracker, nc_metrics, nc_metrics_from_stats, nc_stats
 
 __all__ = [
+    "CosineCrossEntropyLoss",
+    "CosineLinear",
     "NCMetrics",
     "NCStats",
     "NCTracker",
@@ -20,5 +23,7 @@ __all__ = [
     "nc_metrics_from_stats",
     "nc_stats",
     "ops",
+    "project_after_step",
     "reference",
+    "replace_head",
 ]
