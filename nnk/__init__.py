@@ -5,7 +5,7 @@ extension (``nnk.ops.build_info()`` says whether it is loaded).
 """
 import torch  # noqa: F401  (loads libtorch before the extension nnk._C)
 
-from . import ops, reference
+from . import distributed, ops, reference
 from ._version import __version__
 from .functional import cosine_cross_entropy
 from .modules import CosineCrossEntropyLoss, CosineLinear, project_after_step, replace_head
@@ -19,6 +19,7 @@ __all__ = [
     "NCTracker",
     "__version__",
     "cosine_cross_entropy",
+    "distributed",
     "nc_metrics",
     "nc_metrics_from_stats",
     "nc_stats",
