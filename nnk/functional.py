@@ -76,6 +76,12 @@ def _backend(impl: str):
     return cosine_cross_entropy_extension
 
 
+def run_backend(impl: str, x, weight, target, scale, bias, opts: CCEOptions):
+    """``(row_loss, lse)`` from the backend ``impl`` resolves to, on arguments
+    already checked by ``check_tensors`` (no second round of checks or syncs)."""
+    return _backend(resolve_impl(impl, x.device, x.dtype))(x, weight, target, scale, bias, opts)
+
+
 def cosine_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -170,7 +176,6 @@ def cosine_cross_entropy(
         deterministic=deterministic,
     )
     target, scale = check_tensors(x, weight, target, scale, bias, opts, check_finite=check_finite)
-    backend = resolve_impl(impl, x.device, x.dtype)
-    row, lse = _backend(backend)(x, weight, target, scale, bias, opts)
+    row, lse = run_backend(impl, x, weight, target, scale, bias, opts)
     loss = reduce_rows(row, target != opts.ignore_index, reduction)
     return (loss, lse) if return_lse else loss

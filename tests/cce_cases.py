@@ -117,29 +117,46 @@ def max_err(a, b):
     return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
 
 
-def grads(loss, leaves):
-    out = loss if loss.dim() == 0 else loss.sum()
-    return dict(zip(leaves, torch.autograd.grad(out, list(leaves.values()))))
+# Weight of the lse output in the test objective: its gradient (+ g_lse * softmax)
+# is part of the backend contract, so every gradient check includes it.
+LSE_WEIGHT = 0.3
 
 
-def error_table(fn, opts, n, d, c, dtype, seed=0, device="cpu", mutate=None):
-    """Errors of fn(x, w, t, kw) -> (loss, lse) and of the same-dtype reference
-    against the fp64 reference on the same (rounded) inputs: loss, lse and every
-    gradient, as {"impl": {name: err}, "ref": {name: err}}."""
+def objective(loss, lse):
+    """Scalar the gradient tests differentiate: the loss (summed if per-row) plus
+    row-dependent multiples of the lse, so that g_lse is not a constant."""
+    weights = torch.linspace(-1.0, 1.0, lse.shape[0], dtype=lse.dtype, device=lse.device)
+    return (loss if loss.dim() == 0 else loss.sum()) + LSE_WEIGHT * (lse * weights).sum()
+
+
+def grads(loss, lse, leaves):
+    return dict(zip(leaves, torch.autograd.grad(objective(loss, lse), list(leaves.values()))))
+
+
+def reference(x, w, t, kw):
+    return cosine_cross_entropy_ref(x, w, t, return_lse=True, **kw)
+
+
+def error_table(fn, opts, n, d, c, dtype, *, device="cpu", seed=0, mutate=None):
+    """Errors of ``fn(x, w, t, kw) -> (loss, lse)`` and of the same-dtype
+    reference against the fp64 reference on the same (rounded) inputs: loss,
+    lse and every gradient (lse in the objective), as
+    ``{"impl": {name: err}, "ref": {name: err}, "mag": {name: max |truth|}}``.
+    ``mutate(x, w, t)`` edits the inputs in place first (peaked rows, zero rows)."""
     x, w, t, kw, leaves = make_inputs(n, d, c, opts, dtype=dtype, seed=seed, device=device)
-    if mutate is not None:  # edit the inputs in place (peaked rows, zero rows, ...)
-        with torch.no_grad():
-            mutate(x, w, t)
     x64, w64, _, kw64, leaves64 = make_inputs(n, d, c, opts, dtype=torch.float64, seed=seed, device=device)
-    with torch.no_grad():  # ground truth on exactly the rounded low-precision values
-        for k in leaves:
+    with torch.no_grad():
+        if mutate is not None:
+            mutate(x, w, t)
+        for k in leaves:  # ground truth on exactly the rounded low-precision values
             leaves64[k].copy_(leaves[k].double())
-    truth = cosine_cross_entropy_ref(x64, w64, t, return_lse=True, **kw64)
-    g_truth = grads(truth[0], leaves64)
-    out = {}
-    for name, f in (("impl", fn), ("ref", lambda *a: cosine_cross_entropy_ref(*a[:3], return_lse=True, **a[3]))):
+    truth = reference(x64, w64, t, kw64)
+    g_truth = grads(*truth, leaves64)
+    out = {"mag": {"loss": truth[0].abs().max().item(), "lse": truth[1].abs().max().item()}}
+    out["mag"].update({k: v.abs().max().item() for k, v in g_truth.items()})
+    for name, f in (("impl", fn), ("ref", reference)):
         loss, lse = f(x, w, t, kw)
-        g = grads(loss, leaves)
+        g = grads(loss, lse, leaves)
         errs = {"loss": max_err(loss, truth[0]), "lse": max_err(lse, truth[1])}
         errs.update({k: max_err(g[k], g_truth[k]) for k in g})
         out[name] = errs

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import nnk
-from cce_cases import OPTION_CASES, make_inputs, max_err
+from cce_cases import (OPTION_CASES, assert_within_bound, error_table, grads as _grads, make_inputs, max_err,
+                        reference as _reference)
 from nnk._options import make_options
 from nnk.ops import has_op
 from nnk.reference import cosine_cross_entropy_ref, reduce_rows
@@ -18,9 +19,6 @@ pytestmark = pytest.mark.skipif(not has_op("cosine_cross_entropy_fwd", "cpu"),
 
 DEFAULTS = dict(normalize_input=True, normalize_weight=True, additive_margin=0.0, angular_margin=0.0,
                 margin_grad="exact", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, eps=1e-12)
-# Weight of the lse output in the test objective: its gradient (+ g_lse * softmax)
-# is part of the backend contract.
-LSE_WEIGHT = 0.3
 
 
 def _extension(x, w, t, kw, chunk_rows=None):
@@ -32,58 +30,14 @@ def _extension(x, w, t, kw, chunk_rows=None):
     return reduce_rows(row, t != opts.ignore_index, kw.get("reduction", "mean")), lse
 
 
-def _reference(x, w, t, kw):
-    return cosine_cross_entropy_ref(x, w, t, return_lse=True, **kw)
-
-
-def _objective(loss, lse):
-    # Row-dependent lse weights, so that g_lse is not a constant.
-    weights = torch.linspace(-1.0, 1.0, lse.shape[0], dtype=lse.dtype, device=lse.device)
-    return (loss if loss.dim() == 0 else loss.sum()) + LSE_WEIGHT * (lse * weights).sum()
-
-
-def _grads(loss, lse, leaves):
-    return dict(zip(leaves, torch.autograd.grad(_objective(loss, lse), list(leaves.values()))))
-
-
-def _errors(fn, opts, n, d, c, dtype, device, seed=0, edit=None):
-    """Errors of fn and of the same-dtype reference against the fp64 reference
-    on the same (rounded) inputs: loss, lse and every gradient, with the lse in
-    the objective. ``edit(x, w, t)`` modifies the inputs first."""
-    x, w, t, kw, leaves = make_inputs(n, d, c, opts, dtype=dtype, device=device, seed=seed)
-    x64, w64, t64, kw64, leaves64 = make_inputs(n, d, c, opts, dtype=torch.float64, device=device, seed=seed)
-    with torch.no_grad():
-        if edit is not None:
-            edit(x, w, t)
-            t64.copy_(t)
-        for k in leaves:
-            leaves64[k].copy_(leaves[k].double())
-    truth = _reference(x64, w64, t64, kw64)
-    g_truth = _grads(*truth, leaves64)
-    out = {"mag": {"loss": truth[0].abs().max().item(), "lse": truth[1].abs().max().item()}}
-    out["mag"].update({k: v.abs().max().item() for k, v in g_truth.items()})
-    for name, f in (("impl", fn), ("ref", _reference)):
-        loss, lse = f(x, w, t, kw)
-        g = _grads(loss, lse, leaves)
-        errs = {"loss": max_err(loss, truth[0]), "lse": max_err(lse, truth[1])}
-        errs.update({k: max_err(g[k], g_truth[k]) for k in g})
-        out[name] = errs
-    return out
-
-
-def assert_within_bound(errs, atol):
-    for k, e in errs["impl"].items():
-        assert e <= 2 * errs["ref"][k] + atol, f"{k}: impl error {e:.3g} vs reference {errs['ref'][k]:.3g}"
-
-
 # --- accuracy on the odd shape, every option ------------------------------------
 
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
 def test_fp32_odd_shape_every_option(case, device):
     # 97 rows in chunks of 32: three full chunks and a partial one.
-    errs = _errors(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=32), case[1], 97, 59, 1031,
-                   torch.float32, device)
+    errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=32), case[1], 97, 59, 1031,
+                       torch.float32, device=device)
     assert_within_bound(errs, atol=1e-5)
 
 
@@ -120,8 +74,8 @@ def test_scale64_margins_peaked_softmax_zero_norm_rows(device):
     ulp of c into ~1e-2 of logit at s = 64: the fp32 reference is that far from
     the fp64 truth too, so the bound is relative to its error."""
     opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
-    errs = _errors(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=40), opts, 97, 59, 1031,
-                   torch.float32, device, edit=_peaked_and_zero_rows)
+    errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=40), opts, 97, 59, 1031,
+                       torch.float32, device=device, mutate=_peaked_and_zero_rows)
     assert all(torch.isfinite(torch.tensor(e)) for e in errs["impl"].values()), errs
     assert_within_bound(errs, atol=1e-5)
 
@@ -133,7 +87,8 @@ def test_half_inputs(dtype, device):
     and d cos and the normalized operands are rounded to 16 bits before the
     d x / d W GEMMs: allowed a few unit roundoffs of the largest entry more."""
     opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
-    errs = _errors(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=40), opts, 97, 59, 1031, dtype, device)
+    errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=40), opts, 97, 59, 1031, dtype,
+                       device=device)
     if device.type == "cpu":
         assert_within_bound(errs, atol=1e-4)
     else:

@@ -259,15 +259,20 @@ def test_triton_kernels_take_strided_features_and_shared_shifts(device):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
-def test_triton_impl_equals_torch_impl(device):
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+def test_kernel_impls_equal_torch_impl(device, impl):
+    """Triton (the interpreter on CPU) and the extension's ops (its CPU kernels
+    on CPU) through the whole API: stats, streaming, metrics."""
+    if impl == "cuda" and not nnk.ops.has_op("nc_class_sums", device.type):
+        pytest.skip(f"nnk._C has no NC kernels for {device.type}")
     h, y, w, b = clustered(160, 40, 6, probs=[0.3, 0.3, 0.2, 0.1, 0.1, 0.0])
     h, y, w, b = (t.to(device) for t in (h, y, w, b))
-    assert_stats_close(nnk.nc_stats(h, y, 6, impl="triton"), nnk.nc_stats(h, y, 6, impl="torch"), rtol=1e-5)
+    assert_stats_close(nnk.nc_stats(h, y, 6, impl=impl), nnk.nc_stats(h, y, 6, impl="torch"), rtol=1e-5)
     assert_stats_close(
-        stream(h, y, 6, 50, device=device, impl="triton").compute(),
+        stream(h, y, 6, 50, device=device, impl=impl).compute(),
         nnk.nc_stats(h, y, 6, impl="torch"), rtol=1e-5,
     )
-    m_t, m_r = nnk.nc_metrics(h, y, w, b, impl="triton"), nnk.nc_metrics(h, y, w, b, impl="torch")
+    m_t, m_r = nnk.nc_metrics(h, y, w, b, impl=impl), nnk.nc_metrics(h, y, w, b, impl="torch")
     assert_metrics_close(m_t, m_r.as_dict(), rtol=1e-4)
 
 

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nnk
+from nnk.functional import resolve_impl
 from nnk.reference import cosine_cross_entropy_ref
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -103,3 +104,36 @@ def test_sum_is_n_times_mean_without_ignored_rows(p):
     none = nnk.cosine_cross_entropy(x, w, t, **opts, reduction="none", impl="torch")
     assert math.isclose(total.item(), x.shape[0] * mean.item(), rel_tol=1e-9, abs_tol=1e-9)
     assert torch.allclose(none.sum(), total, rtol=1e-12)
+
+
+def _compiled_impls():
+    """The kernel impls runnable here on float32 CPU tensors (the extension's
+    CPU kernels; Triton under the interpreter)."""
+    out = []
+    for impl in ("cuda", "triton"):
+        try:
+            resolve_impl(impl, torch.device("cpu"), torch.float32)
+            out.append(impl)
+        except (ValueError, TypeError):
+            pass
+    return out
+
+
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(p=problems())
+def test_kernel_impls_agree_with_reference(impl, p):
+    """Random shapes and options through the kernels (float32), against the
+    float64 reference: loss and both gradients within float32 tolerance."""
+    if impl not in _compiled_impls():
+        pytest.skip(f"impl={impl!r} not runnable on this machine")
+    x, w, t, opts = p
+    opts = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    ref = _loss_and_grads(cosine_cross_entropy_ref, x, w, t, opts, reduction="sum")
+    got = _loss_and_grads(nnk.cosine_cross_entropy, x.float(), w.float(), t, opts, reduction="sum", impl=impl)
+    scale = max(1.0, ref[0].abs().item())
+    assert abs(got[0].item() - ref[0].item()) <= 2e-5 * scale
+    for a, b in zip(ref[1:], got[1:]):
+        if a is not None:
+            assert (a - b.double()).abs().max() <= 2e-4 * max(1.0, a.abs().max().item())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nnk
-from cce_cases import OPTION_CASES, assert_within_bound, error_table as _errors, grads as _grads, make_inputs, max_err
+from cce_cases import OPTION_CASES, assert_within_bound, error_table, grads, make_inputs, max_err
 from nnk._options import make_options
 from nnk.impl.torch_blockwise import cosine_cross_entropy_torch
 from nnk.reference import cosine_cross_entropy_ref, reduce_rows
@@ -27,14 +27,14 @@ def _blockwise(x, w, t, kw, blocks):
 
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
 def test_blockwise_fp32_odd_shape(case):
-    errs = _errors(lambda x, w, t, kw: _blockwise(x, w, t, kw, (32, 200)), case[1], 97, 59, 1031, torch.float32)
+    errs = error_table(lambda x, w, t, kw: _blockwise(x, w, t, kw, (32, 200)), case[1], 97, 59, 1031, torch.float32)
     assert_within_bound(errs, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_blockwise_half_inputs(dtype):
     opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
-    errs = _errors(lambda x, w, t, kw: _blockwise(x, w, t, kw, (40, 300)), opts, 97, 59, 1031, dtype)
+    errs = error_table(lambda x, w, t, kw: _blockwise(x, w, t, kw, (40, 300)), opts, 97, 59, 1031, dtype)
     assert_within_bound(errs, atol=1e-4)
 
 
@@ -42,10 +42,10 @@ def test_blockwise_half_inputs(dtype):
                          ids=lambda c: c[0])
 def test_blockwise_fp64_equals_reference(case):
     x, w, t, kw, leaves = make_inputs(23, 9, 31, case[1])
-    ref = cosine_cross_entropy_ref(x, w, t, **kw)
-    got, _ = _blockwise(x, w, t, kw, (5, 7))
+    ref, lse_ref = cosine_cross_entropy_ref(x, w, t, return_lse=True, **kw)
+    got, lse_got = _blockwise(x, w, t, kw, (5, 7))
     assert max_err(got, ref) < 1e-12
-    g_ref, g_got = _grads(ref, leaves), _grads(got, leaves)
+    g_ref, g_got = grads(ref, lse_ref, leaves), grads(got, lse_got, leaves)
     for k in leaves:
         assert max_err(g_got[k], g_ref[k]) < 1e-11, k
 
@@ -67,9 +67,9 @@ def test_peaked_softmax_and_zero_norm_rows():
     with torch.no_grad():
         x[:10] = w[t[:10]] * 3.0  # cos = 1 on the target: softmax ~ 1 to fp32 precision
         x[10:13] = 0.0            # zero-norm rows: normalize gives 0, cos = 0
-    loss, _ = _blockwise(x, w, t, kw, (16, 64))
-    ref = cosine_cross_entropy_ref(x, w, t, **kw)
-    g, gr = _grads(loss, leaves), _grads(ref, leaves)
+    loss, lse = _blockwise(x, w, t, kw, (16, 64))
+    ref, lse_ref = cosine_cross_entropy_ref(x, w, t, return_lse=True, **kw)
+    g, gr = grads(loss, lse, leaves), grads(ref, lse_ref, leaves)
     assert torch.isfinite(loss) and max_err(loss, ref) < 1e-4
     for k in leaves:
         assert torch.isfinite(g[k]).all() and max_err(g[k], gr[k]) < 1e-3 * max(1.0, gr[k].abs().max().item())

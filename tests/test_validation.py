@@ -50,7 +50,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("impl", ["torch", "auto"])
+@pytest.mark.parametrize("impl", ["auto", "torch", "cuda", "triton"])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_raises_before_compute(case, impl, monkeypatch):
     name, exc, msg, mutate = case

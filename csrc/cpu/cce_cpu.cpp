@@ -56,18 +56,30 @@ struct CpuBackend {
     }
   }
 
+  static constexpr int64_t kSumBlock = 256;
+
   template <typename A>
   static void forward_epilogue(const cce::Chunk<A>& ch, A* loss, A* lse) {
     at::parallel_for(0, ch.rows, 4, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = cce::target_column(ch, r);
+        // Two-level sums: sequential within blocks of kSumBlock classes, then
+        // across blocks. A single running sum over C = 1e6 classes loses
+        // ~sqrt(C) ulps (measured 6x the reference's lse error at N=1,
+        // C=1e6); the GPU kernel gets the same effect from its thread tree.
         A run_max = -INFINITY, run_sum = 0, sum_z = 0, z_t = 0;
-        for (int64_t c = 0; c < ch.classes; ++c) {
-          A cos_prime;
-          const A z = cce::logit(ch, r, c, c == t, &cos_prime);
-          math::lse_merge(run_max, run_sum, z, A(1));
-          sum_z += z;
-          if (c == t) z_t = z;
+        for (int64_t c0 = 0; c0 < ch.classes; c0 += kSumBlock) {
+          const int64_t c1 = std::min(ch.classes, c0 + kSumBlock);
+          A blk_max = -INFINITY, blk_sum = 0, blk_z = 0;
+          for (int64_t c = c0; c < c1; ++c) {
+            A cos_prime;
+            const A z = cce::logit(ch, r, c, c == t, &cos_prime);
+            math::lse_merge(blk_max, blk_sum, z, A(1));
+            blk_z += z;
+            if (c == t) z_t = z;
+          }
+          math::lse_merge(run_max, run_sum, blk_max, blk_sum);
+          sum_z += blk_z;
         }
         const A l = math::lse_finish(run_max, run_sum);
         lse[r] = l;

@@ -17,13 +17,14 @@ to each row i three numbers, from which the ranks' sums give the exact loss:
 """
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
 from .._options import CCEOptions, check_tensors, make_options
-from ..functional import cosine_cross_entropy as _local_cosine_cross_entropy
+from ..functional import run_backend
 from ..ops import row_normalize
 from ..reference import _as_scale, _Margin, acc_dtype
 
@@ -93,13 +94,13 @@ def shard_partials(x, weight_shard, local_target, scale, bias, opts: CCEOptions,
                    with_sum_logits: bool = True) -> CCEPartials:
     """:func:`cosine_cross_entropy_partials` on checked arguments and shard-local
     targets (``LOCAL_IGNORE`` for rows whose class is elsewhere or ignored)."""
-    _, lse = _local_cosine_cross_entropy(
-        x, weight_shard, local_target, scale=scale, bias=bias,
-        normalize_input=opts.normalize_input, normalize_weight=opts.normalize_weight,
-        additive_margin=opts.additive_margin, angular_margin=opts.angular_margin,
-        margin_grad=opts.margin_grad, ignore_index=LOCAL_IGNORE, eps=opts.eps,
-        reduction="none", return_lse=True, impl=impl, deterministic=deterministic,
-    )
+    if deterministic is None:
+        deterministic = os.environ.get("NNK_DETERMINISTIC", "0") == "1"
+    # Arguments were checked by check_shard: straight to the backend (one round
+    # of checks and device syncs per call, not two).
+    local_opts = replace(opts, ignore_index=LOCAL_IGNORE, label_smoothing=0.0, z_loss=0.0,
+                         deterministic=deterministic)
+    _, lse = run_backend(impl, x, weight_shard, local_target, scale, bias, local_opts)
     acc = acc_dtype(x.dtype)
     xn = row_normalize(x.to(acc), opts.eps)[0] if opts.normalize_input else x.to(acc)
     wn = row_normalize(weight_shard.to(acc), opts.eps)[0] if opts.normalize_weight else weight_shard.to(acc)

@@ -129,8 +129,8 @@ class _BlockwiseCCE(torch.autograd.Function):
                 z, cos = _tile(xn[rows], wn, s, b, t[rows], valid[rows], z_t[rows], psi[rows], c0, c1)
                 # 2. dz = coef_p * softmax - ls/C * g, minus (1 - ls) g on the target.
                 dz = (z - lse[rows, None]).exp_().mul_(coef_p[rows, None]).sub_(shift[rows, None])
-                ii, jj = _target_hits(t[rows], valid[rows], c0, c1)
-                dz[ii, jj] -= hit[rows][ii]
+                col, inside = _target_slots(t[rows], valid[rows], c0, c1)
+                _update_targets(dz, col, inside, lambda old: old - hit[rows])
                 if db is not None:
                     db[c0:c1] += dz.sum(dim=0)
                 if ds is not None:
@@ -141,7 +141,7 @@ class _BlockwiseCCE(torch.autograd.Function):
                         ds += contrib.sum()
                 # 3. dcos = dz * scale, with d psi / d cos on the target column.
                 dcos = dz.mul_(s[c0:c1] if per_class else s)
-                dcos[ii, jj] *= dpsi[rows][ii]
+                _update_targets(dcos, col, inside, lambda old: old * dpsi[rows])
                 dxn[rows] += dcos @ wn[c0:c1]
                 dwn[c0:c1] += dcos.T @ xn[rows]
 
@@ -158,23 +158,33 @@ class _BlockwiseCCE(torch.autograd.Function):
         )
 
 
-def _target_hits(t, valid, c0, c1):
-    """(row, column) indices, local to the tile, of the target entries in [c0, c1)."""
-    ii = (valid & (t >= c0) & (t < c1)).nonzero().squeeze(1)
-    return ii, t[ii] - c0
+def _target_slots(t, valid, c0, c1):
+    """Per row, the tile column of its target (clamped into [0, c1 - c0)) and
+    whether the target really lies in [c0, c1). Static shapes (no ``nonzero``),
+    so that torch.compile(fullgraph=True) traces the loop."""
+    inside = valid & (t >= c0) & (t < c1)
+    return (t - c0).clamp(0, c1 - c0 - 1)[:, None], inside
+
+
+def _update_targets(tile, col, inside, fn):
+    """In place: ``tile[i, col[i]] = fn(tile[i, col[i]])`` on the rows where
+    ``inside``; the other rows get their own entry written back unchanged."""
+    old = tile.gather(1, col).squeeze(1)
+    tile.scatter_(1, col, torch.where(inside, fn(old), old)[:, None])
 
 
 def _tile(xn, wn, s, b, t, valid, z_t, psi, c0, c1):
     """Logits of rows ``xn`` x classes [c0, c1) with the margins on the target
     column; also the cosines with psi on the target (what the scale multiplies)."""
     cos = xn @ wn[c0:c1].T
-    ii, jj = _target_hits(t, valid, c0, c1)
-    cos[ii, jj] = psi[ii]
+    col, inside = _target_slots(t, valid, c0, c1)
+    _update_targets(cos, col, inside, lambda old: psi)
     s_blk = s[c0:c1] if isinstance(s, torch.Tensor) and s.dim() == 1 else s
     z = cos * s_blk
     if b is not None:
         z += b[c0:c1]
-    z[ii, jj] = z_t[ii]  # bitwise the forward's target logit, used by the row loss
+    # Bitwise the forward's target logit, used by the row loss.
+    _update_targets(z, col, inside, lambda old: z_t)
     return z, cos
 
 

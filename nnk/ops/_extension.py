@@ -33,9 +33,27 @@ def build_info() -> dict:
     return {"extension": True, **_ext.build_info()}
 
 
-# A constant for a traced program (kernels register when nnk._C loads):
-# torch.compile evaluates it at trace time instead of breaking the graph.
-@torch.compiler.assume_constant_result
+# (op name, dispatch key) -> whether nnk._C registered a kernel. Filled when
+# the extension loads and on first query of an op registered later: callers
+# then only read a dict, which torch.compile(fullgraph=True) can trace (it
+# cannot trace the dispatcher query, which returns a bool).
+_KERNELS: dict[tuple[str, str], bool] = {}
+
+
+def _has_kernel(name: str, key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"nnk::{name}", key)
+    except RuntimeError:  # no such operator (e.g. a kernel this build does not have)
+        return False
+
+
+if _ext is not None:
+    for _op in torch._C._dispatch_get_all_op_names():
+        if _op.startswith("nnk::"):
+            for _key in ("CPU", "CUDA"):
+                _KERNELS[(_op[5:], _key)] = _has_kernel(_op[5:], _key)
+
+
 def has_op(name: str, device_type: str = "cpu") -> bool:
     """Whether ``torch.ops.nnk.<name>`` has a kernel for ``device_type`` (False
     when the extension does not define the operator at all)."""
@@ -44,7 +62,6 @@ def has_op(name: str, device_type: str = "cpu") -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"nnk::{name}", key)
-    except RuntimeError:  # "operator nnk::<name> does not exist"
-        return False
+    if (name, key) not in _KERNELS:
+        _KERNELS[(name, key)] = _has_kernel(name, key)
+    return _KERNELS[(name, key)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._options import CCEOptions
-from ._extension import has_extension
+from ._extension import has_op
 
 
 def fwd_options(opts: CCEOptions, chunk_rows: int) -> tuple:
@@ -30,7 +30,8 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-if has_extension():
+# Only ops this build registered: an older nnk._C must not break `import nnk`.
+if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bwd", "cpu"):
 
     @torch.library.register_fake("nnk::cosine_cross_entropy_fwd")
     def _cce_fwd_fake(x, weight, target, scale, bias, normalize_input, normalize_weight,

@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 
 from ..reference import nc_centered_gram_ref, nc_class_sums_ref
-from ._extension import has_extension, has_op
+from ._extension import has_op
 
 
 def _acc(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-if has_extension():
+# Only ops this build registered: an older nnk._C must not break `import nnk`.
+if has_op("nc_class_sums", "cpu") and has_op("nc_centered_gram", "cpu"):
 
     @torch.library.register_fake("nnk::nc_class_sums")
     def _nc_class_sums_fake(features, labels, num_classes):

@@ -1,0 +1,435 @@
+"""Drop-in modules: a cosine classification head that replaces the ``nn.Linear``
+at the end of a network, and a loss module for weights owned elsewhere.
+
+The modules hold parameters and options only; the math is
+:func:`nnk.cosine_cross_entropy` (training loss, fused) and
+:func:`nnk.reference.cosine_logits_ref` (logits for inference).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+
+from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, make_options
+from .functional import cosine_cross_entropy
+from .impl.torch_blockwise import TILE_ELEMENTS, _blocks  # the blockwise path's tile sizes
+from .reference import acc_dtype, cosine_logits_ref, row_normalize_ref
+
+__all__ = [
+    "CosineCrossEntropyLoss",
+    "CosineLinear",
+    "default_scale",
+    "project_after_step",
+    "replace_head",
+]
+
+# Probability of the target class that the default scale lets a perfectly
+# collapsed head reach (see default_scale).
+DEFAULT_TARGET_PROB = 0.999
+
+
+def default_scale(
+    num_classes: int,
+    *,
+    additive_margin: float = 0.0,
+    angular_margin: float = 0.0,
+    target_prob: float = DEFAULT_TARGET_PROB,
+) -> float:
+    """The scale ``s`` that CosineLinear uses when none is given.
+
+    A cosine head's logits are bounded by ``s``, so its softmax cannot reach a
+    target probability above a ceiling set by ``s`` and the number of classes C
+    (NormFace, Wang et al. 2017, Prop. 2; CosFace, Wang et al. 2018, eq. 6).
+    The best geometry for the loss is a simplex ETF: the target cosine is 1
+    (``cos(angular_margin) - additive_margin`` after the margins) and every
+    other cosine is ``-1/(C-1)``, a logit gap of
+    ``g = cos(angular_margin) - additive_margin + 1/(C-1)``. The target
+    probability ``1 / (1 + (C-1) exp(-s g))`` reaches ``target_prob`` when::
+
+        s = log((C - 1) * target_prob / (1 - target_prob)) / g
+
+    With ``target_prob=0.999`` and no margin: C=10 -> 8.2, 1000 -> 13.8,
+    10^5 -> 18.4, 10^6 -> 20.7 (pytorch-metric-learning's normalized softmax
+    uses 20); CosFace's m=0.35 at 10^5 classes -> 28.3. This is a floor: a
+    head whose features are not fully collapsed needs more, which is why face
+    recognition recipes use s=64 with margins; pass ``scale=`` to choose.
+    C=1 returns 1.0 (the loss is constant).
+
+    Raises:
+        ValueError: margins so large that the target cannot win even at the
+            ETF (``g <= 0``), or ``target_prob`` outside (0, 1).
+    """
+    if not 0.0 < target_prob < 1.0:
+        raise ValueError(f"target_prob must be in (0, 1), got {target_prob}")
+    if num_classes < 2:
+        return 1.0
+    gap = math.cos(angular_margin) - additive_margin + 1.0 / (num_classes - 1)
+    if gap <= 0.0:
+        raise ValueError(
+            f"additive_margin={additive_margin} and angular_margin={angular_margin} leave no "
+            "positive logit gap even for collapsed features; pass scale= explicitly"
+        )
+    return math.log((num_classes - 1) * target_prob / (1.0 - target_prob)) / gap
+
+
+# --- option checks and leading dims -------------------------------------------
+
+_LOSS_OPTIONS = {
+    name: p.default
+    for name, p in inspect.signature(cosine_cross_entropy).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
+_OPTION_FIELDS = tuple(inspect.signature(make_options).parameters)
+
+
+def _check_loss_options(options: dict) -> None:
+    """CosineCrossEntropyLoss's options, checked at construction: unknown names
+    are a TypeError, bad values nnk.cosine_cross_entropy's ValueError/TypeError."""
+    for name in options:
+        if name == "bias":
+            raise TypeError("CosineCrossEntropyLoss: bias is an argument of forward, not an option")
+        if name not in _LOSS_OPTIONS:
+            raise TypeError(
+                f"CosineCrossEntropyLoss: unknown option {name!r}; nnk.cosine_cross_entropy takes "
+                + ", ".join(n for n in _LOSS_OPTIONS if n != "bias")
+            )
+    merged = {**_LOSS_OPTIONS, **options}
+    make_options(**{k: merged[k] for k in _OPTION_FIELDS if k != "deterministic"},
+                 deterministic=bool(merged["deterministic"]))
+    _choice("reduction", merged["reduction"], REDUCTIONS)
+    _choice("impl", merged["impl"], IMPLS)
+    if not isinstance(merged["scale"], torch.Tensor):  # a tensor is checked per call (needs C)
+        _finite_float("scale", merged["scale"], lo=0.0, lo_open=True)
+
+
+def _loss_any_dims(x, weight, target, **kwargs):
+    """nnk.cosine_cross_entropy on x (..., D) and target (...): the leading dims
+    are flattened into rows, and ``reduction="none"`` / the lse get them back."""
+    if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("x and target must be torch.Tensors")
+    if x.dim() < 1 or target.shape != x.shape[:-1]:
+        raise ValueError(
+            f"target must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    out = cosine_cross_entropy(x.reshape(-1, x.shape[-1]), weight, target.reshape(-1), **kwargs)
+    lead = target.shape
+    if kwargs.get("return_lse", False):
+        loss, lse = out
+        return (loss.reshape(lead) if loss.dim() else loss), lse.reshape(lead)
+    return out.reshape(lead) if out.dim() else out
+
+
+# --- the head -----------------------------------------------------------------
+
+# Options that CosineLinear.loss takes from the module (its forward uses them too).
+_MODULE_OWNED = ("scale", "bias", "normalize_input", "normalize_weight", "eps")
+
+
+class CosineLinear(nn.Linear):
+    """A cosine classification head: ``nn.Linear``'s ``weight`` (C, D) and
+    ``bias`` (C,), with logits ``scale * cos(x, weight_c) + bias_c``.
+
+    Replaces ``nn.Linear(in_features, out_features)``; ``forward`` computes
+    ``scale * F.normalize(x, dim=-1) @ F.normalize(weight, dim=-1).T + bias``
+    (either normalization can be switched off), in float32 (float64 for
+    float64 input) whatever the parameters' dtype, for x of shape (..., D).
+    Train with :meth:`loss`, the fused cross-entropy with the margins, which
+    never materializes the (N, C) logits; rank classes with :meth:`predict`.
+
+    Args:
+        in_features: D.
+        out_features: C, the number of classes.
+        bias: learn a (C,) bias (default False: cosine heads usually have none).
+        scale: s, the logit scale (inverse temperature). Default
+            :func:`default_scale` of C and the margins (8.2 for 10 classes,
+            13.8 for 1000, 20.7 for 10^6 without margins); see there.
+        learn_scale: make s a learnable parameter (initialized at ``scale``).
+        per_class_scale: make s a learnable (C,) parameter, one per class
+            (nGPT's s_z); implies ``learn_scale``.
+        normalize_input: L2-normalize x's rows.
+        normalize_weight: L2-normalize the weight rows.
+        additive_margin: CosFace m, applied by :meth:`loss` only.
+        angular_margin: ArcFace m in radians, applied by :meth:`loss` only.
+        margin_grad: ``"exact"`` or ``"detached"``; see nnk.cosine_cross_entropy.
+        eps: lower bound on the norms, as ``F.normalize``.
+        device, dtype: of the parameters, as ``nn.Linear``.
+
+    A learnable scale is stored as ``log_scale`` (shape () or (C,)) and read
+    as ``scale = log_scale.exp()``: positive by construction, and its
+    gradient steps are relative. Exclude it from weight decay, which would
+    pull s toward 1.
+
+    ``state_dict``: with a fixed scale the keys are exactly nn.Linear's
+    (``weight``, and ``bias`` when present): it loads into an nn.Linear of the
+    same shape and takes one's, both strictly. The fixed scale and the margins
+    are constructor arguments, not state. A learnable scale adds the key
+    ``log_scale``; such a module still loads an nn.Linear state_dict strictly
+    (``log_scale`` missing keeps its current value), while an nn.Linear loads
+    its state_dict only with ``strict=False`` (``log_scale`` is unexpected there).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        *,
+        scale: float | None = None,
+        learn_scale: bool = False,
+        per_class_scale: bool = False,
+        normalize_input: bool = True,
+        normalize_weight: bool = True,
+        additive_margin: float = 0.0,
+        angular_margin: float = 0.0,
+        margin_grad: str = "exact",
+        eps: float = 1e-12,
+        device=None,
+        dtype=None,
+    ):
+        opts = make_options(
+            normalize_input=normalize_input, normalize_weight=normalize_weight,
+            additive_margin=additive_margin, angular_margin=angular_margin,
+            margin_grad=margin_grad, ignore_index=-100, label_smoothing=0.0,
+            z_loss=0.0, eps=eps,
+        )
+        if scale is None:
+            scale = default_scale(out_features, additive_margin=opts.additive_margin,
+                                  angular_margin=opts.angular_margin)
+        else:
+            scale = _finite_float("scale", scale, lo=0.0, lo_open=True)
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.init_scale = float(scale)
+        self.learn_scale = bool(learn_scale or per_class_scale)
+        self.per_class_scale = bool(per_class_scale)
+        self.normalize_input, self.normalize_weight = opts.normalize_input, opts.normalize_weight
+        self.additive_margin, self.angular_margin = opts.additive_margin, opts.angular_margin
+        self.margin_grad, self.eps = opts.margin_grad, opts.eps
+        if self.learn_scale:
+            self.log_scale = self._new_log_scale(self.weight.device, self.weight.dtype)
+        else:
+            self.register_parameter("log_scale", None)
+
+    def _new_log_scale(self, device, dtype) -> nn.Parameter:
+        shape = (self.out_features,) if self.per_class_scale else ()
+        return nn.Parameter(torch.full(shape, math.log(self.init_scale), device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if getattr(self, "log_scale", None) is not None:  # None inside nn.Linear.__init__
+            with torch.no_grad():
+                self.log_scale.fill_(math.log(self.init_scale))
+
+    @property
+    def scale(self) -> float | torch.Tensor:
+        """s: the fixed float, or ``log_scale.exp()`` (shape () or (C,))."""
+        return self.log_scale.exp() if self.log_scale is not None else self.init_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (..., C) = ``scale * cos + bias`` for x (..., D), without
+        margins; float32 (float64 for float64 x)."""
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        logits = cosine_logits_ref(
+            x.reshape(-1, self.in_features), self.weight, scale=self.scale, bias=self.bias,
+            normalize_input=self.normalize_input, normalize_weight=self.normalize_weight, eps=self.eps,
+        )
+        return logits.reshape(*x.shape[:-1], self.out_features)
+
+    def loss(self, x: torch.Tensor, target: torch.Tensor, **kwargs):
+        """The fused cross-entropy of this head on x (..., D) and target (...):
+        ``nnk.cosine_cross_entropy(x, self.weight, target, scale=self.scale,
+        bias=self.bias, <the module's normalizations, margins, eps>, **kwargs)``,
+        without materializing the logits.
+
+        kwargs: the other options of nnk.cosine_cross_entropy (ignore_index,
+        label_smoothing, reduction, z_loss, return_lse, impl, deterministic),
+        and the margins to override the module's for this call (a margin
+        schedule). ``reduction="none"`` and the lse have target's shape.
+        """
+        for name in _MODULE_OWNED:  # the functional checks the rest
+            if name in kwargs:
+                raise TypeError(f"CosineLinear.loss: {name} is set by the module, not per call")
+        opts = dict(
+            normalize_input=self.normalize_input, normalize_weight=self.normalize_weight,
+            additive_margin=self.additive_margin, angular_margin=self.angular_margin,
+            margin_grad=self.margin_grad, eps=self.eps,
+        )
+        opts.update(kwargs)
+        return _loss_any_dims(x, self.weight, target, scale=self.scale, bias=self.bias, **opts)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, k: int = 1, *, block_classes: int | None = None):
+        """The k best classes of each row of x (..., D) and their cosines,
+        without the (N, C) logits: rows x classes are scored in tiles of
+        about 2^21 entries (up to 1024 rows; ``block_classes`` columns if
+        given), each tile's top-k merged into a running top-k per row. Extra
+        memory O(tile + N k), whatever C.
+
+        Classes are ranked by the logits, as ``self(x).topk(k)`` ranks them
+        (with a scalar scale and no bias: by cosine). Returns
+        ``(classes, cosines)``: (..., k) int64 and (..., k) float32 (float64
+        for float64 x), best first. Ties may be ordered differently from topk.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.out_features:
+            raise ValueError(f"k must be an int in [1, {self.out_features}], got {k!r}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        n, c = x2.shape[0], self.out_features
+        s = self.scale
+        per_class = isinstance(s, torch.Tensor) and s.dim() == 1
+        r_blk, c_blk = _blocks(n, c, None, block_classes)
+        classes = torch.empty(n, k, dtype=torch.int64, device=x.device)
+        cosines = torch.empty(n, k, dtype=acc_dtype(x.dtype), device=x.device)
+        for r0 in range(0, n, r_blk):
+            xr = x2[r0:r0 + r_blk]
+            best_key = best_cos = best_idx = None
+            for c0 in range(0, c, c_blk):
+                c1 = min(c, c0 + c_blk)
+                cos = cosine_logits_ref(
+                    xr, self.weight[c0:c1], normalize_input=self.normalize_input,
+                    normalize_weight=self.normalize_weight, eps=self.eps,
+                )
+                key = cos * (s[c0:c1].to(cos.dtype) if per_class else s)
+                if self.bias is not None:
+                    key = key + self.bias[c0:c1].to(cos.dtype)
+                top = key.topk(min(k, c1 - c0), dim=1)
+                idx = top.indices + c0
+                tcos = cos.gather(1, top.indices)
+                if best_key is not None:  # merge with the running top-k
+                    top_key, idx, tcos = (torch.cat(p, dim=1) for p in
+                                          ((best_key, top.values), (best_idx, idx), (best_cos, tcos)))
+                    top = top_key.topk(min(k, top_key.shape[1]), dim=1)
+                    idx, tcos = idx.gather(1, top.indices), tcos.gather(1, top.indices)
+                best_key, best_idx, best_cos = top.values, idx, tcos
+            classes[r0:r0 + r_blk], cosines[r0:r0 + r_blk] = best_idx, best_cos
+        return classes.reshape(*lead, k), cosines.reshape(*lead, k)
+
+    @torch.no_grad()
+    def project_weight_(self) -> "CosineLinear":
+        """Renormalize the weight rows to unit L2 norm, in place (the retraction
+        applied after each optimizer step by the normalized neural-collapse
+        paper's code and by nGPT). Zero rows stay zero. Returns self."""
+        step = max(1, TILE_ELEMENTS // self.in_features)  # bounded temporary
+        for c0 in range(0, self.out_features, step):
+            rows = self.weight[c0:c0 + step]
+            rows.copy_(row_normalize_ref(rows, self.eps)[0])
+        return self
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "CosineLinear":
+        """A CosineLinear holding ``linear``'s own ``weight`` and ``bias``
+        Parameter objects (no copy: optimizers that hold them keep working,
+        and the class directions, hence the argmax of the cosines, are kept).
+
+        kwargs: CosineLinear's keyword arguments. ``bias=False`` drops
+        linear's bias; ``bias=True`` on a bias-free linear adds a zero bias.
+        The default keeps the bias if linear has one (its values are in the
+        old logit units: consider ``bias=False`` for a trained head). A
+        learnable scale is a new parameter: add it to the optimizer.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear, CosineLinear):
+            raise TypeError("linear is already a CosineLinear")
+        for name in ("device", "dtype"):
+            if name in kwargs:
+                raise TypeError(f"from_linear: {name} comes from linear's weight")
+        want_bias = kwargs.pop("bias", linear.bias is not None)
+        w = linear.weight
+        head = cls(linear.in_features, linear.out_features, bias=want_bias,
+                   device="meta", dtype=w.dtype, **kwargs)
+        head.weight = w
+        if want_bias:
+            head.bias = linear.bias if linear.bias is not None else nn.Parameter(
+                torch.zeros(linear.out_features, device=w.device, dtype=w.dtype))
+        if head.log_scale is not None:
+            head.log_scale = head._new_log_scale(w.device, w.dtype)
+        return head
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        kind = "per-class learned" if self.per_class_scale else "learned" if self.learn_scale else "fixed"
+        s += f", scale={self.init_scale:.4g} ({kind})"
+        if not self.normalize_input:
+            s += ", normalize_input=False"
+        if not self.normalize_weight:
+            s += ", normalize_weight=False"
+        if self.additive_margin:
+            s += f", additive_margin={self.additive_margin}"
+        if self.angular_margin:
+            s += f", angular_margin={self.angular_margin}, margin_grad={self.margin_grad!r}"
+        return s
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        # An nn.Linear state_dict has no log_scale: keep the current value.
+        if prefix + "log_scale" in missing_keys:
+            missing_keys.remove(prefix + "log_scale")
+
+
+def replace_head(model: nn.Module, path: str, **kwargs) -> CosineLinear:
+    """Replace the ``nn.Linear`` at ``path`` in ``model`` (a dotted path as in
+    ``model.get_submodule``: ``"fc"``, ``"heads.head"``, ``"classifier.6"``)
+    with ``CosineLinear.from_linear(old, **kwargs)``, in place. It keeps the
+    old Parameter objects (see from_linear). Returns the new head."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path must be a non-empty dotted module path, got {path!r}")
+    parent_path, _, name = path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path) if parent_path else model
+        old = parent.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"path {path!r}: {e}") from None
+    if not isinstance(old, nn.Linear) or isinstance(old, CosineLinear):
+        raise TypeError(f"path {path!r} must name an nn.Linear, got {type(old).__name__}")
+    head = CosineLinear.from_linear(old, **kwargs)
+    setattr(parent, name, head)
+    return head
+
+
+def project_after_step(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """After every ``optimizer.step()``, renormalize the weight rows of every
+    CosineLinear in ``model`` (``model`` may be a CosineLinear itself), via
+    ``optimizer.register_step_post_hook``. Returns the hook's handle
+    (``handle.remove()`` stops it)."""
+    heads = [m for m in model.modules() if isinstance(m, CosineLinear)]
+    if not heads:
+        raise ValueError(f"model ({type(model).__name__}) holds no CosineLinear")
+
+    def _project(opt, args, kwargs):
+        for head in heads:
+            head.project_weight_()
+
+    return optimizer.register_step_post_hook(_project)
+
+
+class CosineCrossEntropyLoss(nn.Module):
+    """``nnk.cosine_cross_entropy`` as a module, for models that own their
+    class weights elsewhere (tied embeddings):
+    ``CosineCrossEntropyLoss(**options)(x, weight, target, bias=None)`` is
+    ``nnk.cosine_cross_entropy(x, weight, target, bias=bias, **options)``.
+
+    Options are nnk.cosine_cross_entropy's keyword arguments (scale, margins,
+    reduction, ...); they are checked here, at construction. x may have
+    leading dims (..., D) with target (...). A tensor ``scale`` is used as
+    given and not registered: its owner registers it (as the weight's does).
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        _check_loss_options(options)
+        self.options = options
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                bias: torch.Tensor | None = None):
+        return _loss_any_dims(x, weight, target, bias=bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,380 @@
+"""nnk.CosineLinear, replace_head, project_after_step and CosineCrossEntropyLoss,
+checked against nn.Linear, nnk.cosine_cross_entropy and the reference."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nnk
+from nnk.modules import default_scale
+from nnk.reference import cosine_cross_entropy_ref, cosine_logits_ref
+
+
+def _cos(x, w):
+    return F.normalize(x.double(), dim=-1) @ F.normalize(w.double(), dim=-1).T
+
+
+# --- construction and the default scale ---------------------------------------
+
+
+def test_default_scale_reaches_target_prob_at_the_etf():
+    for c, m in [(10, 0.0), (1000, 0.0), (100_000, 0.35)]:
+        s = default_scale(c, additive_margin=m)
+        gap = 1.0 - m + 1.0 / (c - 1)  # target cos 1 - m, others -1/(C-1)
+        p = 1.0 / (1.0 + (c - 1) * math.exp(-s * gap))
+        assert p == pytest.approx(0.999, abs=1e-9)
+    assert default_scale(10) == pytest.approx(8.1936, abs=1e-3)
+    assert nnk.CosineLinear(4, 1000).scale == pytest.approx(default_scale(1000))
+    assert default_scale(1) == 1.0
+    with pytest.raises(ValueError, match="scale="):
+        default_scale(10, additive_margin=2.5)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), "8", True])
+def test_bad_scale_names_the_argument(bad):
+    err = TypeError if isinstance(bad, (str, bool)) else ValueError
+    with pytest.raises(err, match="scale"):
+        nnk.CosineLinear(4, 3, scale=bad)
+    with pytest.raises(err, match="scale"):
+        nnk.CosineCrossEntropyLoss(scale=bad)
+
+
+def test_bad_options_name_the_argument():
+    with pytest.raises(ValueError, match="angular_margin"):
+        nnk.CosineLinear(4, 3, angular_margin=0.5, normalize_weight=False)
+    with pytest.raises(ValueError, match="margin_grad"):
+        nnk.CosineLinear(4, 3, margin_grad="straight")
+    head = nnk.CosineLinear(4, 3)
+    x, t = torch.randn(2, 4), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match="scale is set by the module"):
+        head.loss(x, t, scale=3.0)
+    with pytest.raises(TypeError, match="smoothing"):
+        head.loss(x, t, smoothing=0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        head.loss(x, t, label_smoothing=2.0)
+    with pytest.raises(ValueError, match="shape"):
+        head(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="target"):
+        head.loss(torch.randn(2, 3, 4), torch.tensor([0, 1]))
+
+
+# --- state_dict with nn.Linear ---------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_state_dict_round_trips_with_linear(bias):
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(7, 5, bias=bias, scale=3.0)
+    lin = nn.Linear(7, 5, bias=bias)
+    assert set(head.state_dict()) == set(lin.state_dict())
+    lin.load_state_dict(head.state_dict())  # strict
+    for name, p in lin.state_dict().items():
+        assert torch.equal(p, head.state_dict()[name])
+    lin2 = nn.Linear(7, 5, bias=bias)
+    head.load_state_dict(lin2.state_dict())  # strict
+    for name, p in lin2.state_dict().items():
+        assert torch.equal(p, head.state_dict()[name])
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_state_dict_with_learned_scale(per_class):
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(6, 4, bias=True, scale=10.0, learn_scale=True, per_class_scale=per_class)
+    assert head.log_scale.shape == ((4,) if per_class else ())
+    with torch.no_grad():
+        head.log_scale.add_(torch.linspace(0.1, 0.4, 4) if per_class else torch.tensor(0.3))
+    learned = head.log_scale.detach().clone()
+    lin = nn.Linear(6, 4)
+    head.load_state_dict(lin.state_dict())  # strict: log_scale keeps its value
+    assert torch.equal(head.weight, lin.weight) and torch.equal(head.log_scale, learned)
+    with pytest.raises(RuntimeError, match="log_scale"):
+        nn.Linear(6, 4).load_state_dict(head.state_dict())
+    res = lin.load_state_dict(head.state_dict(), strict=False)
+    assert res.unexpected_keys == ["log_scale"] and not res.missing_keys
+    other = nnk.CosineLinear(6, 4, bias=True, scale=10.0, learn_scale=True, per_class_scale=per_class)
+    other.load_state_dict(head.state_dict())
+    assert torch.equal(other.log_scale, learned)
+    other.reset_parameters()
+    assert torch.allclose(other.log_scale, torch.full_like(learned, math.log(10.0)))
+
+
+# --- forward ---------------------------------------------------------------------
+
+
+def test_forward_is_scaled_cosine_plus_bias_with_leading_dims():
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(9, 6, bias=True, scale=5.0)
+    x = torch.randn(2, 3, 9)
+    want = 5.0 * _cos(x, head.weight) + head.bias.double()
+    got = head(x)
+    assert got.shape == (2, 3, 6) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_without_normalization_is_linear():
+    torch.manual_seed(0)
+    lin = nn.Linear(9, 6)
+    head = nnk.CosineLinear.from_linear(lin, scale=1.0, normalize_input=False, normalize_weight=False)
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(head(x), lin(x))
+
+
+def test_half_module_gives_float32_logits():
+    head = nnk.CosineLinear(8, 5, scale=20.0).half()
+    x = torch.randn(3, 8).half()
+    out = head(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), 20.0 * _cos(x, head.weight), rtol=0, atol=2e-2)
+
+
+# --- from_linear / replace_head ----------------------------------------------------
+
+
+def test_from_linear_shares_parameters_and_keeps_cosine_argmax():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 11)
+    head = nnk.CosineLinear.from_linear(lin, bias=False, scale=12.0)
+    assert head.weight is lin.weight and head.bias is None
+    assert head.weight.device == lin.weight.device and not head.weight.is_meta
+    x = torch.randn(50, 16)
+    want = _cos(x, lin.weight).argmax(1)
+    assert torch.equal(head(x).argmax(1), want)
+    assert torch.equal(head.predict(x)[0].squeeze(1), want)
+
+    kept = nnk.CosineLinear.from_linear(lin)  # keeps the bias by default
+    assert kept.bias is lin.bias
+    added = nnk.CosineLinear.from_linear(nn.Linear(16, 11, bias=False), bias=True)
+    assert torch.equal(added.bias, torch.zeros(11))
+    learned = nnk.CosineLinear.from_linear(lin, per_class_scale=True, scale=4.0)
+    assert not learned.log_scale.is_meta
+    torch.testing.assert_close(learned.scale, torch.full((11,), 4.0))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        nnk.CosineLinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(5, 8), nn.ReLU())
+        self.heads = nn.ModuleDict({"cls": nn.Sequential(nn.Dropout(0.0), nn.Linear(8, 3))})
+
+    def forward(self, x):
+        return self.heads["cls"](self.body(x))
+
+
+def test_replace_head_dotted_path_keeps_the_optimizer_working():
+    torch.manual_seed(0)
+    net = _Net()
+    old = net.heads.cls[1]
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    head = nnk.replace_head(net, "heads.cls.1", scale=4.0)
+    assert net.heads.cls[1] is head and isinstance(head, nnk.CosineLinear)
+    assert head.weight is old.weight and head.bias is old.bias
+    x, y = torch.randn(10, 5), torch.randint(0, 3, (10,))
+    before = head.weight.detach().clone()
+    head.loss(net.body(x), y).backward()
+    opt.step()
+    assert not torch.equal(head.weight, before)
+    assert net(x).shape == (10, 3)
+    with pytest.raises(ValueError, match="heads.nope"):
+        nnk.replace_head(net, "heads.nope")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        nnk.replace_head(net, "body.1")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        nnk.replace_head(net, "heads.cls.1")  # already a CosineLinear
+
+
+# --- predict ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n,c,k,block,per_class,bias",
+    [
+        (37, 1031, 1, 100, False, False),
+        (37, 1031, 7, 100, True, True),
+        (37, 1031, 150, 100, False, True),  # k larger than a block
+        (1100, 53, 5, None, False, False),  # two row blocks
+        (3, 5, 5, 2, True, False),  # k = C
+    ],
+)
+def test_predict_equals_topk_of_materialized_logits(n, c, k, block, per_class, bias):
+    torch.manual_seed(1)
+    head = nnk.CosineLinear(19, c, bias=bias, scale=9.0, per_class_scale=per_class)
+    with torch.no_grad():
+        if per_class:
+            head.log_scale.uniform_(0.0, 3.0)
+        if bias:
+            head.bias.normal_()
+    x = torch.randn(n, 19, dtype=torch.float64)
+    head.double()
+    logits = head(x)
+    want = logits.topk(k, dim=1)
+    classes, cosines = head.predict(x, k, block_classes=block)
+    assert classes.shape == cosines.shape == (n, k) and cosines.dtype == torch.float64
+    assert torch.equal(classes, want.indices)
+    torch.testing.assert_close(cosines, _cos(x, head.weight).gather(1, want.indices))
+
+
+def test_predict_leading_dims_and_bad_k():
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(6, 9, scale=3.0)
+    x = torch.randn(2, 4, 6)
+    classes, cosines = head.predict(x, 3, block_classes=4)
+    assert classes.shape == (2, 4, 3) and cosines.dtype == torch.float32
+    assert torch.equal(classes, head(x).topk(3).indices)
+    for k in (0, 10, 1.0):
+        with pytest.raises(ValueError, match="k must"):
+            head.predict(x, k)
+
+
+# --- loss ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(scale=16.0),
+        dict(bias=True, additive_margin=0.2, learn_scale=True),
+        dict(angular_margin=0.4, margin_grad="detached", per_class_scale=True),
+        dict(angular_margin=0.3, additive_margin=0.1, bias=True),
+    ],
+)
+def test_loss_equals_functional_and_reference(kw):
+    torch.manual_seed(0)
+    kw = dict(kw)
+    bias = kw.pop("bias", False)
+    head = nnk.CosineLinear(23, 61, bias=bias, **kw)
+    with torch.no_grad():
+        if head.log_scale is not None:
+            head.log_scale.add_(torch.rand_like(head.log_scale))
+        if bias:
+            head.bias.normal_()
+    x = torch.randn(29, 23, requires_grad=True)
+    t = torch.randint(0, 61, (29,))
+    t[3] = -100
+    params = [x] + [p for p in head.parameters()]
+    opts = dict(additive_margin=head.additive_margin, angular_margin=head.angular_margin,
+                margin_grad=head.margin_grad, label_smoothing=0.05)
+
+    got = head.loss(x, t, label_smoothing=0.05)
+    g_got = torch.autograd.grad(got, params)
+    by_hand = nnk.cosine_cross_entropy(x, head.weight, t, scale=head.scale, bias=head.bias, **opts)
+    g_hand = torch.autograd.grad(by_hand, params)
+    ref = cosine_cross_entropy_ref(x, head.weight, t, scale=head.scale, bias=head.bias, **opts)
+    g_ref = torch.autograd.grad(ref, params)
+
+    assert torch.equal(got, by_hand)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b, r in zip(g_got, g_hand, g_ref):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_leading_dims_and_reductions():
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(8, 13, scale=6.0, additive_margin=0.1)
+    x = torch.randn(3, 5, 8)
+    t = torch.randint(0, 13, (3, 5))
+    flat = head.loss(x.reshape(15, 8), t.reshape(15), reduction="none", return_lse=True)
+    rows, lse = head.loss(x, t, reduction="none", return_lse=True)
+    assert rows.shape == lse.shape == (3, 5)
+    torch.testing.assert_close(rows.reshape(15), flat[0])
+    torch.testing.assert_close(lse.reshape(15), flat[1])
+    torch.testing.assert_close(head.loss(x, t), flat[0].mean())
+    torch.testing.assert_close(head.loss(x, t, reduction="sum"), flat[0].sum())
+    # Overriding a margin for one call (a margin schedule).
+    torch.testing.assert_close(
+        head.loss(x, t, additive_margin=0.0),
+        cosine_cross_entropy_ref(x.reshape(15, 8), head.weight, t.reshape(15), scale=6.0),
+    )
+
+
+def test_learnable_scales_get_gradients():
+    torch.manual_seed(0)
+    x, t = torch.randn(16, 10), torch.randint(0, 7, (16,))
+    for per_class in (False, True):
+        head = nnk.CosineLinear(10, 7, scale=5.0, learn_scale=True, per_class_scale=per_class)
+        head.loss(x, t).backward()
+        g = head.log_scale.grad
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+        # d loss / d log s = s * d loss / d s, against the reference.
+        s = head.scale.detach().requires_grad_()
+        (g_s,) = torch.autograd.grad(cosine_cross_entropy_ref(x, head.weight, t, scale=s), [s])
+        torch.testing.assert_close(g, s.detach() * g_s, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_module_equals_functional():
+    torch.manual_seed(0)
+    emb = torch.randn(40, 12, requires_grad=True)  # e.g. a tied embedding
+    x, t = torch.randn(2, 9, 12), torch.randint(0, 40, (2, 9))
+    b = torch.randn(40)
+    crit = nnk.CosineCrossEntropyLoss(scale=7.0, angular_margin=0.3, label_smoothing=0.1)
+    got = crit(x, emb, t, bias=b)
+    want = nnk.cosine_cross_entropy(x.reshape(18, 12), emb, t.reshape(18), scale=7.0,
+                                    angular_margin=0.3, label_smoothing=0.1, bias=b)
+    assert torch.equal(got, want)
+    assert "angular_margin=0.3" in repr(crit)
+    with pytest.raises(ValueError, match="reduction"):
+        nnk.CosineCrossEntropyLoss(reduction="avg")
+    with pytest.raises(TypeError, match="unknown option"):
+        nnk.CosineCrossEntropyLoss(margin=0.2)
+    with pytest.raises(TypeError, match="bias"):
+        nnk.CosineCrossEntropyLoss(bias=b)
+
+
+# --- projection --------------------------------------------------------------------
+
+
+def test_project_weight_and_the_optimizer_hook():
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(12, 6, scale=4.0)
+    with torch.no_grad():
+        head.weight.mul_(torch.linspace(0.1, 5.0, 6)[:, None])
+        head.weight[2].zero_()
+    x = torch.randn(5, 12)
+    before = head(x)
+    head.project_weight_()
+    norms = head.weight.norm(dim=1)
+    torch.testing.assert_close(norms[[0, 1, 3, 4, 5]], torch.ones(5))
+    assert norms[2] == 0
+    torch.testing.assert_close(head(x), before)  # normalize_weight: invariant
+
+    model = nn.Sequential(nn.Linear(12, 12), head)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    handle = nnk.project_after_step(opt, model)
+    t = torch.randint(0, 6, (5,))
+    head.loss(model[0](x), t).backward()
+    opt.step()
+    torch.testing.assert_close(head.weight.norm(dim=1)[[0, 1, 3, 4, 5]], torch.ones(5))
+    handle.remove()
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    opt.step()
+    assert head.weight.norm(dim=1)[0] > 2.0  # the hook is gone
+    with pytest.raises(ValueError, match="no CosineLinear"):
+        nnk.project_after_step(opt, nn.Linear(2, 2))
+
+
+# --- torch.compile -----------------------------------------------------------------
+
+
+def test_compile_fullgraph_forward_and_loss_on_cpu():
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(16, 21, bias=True, learn_scale=True, additive_margin=0.2)
+    x = torch.randn(2, 6, 16)
+    t = torch.randint(0, 21, (2, 6))
+
+    def step(x, t):
+        return head(x), head.loss(x, t, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    (logits_c, loss_c), (logits_e, loss_e) = compiled(x, t), step(x, t)
+    torch.testing.assert_close(logits_c, logits_e)
+    torch.testing.assert_close(loss_c, loss_e)
+    params = list(head.parameters())
+    g_c = torch.autograd.grad(loss_c + logits_c.square().mean(), params)
+    g_e = torch.autograd.grad(loss_e + logits_e.square().mean(), params)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
