@@ -8,7 +8,7 @@
 - ``paper-loop``: ``bench.nc_baseline.nc_paper_baseline``, the
   neural-collapse paper's way: two passes of mini-batches with a Python loop
   over the classes, then NC1 with scipy's pinv of the D x D Sigma_B on the CPU;
-  slow, so it is timed once after one untimed call;
+  slow: one untimed call, then ``--min-rounds`` (3) samples;
 - ``bound-gemm``: one ``H.T @ H`` in the input dtype (cuBLAS on GPUs), the
   GEMM that the statistics cannot beat.
 
@@ -96,7 +96,7 @@ class PaperLoop(Provider):
 
     def notes(self, case):
         return ("bench.nc_baseline.nc_paper_baseline (NC1, no classifier): per-class loops on the device, "
-                "scipy pinv; slow: one untimed call, then one sample")
+                "scipy pinv; slow: one untimed call, then --min-rounds samples")
 
 
 class GramBound(Provider):

@@ -131,7 +131,7 @@ class Provider:
     name = ""
     kind = ""        # "nnk" | "reference" | "pytorch" | "peer" | "bound"
     op = CE_OP
-    slow = False     # seconds per call: no warm-up beyond the first call, one sample
+    slow = False     # seconds per call: no warm-up beyond the first call, --min-rounds samples
 
     def check(self, case: Case, device: torch.device, dtype: torch.dtype) -> Check:
         return OK

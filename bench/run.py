@@ -206,7 +206,7 @@ class Bench:
                 mode_deadline = min(mode_deadline, self.deadline)
             samples = interleaved(dict(steps), iters, self.clock, rounds=args.reps, min_rounds=args.min_rounds,
                                   deadline=mode_deadline, on_error=on_error,
-                                  max_rounds={n: 1 for n in steps if by_name[n].slow})
+                                  max_rounds={n: args.min_rounds for n in steps if by_name[n].slow})
             for name in list(steps):
                 try:
                     peak = self.mem.measure(steps[name])

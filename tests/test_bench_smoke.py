@@ -63,7 +63,7 @@ def test_measured_rows_are_finite(quick_run):
         for k in ("median_ms", "p20_ms", "p80_ms", "tflops", "vs_bound", "peak_mb"):
             assert math.isfinite(r[k]), (r["case"], r["provider"], r["mode"], k, r[k])
         assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
-        assert r["rounds"] == (1 if r["provider"] == "paper-loop" else 2) and r["iters"] >= 1
+        assert r["rounds"] == 2 and r["iters"] >= 1
         if r["op"] == "cosine_cross_entropy" and r["kind"] != "bound":
             assert math.isfinite(r["loss"]), (r["case"], r["provider"])
     # What must run on any CPU: nnk's torch paths (and the extension's CPU kernels
