@@ -33,7 +33,7 @@ def test_readme_demo_table_matches_the_committed_results():
     import json
 
     root = os.path.dirname(README)
-    with open(os.path.join(root, "results", "demo-cpu.json")) as f:
+    with open(os.path.join(root, "bench", "results", "demo-cpu.json")) as f:
         final = json.load(f)["final"]
     with open(README, encoding="utf-8") as f:
         text = f.read()
