@@ -7,6 +7,9 @@ package, no CUDA device, dtype) and is then built into one ``Step`` per mode
 Who does what work (the ``notes`` column of the CSV repeats it):
 - ``nnk-*``: ``nnk.cosine_cross_entropy(x, W, y, scale=s, margins, impl=...)``,
   one per impl that ``nnk.functional.resolve_impl`` accepts on this device.
+  ``nnk-cuda`` computes the gradients of the mean loss in its forward (3 GEMM
+  passes for fwd+bwd); ``nnk-cuda-2pass`` is the same call with
+  ``NNK_GRAD_IN_FORWARD=0`` (the backward recomputes the logits: 4 passes).
 - ``ref-eager`` / ``ref-compile``: the specification
   ``nnk.reference.cosine_cross_entropy_ref`` (float32 logits; for 16-bit
   inputs its GEMMs run in float32), eager and under ``torch.compile``.
@@ -31,6 +34,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -165,8 +169,9 @@ class Nnk(Provider):
     kind = "nnk"
     _module = {"torch": "nnk.impl.torch_blockwise", "triton": "nnk.impl.triton", "cuda": "nnk.impl.extension"}
 
-    def __init__(self, impl: str):
-        self.impl, self.name = impl, f"nnk-{impl}"
+    def __init__(self, impl: str, *, grad_in_forward: bool = True):
+        self.impl, self.grad_in_forward = impl, grad_in_forward
+        self.name = f"nnk-{impl}" + ("" if grad_in_forward else "-2pass")
 
     def check(self, case, device, dtype):
         return impl_check(self.impl, self._module[self.impl], device, dtype, "cosine_cross_entropy_fwd")
@@ -175,8 +180,28 @@ class Nnk(Provider):
         import nnk
 
         kw = case.loss_kwargs()
-        return loss_run(lambda: nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw),
-                        [inputs.x, inputs.w])
+
+        def loss():
+            if self.grad_in_forward:
+                return nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw)
+            previous = os.environ.get("NNK_GRAD_IN_FORWARD")
+            os.environ["NNK_GRAD_IN_FORWARD"] = "0"
+            try:
+                return nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw)
+            finally:
+                if previous is None:
+                    del os.environ["NNK_GRAD_IN_FORWARD"]
+                else:
+                    os.environ["NNK_GRAD_IN_FORWARD"] = previous
+
+        return loss_run(loss, [inputs.x, inputs.w])
+
+    def notes(self, case):
+        if self.impl != "cuda":
+            return ""
+        if self.grad_in_forward:
+            return "gradients of the mean loss computed in the forward (3 GEMM passes for fwd+bwd)"
+        return "NNK_GRAD_IN_FORWARD=0: the backward recomputes the logits (4 GEMM passes for fwd+bwd)"
 
 
 @functools.cache
@@ -379,5 +404,5 @@ class GemmBound(Provider):
 
 
 def ce_providers() -> list[Provider]:
-    return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Reference(False), Reference(True),
+    return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", grad_in_forward=False), Reference(False), Reference(True),
             TorchHead(False), TorchHead(True), TorchLCE(), Liger(), CutCrossEntropy(), PML(), GemmBound()]

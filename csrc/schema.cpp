@@ -34,6 +34,18 @@ TORCH_LIBRARY(nnk, m) {
       " float label_smoothing, float z_loss, float eps, int chunk_rows,"
       " bool[4] output_mask)"
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
+  // Both in one chunk loop, for training with an upstream gradient known
+  // before the forward (grad_loss: (N,), e.g. 1 per row for a sum, 1 / #valid
+  // for a mean): each chunk's logits serve the loss and then its gradients,
+  // so they are computed once instead of twice. Returns the forward's (loss,
+  // lse) and the backward's gradients for grad_lse = None.
+  m.def(
+      "cosine_cross_entropy_fwd_bwd(Tensor x, Tensor weight, Tensor target, Tensor scale,"
+      " Tensor? bias, Tensor grad_loss, bool normalize_input, bool normalize_weight,"
+      " float additive_margin, float angular_margin, bool exact_margin, int ignore_index,"
+      " float label_smoothing, float z_loss, float eps, int chunk_rows, bool[4] output_mask)"
+      " -> (Tensor loss, Tensor lse, Tensor grad_x, Tensor grad_weight, Tensor grad_scale,"
+      " Tensor grad_bias)");
 
   // Neural-collapse statistics (the contracts of nnk.reference.nc_class_sums_ref
   // and nc_centered_gram_ref). features: (N, D) or (B, N, D); labels: (N,)

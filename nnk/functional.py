@@ -146,7 +146,10 @@ def cosine_cross_entropy(
             (margins included; differentiable: d lse / d logits = softmax).
         impl: ``"auto" | "cuda" | "triton" | "torch"``; ``NNK_IMPL`` sets what
             ``"auto"`` means for the process. ``"cuda"`` is the compiled
-            extension (its CPU kernels on CPU tensors).
+            extension (its CPU kernels on CPU tensors); for a ``"mean"`` /
+            ``"sum"`` loss that autograd records (and no ``return_lse``) it
+            computes the gradients during the forward, saving the backward's
+            recomputation of the logits (``NNK_GRAD_IN_FORWARD=0``: off).
         deterministic: bitwise-reproducible gradients on GPU backends (a fixed
             reduction order instead of atomics); default ``NNK_DETERMINISTIC=1``.
         check_finite: raise ValueError if x, weight or bias hold NaN/Inf (one
@@ -176,6 +179,12 @@ def cosine_cross_entropy(
         deterministic=deterministic,
     )
     target, scale = check_tensors(x, weight, target, scale, bias, opts, check_finite=check_finite)
-    row, lse = run_backend(impl, x, weight, target, scale, bias, opts)
+    backend = resolve_impl(impl, x.device, x.dtype)
+    if backend == "cuda" and reduction != "none" and not return_lse:
+        from .impl.extension import cosine_cross_entropy_extension_reduced, grad_in_forward
+
+        if grad_in_forward(x, weight, scale, bias):
+            return cosine_cross_entropy_extension_reduced(x, weight, target, scale, bias, opts, reduction)
+    row, lse = _backend(backend)(x, weight, target, scale, bias, opts)
     loss = reduce_rows(row, target != opts.ignore_index, reduction)
     return (loss, lse) if return_lse else loss

@@ -124,9 +124,13 @@ LSE_WEIGHT = 0.3
 
 def objective(loss, lse):
     """Scalar the gradient tests differentiate: the loss (summed if per-row) plus
-    row-dependent multiples of the lse, so that g_lse is not a constant."""
+    row-dependent multiples of the lse, so that g_lse is not a constant (the
+    loss alone when lse is None)."""
+    total = loss if loss.dim() == 0 else loss.sum()
+    if lse is None:
+        return total
     weights = torch.linspace(-1.0, 1.0, lse.shape[0], dtype=lse.dtype, device=lse.device)
-    return (loss if loss.dim() == 0 else loss.sum()) + LSE_WEIGHT * (lse * weights).sum()
+    return total + LSE_WEIGHT * (lse * weights).sum()
 
 
 def grads(loss, lse, leaves):
@@ -137,12 +141,14 @@ def reference(x, w, t, kw):
     return cosine_cross_entropy_ref(x, w, t, return_lse=True, **kw)
 
 
-def error_table(fn, opts, n, d, c, dtype, *, device="cpu", seed=0, mutate=None):
+def error_table(fn, opts, n, d, c, dtype, *, device="cpu", seed=0, mutate=None, with_lse=True):
     """Errors of ``fn(x, w, t, kw) -> (loss, lse)`` and of the same-dtype
     reference against the fp64 reference on the same (rounded) inputs: loss,
     lse and every gradient (lse in the objective), as
     ``{"impl": {name: err}, "ref": {name: err}, "mag": {name: max |truth|}}``.
-    ``mutate(x, w, t)`` edits the inputs in place first (peaked rows, zero rows)."""
+    ``mutate(x, w, t)`` edits the inputs in place first (peaked rows, zero rows).
+    ``with_lse=False``: ``fn`` returns the loss alone and the lse is left out
+    of the comparison and the objective."""
     x, w, t, kw, leaves = make_inputs(n, d, c, opts, dtype=dtype, seed=seed, device=device)
     x64, w64, _, kw64, leaves64 = make_inputs(n, d, c, opts, dtype=torch.float64, seed=seed, device=device)
     with torch.no_grad():
@@ -150,14 +156,24 @@ def error_table(fn, opts, n, d, c, dtype, *, device="cpu", seed=0, mutate=None):
             mutate(x, w, t)
         for k in leaves:  # ground truth on exactly the rounded low-precision values
             leaves64[k].copy_(leaves[k].double())
-    truth = reference(x64, w64, t, kw64)
+
+    def outputs(got):  # (loss, lse); lse None without with_lse
+        if with_lse:
+            return got
+        return (got[0] if isinstance(got, tuple) else got), None
+
+    truth = outputs(reference(x64, w64, t, kw64))
     g_truth = grads(*truth, leaves64)
-    out = {"mag": {"loss": truth[0].abs().max().item(), "lse": truth[1].abs().max().item()}}
+    out = {"mag": {"loss": truth[0].abs().max().item()}}
+    if with_lse:
+        out["mag"]["lse"] = truth[1].abs().max().item()
     out["mag"].update({k: v.abs().max().item() for k, v in g_truth.items()})
     for name, f in (("impl", fn), ("ref", reference)):
-        loss, lse = f(x, w, t, kw)
+        loss, lse = outputs(f(x, w, t, kw))
         g = grads(loss, lse, leaves)
-        errs = {"loss": max_err(loss, truth[0]), "lse": max_err(lse, truth[1])}
+        errs = {"loss": max_err(loss, truth[0])}
+        if with_lse:
+            errs["lse"] = max_err(lse, truth[1])
         errs.update({k: max_err(g[k], g_truth[k]) for k in g})
         out[name] = errs
     return out

@@ -1,5 +1,5 @@
 """impl="cuda": the compiled extension's fused cosine cross-entropy
-(nnk::cosine_cross_entropy_fwd / _bwd) against the reference and an fp64
+(nnk::cosine_cross_entropy_fwd / _bwd / _fwd_bwd) against the reference and an fp64
 ground truth. On the CPU (CI) this runs the extension's CPU kernels, which
 call the same element functions (csrc/include/nnk/cce_chunk.h, math.h) as the
 CUDA kernels; ``pytest --device cuda`` runs the device-parametrized tests and
@@ -139,6 +139,103 @@ def test_gradients_in_input_dtype_and_frozen_inputs(device):
     assert max_err(gx, gx_ref) < 1e-6
 
 
+# --- gradients computed in the forward (mean / sum losses in training) -------------
+
+REDUCED_CASES = [c for c in OPTION_CASES if c[1].get("reduction") != "none"]
+
+
+def _public(x, w, t, kw):
+    return nnk.cosine_cross_entropy(x, w, t, impl="cuda", **kw)
+
+
+def _two_pass(monkeypatch):
+    monkeypatch.setenv("NNK_GRAD_IN_FORWARD", "0")
+
+
+@pytest.mark.parametrize("case", REDUCED_CASES, ids=[c[0] for c in REDUCED_CASES])
+def test_grad_in_forward_every_option(case, device):
+    x, w, t, kw, _ = make_inputs(5, 3, 7, case[1], dtype=torch.float32, device=device)
+    assert type(_public(x, w, t, kw).grad_fn).__name__ == "_ExtensionCCEReducedBackward"
+    errs = error_table(_public, case[1], 97, 59, 1031, torch.float32, device=device, with_lse=False)
+    assert_within_bound(errs, atol=1e-5)
+
+
+def test_grad_in_forward_scale64_margins_peaked_zero_norm_rows(device):
+    opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
+    errs = error_table(_public, opts, 97, 59, 1031, torch.float32, device=device, mutate=_peaked_and_zero_rows,
+                       with_lse=False)
+    assert_within_bound(errs, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_in_forward_matches_two_pass(reduction, device, monkeypatch):
+    """The same chunk GEMMs and epilogues either way: equal losses, gradients
+    equal to rounding; an upstream gradient other than 1 scales them."""
+    opts = {"scale": "per_class", "bias": True, "angular_margin": 0.3, "label_smoothing": 0.1, "z_loss": 1e-3,
+            "ignore": True, "reduction": reduction}
+    x, w, t, kw, leaves = make_inputs(70, 19, 301, opts, dtype=torch.float32, device=device)
+    fused = _public(x, w, t, kw)
+    g_fused = dict(zip(leaves, torch.autograd.grad(fused * 3.0, list(leaves.values()))))
+    _two_pass(monkeypatch)
+    plain = _public(x, w, t, kw)
+    assert type(plain.grad_fn).__name__ != "_ExtensionCCEReducedBackward"
+    g_plain = dict(zip(leaves, torch.autograd.grad(plain * 3.0, list(leaves.values()))))
+    assert max_err(fused, plain) <= 1e-6 * abs(plain.item())
+    for k in leaves:
+        assert max_err(g_fused[k], g_plain[k]) <= 1e-6 * g_plain[k].abs().max().item(), k
+
+
+def test_grad_in_forward_only_when_training(device):
+    x, w, t, kw, _ = make_inputs(6, 3, 5, {"scale": 4.0}, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        assert _public(x, w, t, kw).grad_fn is None
+    assert type(_public(x, w, t, {**kw, "reduction": "none"}).grad_fn).__name__ != "_ExtensionCCEReducedBackward"
+    loss, _ = _public(x, w, t, {**kw, "return_lse": True})
+    assert type(loss.grad_fn).__name__ != "_ExtensionCCEReducedBackward"
+    frozen = _public(x.detach(), w.detach(), t, kw)
+    assert frozen.grad_fn is None
+    assert max_err(frozen, cosine_cross_entropy_ref(x, w, t, **kw)) < 1e-6
+
+
+def test_grad_in_forward_all_rows_ignored(device):
+    x, w, t, kw, _ = make_inputs(6, 3, 4, {"scale": 4.0, "bias": True}, dtype=torch.float32, device=device)
+    t[:] = -100
+    assert torch.isnan(_public(x, w, t, kw))  # mean over no rows, as F.cross_entropy
+    loss = _public(x, w, t, {**kw, "reduction": "sum"})
+    assert loss.item() == 0.0
+    loss.backward()
+    for p in (x, w, kw["bias"]):
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grad_in_forward_half_inputs(dtype, device):
+    opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
+    errs = error_table(_public, opts, 97, 59, 1031, dtype, device=device, with_lse=False)
+    if device.type == "cpu":
+        assert_within_bound(errs, atol=1e-4)
+    else:  # as test_half_inputs
+        u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+        for k, e in errs["impl"].items():
+            assert e <= 2 * errs["ref"][k] + 8 * u * errs["mag"][k] + 1e-4, (k, e, errs["ref"][k], errs["mag"][k])
+
+
+def test_grad_in_forward_torch_compile_fullgraph_cpu():
+    opts = {"scale": "per_class", "bias": True, "additive_margin": 0.2, "ignore": True}
+    x, w, t, kw, leaves = make_inputs(33, 17, 101, opts, dtype=torch.float32)
+
+    def f(x_, w_, s_, b_):
+        return nnk.cosine_cross_entropy(x_, w_, t, **{**kw, "scale": s_, "bias": b_}, impl="cuda")
+
+    loss = torch.compile(f, fullgraph=True)(x, w, kw["scale"], kw["bias"])
+    g = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+    ref = cosine_cross_entropy_ref(x, w, t, **kw)
+    g_ref = dict(zip(leaves, torch.autograd.grad(ref, list(leaves.values()))))
+    assert max_err(loss, ref) < 1e-5
+    for k in leaves:
+        assert max_err(g[k], g_ref[k]) < 1e-5 * max(1.0, g_ref[k].abs().max().item()), k
+
+
 # --- registration -----------------------------------------------------------------
 
 
@@ -166,6 +263,9 @@ def test_opcheck(dtype, per_class, with_bias, device):
                         ((g, None), [False, True, False, with_bias])):
         torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_bwd.default,
                               (*grads, x, w, t, s, b, lse, *bwd, mask))
+    for mask in ([True, True, True, with_bias], [False, True, per_class, False]):
+        torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_fwd_bwd.default,
+                              (x, w, t, s, b, g, *bwd, mask))
 
 
 def test_op_rejects_bad_input():

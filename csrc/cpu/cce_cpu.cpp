@@ -1,4 +1,4 @@
-// CPU implementation of nnk::cosine_cross_entropy_fwd / _bwd: the chunk loop
+// CPU implementation of nnk::cosine_cross_entropy_fwd / _bwd / _fwd_bwd: the chunk loop
 // of nnk/cce_driver.h with GEMMs in the accumulation dtype (float32, float64
 // for float64) and the epilogues as loops over the element functions of
 // nnk/cce_chunk.h, the same ones the CUDA kernels call.
@@ -126,6 +126,7 @@ struct CpuBackend {
 TORCH_LIBRARY_IMPL(nnk, CPU, m) {
   m.impl("cosine_cross_entropy_fwd", &cce::forward_op<CpuBackend>);
   m.impl("cosine_cross_entropy_bwd", &cce::backward_op<CpuBackend>);
+  m.impl("cosine_cross_entropy_fwd_bwd", &cce::forward_backward_op<CpuBackend>);
 }
 
 }  // namespace nnk

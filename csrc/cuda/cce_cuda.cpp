@@ -1,4 +1,4 @@
-// CUDA implementation of nnk::cosine_cross_entropy_fwd / _bwd: the chunk loop
+// CUDA implementation of nnk::cosine_cross_entropy_fwd / _bwd / _fwd_bwd: the chunk loop
 // of nnk/cce_driver.h with cuBLAS GEMMs (through ATen, on the current stream)
 // on the raw fp16/bf16/fp32 operands with fp32 output, and the fused
 // epilogues and row-normalization kernels of cce_kernel.cu /
@@ -83,7 +83,7 @@ struct CudaBackend {
   static void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
     if (target.numel() == 0) return;
     const at::Tensor ok = ((target >= 0) & (target < classes)) | (target == ignore_index);
-    at::_assert_async(ok.all(), "nnk::cosine_cross_entropy_fwd: target values out of range");
+    at::_assert_async(ok.all(), "nnk::cosine_cross_entropy: target values out of range");
   }
 
   template <typename A>
@@ -106,6 +106,7 @@ struct CudaBackend {
 TORCH_LIBRARY_IMPL(nnk, CUDA, m) {
   m.impl("cosine_cross_entropy_fwd", &cce::forward_op<CudaBackend>);
   m.impl("cosine_cross_entropy_bwd", &cce::backward_op<CudaBackend>);
+  m.impl("cosine_cross_entropy_fwd_bwd", &cce::forward_backward_op<CudaBackend>);
 }
 
 }  // namespace nnk

@@ -4,13 +4,26 @@ and their CPU twins on CPU tensors).
 
 Per chunk of rows, one GEMM gives the raw products ``x_c @ W^T`` (fp32
 output), one fused epilogue applies the norms, scale, margins and bias and
-reduces each row to its log-sum-exp and loss. The forward computes no
-gradient: it saves only its inputs and the (N,) lse, so a call without
-backward (evaluation, ``no_grad``) costs one GEMM pass. The backward recomputes
-each chunk's GEMM, turns the block into ``d cos`` in one fused epilogue, then
-``d xn = dcos @ Wn`` and ``d Wn += dcos^T @ xn`` (fp32 accumulator) and the
-normalization backward. Peak extra memory: one chunk of (rows x C) fp32 (+ a
-16-bit copy for fp16/bf16 GEMMs), never N x C.
+reduces each row to its log-sum-exp and loss. Gradients then come one of
+two ways:
+
+* ``_ExtensionCCE`` (reduction="none", return_lse, or no input requiring
+  grad): the forward computes no gradient and saves only its inputs and the
+  (N,) lse, so evaluation costs one GEMM pass; the backward recomputes each
+  chunk's GEMM, turns the block into ``d cos`` in one fused epilogue, then
+  ``d xn = dcos @ Wn`` and ``d Wn += dcos^T @ xn`` (fp32 accumulator) and the
+  normalization backward: 4 GEMM passes (8 N C D flops) for training.
+* ``_ExtensionCCEReduced`` (a "mean"/"sum" loss that will be differentiated):
+  the upstream gradient of each row is known before the forward up to one
+  scalar, so ``nnk::cosine_cross_entropy_fwd_bwd`` computes the gradients
+  from each chunk's block while it is in memory (as Liger's fused linear
+  cross-entropy does) and the backward only multiplies them by that scalar:
+  3 GEMM passes (6 N C D flops). If no backward follows, the call cost 3
+  passes instead of 1 and held the gradients until the graph was freed;
+  ``NNK_GRAD_IN_FORWARD=0`` turns this path off.
+
+Peak extra memory: one chunk of (rows x C) fp32 (+ a 16-bit copy for
+fp16/bf16 GEMMs), never N x C.
 
 Gradients are bitwise reproducible whatever ``opts.deterministic`` says: the
 column sums (d bias, d scale) go through per-band partials summed in a fixed
@@ -21,10 +34,13 @@ GradScaler sees as an inf step and backs off from.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .._options import CCEOptions
 from ..ops.cce import bwd_options, fwd_options
+from ..reference import reduce_rows
 
 
 class _ExtensionCCE(torch.autograd.Function):
@@ -45,6 +61,63 @@ class _ExtensionCCE(torch.autograd.Function):
             g_row, g_lse, x, weight, target, scale, bias, lse, *ctx.bwd_args, mask)
         return (dx if mask[0] else None, dw if mask[1] else None, ds if mask[2] else None,
                 db if mask[3] else None, None, None, None)
+
+
+class _ExtensionCCEReduced(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, target, reduction, opts, rows):
+        valid = target != opts.ignore_index
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        # d loss / d row_i for an upstream gradient of 1, as reduce_rows
+        # differentiates (inf for "mean" without valid rows: every row is then
+        # ignored and gets no gradient).
+        row_grad = torch.ones((), dtype=acc, device=x.device)
+        if reduction == "mean":
+            row_grad = row_grad / valid.sum().to(acc)
+        mask = [t is not None and t.requires_grad for t in (x, weight, scale, bias)]
+        row, _lse, *grads = torch.ops.nnk.cosine_cross_entropy_fwd_bwd(
+            x, weight, target, scale, bias, row_grad.expand(target.shape), *bwd_options(opts, rows),
+            mask)
+        ctx.save_for_backward(*grads)
+        ctx.mask = mask
+        return reduce_rows(row, valid, reduction)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        # Exact when g is a power of two (1, or a GradScaler scale): one more
+        # rounding of the input-dtype gradients otherwise.
+        grads = [t * g.to(t.dtype) if on else None for t, on in zip(ctx.saved_tensors, ctx.mask)]
+        return (*grads, None, None, None, None)
+
+
+def grad_in_forward(x, weight, scale, bias) -> bool:
+    """Whether a reduced loss on the extension takes the fused training op
+    (``_ExtensionCCEReduced``): autograd is recording, an input requires
+    grad, and ``NNK_GRAD_IN_FORWARD`` is not "0"."""
+    if os.environ.get("NNK_GRAD_IN_FORWARD", "1") == "0" or not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, scale, bias))
+
+
+def cosine_cross_entropy_extension_reduced(x, weight, target, scale, bias, opts: CCEOptions,
+                                           reduction: str, *, chunk_rows: int | None = None):
+    """Backend entry for a reduced loss that will be differentiated (see
+    :func:`grad_in_forward`): the gradients are computed in the forward.
+
+    Args:
+        x, weight, target, scale, bias, opts, chunk_rows: as
+            :func:`cosine_cross_entropy_extension`.
+        reduction: ``"mean"`` or ``"sum"``.
+
+    Returns:
+        The reduced loss, 0-d float32 (float64 for float64 x), differentiable:
+        ``reduce_rows(row_loss, target != ignore_index, reduction)``.
+    """
+    if not isinstance(scale, torch.Tensor):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    return _ExtensionCCEReduced.apply(x, weight, scale, bias, target, reduction, opts,
+                                      int(chunk_rows or 0))
 
 
 def cosine_cross_entropy_extension(x, weight, target, scale, bias, opts: CCEOptions,

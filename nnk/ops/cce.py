@@ -1,8 +1,8 @@
-"""``nnk::cosine_cross_entropy_fwd`` / ``_bwd``: fake kernels (so that
-torch.compile traces them) and the argument tuples the backend builds.
+"""``nnk::cosine_cross_entropy_fwd`` / ``_bwd`` / ``_fwd_bwd``: fake kernels
+(so that torch.compile traces them) and the argument tuples the backend builds.
 
-The autograd formula is not registered on the op: the backend
-``nnk.impl.extension`` wraps the pair in a torch.autograd.Function.
+The autograd formula is not registered on the ops: the backend
+``nnk.impl.extension`` wraps them in torch.autograd.Functions.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ def fwd_options(opts: CCEOptions, chunk_rows: int) -> tuple:
 
 
 def bwd_options(opts: CCEOptions, chunk_rows: int) -> tuple:
-    """The scalar arguments of ``cosine_cross_entropy_bwd`` after ``lse``
-    (``output_mask`` excluded)."""
+    """The scalar arguments of ``cosine_cross_entropy_bwd`` after ``lse``, and
+    of ``cosine_cross_entropy_fwd_bwd`` after ``grad_loss`` (``output_mask``
+    excluded)."""
     return (opts.normalize_input, opts.normalize_weight, opts.additive_margin, opts.angular_margin,
             opts.exact_margin, opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.eps,
             chunk_rows)
@@ -43,14 +44,28 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
         acc = _acc(x.dtype)
         return x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
 
+    def _grad_like(t, x, on):
+        """A gradient of t (shape and dtype of t, contiguous), or the empty
+        (0,) tensor the ops return for one that output_mask leaves out."""
+        if on and t is not None:
+            return torch.empty_like(t, memory_format=torch.contiguous_format)
+        return (t if t is not None else x).new_empty((0,))
+
     @torch.library.register_fake("nnk::cosine_cross_entropy_bwd")
     def _cce_bwd_fake(grad_loss, grad_lse, x, weight, target, scale, bias, lse, normalize_input,
                       normalize_weight, additive_margin, angular_margin, exact_margin, ignore_index,
                       label_smoothing, z_loss, eps, chunk_rows, output_mask):
-        def grad_like(t, on):
-            if on and t is not None:
-                return torch.empty_like(t, memory_format=torch.contiguous_format)
-            return (t if t is not None else x).new_empty((0,))
+        return tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
 
-        return (grad_like(x, output_mask[0]), grad_like(weight, output_mask[1]),
-                grad_like(scale, output_mask[2]), grad_like(bias, output_mask[3]))
+    # Builds older than the fused training op lack it.
+    if has_op("cosine_cross_entropy_fwd_bwd", "cpu"):
+
+        @torch.library.register_fake("nnk::cosine_cross_entropy_fwd_bwd")
+        def _cce_fwd_bwd_fake(x, weight, target, scale, bias, grad_loss, normalize_input,
+                              normalize_weight, additive_margin, angular_margin, exact_margin,
+                              ignore_index, label_smoothing, z_loss, eps, chunk_rows, output_mask):
+            loss, lse = _cce_fwd_fake(x, weight, target, scale, bias, normalize_input, normalize_weight,
+                                      additive_margin, angular_margin, ignore_index, label_smoothing,
+                                      z_loss, eps, chunk_rows)
+            grads = tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
+            return (loss, lse, *grads)

@@ -1,4 +1,4 @@
-// The chunk loop of nnk::cosine_cross_entropy_fwd / _bwd, shared by the CPU
+// The chunk loop of nnk::cosine_cross_entropy_fwd / _bwd / _fwd_bwd, shared by the CPU
 // and CUDA implementations. A backend K supplies the device-specific pieces:
 //
 //   K::Guard                         device guard constructed from a Device
@@ -12,7 +12,8 @@
 //   K::forward_epilogue<A>(chunk, loss, lse)
 //   K::backward_epilogue<A>(chunk, grad, dcos)
 //
-// Design (the forward does NOT compute gradients):
+// Design (cosine_cross_entropy_fwd computes no gradients; _fwd_bwd, below,
+// runs both halves on each chunk):
 //   forward   per chunk of rows: block = x_c @ W^T (raw operands, fp32 out),
 //             then one fused epilogue applies the norms, scale, margins and
 //             bias and reduces each row to its lse and loss. Nothing of the
@@ -221,6 +222,103 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   return {loss, lse};
 }
 
+// The gradient half of the chunk loop, shared by the backward op and the
+// forward op that also computes gradients (forward_backward): the buffers of
+// one chunk, the accumulators, and the final normalization backward of W.
+// output_mask selects (d x, d W, d scale, d bias); `work` false (no rows or
+// no upstream gradient) leaves every asked-for gradient zero.
+template <class K>
+class GradPass {
+ public:
+  GradPass(const at::Tensor& x, const at::Tensor& scale, const Operands& p, const Options& o,
+           std::array<bool, 4> mask, int64_t rows, bool work)
+      : o_(o), mask_(mask), per_class_(scale.dim() == 1), wn_(p.w) {
+    const auto acc_opts = x.options().dtype(p.acc);
+    const int64_t c = p.w.size(0), d = p.w.size(1);
+    // Outputs not asked for are empty (0,) tensors.
+    dx_ = !mask[0] ? at::empty({0}, x.options())
+          : work   ? at::empty_like(x, at::MemoryFormat::Contiguous)
+                   : at::zeros_like(x, at::MemoryFormat::Contiguous);
+    if (mask[1]) dw_acc_ = at::zeros({c, d}, acc_opts);
+    ds_ = at::zeros({per_class_ ? c : 1}, acc_opts);
+    db_ = at::zeros({c}, acc_opts);
+    if (!work) return;
+    if (o.normalize_weight) std::tie(wn_, w_norm_) = K::row_normalize(p.w, o.eps);
+    // fp32 GEMMs take d cos in place of the block; fp16/bf16 GEMMs a copy.
+    if (p.x.scalar_type() != p.acc) dcos_buf_ = at::empty({rows, c}, p.x.options());
+    const int64_t parts = num_parts(rows);
+    if (mask[3]) db_part_ = at::empty({parts, c}, acc_opts);
+    if (mask[2]) ds_part_ = at::empty({parts, c}, acc_opts);
+    if (mask[0]) dxn_buf_ = at::empty({rows, d}, acc_opts);
+  }
+
+  // ||w_c|| from the normalization the d W GEMM uses (undefined: not normalized).
+  const at::Tensor& w_norm() const { return w_norm_; }
+
+  // Rows [r0, r0 + blk.size(0)): blk holds their raw products and ch sees
+  // them; xn, x_norm are the chunk's normalized rows and norms (xn = the raw
+  // rows when x is not normalized); lse, grad_loss, grad_lse point at row r0
+  // (grad pointers may be null: zero).
+  template <typename A>
+  void add_chunk(const Chunk<A>& ch, at::Tensor& blk, const at::Tensor& xn,
+                 const at::Tensor& x_norm, int64_t r0, const A* lse, const A* grad_loss,
+                 const A* grad_lse) {
+    const int64_t m = blk.size(0);
+    // 1. One fused epilogue: d cos (in place or into the GEMM-dtype copy)
+    //    and the per-band column sums of d z and d z * cos'.
+    ChunkGrad<A> gr;
+    gr.lse = lse;
+    gr.grad_loss = grad_loss;
+    gr.grad_lse = grad_lse;
+    gr.dbias_part = db_part_.defined() ? db_part_.mutable_data_ptr<A>() : nullptr;
+    gr.dscale_part = ds_part_.defined() ? ds_part_.mutable_data_ptr<A>() : nullptr;
+    at::Tensor dcos = dcos_buf_.defined() ? dcos_buf_.narrow(0, 0, m) : blk;
+    K::template backward_epilogue<A>(ch, gr, dcos);
+    const int64_t used = num_parts(m);
+    if (mask_[3]) db_.add_(db_part_.narrow(0, 0, used).sum(0));
+    if (mask_[2]) {
+      const at::Tensor s_sum = ds_part_.narrow(0, 0, used).sum(0);
+      ds_.add_(per_class_ ? s_sum : s_sum.sum().reshape({1}));
+    }
+    // 2. d xn = d cos @ Wn, then through the normalization of x.
+    if (mask_[0]) {
+      at::Tensor dxn = dxn_buf_.narrow(0, 0, m);
+      K::gemm(dxn, dcos, wn_, false);
+      dx_.narrow(0, r0, m).copy_(o_.normalize_input
+                                     ? K::row_normalize_backward(dxn, xn, x_norm, o_.eps)
+                                     : dxn);
+    }
+    // 3. d Wn += d cos^T @ xn, accumulated in fp32 across chunks.
+    if (mask_[1]) K::gemm(dw_acc_, dcos.t(), xn, true);
+  }
+
+  // (d x, d W, d scale, d bias) in the dtypes of x, weight, scale and bias.
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish(
+      const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+      const std::optional<at::Tensor>& bias) {
+    at::Tensor dw = at::empty({0}, weight.options());
+    if (mask_[1]) {
+      dw = (o_.normalize_weight && w_norm_.defined())
+               ? K::row_normalize_backward(dw_acc_, wn_, w_norm_, o_.eps).to(weight.scalar_type())
+               : dw_acc_.to(weight.scalar_type());
+    }
+    at::Tensor d_scale = mask_[2] ? ds_.reshape(scale.sizes()).to(scale.scalar_type())
+                                  : at::empty({0}, scale.options());
+    at::Tensor d_bias = mask_[3]            ? db_.to(bias->scalar_type())
+                       : bias.has_value() ? at::empty({0}, bias->options())
+                                          : at::empty({0}, x.options());
+    return {dx_, dw, d_scale, d_bias};
+  }
+
+ private:
+  const Options& o_;
+  std::array<bool, 4> mask_;
+  bool per_class_;
+  at::Tensor wn_, w_norm_;
+  at::Tensor dx_, dw_acc_, ds_, db_;
+  at::Tensor dcos_buf_, db_part_, ds_part_, dxn_buf_;
+};
+
 template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
@@ -234,10 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   if (grad_lse.has_value()) check_row_vector(op, "grad_lse", *grad_lse, x);
   TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
   const typename K::Guard guard(x.device());
-  const int64_t n = x.size(0), c = weight.size(0), d = x.size(1);
+  const int64_t n = x.size(0), c = weight.size(0);
   const Operands p = prepare<K>(x, weight, target, scale, bias);
-  const auto acc_opts = x.options().dtype(p.acc);
-  const bool per_class = scale.dim() == 1;
 
   const at::Tensor lse_a = lse.to(p.acc).contiguous();
   const at::Tensor g_loss = grad_loss.has_value() ? grad_loss->to(p.acc).contiguous() : at::Tensor();
@@ -245,27 +341,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const bool any_grad = mask[0] || mask[1] || mask[2] || mask[3];
   // Without rows or upstream gradients every gradient is zero.
   const bool work = n > 0 && any_grad && (g_loss.defined() || g_lse.defined());
-
-  // Outputs not asked for are empty (0,) tensors.
-  at::Tensor dx = !mask[0] ? at::empty({0}, x.options())
-                  : work   ? at::empty_like(x, at::MemoryFormat::Contiguous)
-                           : at::zeros_like(x, at::MemoryFormat::Contiguous);
-  at::Tensor dw_acc = mask[1] ? at::zeros({c, d}, acc_opts) : at::Tensor();
-  at::Tensor ds = at::zeros({per_class ? c : 1}, acc_opts);
-  at::Tensor db = at::zeros({c}, acc_opts);
-
-  at::Tensor wn = p.w, w_norm;
+  const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
+  GradPass<K> grads(x, scale, p, o, mask, rows, work);
   if (work) {
-    if (o.normalize_weight) std::tie(wn, w_norm) = K::row_normalize(p.w, o.eps);
-    const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
-    at::Tensor block = at::empty({rows, c}, acc_opts);
-    // fp32 GEMMs take d cos in place of the block; fp16/bf16 GEMMs a copy.
-    at::Tensor dcos_buf = p.x.scalar_type() == p.acc ? block : at::empty({rows, c}, p.x.options());
-    const int64_t parts = num_parts(rows);
-    at::Tensor db_part = mask[3] ? at::empty({parts, c}, acc_opts) : at::Tensor();
-    at::Tensor ds_part = mask[2] ? at::empty({parts, c}, acc_opts) : at::Tensor();
-    at::Tensor dxn_buf = mask[0] ? at::empty({rows, d}, acc_opts) : at::Tensor();
-
+    at::Tensor block = at::empty({rows, c}, x.options().dtype(p.acc));
     AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_backward", [&] {
       using A = scalar_t;
       for (int64_t r0 = 0; r0 < n; r0 += rows) {
@@ -276,52 +355,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
         K::gemm(blk, xc, p.w.t(), false);
         at::Tensor xn = xc, x_norm;
         if (o.normalize_input) std::tie(xn, x_norm) = K::row_normalize(xc, o.eps);
-        // 2. One fused epilogue: d cos (in place or into the GEMM-dtype copy)
-        //    and the per-band column sums of d z and d z * cos'.
-        const Chunk<A> ch = make_chunk<A>(blk, x_norm, w_norm, p.target, r0, p.scale, p.bias, o);
-        ChunkGrad<A> gr;
-        gr.lse = lse_a.const_data_ptr<A>() + r0;
-        gr.grad_loss = g_loss.defined() ? g_loss.const_data_ptr<A>() + r0 : nullptr;
-        gr.grad_lse = g_lse.defined() ? g_lse.const_data_ptr<A>() + r0 : nullptr;
-        gr.dbias_part = db_part.defined() ? db_part.mutable_data_ptr<A>() : nullptr;
-        gr.dscale_part = ds_part.defined() ? ds_part.mutable_data_ptr<A>() : nullptr;
-        at::Tensor dcos = dcos_buf.narrow(0, 0, m);
-        K::template backward_epilogue<A>(ch, gr, dcos);
-        const int64_t used = num_parts(m);
-        if (mask[3]) db.add_(db_part.narrow(0, 0, used).sum(0));
-        if (mask[2]) {
-          const at::Tensor s_sum = ds_part.narrow(0, 0, used).sum(0);
-          ds.add_(per_class ? s_sum : s_sum.sum().reshape({1}));
-        }
-        // 3. d xn = d cos @ Wn, then through the normalization of x.
-        if (mask[0]) {
-          at::Tensor dxn = dxn_buf.narrow(0, 0, m);
-          K::gemm(dxn, dcos, wn, false);
-          dx.narrow(0, r0, m).copy_(o.normalize_input
-                                        ? K::row_normalize_backward(dxn, xn, x_norm, o.eps)
-                                        : dxn);
-        }
-        // 4. d Wn += d cos^T @ xn, accumulated in fp32 across chunks.
-        if (mask[1]) K::gemm(dw_acc, dcos.t(), xn, true);
+        // 2. Its gradients.
+        const Chunk<A> ch = make_chunk<A>(blk, x_norm, grads.w_norm(), p.target, r0, p.scale,
+                                          p.bias, o);
+        grads.template add_chunk<A>(ch, blk, xn, x_norm, r0, lse_a.const_data_ptr<A>() + r0,
+                                    g_loss.defined() ? g_loss.const_data_ptr<A>() + r0 : nullptr,
+                                    g_lse.defined() ? g_lse.const_data_ptr<A>() + r0 : nullptr);
       }
     });
   }
-
-  at::Tensor dw = at::empty({0}, weight.options());
-  if (mask[1]) {
-    dw = (o.normalize_weight && w_norm.defined())
-             ? K::row_normalize_backward(dw_acc, wn, w_norm, o.eps).to(weight.scalar_type())
-             : dw_acc.to(weight.scalar_type());
-  }
-  at::Tensor d_scale = mask[2] ? ds.reshape(scale.sizes()).to(scale.scalar_type())
-                               : at::empty({0}, scale.options());
-  at::Tensor d_bias = mask[3]            ? db.to(bias->scalar_type())
-                     : bias.has_value() ? at::empty({0}, bias->options())
-                                        : at::empty({0}, x.options());
-  return {dx, dw, d_scale, d_bias};
+  return grads.finish(x, weight, scale, bias);
 }
 
-// The registered ops' signatures (see csrc/schema.cpp).
+// Forward and backward in one chunk loop (as Liger's fused linear
+// cross-entropy): each chunk's block serves the loss epilogue and then, while
+// it is still in memory, the gradient epilogue and GEMMs, with the upstream
+// gradient grad_loss known in advance (the caller's reduction: 1 per row for
+// "sum", 1 / #valid for "mean"). Training then costs 3 GEMM passes (6 N C D
+// flops) instead of 4 (the backward's recomputation of the logits); the price
+// is paid when no backward follows (3 passes instead of 1, and the gradients
+// held in memory).
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+forward_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+                 const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& grad_loss, const Options& o, std::array<bool, 4> mask) {
+  constexpr const char* op = "nnk::cosine_cross_entropy_fwd_bwd";
+  check_inputs(op, x, weight, target, scale, bias, o);
+  check_row_vector(op, "grad_loss", grad_loss, x);
+  TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
+  const typename K::Guard guard(x.device());
+  const int64_t n = x.size(0), c = weight.size(0);
+  K::check_targets(target, c, o.ignore_index);
+  const Operands p = prepare<K>(x, weight, target, scale, bias);
+  at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
+  at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
+  const at::Tensor g_loss = grad_loss.to(p.acc).contiguous();
+  const bool work = n > 0 && (mask[0] || mask[1] || mask[2] || mask[3]);
+  const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
+  GradPass<K> grads(x, scale, p, o, mask, rows, work);
+  // Without gradients to compute W's norms are not otherwise at hand.
+  const at::Tensor w_norm = work || !o.normalize_weight ? grads.w_norm() : K::row_norms(p.w, o.eps);
+  if (n > 0) {
+    at::Tensor block = at::empty({rows, c}, x.options().dtype(p.acc));
+    AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_forward_backward", [&] {
+      using A = scalar_t;
+      for (int64_t r0 = 0; r0 < n; r0 += rows) {
+        const int64_t m = std::min(rows, n - r0);
+        const at::Tensor xc = p.x.narrow(0, r0, m);
+        // 1. The chunk's raw products and its rows' normalization.
+        at::Tensor blk = block.narrow(0, 0, m);
+        K::gemm(blk, xc, p.w.t(), false);
+        at::Tensor xn = xc, x_norm;
+        if (o.normalize_input) std::tie(xn, x_norm) = K::row_normalize(xc, o.eps);
+        // 2. Loss and lse of the rows (reads the block, keeps it).
+        const Chunk<A> ch = make_chunk<A>(blk, x_norm, w_norm, p.target, r0, p.scale, p.bias, o);
+        A* lse_c = lse.mutable_data_ptr<A>() + r0;
+        K::template forward_epilogue<A>(ch, loss.mutable_data_ptr<A>() + r0, lse_c);
+        // 3. Their gradients from the same block.
+        if (work) {
+          grads.template add_chunk<A>(ch, blk, xn, x_norm, r0, lse_c,
+                                      g_loss.const_data_ptr<A>() + r0, nullptr);
+        }
+      }
+    });
+  }
+  auto [dx, dw, ds, db] = grads.finish(x, weight, scale, bias);
+  return {loss, lse, dx, dw, ds, db};
+}
+
+// The registered ops' signatures (see csrc/schema.cpp): the scalar
+// arguments come in the schema's order.
+inline Options make_options(bool normalize_input, bool normalize_weight, double additive_margin,
+                            double angular_margin, bool exact_margin, int64_t ignore_index,
+                            double label_smoothing, double z_loss, double eps,
+                            int64_t chunk_rows) {
+  Options o;
+  o.normalize_input = normalize_input;
+  o.normalize_weight = normalize_weight;
+  o.additive_margin = additive_margin;
+  o.angular_margin = angular_margin;
+  o.exact_margin = exact_margin;
+  o.ignore_index = ignore_index;
+  o.label_smoothing = label_smoothing;
+  o.z_loss = z_loss;
+  o.eps = eps;
+  o.chunk_rows = chunk_rows;
+  return o;
+}
+
 template <class K>
 std::tuple<at::Tensor, at::Tensor> forward_op(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
@@ -329,16 +451,10 @@ std::tuple<at::Tensor, at::Tensor> forward_op(
     bool normalize_weight, double additive_margin, double angular_margin,
     int64_t ignore_index, double label_smoothing, double z_loss, double eps,
     int64_t chunk_rows) {
-  Options o;
-  o.normalize_input = normalize_input;
-  o.normalize_weight = normalize_weight;
-  o.additive_margin = additive_margin;
-  o.angular_margin = angular_margin;
-  o.ignore_index = ignore_index;
-  o.label_smoothing = label_smoothing;
-  o.z_loss = z_loss;
-  o.eps = eps;
-  o.chunk_rows = chunk_rows;
+  // The loss does not depend on how the margin is differentiated.
+  const Options o = make_options(normalize_input, normalize_weight, additive_margin,
+                                 angular_margin, true, ignore_index, label_smoothing, z_loss, eps,
+                                 chunk_rows);
   return forward<K>(x, weight, target, scale, bias, o);
 }
 
@@ -351,18 +467,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     double angular_margin, bool exact_margin, int64_t ignore_index,
     double label_smoothing, double z_loss, double eps, int64_t chunk_rows,
     std::array<bool, 4> output_mask) {
-  Options o;
-  o.normalize_input = normalize_input;
-  o.normalize_weight = normalize_weight;
-  o.additive_margin = additive_margin;
-  o.angular_margin = angular_margin;
-  o.exact_margin = exact_margin;
-  o.ignore_index = ignore_index;
-  o.label_smoothing = label_smoothing;
-  o.z_loss = z_loss;
-  o.eps = eps;
-  o.chunk_rows = chunk_rows;
+  const Options o = make_options(normalize_input, normalize_weight, additive_margin,
+                                 angular_margin, exact_margin, ignore_index, label_smoothing,
+                                 z_loss, eps, chunk_rows);
   return backward<K>(grad_loss, grad_lse, x, weight, target, scale, bias, lse, o, output_mask);
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+forward_backward_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+                    const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+                    const at::Tensor& grad_loss, bool normalize_input, bool normalize_weight,
+                    double additive_margin, double angular_margin, bool exact_margin,
+                    int64_t ignore_index, double label_smoothing, double z_loss, double eps,
+                    int64_t chunk_rows, std::array<bool, 4> output_mask) {
+  const Options o = make_options(normalize_input, normalize_weight, additive_margin,
+                                 angular_margin, exact_margin, ignore_index, label_smoothing,
+                                 z_loss, eps, chunk_rows);
+  return forward_backward<K>(x, weight, target, scale, bias, grad_loss, o, output_mask);
 }
 
 }  // namespace cce
