@@ -16,7 +16,11 @@ namespace nnk {
 namespace cuda {
 namespace {
 
-constexpr int kMaxThreads = 256;  // forward: threads per row
+// Forward: threads per row. 1024 (32 warps) rather than fewer, because the
+// chunks of large-C problems are short (e.g. 128 rows at C = 1M in bf16 with
+// the 1 GiB budget): one block per row then leaves most SMs with a single
+// block, and only its warps keep loads of the block in flight.
+constexpr int kMaxThreads = 1024;
 constexpr int kColumnsPerBlock = 256;  // backward: columns per block
 
 // Forward: one block per row. Each thread runs an online log-sum-exp over its
@@ -24,7 +28,7 @@ constexpr int kColumnsPerBlock = 256;  // backward: columns per block
 // the warp and the block with the same lse_merge. The row's loss needs z at
 // the target column, recomputed by thread 0 from the same element function.
 template <typename A>
-__global__ void cce_forward_kernel(const cce::Chunk<A> ch, A* __restrict__ loss,
+__global__ void __launch_bounds__(kMaxThreads) cce_forward_kernel(const cce::Chunk<A> ch, A* __restrict__ loss,
                                    A* __restrict__ lse) {
   const int64_t r = blockIdx.x;
   const int64_t t = cce::target_column(ch, r);
