@@ -147,7 +147,9 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_fin
         for name, t in (("x", x), ("weight", weight), ("bias", bias)):
             if t is not None and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
-    target = target.long()
+    # The kernels index it as a dense (N,) vector (a strided int64 view would
+    # otherwise be read as if contiguous).
+    target = target.long().contiguous()
     if _data_checks_enabled() and n > 0:
         bad = ((target < 0) & (target != opts.ignore_index)) | (target >= c)
         if bool(bad.any()):

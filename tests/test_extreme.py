@@ -83,6 +83,20 @@ def test_tiny_and_huge_feature_norms(impl, device, magnitude):
     assert torch.isfinite(w.grad).all() and torch.isfinite(x.grad).all()
 
 
+def test_one_feature_rows_get_no_input_gradient(impl, device):
+    """D = 1: x / ||x|| = sign(x) exactly, so d loss / d x = (g - y <y, g>) / ||x||
+    is 0 up to rounding, and 1 / ||x|| (here up to 1e5) multiplies that rounding
+    (a reciprocal-then-multiply normalization once left 1e-3 here)."""
+    x = torch.tensor([[6.6e-4], [2.7e-4], [-4.5e-4], [1e-5], [3.0]], device=device, requires_grad=True)
+    w = torch.tensor([[-0.17], [-1.5]], device=device, requires_grad=True)
+    t = torch.tensor([0, 1, 0, 1, 0], device=device)
+    for normalize_weight in (False, True):
+        loss = nnk.cosine_cross_entropy(x, w, t, impl=impl, scale=3.0, normalize_weight=normalize_weight,
+                                        reduction="sum")
+        (gx,) = torch.autograd.grad(loss, [x])
+        assert gx.abs().max().item() < 1e-6, (normalize_weight, gx.flatten().tolist())
+
+
 def test_single_row_one_million_classes(impl, device):
     if impl == "triton" and device.type == "cpu":
         pytest.skip("C=1e6 is ~8000 class tiles: too slow for the Triton interpreter (runs with --device cuda)")
@@ -108,8 +122,9 @@ def test_non_contiguous_and_overlapping_inputs(impl, device):
     xs = x.t().contiguous().t()                       # column-major
     ws = torch.cat([w, w], dim=1)[:, ::2]             # strided columns: same values as w
     xe = x[:1].expand(10, 12)                         # overlapping rows (stride 0)
-    for xi, wi in ((xs, w), (x, ws), (xe, w)):
-        got = nnk.cosine_cross_entropy(xi, wi, t, impl=impl, **kw)
+    ts = torch.stack([t, t.flip(0)], dim=1)[:, 0]     # strided int64 targets: same values as t
+    for xi, wi, ti in ((xs, w, t), (x, ws, t), (xe, w, t), (x, w, ts)):
+        got = nnk.cosine_cross_entropy(xi, wi, ti, impl=impl, **kw)
         want = cosine_cross_entropy_ref(xi.contiguous(), wi.contiguous(), t, **kw)
         assert abs(got.item() - want.item()) < 1e-5
 

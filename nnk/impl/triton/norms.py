@@ -69,16 +69,20 @@ def _normalize_backward_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
     if NORMALIZE:
-        # 1. <y, g> per row, with y = raw / max(||raw||, eps) recomputed.
+        # 1. <y, g> per row, with y = raw / max(||raw||, eps) recomputed by a
+        #    correctly rounded division, as F.normalize and math.h compute it
+        #    (raw * (1 / norm) is off by an ulp; in (g - y <y, g>) / norm that
+        #    ulp is multiplied by 1 / norm: at D = 1, where the exact result is
+        #    0, it left 1e-3 at norm 3e-4).
         norm = tl.load(NORM_ptr + rows, mask=row_mask, other=1.0)
-        inv = tl.div_rn(1.0, tl.maximum(norm, eps))
+        den = tl.maximum(norm, eps)
         dot = tl.zeros((BLOCK_R,), tl.float32)
         for k in range(0, D, BLOCK_D):
             ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
             m = row_mask[:, None] & (ks < D)[None, :]
             g = _sum_parts(G_ptr, rows, ks, m, D, n_parts, part_stride)
             y = tl.load(Y_ptr + rows[:, None] * stride_yr + ks[None, :] * stride_yd, mask=m, other=0.0)
-            dot += tl.sum(y.to(tl.float32) * inv[:, None] * g, axis=1)
+            dot += tl.sum(tl.div_rn(y.to(tl.float32), den[:, None]) * g, axis=1)
         # 2. (g - y <y, g>) / ||x|| where ||x|| > eps, else g / eps (math.h normalize_grad;
         #    F.normalize is linear, x / eps, below eps): both are (g - y c) / max(||x||, eps).
         proj = tl.where(norm > eps, dot, 0.0)
@@ -88,7 +92,7 @@ def _normalize_backward_kernel(
         g = _sum_parts(G_ptr, rows, ks, m, D, n_parts, part_stride)
         if NORMALIZE:
             y = tl.load(Y_ptr + rows[:, None] * stride_yr + ks[None, :] * stride_yd, mask=m, other=0.0)
-            g = (g - y.to(tl.float32) * inv[:, None] * proj[:, None]) * inv[:, None]
+            g = tl.div_rn(g - tl.div_rn(y.to(tl.float32), den[:, None]) * proj[:, None], den[:, None])
         tl.store(OUT_ptr + rows[:, None] * stride_or + ks[None, :] * stride_od,
                  g.to(OUT_ptr.dtype.element_ty), mask=m)
 
