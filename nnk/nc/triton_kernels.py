@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..impl.triton.launch import on_device
 from ..reference import _batched
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -165,12 +166,13 @@ def nc_class_sums_triton(features: torch.Tensor, labels: torch.Tensor, num_class
     sums = torch.empty(nb, num_classes, d, dtype=torch.float32, device=h.device)
     if d > 0:
         grid = (num_classes, triton.cdiv(d, SUMS_BLOCK_D), nb)
-        _nc_class_sums_kernel[grid](
-            h, perm, offs, sums, d,
-            h.stride(0), h.stride(1), h.stride(2),
-            sums.stride(0), sums.stride(1), sums.stride(2),
-            BLOCK_N=SUMS_BLOCK_N, BLOCK_D=SUMS_BLOCK_D,
-        )
+        with on_device(h):
+            _nc_class_sums_kernel[grid](
+                h, perm, offs, sums, d,
+                h.stride(0), h.stride(1), h.stride(2),
+                sums.stride(0), sums.stride(1), sums.stride(2),
+                BLOCK_N=SUMS_BLOCK_N, BLOCK_D=SUMS_BLOCK_D,
+            )
     return counts, (sums[0] if squeeze else sums)
 
 
@@ -207,18 +209,20 @@ def nc_centered_gram_triton(
     tiles = triton.cdiv(d, GRAM_BLOCK_D)
     if splits is None:
         splits = _default_splits(n, nb * tiles * (tiles + 1) // 2, h.device)
-    splits = max(1, min(int(splits), max(n, 1)))
+    # At most one split per row, and grid y (nb * splits) within CUDA's 65535.
+    splits = max(1, min(int(splits), max(n, 1), 65535 // nb))
     rows_per_split = triton.cdiv(max(n, 1), splits)
     out = torch.empty(splits, nb, d, d, dtype=torch.float32, device=h.device)
     lowp = h.dtype == torch.float16 or (h.dtype == torch.bfloat16 and not _INTERPRET)
-    _nc_centered_gram_kernel[(tiles * tiles, nb * splits)](
-        h, labels, c3, out,
-        n, d, rows_per_split, tiles, splits,
-        h.stride(0), h.stride(1), h.stride(2),
-        labels.stride(0),
-        stride_cb, c3.stride(1), c3.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-        BLOCK_N=GRAM_BLOCK_N, BLOCK_D=GRAM_BLOCK_D, DOT_LOWP=lowp, num_warps=GRAM_WARPS,
-    )
+    with on_device(h):
+        _nc_centered_gram_kernel[(tiles * tiles, nb * splits)](
+            h, labels, c3, out,
+            n, d, rows_per_split, tiles, splits,
+            h.stride(0), h.stride(1), h.stride(2),
+            labels.stride(0),
+            stride_cb, c3.stride(1), c3.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+            BLOCK_N=GRAM_BLOCK_N, BLOCK_D=GRAM_BLOCK_D, DOT_LOWP=lowp, num_warps=GRAM_WARPS,
+        )
     gram = out[0] if splits == 1 else out.sum(0)
     return gram[0] if squeeze else gram

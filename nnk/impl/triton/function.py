@@ -7,6 +7,7 @@ import torch
 from ..._options import CCEOptions
 from .backward import cce_backward
 from .forward import cce_forward
+from .launch import on_device
 
 
 def _scale_buffer(scale, device: torch.device) -> torch.Tensor:
@@ -21,7 +22,8 @@ class _TritonCCE(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, target, opts: CCEOptions, tuning: dict):
         s = _scale_buffer(scale, x.device)
         b = bias.detach().to(torch.float32).contiguous() if bias is not None else None
-        fwd = cce_forward(x, weight, target, s, b, opts, class_splits=tuning.get("class_splits"))
+        with on_device(x):
+            fwd = cce_forward(x, weight, target, s, b, opts, class_splits=tuning.get("class_splits"))
         ctx.save_for_backward(x, weight, target, s, b, fwd.cos_t, fwd.lse, fwd.xnorm, fwd.wnorm)
         ctx.opts, ctx.tuning = opts, tuning
         ctx.scale_meta = (scale.dtype, scale.shape) if isinstance(scale, torch.Tensor) else None
@@ -33,10 +35,11 @@ class _TritonCCE(torch.autograd.Function):
     def backward(ctx, g_row, g_lse):
         x, weight, target, s, b, cos_t, lse, xnorm, wnorm = ctx.saved_tensors
         need_dx, need_dw, need_ds, need_db = ctx.needs_input_grad[:4]
-        grads = cce_backward(
-            x, weight, target, s, b, lse, cos_t, xnorm, wnorm, g_row, g_lse, ctx.opts,
-            need_dx=need_dx, need_dw=need_dw, need_ds=need_ds, need_db=need_db, **ctx.tuning,
-        )
+        with on_device(x):
+            grads = cce_backward(
+                x, weight, target, s, b, lse, cos_t, xnorm, wnorm, g_row, g_lse, ctx.opts,
+                need_dx=need_dx, need_dw=need_dw, need_ds=need_ds, need_db=need_db, **ctx.tuning,
+            )
         ds = None
         if grads.ds is not None:
             dtype, shape = ctx.scale_meta

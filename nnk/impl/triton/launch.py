@@ -1,6 +1,7 @@
 """Launch helpers shared by the forward and backward launchers."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -37,3 +38,11 @@ def dtype_args(dtype: torch.dtype) -> dict:
     operands (Triton's default is TF32 on the GPU); operands of 16 bits ignore it."""
     upcast = configs.INTERPRET and dtype == torch.bfloat16
     return dict(UPCAST=upcast, DOT_PRECISION="ieee" if upcast or dtype == torch.float32 else "tf32")
+
+
+def on_device(t: torch.Tensor):
+    """Context in which ``t``'s CUDA device is the current one: Triton launches
+    on the current device and its current stream, not on the tensors' device
+    (x on cuda:1 with cuda:0 current would run on the wrong GPU). A no-op on
+    the CPU (interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
