@@ -98,7 +98,18 @@ class _Margin(torch.autograd.Function):
         return grad * margin_grad_ref(cos_t, ctx.angular_margin, ctx.exact), None, None, None
 
 
-def _as_scale(scale, dtype, device) -> torch.Tensor:
+def target_margin_ref(cos_t: torch.Tensor, angular_margin: float, additive_margin: float,
+                      exact: bool = True) -> torch.Tensor:
+    """psi(cos_t) of :func:`margin_value_ref`, differentiable with the finite
+    derivative of :func:`margin_grad_ref` (``exact=False``: d psi / d cos = 1,
+    the straight-through ``margin_grad="detached"``). cos_t: (N,) target
+    cosines in the accumulation dtype."""
+    return _Margin.apply(cos_t, float(angular_margin), float(additive_margin), exact)
+
+
+def scale_tensor_ref(scale, dtype: torch.dtype, device) -> torch.Tensor:
+    """The scale s (a Python float, or a 0-d / (C,) tensor, possibly requiring
+    grad) as a tensor of ``dtype``: what multiplies the cosines."""
     if isinstance(scale, torch.Tensor):
         return scale.to(dtype)
     return torch.tensor(float(scale), dtype=dtype, device=device)
@@ -120,7 +131,7 @@ def cosine_logits_ref(
     acc = acc_dtype(x.dtype)
     xa = normalize_ref(x, eps) if normalize_input else x.to(acc)
     wa = normalize_ref(weight, eps) if normalize_weight else weight.to(acc)
-    logits = (xa @ wa.T) * _as_scale(scale, acc, x.device)
+    logits = (xa @ wa.T) * scale_tensor_ref(scale, acc, x.device)
     if bias is not None:
         logits = logits + bias.to(acc)
     return logits
@@ -165,10 +176,10 @@ def cosine_cross_entropy_ref(
         x, weight, scale=1.0, normalize_input=normalize_input,
         normalize_weight=normalize_weight, eps=eps,
     )
-    s = _as_scale(scale, acc, x.device)
+    s = scale_tensor_ref(scale, acc, x.device)
     if n > 0 and c > 0:
         cos_t = cos.gather(1, safe_t[:, None]).squeeze(1)
-        psi = _Margin.apply(cos_t, float(angular_margin), float(additive_margin), margin_grad == "exact")
+        psi = target_margin_ref(cos_t, angular_margin, additive_margin, margin_grad == "exact")
         # Ignored rows keep their plain cosine, so that their lse is the plain one.
         psi = torch.where(valid, psi, cos_t)
         s_t = s[safe_t] if s.dim() == 1 else s

@@ -29,7 +29,7 @@ from nnk.distributed import (
     sample_classes,
     shard_range,
 )
-from nnk.reference import _Margin, cosine_cross_entropy_ref, cosine_logits_ref
+from nnk.reference import cosine_cross_entropy_ref, cosine_logits_ref, target_margin_ref
 
 F64 = dict(rtol=1e-10, atol=1e-12)
 SPAWN_TIMEOUT_S = 150  # whole spawn; collectives time out after 60 s
@@ -60,7 +60,7 @@ def _logits_with_margin(x, w, t, s, b, am, addm, exact, ignore_index=-100):
     valid = t != ignore_index
     st = torch.where(valid, t, 0)
     ct = cos.gather(1, st[:, None])[:, 0]
-    psi = torch.where(valid, _Margin.apply(ct, am, addm, exact), ct)
+    psi = torch.where(valid, target_margin_ref(ct, am, addm, exact), ct)
     s = s if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=x.dtype)
     s_t = s[st] if s.dim() == 1 else s
     z = (cos * s).scatter(1, st[:, None], (psi * s_t)[:, None])

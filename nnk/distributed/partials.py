@@ -26,7 +26,7 @@ import torch
 from .._options import CCEOptions, check_tensors, make_options
 from ..functional import run_backend
 from ..ops import row_normalize
-from ..reference import _as_scale, _Margin, acc_dtype
+from ..reference import acc_dtype, scale_tensor_ref, target_margin_ref
 
 # What the local backend sees as the target of rows whose class is elsewhere.
 LOCAL_IGNORE = -1
@@ -104,14 +104,14 @@ def shard_partials(x, weight_shard, local_target, scale, bias, opts: CCEOptions,
     acc = acc_dtype(x.dtype)
     xn = row_normalize(x.to(acc), opts.eps)[0] if opts.normalize_input else x.to(acc)
     wn = row_normalize(weight_shard.to(acc), opts.eps)[0] if opts.normalize_weight else weight_shard.to(acc)
-    s = _as_scale(scale, acc, x.device)
+    s = scale_tensor_ref(scale, acc, x.device)
     b = bias.to(acc) if bias is not None else None
     here = local_target != LOCAL_IGNORE
     t = torch.where(here, local_target, torch.zeros_like(local_target))
 
     # 1. Target cosine and margin on the rows whose class is here.
     cos_t = (xn * wn[t]).sum(dim=1)
-    psi = _Margin.apply(cos_t, opts.angular_margin, opts.additive_margin, opts.exact_margin)
+    psi = target_margin_ref(cos_t, opts.angular_margin, opts.additive_margin, opts.exact_margin)
     s_t = s[t] if s.dim() == 1 else s
     z_t = s_t * psi + (b[t] if b is not None else 0.0)
     zero = torch.zeros_like(cos_t)
