@@ -15,7 +15,13 @@
 #          shapes first; stops starting cases when its time is used (rest)  -> CSV, PNG, summary, bench.log
 #   ncfp32 the NC case in float32, if time is left                         -> *_nc-fp32.csv
 #   report summary + plots rewritten from the CSVs (always; a cut run keeps its finished cases)
-# Environment: STAGES (comma list, default all), SESSION_S, BUILD_S, TEST_S,
+# and, only when named in STAGES (it needs a call of its own):
+#   sanitize  compute-sanitizer memcheck (cuda, triton) and racecheck (cuda) over
+#             python -m bench.sanitize, each time-boxed (SANITIZE_S, 150)  -> sanitize-*.log
+# Two device calls cover it all (the machine is released between calls, so each builds):
+#   STAGES=env,build,test,sanitize bash bench/gpu_session.sh $OUT
+#   bash bench/gpu_session.sh $OUT        (with .whl/ carried)
+# Environment: STAGES (comma list, default all but sanitize), SESSION_S, BUILD_S, TEST_S, SANITIZE_S,
 # SHAPES (bench --shapes), PROVIDERS (bench --providers), NNK_GIT_COMMIT
 # (the commit to record: the device gets a copy of the tree without .git),
 # BENCH_DEVICE (default cuda; cpu dry-runs the script's bench stages anywhere).
@@ -70,6 +76,23 @@ if want test; then
   rc=$?
   echo "tests: exit $rc$( ((rc == 124)) && echo ' (time box reached: incomplete)')"
   tail -n 30 "$OUT_DIR/tests.log"
+fi
+
+if want sanitize; then
+  stage sanitize
+  SAN="$CUDA_HOME/bin/compute-sanitizer"
+  if [[ -x "$SAN" ]]; then
+    for run in "memcheck cuda" "racecheck cuda" "memcheck triton"; do
+      set -- $run
+      timeout "$(box "${SANITIZE_S:-150}")" "$SAN" --tool "$1" --error-exitcode 9 \
+        "$PY" -m bench.sanitize --impl "$2" > "$OUT_DIR/sanitize-$1-$2.log" 2>&1
+      rc=$?
+      echo "sanitize $1 $2: exit $rc$( ((rc == 124)) && echo ' (time box reached)') ($(grep -c '^=========' "$OUT_DIR/sanitize-$1-$2.log") sanitizer lines)"
+      tail -n 3 "$OUT_DIR/sanitize-$1-$2.log"
+    done
+  else
+    echo "sanitize: no $SAN"
+  fi
 fi
 
 DEVICE="${BENCH_DEVICE:-cuda}"

@@ -152,3 +152,18 @@ def test_failing_providers_are_reported_and_the_others_run():
         assert status[("ref-eager", m)][0] == "ok"
         r = next(r for r in rows if r["provider"] == "ref-eager" and r["mode"] == m)
         assert math.isfinite(r["vs_bound"]) and r["vs_bound"] > 0
+
+
+@pytest.mark.parametrize("impl", ["cuda", "triton"])
+def test_sanitize_driver_runs_every_kernel_on_cpu(impl):
+    """bench/sanitize.py is what compute-sanitizer runs on a GPU; here its CPU
+    dry run (extension CPU kernels, Triton interpreter) in float32."""
+    from nnk.ops import has_op
+
+    if impl == "cuda" and not has_op("cosine_cross_entropy_fwd", "cpu"):
+        pytest.skip("nnk._C not built")
+    if impl == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton dry run needs TRITON_INTERPRET=1")
+    from bench.sanitize import main
+
+    assert main(["--impl", impl, "--device", "cpu", "--dtype", "fp32"]) == 0
