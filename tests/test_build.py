@@ -13,6 +13,7 @@ from nnk.ops import build_info, has_extension, has_op
 
 SKIPPED_BUILD = os.environ.get("NNK_NO_EXT") == "1"
 OPS = ["row_normalize", "row_normalize_backward", "cosine_cross_entropy_fwd", "cosine_cross_entropy_bwd",
+       "cosine_cross_entropy_fwd_bwd",
        "nc_class_sums", "nc_centered_gram"]
 
 
