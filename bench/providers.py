@@ -7,9 +7,9 @@ package, no CUDA device, dtype) and is then built into one ``Step`` per mode
 Who does what work (the ``notes`` column of the CSV repeats it):
 - ``nnk-*``: ``nnk.cosine_cross_entropy(x, W, y, scale=s, margins, impl=...)``,
   one per impl that ``nnk.functional.resolve_impl`` accepts on this device.
-  ``nnk-cuda`` computes the gradients of the mean loss in its forward (3 GEMM
-  passes for fwd+bwd); ``nnk-cuda-2pass`` is the same call with
-  ``NNK_GRAD_IN_FORWARD=0`` (the backward recomputes the logits: 4 passes).
+  ``nnk-cuda-gradfwd`` is ``nnk-cuda`` with ``NNK_GRAD_IN_FORWARD=1``: the
+  gradients of the mean loss computed in its forward (3 GEMM passes for
+  fwd+bwd instead of 4; its ``fwd`` rows include that work).
 - ``ref-eager`` / ``ref-compile``: the specification
   ``nnk.reference.cosine_cross_entropy_ref`` (float32 logits; for 16-bit
   inputs its GEMMs run in float32), eager and under ``torch.compile``.
@@ -169,9 +169,9 @@ class Nnk(Provider):
     kind = "nnk"
     _module = {"torch": "nnk.impl.torch_blockwise", "triton": "nnk.impl.triton", "cuda": "nnk.impl.extension"}
 
-    def __init__(self, impl: str, *, grad_in_forward: bool = True):
+    def __init__(self, impl: str, *, grad_in_forward: bool = False):
         self.impl, self.grad_in_forward = impl, grad_in_forward
-        self.name = f"nnk-{impl}" + ("" if grad_in_forward else "-2pass")
+        self.name = f"nnk-{impl}" + ("-gradfwd" if grad_in_forward else "")
 
     def check(self, case, device, dtype):
         return impl_check(self.impl, self._module[self.impl], device, dtype, "cosine_cross_entropy_fwd")
@@ -182,10 +182,10 @@ class Nnk(Provider):
         kw = case.loss_kwargs()
 
         def loss():
-            if self.grad_in_forward:
+            if not self.grad_in_forward:
                 return nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw)
             previous = os.environ.get("NNK_GRAD_IN_FORWARD")
-            os.environ["NNK_GRAD_IN_FORWARD"] = "0"
+            os.environ["NNK_GRAD_IN_FORWARD"] = "1"
             try:
                 return nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw)
             finally:
@@ -197,11 +197,10 @@ class Nnk(Provider):
         return loss_run(loss, [inputs.x, inputs.w])
 
     def notes(self, case):
-        if self.impl != "cuda":
-            return ""
         if self.grad_in_forward:
-            return "gradients of the mean loss computed in the forward (3 GEMM passes for fwd+bwd)"
-        return "NNK_GRAD_IN_FORWARD=0: the backward recomputes the logits (4 GEMM passes for fwd+bwd)"
+            return ("NNK_GRAD_IN_FORWARD=1: gradients of the mean loss computed in the forward (3 GEMM passes "
+                    "for fwd+bwd; fwd includes them)")
+        return ""
 
 
 @functools.cache
@@ -404,5 +403,5 @@ class GemmBound(Provider):
 
 
 def ce_providers() -> list[Provider]:
-    return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", grad_in_forward=False), Reference(False), Reference(True),
+    return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", grad_in_forward=True), Reference(False), Reference(True),
             TorchHead(False), TorchHead(True), TorchLCE(), Liger(), CutCrossEntropy(), PML(), GemmBound()]

@@ -9,7 +9,8 @@ float32 / float16 / bfloat16 (partial tiles and chunks, every option at least
 once: per-class scale, bias, both margins in both ``margin_grad`` modes,
 smoothing, z-loss, ignored and zero-norm rows, ``return_lse``, the mean / sum
 / none reductions, deterministic mode, and for ``cuda`` both the
-gradients-in-forward op and the two-pass pair), the row-normalization ops
+gradients-in-forward op and the two-pass pair, also over several chunks),
+the row-normalization ops
 (``cuda``), and the NC statistics kernels on (N, D) and (B, N, D) features.
 Each result is also compared with nnk's float64 reference, loosely: the
 sanitizer finds the memory errors, the comparison catches garbage. Exit
@@ -25,10 +26,10 @@ import sys
 import torch
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# (N, D, C): tails in every tile dimension, one chunk boundary (chunk_rows is
-# not reachable from the public API, so the extension runs one chunk here; its
-# chunk loop is covered by tests/test_extension_cce.py).
-SHAPES = [(37, 19, 101), (130, 70, 300)]
+# (N, D, C): tails in every tile dimension; C > 1024 so that the CUDA forward
+# epilogue's 32-warp merge runs. The extension's chunk loop runs in
+# run_cce_chunked (chunk_rows is not reachable from the public API).
+SHAPES = [(37, 19, 101), (130, 70, 2100)]
 CASES = [
     {"scale": 16.0},
     {"scale": "per_class", "bias": True, "additive_margin": 0.2, "reduction": "sum"},
@@ -84,27 +85,59 @@ def run_cce(impl, device, dtypes, failures):
     import nnk
     from nnk.reference import cosine_cross_entropy_ref
 
-    settings = [("", None)]
-    if impl == "cuda":  # both extension paths of a reduced loss
-        settings.append(("two-pass ", "0"))
-    for dtype in dtypes:
-        for n, d, c in SHAPES:
-            for i, case in enumerate(CASES):
-                for label, env in settings:
-                    if env is not None:
+    settings = ["0"] + (["1"] if impl == "cuda" else [])  # NNK_GRAD_IN_FORWARD: both extension paths
+    previous = os.environ.get("NNK_GRAD_IN_FORWARD")
+    try:
+        for dtype in dtypes:
+            for n, d, c in SHAPES:
+                for i, case in enumerate(CASES):
+                    for env in settings:
                         os.environ["NNK_GRAD_IN_FORWARD"] = env
-                    try:
                         ours, ref, t, kw = _inputs(n, d, c, case, dtype, device, seed=i)
                         got = _loss_and_grads(lambda *a, **k: nnk.cosine_cross_entropy(*a, impl=impl, **k),
                                               ours, t.to(device), kw)
                         want = _loss_and_grads(cosine_cross_entropy_ref, ref, t,
                                                {k: v for k, v in kw.items() if k != "deterministic"})
-                    finally:
-                        os.environ.pop("NNK_GRAD_IN_FORWARD", None)
-                    for j, (a, b) in enumerate(zip(got, want)):
-                        _close(f"cce {impl} {label}{dtype} {(n, d, c)} case {i} output {j}", a, b, TOL[dtype],
-                               failures)
+                        for j, (a, b) in enumerate(zip(got, want)):
+                            _close(f"cce {impl} NNK_GRAD_IN_FORWARD={env} {dtype} {(n, d, c)} case {i} output {j}",
+                                   a, b, TOL[dtype], failures)
+    finally:
+        if previous is None:
+            os.environ.pop("NNK_GRAD_IN_FORWARD", None)
+        else:
+            os.environ["NNK_GRAD_IN_FORWARD"] = previous
     print(f"cce {impl}: {len(dtypes) * len(SHAPES) * len(CASES) * len(settings)} fwd+bwd runs", flush=True)
+
+
+def run_cce_chunked(device, dtypes, failures):
+    """The extension's chunk loop (several chunks and a partial one) on both
+    training paths, through the backend entries that take chunk_rows."""
+    from nnk._options import check_tensors, make_options
+    from nnk.impl.extension import cosine_cross_entropy_extension, cosine_cross_entropy_extension_reduced
+    from nnk.reference import cosine_cross_entropy_ref, reduce_rows
+
+    case = {"scale": "per_class", "bias": True, "angular_margin": 0.3, "label_smoothing": 0.1, "ignore": True}
+    opts = make_options(normalize_input=True, normalize_weight=True, additive_margin=0.0, angular_margin=0.3,
+                        margin_grad="exact", ignore_index=-100, label_smoothing=0.1, z_loss=0.0, eps=1e-12,
+                        deterministic=False)
+
+    def two_pass(x, w, t, *, scale, bias, **kw):
+        t, scale = check_tensors(x, w, t, scale, bias, opts)
+        row, _ = cosine_cross_entropy_extension(x, w, t, scale, bias, opts, chunk_rows=16)
+        return reduce_rows(row, t != opts.ignore_index, "mean")
+
+    def fused(x, w, t, *, scale, bias, **kw):
+        t, scale = check_tensors(x, w, t, scale, bias, opts)
+        return cosine_cross_entropy_extension_reduced(x, w, t, scale, bias, opts, "mean", chunk_rows=16)
+
+    for dtype in dtypes:
+        ours, ref, t, kw = _inputs(130, 70, 2100, case, dtype, device, seed=7)
+        want = _loss_and_grads(cosine_cross_entropy_ref, ref, t, kw)
+        for name, fn in (("two-pass", two_pass), ("fused", fused)):
+            got = _loss_and_grads(fn, ours, t.to(device), kw)
+            for j, (a, b) in enumerate(zip(got, want)):
+                _close(f"cce cuda chunked {name} {dtype} output {j}", a, b, TOL[dtype], failures)
+    print("cce cuda: chunked (16 rows) both training paths per dtype", flush=True)
 
 
 def run_row_normalize(device, dtypes, failures):
@@ -156,6 +189,7 @@ def main(argv=None) -> int:
     failures: list[str] = []
     run_cce(args.impl, device, dtypes, failures)
     if args.impl == "cuda":
+        run_cce_chunked(device, dtypes, failures)
         run_row_normalize(device, dtypes, failures)
     run_nc(args.impl, device, dtypes, failures)
     if device.type == "cuda":

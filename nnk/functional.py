@@ -146,10 +146,12 @@ def cosine_cross_entropy(
             (margins included; differentiable: d lse / d logits = softmax).
         impl: ``"auto" | "cuda" | "triton" | "torch"``; ``NNK_IMPL`` sets what
             ``"auto"`` means for the process. ``"cuda"`` is the compiled
-            extension (its CPU kernels on CPU tensors); for a ``"mean"`` /
-            ``"sum"`` loss that autograd records (and no ``return_lse``) it
-            computes the gradients during the forward, saving the backward's
-            recomputation of the logits (``NNK_GRAD_IN_FORWARD=0``: off).
+            extension (its CPU kernels on CPU tensors); with
+            ``NNK_GRAD_IN_FORWARD=1`` it computes the gradients of a ``"mean"``
+            / ``"sum"`` loss that autograd records (float32 / bfloat16, no
+            ``return_lse``) during the forward, saving the backward's
+            recomputation of the logits (see README: the gradients are then
+            held from forward to backward).
         deterministic: bitwise-reproducible gradients on GPU backends (a fixed
             reduction order instead of atomics); default ``NNK_DETERMINISTIC=1``.
         check_finite: raise ValueError if x, weight or bias hold NaN/Inf (one

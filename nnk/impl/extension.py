@@ -7,20 +7,24 @@ output), one fused epilogue applies the norms, scale, margins and bias and
 reduces each row to its log-sum-exp and loss. Gradients then come one of
 two ways:
 
-* ``_ExtensionCCE`` (reduction="none", return_lse, or no input requiring
-  grad): the forward computes no gradient and saves only its inputs and the
+* ``_ExtensionCCE`` (the default): the forward computes no gradient and saves only its inputs and the
   (N,) lse, so evaluation costs one GEMM pass; the backward recomputes each
   chunk's GEMM, turns the block into ``d cos`` in one fused epilogue, then
   ``d xn = dcos @ Wn`` and ``d Wn += dcos^T @ xn`` (fp32 accumulator) and the
   normalization backward: 4 GEMM passes (8 N C D flops) for training.
-* ``_ExtensionCCEReduced`` (a "mean"/"sum" loss that will be differentiated):
-  the upstream gradient of each row is known before the forward up to one
-  scalar, so ``nnk::cosine_cross_entropy_fwd_bwd`` computes the gradients
-  from each chunk's block while it is in memory (as Liger's fused linear
-  cross-entropy does) and the backward only multiplies them by that scalar:
-  3 GEMM passes (6 N C D flops). If no backward follows, the call cost 3
-  passes instead of 1 and held the gradients until the graph was freed;
-  ``NNK_GRAD_IN_FORWARD=0`` turns this path off.
+* ``_ExtensionCCEReduced`` (opt-in, ``NNK_GRAD_IN_FORWARD=1``: a "mean"/"sum"
+  loss that autograd records, float32 or bfloat16): the upstream gradient of
+  each row is known before the forward up to one scalar, so
+  ``nnk::cosine_cross_entropy_fwd_bwd`` computes the gradients from each
+  chunk's block while it is in memory (as Liger's fused linear cross-entropy
+  does) and the backward only multiplies them by that scalar, in place: 3 GEMM
+  passes (6 N C D flops). Not the default, because the gradients then live
+  from the forward to the backward: several losses before one backward each
+  hold their d x and d W (2 GiB of float32 d W at C = 1M, D = 512), activation
+  checkpointing reruns the whole fused forward, and a forward that is never
+  differentiated did 3 passes instead of 1. float16 is left out: its
+  gradients at an upstream gradient of 1 would underflow before a
+  GradScaler's scale reaches them.
 
 Peak extra memory: one chunk of (rows x C) fp32 (+ a 16-bit copy for
 fp16/bf16 GEMMs), never N x C.
@@ -63,6 +67,23 @@ class _ExtensionCCE(torch.autograd.Function):
                 db if mask[3] else None, None, None, None)
 
 
+# Elements per float32 temporary of the in-place scaling of 16-bit gradients.
+_SCALE_BLOCK = 1 << 24
+
+
+def _scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``t *= g`` in place, computed in float32 (or t's float64) with one
+    rounding to t's dtype, exact when g is 1, in blocks for 16-bit t (g is
+    never rounded to bfloat16 first, and the temporary stays <= 64 MiB)."""
+    if t.dtype in (torch.float32, torch.float64):
+        return t.mul_(g)
+    flat = t.view(-1)
+    for i in range(0, flat.numel(), _SCALE_BLOCK):
+        blk = flat[i:i + _SCALE_BLOCK]
+        blk.copy_(blk.float() * g)
+    return t
+
+
 class _ExtensionCCEReduced(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias, target, reduction, opts, rows):
@@ -74,7 +95,7 @@ class _ExtensionCCEReduced(torch.autograd.Function):
         row_grad = torch.ones((), dtype=acc, device=x.device)
         if reduction == "mean":
             row_grad = row_grad / valid.sum().to(acc)
-        mask = [t is not None and t.requires_grad for t in (x, weight, scale, bias)]
+        mask = list(ctx.needs_input_grad[:4])
         row, _lse, *grads = torch.ops.nnk.cosine_cross_entropy_fwd_bwd(
             x, weight, target, scale, bias, row_grad.expand(target.shape), *bwd_options(opts, rows),
             mask)
@@ -85,25 +106,34 @@ class _ExtensionCCEReduced(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        # Exact when g is a power of two (1, or a GradScaler scale): one more
-        # rounding of the input-dtype gradients otherwise.
-        grads = [t * g.to(t.dtype) if on else None for t, on in zip(ctx.saved_tensors, ctx.mask)]
-        return (*grads, None, None, None, None)
+        try:
+            grads = ctx.saved_tensors
+        except RuntimeError as e:  # scaled in place by an earlier backward (retain_graph=True)
+            raise RuntimeError(
+                "nnk: this loss computed its gradients in the forward (NNK_GRAD_IN_FORWARD=1) and an "
+                "earlier backward already used them; backpropagate through it once, or unset "
+                "NNK_GRAD_IN_FORWARD") from e
+        # The saved gradients are scaled in place and handed to autograd: no
+        # second copy of d x and d W.
+        return (*[_scale_(t, g) if on else None for t, on in zip(grads, ctx.mask)], None, None, None, None)
 
 
 def grad_in_forward(x, weight, scale, bias) -> bool:
     """Whether a reduced loss on the extension takes the fused training op
-    (``_ExtensionCCEReduced``): autograd is recording, an input requires
-    grad, and ``NNK_GRAD_IN_FORWARD`` is not "0"."""
-    if os.environ.get("NNK_GRAD_IN_FORWARD", "1") == "0" or not torch.is_grad_enabled():
+    (``_ExtensionCCEReduced``): ``NNK_GRAD_IN_FORWARD=1``, autograd is
+    recording, an input requires grad, and x is not float16."""
+    if os.environ.get("NNK_GRAD_IN_FORWARD", "0") != "1" or not torch.is_grad_enabled():
+        return False
+    if x.dtype == torch.float16:
         return False
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, scale, bias))
 
 
 def cosine_cross_entropy_extension_reduced(x, weight, target, scale, bias, opts: CCEOptions,
                                            reduction: str, *, chunk_rows: int | None = None):
-    """Backend entry for a reduced loss that will be differentiated (see
-    :func:`grad_in_forward`): the gradients are computed in the forward.
+    """Backend entry for a reduced loss that will be differentiated, with its
+    gradients computed in the forward (see :func:`grad_in_forward` for when
+    nnk.functional takes it).
 
     Args:
         x, weight, target, scale, bias, opts, chunk_rows: as

@@ -149,6 +149,8 @@ def _check(features: torch.Tensor, labels: torch.Tensor):
         raise ValueError(f"labels must have shape ({features.shape[-2]},), got {tuple(labels.shape)}")
     if labels.device != features.device:
         raise ValueError(f"labels are on {labels.device} but features are on {features.device}")
+    if features.dim() == 3 and features.shape[0] > 65535:  # a grid dimension of the kernels
+        raise ValueError(f"the Triton NC kernels take at most 65535 feature sets per call, got {features.shape[0]}")
 
 
 def nc_class_sums_triton(features: torch.Tensor, labels: torch.Tensor, num_classes: int):

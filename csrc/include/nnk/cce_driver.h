@@ -311,7 +311,7 @@ class GradPass {
   }
 
  private:
-  const Options& o_;
+  Options o_;
   std::array<bool, 4> mask_;
   bool per_class_;
   at::Tensor wn_, w_norm_;
@@ -403,11 +403,18 @@ forward_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
       for (int64_t r0 = 0; r0 < n; r0 += rows) {
         const int64_t m = std::min(rows, n - r0);
         const at::Tensor xc = p.x.narrow(0, r0, m);
-        // 1. The chunk's raw products and its rows' normalization.
+        // 1. The chunk's raw products and its rows' norms (and normalized
+        //    rows, which only the gradient GEMMs use).
         at::Tensor blk = block.narrow(0, 0, m);
         K::gemm(blk, xc, p.w.t(), false);
         at::Tensor xn = xc, x_norm;
-        if (o.normalize_input) std::tie(xn, x_norm) = K::row_normalize(xc, o.eps);
+        if (o.normalize_input) {
+          if (work) {
+            std::tie(xn, x_norm) = K::row_normalize(xc, o.eps);
+          } else {
+            x_norm = K::row_norms(xc, o.eps);
+          }
+        }
         // 2. Loss and lse of the rows (reads the block, keeps it).
         const Chunk<A> ch = make_chunk<A>(blk, x_norm, w_norm, p.target, r0, p.scale, p.bias, o);
         A* lse_c = lse.mutable_data_ptr<A>() + r0;
