@@ -12,8 +12,8 @@
 //   K::forward_epilogue<A>(chunk, loss, lse)
 //   K::backward_epilogue<A>(chunk, grad, dcos)
 //
-// Design (cosine_cross_entropy_fwd computes no gradients; _fwd_bwd, below,
-// runs both halves on each chunk):
+// Design (cosine_cross_entropy_fwd computes no gradients; _fwd_bwd runs both
+// halves on each chunk; both are chunk_loop, below):
 //   forward   per chunk of rows: block = x_c @ W^T (raw operands, fp32 out),
 //             then one fused epilogue applies the norms, scale, margins and
 //             bias and reduces each row to its lse and loss. Nothing of the
@@ -185,45 +185,8 @@ inline int64_t entry_bytes(at::ScalarType acc, at::ScalarType gemm) {
   return at::elementSize(acc) + (gemm == acc ? 0 : at::elementSize(gemm));
 }
 
-template <class K>
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& weight,
-                                           const at::Tensor& target, const at::Tensor& scale,
-                                           const std::optional<at::Tensor>& bias,
-                                           const Options& o) {
-  constexpr const char* op = "nnk::cosine_cross_entropy_fwd";
-  check_inputs(op, x, weight, target, scale, bias, o);
-  const typename K::Guard guard(x.device());
-  const int64_t n = x.size(0), c = weight.size(0);
-  K::check_targets(target, c, o.ignore_index);
-  const Operands p = prepare<K>(x, weight, target, scale, bias);
-  at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
-  at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
-  if (n == 0) return {loss, lse};
-
-  // 1. Norms of the rows of x and W (the GEMM runs on the raw operands).
-  const at::Tensor x_norm = o.normalize_input ? K::row_norms(p.x, o.eps) : at::Tensor();
-  const at::Tensor w_norm = o.normalize_weight ? K::row_norms(p.w, o.eps) : at::Tensor();
-  const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
-  at::Tensor block = at::empty({rows, c}, x.options().dtype(p.acc));
-  AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_forward", [&] {
-    for (int64_t r0 = 0; r0 < n; r0 += rows) {
-      const int64_t m = std::min(rows, n - r0);
-      // 2. The chunk's raw products <x_r, w_c> by one GEMM.
-      at::Tensor blk = block.narrow(0, 0, m);
-      K::gemm(blk, p.x.narrow(0, r0, m), p.w.t(), false);
-      // 3. One fused epilogue: cosines, margins, scale, bias -> lse and loss.
-      const Chunk<scalar_t> ch = make_chunk<scalar_t>(
-          blk, x_norm.defined() ? x_norm.narrow(0, r0, m) : at::Tensor(), w_norm,
-          p.target, r0, p.scale, p.bias, o);
-      K::template forward_epilogue<scalar_t>(ch, loss.mutable_data_ptr<scalar_t>() + r0,
-                                             lse.mutable_data_ptr<scalar_t>() + r0);
-    }
-  });
-  return {loss, lse};
-}
-
 // The gradient half of the chunk loop, shared by the backward op and the
-// forward op that also computes gradients (forward_backward): the buffers of
+// forward op that also computes gradients (chunk_loop): the buffers of
 // one chunk, the accumulators, and the final normalization backward of W.
 // output_mask selects (d x, d W, d scale, d bias); `work` false (no rows or
 // no upstream gradient) leaves every asked-for gradient zero.
@@ -375,14 +338,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 // flops) instead of 4 (the backward's recomputation of the logits); the price
 // is paid when no backward follows (3 passes instead of 1, and the gradients
 // held in memory).
+//
+// The forward op is this loop with no gradient asked for (grad_loss absent,
+// mask all false): one GEMM and the loss epilogue per chunk.
 template <class K>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-forward_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
-                 const at::Tensor& scale, const std::optional<at::Tensor>& bias,
-                 const at::Tensor& grad_loss, const Options& o, std::array<bool, 4> mask) {
-  constexpr const char* op = "nnk::cosine_cross_entropy_fwd_bwd";
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_loop(
+    const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+    const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& grad_loss, const Options& o, std::array<bool, 4> mask) {
   check_inputs(op, x, weight, target, scale, bias, o);
-  check_row_vector(op, "grad_loss", grad_loss, x);
+  if (grad_loss.has_value()) check_row_vector(op, "grad_loss", *grad_loss, x);
   TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
   const typename K::Guard guard(x.device());
   const int64_t n = x.size(0), c = weight.size(0);
@@ -390,8 +355,8 @@ forward_backward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor
   const Operands p = prepare<K>(x, weight, target, scale, bias);
   at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
-  const at::Tensor g_loss = grad_loss.to(p.acc).contiguous();
-  const bool work = n > 0 && (mask[0] || mask[1] || mask[2] || mask[3]);
+  const bool work = n > 0 && grad_loss.has_value() && (mask[0] || mask[1] || mask[2] || mask[3]);
+  const at::Tensor g_loss = work ? grad_loss->to(p.acc).contiguous() : at::Tensor();
   const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
   GradPass<K> grads(x, scale, p, o, mask, rows, work);
   // Without gradients to compute W's norms are not otherwise at hand.
@@ -462,7 +427,9 @@ std::tuple<at::Tensor, at::Tensor> forward_op(
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, true, ignore_index, label_smoothing, z_loss, eps,
                                  chunk_rows);
-  return forward<K>(x, weight, target, scale, bias, o);
+  auto out = chunk_loop<K>("nnk::cosine_cross_entropy_fwd", x, weight, target, scale, bias,
+                           std::nullopt, o, {false, false, false, false});
+  return {std::get<0>(out), std::get<1>(out)};
 }
 
 template <class K>
@@ -491,7 +458,8 @@ forward_backward_op(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, exact_margin, ignore_index, label_smoothing,
                                  z_loss, eps, chunk_rows);
-  return forward_backward<K>(x, weight, target, scale, bias, grad_loss, o, output_mask);
+  return chunk_loop<K>("nnk::cosine_cross_entropy_fwd_bwd", x, weight, target, scale, bias,
+                       grad_loss, o, output_mask);
 }
 
 }  // namespace cce
