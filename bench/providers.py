@@ -10,6 +10,10 @@ Who does what work (the ``notes`` column of the CSV repeats it):
   ``nnk-cuda-gradfwd`` is ``nnk-cuda`` with ``NNK_GRAD_IN_FORWARD=1``: the
   gradients of the mean loss computed in its forward (3 GEMM passes for
   fwd+bwd instead of 4; its ``fwd`` rows include that work).
+  ``nnk-triton-sparse`` is ``nnk-triton`` with ``NNK_TRITON_GRAD_FILTER=1``
+  (negligible d-logit tiles skip their d x and dW dots; on random benchmark
+  inputs few tiles are negligible, so it measures the filter's overhead more
+  than its saving).
 - ``ref-eager`` / ``ref-compile``: the specification
   ``nnk.reference.cosine_cross_entropy_ref`` (float32 logits; for 16-bit
   inputs its GEMMs run in float32), eager and under ``torch.compile``.
@@ -165,13 +169,24 @@ def impl_check(impl: str, module: str, device: torch.device, dtype: torch.dtype,
     return OK
 
 
+# Variants of an nnk impl: (name suffix, environment set around each call, note).
+NNK_VARIANTS = {
+    "gradfwd": ({"NNK_GRAD_IN_FORWARD": "1"},
+                "NNK_GRAD_IN_FORWARD=1: gradients of the mean loss computed in the forward (3 GEMM passes "
+                "for fwd+bwd; fwd includes them)"),
+    "sparse": ({"NNK_TRITON_GRAD_FILTER": "1"},
+               "NNK_TRITON_GRAD_FILTER=1: d-logit tiles below 2^-12 M / C skip their d x and dW dots"),
+}
+
+
 class Nnk(Provider):
     kind = "nnk"
     _module = {"torch": "nnk.impl.torch_blockwise", "triton": "nnk.impl.triton", "cuda": "nnk.impl.extension"}
 
-    def __init__(self, impl: str, *, grad_in_forward: bool = False):
-        self.impl, self.grad_in_forward = impl, grad_in_forward
-        self.name = f"nnk-{impl}" + ("-gradfwd" if grad_in_forward else "")
+    def __init__(self, impl: str, variant: str | None = None):
+        self.impl = impl
+        self.env, self._notes = NNK_VARIANTS[variant] if variant else ({}, "")
+        self.name = f"nnk-{impl}" + (f"-{variant}" if variant else "")
 
     def check(self, case, device, dtype):
         return impl_check(self.impl, self._module[self.impl], device, dtype, "cosine_cross_entropy_fwd")
@@ -182,25 +197,22 @@ class Nnk(Provider):
         kw = case.loss_kwargs()
 
         def loss():
-            if not self.grad_in_forward:
-                return nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw)
-            previous = os.environ.get("NNK_GRAD_IN_FORWARD")
-            os.environ["NNK_GRAD_IN_FORWARD"] = "1"
+            # The variants' switches are read when the forward runs.
+            previous = {k: os.environ.get(k) for k in self.env}
+            os.environ.update(self.env)
             try:
                 return nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw)
             finally:
-                if previous is None:
-                    del os.environ["NNK_GRAD_IN_FORWARD"]
-                else:
-                    os.environ["NNK_GRAD_IN_FORWARD"] = previous
+                for k, v in previous.items():
+                    if v is None:
+                        del os.environ[k]
+                    else:
+                        os.environ[k] = v
 
         return loss_run(loss, [inputs.x, inputs.w])
 
     def notes(self, case):
-        if self.grad_in_forward:
-            return ("NNK_GRAD_IN_FORWARD=1: gradients of the mean loss computed in the forward (3 GEMM passes "
-                    "for fwd+bwd; fwd includes them)")
-        return ""
+        return self._notes
 
 
 @functools.cache
@@ -403,5 +415,5 @@ class GemmBound(Provider):
 
 
 def ce_providers() -> list[Provider]:
-    return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", grad_in_forward=True), Reference(False), Reference(True),
+    return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", "gradfwd"), Nnk("triton", "sparse"), Reference(False), Reference(True),
             TorchHead(False), TorchHead(True), TorchLCE(), Liger(), CutCrossEntropy(), PML(), GemmBound()]

@@ -313,7 +313,7 @@ for dtype, arch in (("bf16", 90), ("fp16", 80), ("fp32", 90)):
     row_major = dtype != "fp16"
     build(backward._cce_bwd_kernel, dtype, arch, dict(
         flags, ROW_MAJOR=row_major, EXACT_MARGIN=True, HAS_DX=row_major, HAS_DW=True, HAS_DB=True,
-        HAS_DS=True, SPLIT_GRAD=True))
+        HAS_DS=True, SPLIT_GRAD=True, HAS_FILTER=row_major))
     count += 2
 print("compiled", count)
 """

@@ -45,18 +45,67 @@ from .tile import (
 
 
 @triton.jit
+def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, rows, N, C,
+                    ignore_index, eps, label_smoothing, z_loss,
+                    cos_m, sin_m, arc_threshold, arc_fallback, additive,
+                    NORM_X: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_ARC: tl.constexpr, EXACT_MARGIN: tl.constexpr):
+    """Per row: the terms of :func:`_row_terms`, the target's psi, logit and
+    d psi / d cos from the forward's stored cosine (bitwise the forward's
+    target logit), lse, and the coefficients of dz = coef_p p - shift - [c == y] hit."""
+    row_mask, t, valid, inv_x, live_x, s_t, b_t = _row_terms(
+        T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
+    cos_t = tl.load(COST_ptr + rows, mask=valid, other=0.0)
+    psi, z_t = _target_logit(cos_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
+    dpsi = _margin_grad(cos_t, cos_m, sin_m, arc_threshold, HAS_ARC, EXACT_MARGIN)
+    lse = tl.load(LSE_ptr + rows, mask=row_mask, other=0.0)
+    g = tl.load(G_ptr + rows, mask=valid, other=0.0)
+    g_lse = tl.load(GLSE_ptr + rows, mask=row_mask, other=0.0)
+    coef_p = g * (1.0 + 2.0 * z_loss * lse) + g_lse
+    hit = g * (1.0 - label_smoothing)
+    shift = g * (label_smoothing / C)
+    return row_mask, t, valid, inv_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift
+
+
+@triton.jit
+def _grad_mass_kernel(
+    T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, MASS_ptr,
+    N, C, ignore_index, eps, label_smoothing, z_loss,
+    cos_m, sin_m, arc_threshold, arc_fallback, additive,
+    NORM_X: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ARC: tl.constexpr, EXACT_MARGIN: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """MASS[i] = a lower bound of ||d cos_i||_1 from O(1) terms per row (the
+    sparse backward's scale, see cce_backward):
+    max(|d cos_t|, s min(1, d psi) |sum_c dz_c|), the second term with a
+    scalar scale only. |d cos_t| is one term of the norm; sum_c dz_c =
+    coef_p - C shift - hit since the probabilities sum to 1, and every column
+    of d cos is dz times s, or s d psi >= s min(1, d psi) on the target."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask, t, valid, inv_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift = _row_grad_terms(
+        T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, rows, N, C,
+        ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+        NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
+    dcos_t = tl.where(valid, (coef_p * tl.exp(z_t - lse) - shift - hit) * s_t * dpsi, 0.0)
+    mass = tl.abs(dcos_t)
+    if not HAS_CLASS_SCALE:
+        mass = tl.maximum(mass, tl.abs(coef_p - C * shift - hit) * s_t * tl.minimum(dpsi, 1.0))
+    tl.store(MASS_ptr + rows, mass, mask=row_mask)
+
+
+@triton.jit
 def _cce_bwd_kernel(
     X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr,
     DX_ptr, DW_ptr, DB_ptr, DS_ptr,
     N, C, D, c_lo, c_count,
     stride_xn, stride_xd, stride_wc, stride_wd,
     ignore_index, eps, label_smoothing, z_loss,
-    cos_m, sin_m, arc_threshold, arc_fallback, additive,
+    cos_m, sin_m, arc_threshold, arc_fallback, additive, THR_ptr,
     ROW_MAJOR: tl.constexpr, NORM_X: tl.constexpr, NORM_W: tl.constexpr,
     HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ARC: tl.constexpr,
     EXACT_MARGIN: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
     HAS_DB: tl.constexpr, HAS_DS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SPLIT_GRAD: tl.constexpr,
+    SPLIT_GRAD: tl.constexpr, HAS_FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # 1. The owned block (rows, or classes of the chunk [c_lo, c_lo + c_count))
@@ -91,18 +140,10 @@ def _cce_bwd_kernel(
 
         # 2. Per-row terms; the target logit from the forward's stored cosine
         #    (bitwise the forward's), the coefficients of dz.
-        row_mask, t, valid, inv_x, live_x, s_t, b_t = _row_terms(
-            T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
-        cos_t = tl.load(COST_ptr + rows, mask=valid, other=0.0)
-        psi, z_t = _target_logit(cos_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback,
-                                 additive, HAS_ARC)
-        dpsi = _margin_grad(cos_t, cos_m, sin_m, arc_threshold, HAS_ARC, EXACT_MARGIN)
-        lse = tl.load(LSE_ptr + rows, mask=row_mask, other=0.0)
-        g = tl.load(G_ptr + rows, mask=valid, other=0.0)
-        g_lse = tl.load(GLSE_ptr + rows, mask=row_mask, other=0.0)
-        coef_p = g * (1.0 + 2.0 * z_loss * lse) + g_lse
-        hit = g * (1.0 - label_smoothing)
-        shift = g * (label_smoothing / C)
+        row_mask, t, valid, inv_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift = _row_grad_terms(
+            T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, rows, N, C,
+            ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+            NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
 
         # 3. The logit tile, recomputed as the forward computed it.
         inv_w, live_w, s_c, b_c = _col_terms(WNORM_ptr, S_ptr, B_ptr, cols, col_mask, eps,
@@ -127,33 +168,41 @@ def _cce_bwd_kernel(
         # 5. d cos: the scale, times d psi / d cos on the target column.
         dcos = dz * tl.where(is_t, (s_t * dpsi)[:, None], s_c[None, :])
 
-        # 6. Contractions with the raw rows, which are exact operands; the
+        # 6. (HAS_FILTER) Whether any entry of the tile is above the sparse
+        #    backward's threshold (cce_backward).
+        if HAS_FILTER:
+            keep = tl.max(tl.abs(dcos)) > tl.load(THR_ptr)
+        else:
+            keep = True
+
+        # 7. Contractions with the raw rows, which are exact operands; the
         #    inverse norms go into the float32 gradient before its rounding.
-        if HAS_DX:
-            a_hi, a_lo, a_p = _grad_operand(dcos, inv_w, live_w, W_ptr.dtype.element_ty, UPCAST, SPLIT_GRAD)
-            for k in range(0, D, BLOCK_D):
-                ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
-                k_mask = ks < D
-                w = _load_tile(W_ptr, cols, col_mask, stride_wc, ks, k_mask, stride_wd, UPCAST)
-                ptrs = DX_ptr + (split.to(tl.int64) * N + rows[:, None]) * D + ks[None, :]
-                _accumulate(ptrs, _grad_dot(a_hi, a_lo, a_p, w, DOT_PRECISION, SPLIT_GRAD),
-                            row_mask[:, None] & k_mask[None, :], False)
-        if HAS_DW:
-            b_hi, b_lo, b_p = _grad_operand(tl.trans(dcos), inv_x, live_x, X_ptr.dtype.element_ty, UPCAST,
-                                            SPLIT_GRAD)
-            for k in range(0, D, BLOCK_D):
-                ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
-                k_mask = ks < D
-                x = _load_tile(X_ptr, rows, row_mask, stride_xn, ks, k_mask, stride_xd, UPCAST)
-                ptrs = DW_ptr + (part * c_count + local[:, None]) * D + ks[None, :]
-                _accumulate(ptrs, _grad_dot(b_hi, b_lo, b_p, x, DOT_PRECISION, SPLIT_GRAD),
-                            col_mask[:, None] & k_mask[None, :], ROW_MAJOR)
+        if keep:
+            if HAS_DX:
+                a_hi, a_lo, a_p = _grad_operand(dcos, inv_w, live_w, W_ptr.dtype.element_ty, UPCAST, SPLIT_GRAD)
+                for k in range(0, D, BLOCK_D):
+                    ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
+                    k_mask = ks < D
+                    w = _load_tile(W_ptr, cols, col_mask, stride_wc, ks, k_mask, stride_wd, UPCAST)
+                    ptrs = DX_ptr + (split.to(tl.int64) * N + rows[:, None]) * D + ks[None, :]
+                    _accumulate(ptrs, _grad_dot(a_hi, a_lo, a_p, w, DOT_PRECISION, SPLIT_GRAD),
+                                row_mask[:, None] & k_mask[None, :], False)
+            if HAS_DW:
+                b_hi, b_lo, b_p = _grad_operand(tl.trans(dcos), inv_x, live_x, X_ptr.dtype.element_ty, UPCAST,
+                                                SPLIT_GRAD)
+                for k in range(0, D, BLOCK_D):
+                    ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
+                    k_mask = ks < D
+                    x = _load_tile(X_ptr, rows, row_mask, stride_xn, ks, k_mask, stride_xd, UPCAST)
+                    ptrs = DW_ptr + (part * c_count + local[:, None]) * D + ks[None, :]
+                    _accumulate(ptrs, _grad_dot(b_hi, b_lo, b_p, x, DOT_PRECISION, SPLIT_GRAD),
+                                col_mask[:, None] & k_mask[None, :], ROW_MAJOR)
 
 
 _cce_bwd_tuned = triton.autotune(
     configs=configs.BWD_CONFIGS,
     key=["C", "D", "ROW_MAJOR", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS", "HAS_ARC",
-         "HAS_DX", "HAS_DW", "HAS_DB", "HAS_DS"],
+         "HAS_DX", "HAS_DW", "HAS_DB", "HAS_DS", "HAS_FILTER"],
     # Benchmarking runs the kernel several times: the accumulators must come
     # back to their values before each run and before the real one.
     restore_value=["DX_ptr", "DW_ptr", "DB_ptr", "DS_ptr"],
@@ -174,6 +223,7 @@ def cce_backward(
     wnorm: torch.Tensor | None, g_row: torch.Tensor, g_lse: torch.Tensor,
     opts: CCEOptions, *, need_dx: bool, need_dw: bool, need_ds: bool, need_db: bool,
     class_splits: int | None = None, row_splits: int | None = None, class_chunk: int | None = None,
+    grad_filter: float | None = None,
 ) -> Grads:
     """Gradients of the row losses and lse of :func:`forward.cce_forward`.
 
@@ -186,6 +236,8 @@ def cce_backward(
         row_splits: programs per class block in the class-major pass (deterministic mode).
         class_chunk: classes per launch while a float32 (chunk, D) d wn buffer is live
             (default :func:`configs.class_chunk`).
+        grad_filter: tolerance of the sparse backward, 0 for the exact one
+            (default: ``configs.grad_filter()``, from NNK_TRITON_GRAD_FILTER).
 
     Replaces ``torch.autograd.grad((row, lse), (x, weight, scale, bias), (g_row, g_lse))``
     through ``nnk.reference.cosine_cross_entropy_ref`` without the N x C logits.
@@ -195,6 +247,7 @@ def cce_backward(
     dev = x.device
     f32 = dict(dtype=torch.float32, device=dev)
     atomic = not opts.deterministic
+    tol = configs.grad_filter() if grad_filter is None else grad_filter
     g_row = g_row.to(torch.float32).contiguous()
     g_lse = g_lse.to(torch.float32).contiguous()
     dw = torch.empty(c, d, dtype=weight.dtype, device=dev) if need_dw else None
@@ -208,6 +261,27 @@ def cce_backward(
         EXACT_MARGIN=opts.exact_margin, SPLIT_GRAD=configs.SPLIT_GRAD, **dtype_args(x.dtype),
     )
     tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, lse, g_row, g_lse)
+
+    # 0. Sparse backward (opt-in): a tile of d cos is skipped when all its
+    #    entries are at most thr = tol * M / C, M a lower bound of the largest
+    #    ||d cos_i||_1 of the batch. Each row then loses at most C entries of
+    #    at most thr: ||error of d xn_i|| <= tol * M * max_j ||w_j|| / max(||w_j||, eps)
+    #    (<= tol * M with W normalized), and each class column at most N
+    #    entries: ||error of d wn_j|| <= tol * M * N / C. The threshold scales
+    #    with the batch's actual gradient, so a batch of confident rows (tiny
+    #    gradients everywhere) is filtered relative to those, and a flat
+    #    softmax (entries ~ M / C) skips nothing.
+    thr = None
+    if tol > 0.0 and n > 0:
+        mass = torch.empty(n, **f32)
+        mass_block = 256
+        _grad_mass_kernel[(triton.cdiv(n, mass_block),)](
+            target, xnorm, scale, bias, cos_t, lse, g_row, g_lse, mass,
+            n, c, opts.ignore_index, opts.eps, opts.label_smoothing, opts.z_loss,
+            **margin_args(opts), NORM_X=opts.normalize_input, HAS_CLASS_SCALE=scale.numel() > 1,
+            HAS_BIAS=bias is not None, EXACT_MARGIN=opts.exact_margin, BLOCK_N=mass_block)
+        thr = (mass.amax() * (tol / c)).reshape(1)
+    common.update(THR_ptr=thr, HAS_FILTER=thr is not None)
 
     def run(grid, dx_buf, dw_buf, db_buf, ds_buf, c0, count, row_major):
         launch(_cce_bwd_tuned, grid, opts.deterministic, configs.FIXED_BWD,

@@ -26,6 +26,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # reference's error on bf16 gradients). See tile._grad_operand.
 SPLIT_GRAD = os.environ.get("NNK_TRITON_FAST_GRAD", "0") != "1"
 
+# Opt-in sparse backward (NNK_TRITON_GRAD_FILTER): tiles of d logits whose
+# every entry is negligible skip their d x and d W contractions (two of the
+# backward's three dots and their float32 read-modify-writes), as
+# cut-cross-entropy skips tiles of small softmax values, but with a threshold
+# that bounds the error: an entry is negligible below tolerance / C times
+# the batch's largest ||d cos_i||_1, so that no gradient row loses more than
+# the tolerance times that (backward.cce_backward, step 0). "1" means 2^-12,
+# another value in (0, 1) is the tolerance itself, "0" or unset: exact.
+DEFAULT_GRAD_FILTER = 2.0**-12
+
+
+def grad_filter() -> float:
+    """The tolerance NNK_TRITON_GRAD_FILTER asks for (0: off), read at each
+    call as NNK_GRAD_IN_FORWARD is."""
+    value = os.environ.get("NNK_TRITON_GRAD_FILTER", "0")
+    try:
+        tol = DEFAULT_GRAD_FILTER if value == "1" else float(value)
+    except ValueError:
+        tol = -1.0
+    if not 0.0 <= tol < 1.0:
+        raise ValueError(f"NNK_TRITON_GRAD_FILTER={value!r}: expected 0 (off), 1 (on, tolerance 2^-12) "
+                         "or a tolerance in (0, 1)")
+    return tol
+
+
 # Bytes of float32 scratch the backward aims at per gradient accumulator: the
 # d xn partials of the class splits (at least one (N, D) buffer) and the d wn
 # of one class chunk.

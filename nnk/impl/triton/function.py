@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..._options import CCEOptions
+from . import configs
 from .backward import cce_backward
 from .forward import cce_forward
 from .launch import on_device
@@ -50,7 +51,7 @@ class _TritonCCE(torch.autograd.Function):
 
 def cosine_cross_entropy_triton(x, weight, target, scale, bias, opts: CCEOptions, *,
                                 class_splits: int | None = None, row_splits: int | None = None,
-                                class_chunk: int | None = None):
+                                class_chunk: int | None = None, grad_filter: float | None = None):
     """Backend entry of ``nnk.cosine_cross_entropy(..., impl="triton")``
     (arguments already checked by ``nnk._options.check_tensors``).
 
@@ -66,11 +67,14 @@ def cosine_cross_entropy_triton(x, weight, target, scale, bias, opts: CCEOptions
             gradients, class-ordered instead of atomic accumulation).
         class_splits, row_splits, class_chunk: work-splitting overrides (tests,
             benchmarks); the defaults come from ``configs``.
+        grad_filter: tolerance of the opt-in sparse backward (0: exact), default
+            from NNK_TRITON_GRAD_FILTER as set when the forward runs.
 
     Returns:
         ``(row_loss, lse)``: (N,) float32 each, both differentiable; row_loss
         is 0 on ignored rows. Replaces the per-row loss and log-sum-exp of
         ``nnk.reference.cosine_cross_entropy_ref`` (see the backend contract).
     """
-    tuning = dict(class_splits=class_splits, row_splits=row_splits, class_chunk=class_chunk)
+    tuning = dict(class_splits=class_splits, row_splits=row_splits, class_chunk=class_chunk,
+                  grad_filter=configs.grad_filter() if grad_filter is None else grad_filter)
     return _TritonCCE.apply(x, weight, scale, bias, target, opts, tuning)
