@@ -220,13 +220,15 @@ def nc_class_sums_ref(features: torch.Tensor, labels: torch.Tensor, num_classes:
     """Per-class counts and feature sums.
 
     features (N, D) or (B, N, D), any float dtype; labels (N,) int in [0, K).
-    Returns counts (K,) int64 and sums (K, D) or (B, K, D) in the accumulation
-    dtype: ``sums[b, k] = sum_{i: y_i = k} features[b, i]``."""
+    Returns counts (K,) int64 and sums (K, D) or (B, K, D) in float64 for
+    every input dtype: ``sums[b, k] = sum_{i: y_i = k} features[b, i]``. A
+    float32 sum of n rows is off by ~n u |mu|, and the statistics see that
+    squared in Sigma_W: more than the within-class scatter of collapsed
+    features at a few thousand samples per class."""
     h, squeeze = _batched(features)
-    acc = acc_dtype(h.dtype)
     counts = torch.bincount(labels.long(), minlength=num_classes)
-    sums = torch.zeros(h.shape[0], num_classes, h.shape[2], dtype=acc, device=h.device)
-    sums.index_add_(1, labels.long(), h.to(acc))
+    sums = torch.zeros(h.shape[0], num_classes, h.shape[2], dtype=torch.float64, device=h.device)
+    sums.index_add_(1, labels.long(), h.to(torch.float64))
     return counts, (sums[0] if squeeze else sums)
 
 

@@ -167,6 +167,26 @@ def test_collapsed_streaming_matches_two_pass_and_raw_moments_do_not():
         assert abs(nnk.nc_metrics_from_stats(s).nc1 - ref_nc1) <= 2e-3 * ref_nc1
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton", "cuda"])
+def test_collapsed_many_samples_per_class(device, impl):
+    """8000 samples per class, class means of norm ~5, spread 1e-4 of the
+    mean distance, float32 features: with float32 class sums (~n u |mu| off)
+    the centering left Sigma_W wrong by 70% (n = 20000 in all); float64 sums
+    keep it to float32 rounding of the Gram."""
+    if impl == "cuda" and not nnk.ops.has_op("nc_class_sums", device.type):
+        pytest.skip(f"nnk._C has no NC kernels for {device.type}")
+    n, d, k = 40_000, 8, 5
+    g = torch.Generator().manual_seed(4)
+    y = torch.arange(n) % k
+    mu = 5.0 + torch.randn(k, d, generator=g, dtype=torch.float64)
+    spread = 1e-4 * torch.pdist(mu).mean() / d**0.5
+    h = (mu[y] + spread * torch.randn(n, d, generator=g, dtype=torch.float64)).float()
+    truth = torch.from_numpy(F.stats64(h.double().numpy(), y.numpy(), k)["sigma_w"])
+    for sw in (nnk.nc_stats(h.to(device), y.to(device), k, impl=impl).sigma_w,
+               stream(h.to(device), y.to(device), k, 8192, device=device, impl=impl).compute().sigma_w):
+        assert float((sw.cpu() - truth).abs().max() / truth.abs().max()) < 1e-3
+
+
 def test_recenter_gram_is_exact():
     h, y, _, _ = clustered(120, 9, 4, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
@@ -228,7 +248,7 @@ def test_triton_kernels_match_reference(device, dtype, shape):
     r_counts, r_sums = nc_class_sums_ref(h, y_dev, k)
     truth = nc_class_sums_ref(exact, y, k)[1]
     assert torch.equal(counts.cpu(), r_counts.cpu()) and counts[k - 1] == 0
-    assert sums.dtype == torch.float32 and sums.shape == r_sums.shape
+    assert sums.dtype == torch.float64 and sums.shape == r_sums.shape
     ref_err = (r_sums.double().cpu() - truth).abs().max()
     assert (sums.double().cpu() - truth).abs().max() <= 2 * ref_err + 1e-5 * truth.abs().max()
 
@@ -448,3 +468,15 @@ def test_paper_baseline_agrees_with_nnk():
     m = nnk.nc_metrics(h, y, w)
     for name in ("nc1", "nc2", "nc3"):
         assert base[name] == pytest.approx(getattr(m, name), rel=1e-5), name
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "cuda"])
+def test_small_integer_labels(device, impl):
+    """uint8 / int16 labels, which the API accepts, work on every backend
+    (the compiled ops take int64 / int32: the backend converts)."""
+    if impl == "cuda" and not nnk.ops.has_op("nc_class_sums", device.type):
+        pytest.skip(f"nnk._C has no NC kernels for {device.type}")
+    h, y, w, b = (t.to(device) for t in clustered(60, 7, 4))
+    want = nnk.nc_metrics(h, y, w, b, impl=impl).as_dict()
+    for dtype in (torch.uint8, torch.int16):
+        assert_metrics_close(nnk.nc_metrics(h, y.to(dtype), w, b, impl=impl), want, rtol=0.0)

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> nc_class_sums_cpu(const at::Tensor& features,
   at::Tensor sums = at::zeros({f.b, num_classes, f.d}, f.features.options().dtype(nc::sums_dtype(features)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.features.scalar_type(),
                                   "nnk_nc_class_sums_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = double;  // nc::sums_dtype
     const scalar_t* hp = f.features.const_data_ptr<scalar_t>();
     acc_t* sp = sums.mutable_data_ptr<acc_t>();
     const int64_t col_tasks = (f.d + kSumColumns - 1) / kSumColumns;

@@ -201,21 +201,21 @@ cudaError_t launch_nc_class_sums(DType dtype, DType acc, const void* features,
                                  const int64_t* counts, int64_t batches, int64_t n, int64_t d,
                                  int64_t classes, int64_t splits, void* partial,
                                  cudaStream_t s) {
-  if (acc == DType::kFloat64) {
-    if (dtype != DType::kFloat64) return cudaErrorInvalidValue;
-    return class_sums<double, double>(features, perm, offsets, counts, batches, n, d, classes,
-                                      splits, partial, s);
-  }
+  // Sums are float64 for every input (nc::sums_dtype).
+  if (acc != DType::kFloat64) return cudaErrorInvalidValue;
   switch (dtype) {
+    case DType::kFloat64:
+      return class_sums<double, double>(features, perm, offsets, counts, batches, n, d, classes,
+                                        splits, partial, s);
     case DType::kFloat32:
-      return class_sums<float, float>(features, perm, offsets, counts, batches, n, d, classes,
-                                      splits, partial, s);
-    case DType::kFloat16:
-      return class_sums<__half, float>(features, perm, offsets, counts, batches, n, d, classes,
+      return class_sums<float, double>(features, perm, offsets, counts, batches, n, d, classes,
                                        splits, partial, s);
+    case DType::kFloat16:
+      return class_sums<__half, double>(features, perm, offsets, counts, batches, n, d, classes,
+                                        splits, partial, s);
     case DType::kBFloat16:
-      return class_sums<__nv_bfloat16, float>(features, perm, offsets, counts, batches, n, d,
-                                              classes, splits, partial, s);
+      return class_sums<__nv_bfloat16, double>(features, perm, offsets, counts, batches, n, d,
+                                               classes, splits, partial, s);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -24,7 +24,7 @@ def resolve(impl: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def class_sums(impl: str, features: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    """(counts (K,) int64, sums (K, D) / (B, K, D) float32; float64 for float64)."""
+    """(counts (K,) int64, sums (K, D) / (B, K, D) float64)."""
     if impl == "torch":
         return nc_class_sums_ref(features, labels, num_classes)
     if impl == "triton":
@@ -33,7 +33,7 @@ def class_sums(impl: str, features: torch.Tensor, labels: torch.Tensor, num_clas
         return nc_class_sums_triton(features, labels, num_classes)
     from .. import ops
 
-    return ops.nc_class_sums(features, labels, num_classes)
+    return ops.nc_class_sums(features, _op_labels(labels), num_classes)
 
 
 def centered_gram(impl: str, features: torch.Tensor, labels: torch.Tensor, shifts: torch.Tensor):
@@ -47,4 +47,9 @@ def centered_gram(impl: str, features: torch.Tensor, labels: torch.Tensor, shift
         return nc_centered_gram_triton(features, labels, shifts)
     from .. import ops
 
-    return ops.nc_centered_gram(features, labels, shifts)
+    return ops.nc_centered_gram(features, _op_labels(labels), shifts)
+
+
+def _op_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The compiled ops take int64 or int32 labels; the API takes any integer dtype."""
+    return labels if labels.dtype in (torch.int64, torch.int32) else labels.long()

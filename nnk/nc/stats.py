@@ -13,8 +13,9 @@ close to each class mean and uses the exact identity
                                               - n_k (mu_k - c_k)(mu_k - c_k)^T
 
 so ``Sigma_W = (G_c - sum_k n_k d_k d_k^T) / N`` with ``d_k = mu_k - c_k`` small:
-no cancellation. With ``c_k = mu_k`` (two passes, :func:`nc_stats`) ``d_k`` is
-a rounding error; in one pass (:class:`nnk.nc.NCTracker`) ``c_k`` is the mean
+no cancellation, given accurate means: the class sums are float64
+(:func:`nnk.reference.nc_class_sums_ref`). With ``c_k = mu_k`` (two passes,
+:func:`nc_stats`) ``d_k`` is a rounding error; in one pass (:class:`nnk.nc.NCTracker`) ``c_k`` is the mean
 of class k in the first batch that holds it.
 """
 from __future__ import annotations
@@ -127,12 +128,15 @@ def recenter_gram(gram, sums, counts, shifts, new_shifts):
 def two_pass_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int, impl: str) -> NCStats:
     """:func:`nc_stats` on checked arguments and a resolved impl."""
     h = features[None] if features.dim() == 2 else features
-    # Pass 1: counts and sums; pass 2: the Gram centered on the class means
-    # (in the sums' dtype, float32 or float64: the exact values the kernel uses).
+    # Pass 1: counts and float64 sums; pass 2: the Gram centered on the class
+    # means rounded to the Gram's dtype (float32 unless the features are
+    # float64), the exact values the kernel subtracts; assemble_stats corrects
+    # for that rounding with the float64 means.
     counts, sums = _backend.class_sums(impl, h, labels, num_classes)
     means = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
-    gram = _backend.centered_gram(impl, h, labels, means)
-    return assemble_stats(counts, sums, means, gram, squeeze=features.dim() == 2)
+    shifts = means.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+    gram = _backend.centered_gram(impl, h, labels, shifts)
+    return assemble_stats(counts, sums, shifts, gram, squeeze=features.dim() == 2)
 
 
 def nc_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, impl: str = "auto") -> NCStats:

@@ -64,15 +64,15 @@ def _nc_class_sums_kernel(
     col_ok = cols < D
     x_base = X_ptr + pid_b * stride_xb + cols.to(tl.int64)[None, :] * stride_xd
 
-    # 2. Accumulate a (BLOCK_N, BLOCK_D) fp32 tile, reduce its rows once at the
-    #    end: BLOCK_N interleaved partial sums instead of one long serial chain.
-    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    # 2. Accumulate a (BLOCK_N, BLOCK_D) float64 tile (see reference.nc_class_sums_ref
+    #    for why float64), reduce its rows once at the end.
+    acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float64)
     for start in range(lo, hi, BLOCK_N):
         r = start + tl.arange(0, BLOCK_N)
         r_ok = r < hi
         idx = tl.load(PERM_ptr + r, mask=r_ok, other=0)
         x = tl.load(x_base + idx[:, None] * stride_xn, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-        acc += x.to(tl.float32)
+        acc += x.to(tl.float32).to(tl.float64)
 
     # 3. Store the class's column block (zeros for a class without rows).
     out = tl.sum(acc, axis=0)
@@ -154,7 +154,7 @@ def _check(features: torch.Tensor, labels: torch.Tensor):
 
 
 def nc_class_sums_triton(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
-    """Per-class counts (K,) int64 and float32 sums (K, D) or (B, K, D) of
+    """Per-class counts (K,) int64 and float64 sums (K, D) or (B, K, D) of
     features (N, D) / (B, N, D); same as ``nnk.reference.nc_class_sums_ref``.
     labels (N,) integer in [0, num_classes) (not range-checked here)."""
     _check(features, labels)
@@ -165,7 +165,7 @@ def nc_class_sums_triton(features: torch.Tensor, labels: torch.Tensor, num_class
     perm = torch.argsort(labels, stable=True)
     offs = torch.zeros(num_classes + 1, dtype=torch.int64, device=h.device)
     torch.cumsum(counts, 0, out=offs[1:])
-    sums = torch.empty(nb, num_classes, d, dtype=torch.float32, device=h.device)
+    sums = torch.empty(nb, num_classes, d, dtype=torch.float64, device=h.device)
     if d > 0:
         grid = (num_classes, triton.cdiv(d, SUMS_BLOCK_D), nb)
         with on_device(h):

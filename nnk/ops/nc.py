@@ -28,7 +28,7 @@ if has_op("nc_class_sums", "cpu") and has_op("nc_centered_gram", "cpu"):
                      lambda: "labels must have one entry per row of features")
         counts = labels.new_empty((num_classes,), dtype=torch.int64)
         shape = (*features.shape[:-2], num_classes, features.shape[-1])
-        return counts, features.new_empty(shape, dtype=_acc(features.dtype))
+        return counts, features.new_empty(shape, dtype=torch.float64)
 
     @torch.library.register_fake("nnk::nc_centered_gram")
     def _nc_centered_gram_fake(features, labels, shifts):
@@ -49,7 +49,7 @@ def nc_class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int
 
     Returns:
         ``(counts, sums)``: counts (K,) int64 and sums (K, D) or (B, K, D) in
-        float32 (float64 for float64 features), ``sums[b, k] = sum_{i: y_i = k}
+        float64 for every input dtype, ``sums[b, k] = sum_{i: y_i = k}
         features[b, i]`` (``torch.zeros(B, K, D).index_add_(1, labels, features)``),
         accumulated in a fixed order (reproducible).
     """
