@@ -1,6 +1,7 @@
 """The public functional API of nnk."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -82,6 +83,29 @@ def run_backend(impl: str, x, weight, target, scale, bias, opts: CCEOptions):
     return _backend(resolve_impl(impl, x.device, x.dtype))(x, weight, target, scale, bias, opts)
 
 
+def _autocast_operands(fn):
+    """Under ``torch.autocast`` x and weight are cast to the autocast dtype
+    (as autocast casts the operands of ``nn.Linear``'s matmul: floating, not
+    float64), then ``fn`` runs with autocast off, so that its own float32
+    epilogue math is not cast again."""
+
+    @functools.wraps(fn)
+    def wrapper(x, weight, *args, **kwargs):
+        dev = x.device.type if isinstance(x, torch.Tensor) else None
+        if dev is None or not torch.is_autocast_enabled(dev):
+            return fn(x, weight, *args, **kwargs)
+        dtype = torch.get_autocast_dtype(dev)
+        x, weight = (
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+            else t
+            for t in (x, weight))
+        with torch.autocast(dev, enabled=False):
+            return fn(x, weight, *args, **kwargs)
+
+    return wrapper
+
+
+@_autocast_operands
 def cosine_cross_entropy(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -157,6 +181,11 @@ def cosine_cross_entropy(
         check_finite: raise ValueError if x, weight or bias hold NaN/Inf (one
             device sync). By default non-finite inputs propagate to the loss
             and gradients as they do in PyTorch.
+
+    Under ``torch.autocast``, x and weight are first cast to the autocast
+    dtype (as ``nn.Linear``'s operands; float64 is left alone): features of
+    an autocast backbone meet the float32 master weight of the head, and the
+    gradient of the weight comes back in float32.
 
     Returns:
         The float32 loss (float64 for float64 inputs): a scalar, or (N,) for

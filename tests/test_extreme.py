@@ -160,3 +160,39 @@ def test_more_logits_than_int32_indexes(impl, device):
     row = nnk.cosine_cross_entropy(x[-1:].detach(), w.detach(), t[-1:], scale=10.0, impl=impl)
     assert abs(row.item() - last.item()) < 1e-4
     assert torch.isfinite(loss) and torch.isfinite(w.grad).all() and x.grad[-1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_double_backward_is_a_clear_error(impl, device, reduction):
+    """create_graph=True (a gradient penalty) raises instead of returning
+    silently detached gradients; a plain backward still works."""
+    x = torch.randn(6, 5, device=device, requires_grad=True)
+    w = torch.randn(7, 5, device=device, requires_grad=True)
+    t = torch.randint(0, 7, (6,), device=device)
+    loss = nnk.cosine_cross_entropy(x, w, t, scale=10.0, impl=impl, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    loss = nnk.cosine_cross_entropy(x, w, t, scale=10.0, impl=impl, reduction=reduction).sum()
+    (gx,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(gx).all() and not gx.requires_grad
+
+
+def test_autocast_casts_the_operands(impl, device):
+    """Under torch.autocast (bf16): float32 x and W, or bf16 features of an
+    autocast backbone with the float32 master weight, give the loss of the
+    bf16 operands and float32 gradients for float32 leaves."""
+    g = torch.Generator().manual_seed(0)
+    x32 = torch.randn(9, 16, generator=g).to(device)
+    w32 = torch.randn(11, 16, generator=g).to(device)
+    t = torch.randint(0, 11, (9,), generator=g).to(device)
+    kw = dict(scale=16.0, angular_margin=0.3, impl=impl)
+    want = nnk.cosine_cross_entropy(x32.bfloat16(), w32.bfloat16(), t, **kw)
+    for x in (x32, x32.bfloat16()):
+        x = x.clone().requires_grad_(True)
+        w = w32.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = nnk.cosine_cross_entropy(x, w, t, **kw)
+        loss.backward()
+        assert torch.equal(loss, want)
+        assert w.grad.dtype == torch.float32 and x.grad.dtype == x.dtype
+        assert torch.isfinite(w.grad).all() and torch.isfinite(x.grad).all()

@@ -1,0 +1,27 @@
+"""The backends of ``nnk.cosine_cross_entropy``: torch_blockwise (pure
+PyTorch), triton, extension (the compiled ops)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def first_order(backward):
+    """``once_differentiable`` for a backward, plus a clear error where a
+    higher-order gradient is asked for (``create_graph=True``, e.g. a
+    gradient penalty). ``once_differentiable`` alone only raises when an
+    upstream gradient requires grad; otherwise the gradients would come back
+    silently detached and the penalty's own gradient would be dropped."""
+    inner = torch.autograd.function.once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "nnk.cosine_cross_entropy is differentiable once: its gradient has no graph "
+                "(create_graph=True / double backward is not supported). For gradient penalties "
+                "use nnk.reference.cosine_cross_entropy_ref, which materializes the logits.")
+        return inner(ctx, *grads)
+
+    return wrapper

@@ -42,6 +42,7 @@ import os
 
 import torch
 
+from . import first_order
 from .._options import CCEOptions
 from ..ops.cce import bwd_options, fwd_options
 from ..reference import reduce_rows
@@ -56,7 +57,7 @@ class _ExtensionCCE(torch.autograd.Function):
         return row, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g_row, g_lse):
         x, weight, target, scale, bias, lse = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -104,7 +105,7 @@ class _ExtensionCCEReduced(torch.autograd.Function):
         return reduce_rows(row, valid, reduction)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g):
         try:
             grads = ctx.saved_tensors

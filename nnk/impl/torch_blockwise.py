@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import first_order
 from .._options import CCEOptions
 from ..ops import row_normalize, row_normalize_backward
 from ..reference import acc_dtype, margin_grad_ref, margin_value_ref
@@ -94,7 +95,7 @@ class _BlockwiseCCE(torch.autograd.Function):
         return row, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g_row, g_lse):
         xn, xnorm, wn, wnorm, t, valid, cos_t, psi, z_t, lse, scale, bias = ctx.saved_tensors
         opts: CCEOptions = ctx.opts

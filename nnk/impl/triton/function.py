@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..._options import CCEOptions
+from .. import first_order
 from . import configs
 from .backward import cce_backward
 from .forward import cce_forward
@@ -32,7 +33,7 @@ class _TritonCCE(torch.autograd.Function):
         return fwd.row, fwd.lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order
     def backward(ctx, g_row, g_lse):
         x, weight, target, s, b, cos_t, lse, xnorm, wnorm = ctx.saved_tensors
         need_dx, need_dw, need_ds, need_db = ctx.needs_input_grad[:4]
