@@ -149,7 +149,7 @@ class Recorder:
         if problem:
             self.fail.setdefault(name, []).append(problem)
 
-    def expect_raise(self, name, fn, exc, *fragments):
+    def expect_raise(self, name, fn, exc, *fragments, absent=()):
         self.seen.append(name)
         try:
             fn()
@@ -157,6 +157,9 @@ class Recorder:
             missing = [f for f in fragments if f not in str(e)]
             if missing:
                 self.fail.setdefault(name, []).append(f"message lacks {missing}: {e}")
+            extra = [f for f in absent if f in str(e)]
+            if extra:
+                self.fail.setdefault(name, []).append(f"message should not say {extra}: {e}")
             return
         except Exception as e:  # noqa: BLE001
             self.fail.setdefault(name, []).append(f"raised {type(e).__name__} instead of {exc.__name__}: {e}")
@@ -272,7 +275,8 @@ def _check_mismatches(rec, rank, world, span, tag):
     else:
         local = (f"rank {bad} rejected its arguments", "weight must have D=")
     rec.expect_raise(f"{tag}:mismatch:local_error", lambda: cosine_cross_entropy(
-        x, torch.randn(n, D + 1, dtype=x.dtype) if last else w, t, **call), ValueError, *local)
+        x, torch.randn(n, D + 1, dtype=x.dtype) if last else w, t, **call), ValueError, *local,
+        absent=("ranks disagree",))  # the failed rank has no values to disagree with
     rec.expect_raise(f"{tag}:mismatch:options", lambda: cosine_cross_entropy(
         x, w, t, label_smoothing=0.1 if last else 0.0, **call), ValueError, "ranks disagree on options")
     rec.expect_raise(f"{tag}:mismatch:targets", lambda: cosine_cross_entropy(

@@ -77,7 +77,9 @@ def agree(
     _all_gather_single(table, mine, group=group)
     table = table.view(world, len(row)).cpu()
     failed = table[:, 0].nonzero().flatten().tolist()
-    differ = [n for i, n in enumerate(same) if bool((table[:, 1 + i] != table[0, 1 + i]).any())]
+    # A rank whose checks raised has no values: compare the others only.
+    ok = table[table[:, 0] == 0]
+    differ = [n for i, n in enumerate(same) if len(ok) and bool((ok[:, 1 + i] != ok[0, 1 + i]).any())]
     if failed or differ:
         # Rare path: exchange readable values and messages to say what is wrong.
         mine_text = ({n: repr(values.get(n)) for n in names}, f"{type(error).__name__}: {error}" if error else None)
@@ -87,7 +89,7 @@ def agree(
             raise error
         lines = [f"rank {r} rejected its arguments: {reports[r][1]}" for r in failed]
         for n in differ:
-            per_rank = ", ".join(f"rank {r}: {reports[r][0][n]}" for r in range(world))
+            per_rank = ", ".join(f"rank {r}: {reports[r][0][n]}" for r in range(world) if r not in failed)
             lines.append(f"ranks disagree on {n} ({per_rank})")
         raise ValueError(f"{caller}: " + "; ".join(lines))
     gathered = {n: table[:, 1 + len(same) + j].tolist() for j, n in enumerate(info)}
