@@ -1,16 +1,19 @@
 """Class-parallel cosine cross-entropy: classes sharded over the ranks of a
 process group, O(N) numbers per rank exchanged per step.
 
-Forward, per row (``P_r`` the partials of rank r's shard, see partials.py):
+Forward, per row (rank r's terms, see partials.py):
 
 1. ``M = max_r lse_r`` -- an all-reduce(MAX) of N floats, outside autograd:
    ``lse = M + log sum_r exp(lse_r - M)`` does not depend on M, so M needs no
    gradient.
-2. one all-reduce(SUM) of the stacked ``[exp(lse_r - M), z_t_r (, sum_z_r)]``:
-   2N floats (3N with label smoothing).
+2. one all-reduce(SUM) of the stacked ``[exp(lse_r - M), g_r (, sum_z_r)]``:
+   2N floats (3N with label smoothing), where ``g_r = M - z_t`` on the rank
+   that holds the row's target (from its backend's row loss ``lse_r - z_t``:
+   ``g_r = row_loss_r - (lse_r - M)``), else 0.
 3. every rank then holds the full row loss
-   ``lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2`` (0 on ignored rows) and
-   reduces it as ``F.cross_entropy``.
+   ``lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2`` (0 on ignored rows),
+   computed as ``log sum + g + ls (z_t - sum_z / C) + ...`` so that M cancels
+   exactly, and reduces it as ``F.cross_entropy``.
 
 Backward: none of these collectives communicates (see collectives.py): the
 gradient of ``lse_r`` is ``exp(lse_r - lse)``, which is local, and the local
@@ -26,30 +29,62 @@ import torch
 from .._options import REDUCTIONS, _choice, make_options
 from ..reference import reduce_rows
 from .collectives import all_reduce_max, replicated, sum_over_group
-from .partials import CCEPartials, check_shard, shard_partials
+from .partials import CCEPartials, ShardTerms, check_shard, shard_partials
 from .rank_checks import agree, check_partition
 
 CALLER = "nnk.distributed.cosine_cross_entropy"
 
 
+def _combine(lse, target_term, owner, sum_logits, valid, *, num_classes, label_smoothing, z_loss,
+             reduction, group):
+    """The loss from every rank's per-row terms: ``lse``, ``sum_logits`` and
+    either the target logit (``owner`` None) or, where ``owner`` marks the
+    rank holding the row's target, that backend's row loss ``lse_r - z_t``."""
+    m = all_reduce_max(lse, group)
+    if owner is None:
+        gap = target_term
+    else:
+        # m - z_t = row_loss_r - (lse_r - m): exact when the owner's lse is the
+        # max (a confident row), and its gradient reaches the backend as the
+        # per-row coefficients of softmax and onehot (see partials.py).
+        gap = torch.where(owner, target_term - (lse - m), torch.zeros_like(lse))
+    cols = [(lse - m).exp(), gap]
+    if label_smoothing:
+        cols.append(sum_logits)
+    total = sum_over_group(torch.stack(cols), group)
+    log_sum = total[0].log()
+    gap = total[1] if owner is not None else m - total[1]
+    # lse - (1 - ls) z_t - (ls / C) sum_z with lse = m + log_sum and z_t = m - gap,
+    # written so that m cancels before rounding.
+    row = log_sum + gap
+    if label_smoothing:
+        row = row + label_smoothing * ((m - gap) - total[2] / num_classes)
+    lse_all = m + log_sum
+    if z_loss:
+        row = row + z_loss * lse_all.square()
+    row = torch.where(valid, row, torch.zeros_like(row))
+    return reduce_rows(row, valid, reduction), lse_all
+
+
 def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes: int,
                      label_smoothing: float, z_loss: float, reduction: str, group=None):
-    """The exact loss from every rank's partials (two all-reduces: MAX of N
-    floats, SUM of 2N or 3N floats). ``valid`` (N,) bool marks the non-ignored
-    rows. Returns ``(loss, lse)`` with lse the (N,) log-sum-exp over all classes."""
-    m = all_reduce_max(partials.lse, group)
-    cols = [(partials.lse - m).exp(), partials.target_logit]
-    if label_smoothing:
-        cols.append(partials.sum_logits)
-    total = sum_over_group(torch.stack(cols), group)
-    lse = m + total[0].log()
-    row = lse - (1.0 - label_smoothing) * total[1]
-    if label_smoothing:
-        row = row - (label_smoothing / num_classes) * total[2]
-    if z_loss:
-        row = row + z_loss * lse.square()
-    row = torch.where(valid, row, torch.zeros_like(row))
-    return reduce_rows(row, valid, reduction), lse
+    """The exact loss from every rank's :class:`CCEPartials` (two all-reduces:
+    MAX of N floats, SUM of 2N or 3N floats). ``valid`` (N,) bool marks the
+    non-ignored rows. Returns ``(loss, lse)`` with lse the (N,) log-sum-exp
+    over all classes."""
+    return _combine(partials.lse, partials.target_logit, None, partials.sum_logits, valid,
+                    num_classes=num_classes, label_smoothing=label_smoothing, z_loss=z_loss,
+                    reduction=reduction, group=group)
+
+
+def combine_terms(terms: ShardTerms, valid: torch.Tensor, *, num_classes: int,
+                  label_smoothing: float, z_loss: float, reduction: str, group=None):
+    """:func:`combine_partials` on the :class:`ShardTerms` of the class-parallel
+    loss (the same collectives), which carry the backend's row loss instead
+    of the target logit."""
+    return _combine(terms.lse, terms.row_loss, terms.here, terms.sum_logits, valid,
+                    num_classes=num_classes, label_smoothing=label_smoothing, z_loss=z_loss,
+                    reduction=reduction, group=group)
 
 
 def _target_checksum(target: torch.Tensor) -> int:
@@ -167,10 +202,10 @@ def cosine_cross_entropy(
         x = replicated(x, group)
     if isinstance(s, torch.Tensor) and s.dim() == 0 and s.requires_grad:
         s = replicated(s, group)
-    partials = shard_partials(x, weight_shard, local, s, bias, opts, impl=impl,
-                              deterministic=deterministic, with_sum_logits=label_smoothing > 0)
-    loss, lse = combine_partials(
-        partials, target != ignore_index, num_classes=num_classes, label_smoothing=opts.label_smoothing,
+    terms = shard_partials(x, weight_shard, local, s, bias, opts, impl=impl,
+                           deterministic=deterministic, with_sum_logits=label_smoothing > 0)
+    loss, lse = combine_terms(
+        terms, target != ignore_index, num_classes=num_classes, label_smoothing=opts.label_smoothing,
         z_loss=opts.z_loss, reduction=reduction, group=group,
     )
     return (loss, lse) if return_lse else loss

@@ -18,7 +18,7 @@ from torch import nn
 
 from .._options import FLOAT_DTYPES, REDUCTIONS, _choice, _finite_float, make_options
 from .collectives import gather_rows, replicated
-from .loss import combine_partials
+from .loss import combine_terms
 from .partials import LOCAL_IGNORE, _check_int, local_targets, shard_partials
 from .rank_checks import agree, check_partition, group_rank
 
@@ -240,11 +240,11 @@ class ShardedCosineLinear(nn.Module):
             scale = replicated(scale, group)
 
         # 3. Partials of the shard, combined over the ranks.
-        partials = shard_partials(x, weight.to(x.dtype), local, scale, bias, self.opts, impl=self.impl,
-                                  deterministic=self.deterministic,
-                                  with_sum_logits=self.opts.label_smoothing > 0)
-        loss, _ = combine_partials(
-            partials, target != self.opts.ignore_index, num_classes=self.num_classes,
+        terms = shard_partials(x, weight.to(x.dtype), local, scale, bias, self.opts, impl=self.impl,
+                               deterministic=self.deterministic,
+                               with_sum_logits=self.opts.label_smoothing > 0)
+        loss, _ = combine_terms(
+            terms, target != self.opts.ignore_index, num_classes=self.num_classes,
             label_smoothing=self.opts.label_smoothing, z_loss=self.opts.z_loss,
             reduction=self.reduction, group=group,
         )
