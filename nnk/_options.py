@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,30 @@ def _choice(name: str, v, choices) -> str:
     return v
 
 
+def flag(name: str, v) -> bool:
+    """A boolean option: True, False, 1 or 0. Anything else (``"no"``, None,
+    2) is a TypeError rather than Python's truthiness, which reads the
+    string ``"no"`` as True."""
+    if isinstance(v, bool) or (isinstance(v, numbers.Integral) and v in (0, 1)):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool, got {v!r}")
+
+
+def env_flag(name: str) -> bool:
+    """The process default a boolean environment variable sets: unset, empty
+    or "0" is False, "1" True; any other value is a ValueError (a typo such as
+    "true" must not silently keep the other mode)."""
+    v = os.environ.get(name, "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"environment variable {name} must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def deterministic_flag(deterministic) -> bool:
+    """``deterministic``, where None means the process default ``NNK_DETERMINISTIC``."""
+    return env_flag("NNK_DETERMINISTIC") if deterministic is None else flag("deterministic", deterministic)
+
+
 def make_options(
     *,
     normalize_input,
@@ -76,8 +101,8 @@ def make_options(
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     opts = CCEOptions(
-        normalize_input=bool(normalize_input),
-        normalize_weight=bool(normalize_weight),
+        normalize_input=flag("normalize_input", normalize_input),
+        normalize_weight=flag("normalize_weight", normalize_weight),
         additive_margin=_finite_float("additive_margin", additive_margin),
         angular_margin=_finite_float("angular_margin", angular_margin, lo=0.0, hi=MAX_ANGULAR_MARGIN),
         margin_grad=_choice("margin_grad", margin_grad, MARGIN_GRADS),
@@ -85,7 +110,7 @@ def make_options(
         label_smoothing=_finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0),
         z_loss=_finite_float("z_loss", z_loss, lo=0.0),
         eps=_finite_float("eps", eps, lo=0.0, lo_open=True),
-        deterministic=bool(deterministic),
+        deterministic=flag("deterministic", deterministic),
     )
     if opts.angular_margin != 0.0 and not (opts.normalize_input and opts.normalize_weight):
         raise ValueError(

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ._options import IMPLS, REDUCTIONS, CCEOptions, _choice, check_tensors, make_options
+from ._options import IMPLS, REDUCTIONS, CCEOptions, _choice, check_tensors, deterministic_flag, flag, make_options
 from .ops import has_op
 from .reference import reduce_rows
 
@@ -200,8 +200,7 @@ def cosine_cross_entropy(
         device; they are skipped while torch.compile traces.
     """
     _choice("reduction", reduction, REDUCTIONS)
-    if deterministic is None:
-        deterministic = os.environ.get("NNK_DETERMINISTIC", "0") == "1"
+    deterministic = deterministic_flag(deterministic)
     opts: CCEOptions = make_options(
         normalize_input=normalize_input, normalize_weight=normalize_weight,
         additive_margin=additive_margin, angular_margin=angular_margin,
@@ -209,7 +208,9 @@ def cosine_cross_entropy(
         label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
         deterministic=deterministic,
     )
-    target, scale = check_tensors(x, weight, target, scale, bias, opts, check_finite=check_finite)
+    return_lse = flag("return_lse", return_lse)
+    target, scale = check_tensors(x, weight, target, scale, bias, opts,
+                                  check_finite=flag("check_finite", check_finite))
     backend = resolve_impl(impl, x.device, x.dtype)
     if backend == "cuda" and reduction != "none" and not return_lse:
         from .impl.extension import cosine_cross_entropy_extension_reduced, grad_in_forward

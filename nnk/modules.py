@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, make_options
+from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, make_options
 from .functional import cosine_cross_entropy
 from .impl.torch_blockwise import TILE_ELEMENTS, _blocks  # the blockwise path's tile sizes
 from .reference import acc_dtype, cosine_logits_ref, row_normalize_ref
@@ -98,7 +98,7 @@ def _check_loss_options(options: dict) -> None:
             )
     merged = {**_LOSS_OPTIONS, **options}
     make_options(**{k: merged[k] for k in _OPTION_FIELDS if k != "deterministic"},
-                 deterministic=bool(merged["deterministic"]))
+                 deterministic=merged["deterministic"] is not None and merged["deterministic"])
     _choice("reduction", merged["reduction"], REDUCTIONS)
     _choice("impl", merged["impl"], IMPLS)
     if not isinstance(merged["scale"], torch.Tensor):  # a tensor is checked per call (needs C)
@@ -200,10 +200,13 @@ class CosineLinear(nn.Linear):
                                   angular_margin=opts.angular_margin)
         else:
             scale = _finite_float("scale", scale, lo=0.0, lo_open=True)
+        bias = flag("bias", bias)
+        per_class_scale = flag("per_class_scale", per_class_scale)
+        learn_scale = flag("learn_scale", learn_scale)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.init_scale = float(scale)
-        self.learn_scale = bool(learn_scale or per_class_scale)
-        self.per_class_scale = bool(per_class_scale)
+        self.learn_scale = learn_scale or per_class_scale
+        self.per_class_scale = per_class_scale
         self.normalize_input, self.normalize_weight = opts.normalize_input, opts.normalize_weight
         self.additive_margin, self.angular_margin = opts.additive_margin, opts.angular_margin
         self.margin_grad, self.eps = opts.margin_grad, opts.eps

@@ -376,10 +376,19 @@ def _check_mismatches(rec, rank, world, span, tag):
         x, w, t.flip(0) if last else t, **call), ValueError, "ranks disagree on target checksum")
     rec.expect_raise(f"{tag}:mismatch:overlap", lambda: cosine_cross_entropy(
         x, w, t, class_start=0, num_classes=C, scale=16.0), ValueError, "must tile [0, 11)")
+    # A rank without autograd would never join the backward's all-reduce: a hang, unless caught here.
+    def no_grad_on_last():
+        with torch.set_grad_enabled(not last):
+            return cosine_cross_entropy(x, w, t, **call)
+
+    rec.expect_raise(f"{tag}:mismatch:grad_mode", no_grad_on_last, ValueError, "ranks disagree on grad mode")
     head = ShardedCosineLinear(D, C, scale=8.0, dtype=torch.float64)
     feats = torch.randn(3, D + 1 if last else D, dtype=torch.float64)
     rec.expect_raise(f"{tag}:mismatch:module_features", lambda: head(feats, torch.tensor([0, 1, 2])),
                      ValueError, "in_features=6")
+    head.train(not last)
+    rec.expect_raise(f"{tag}:mismatch:module_training", lambda: head(feats[:, :D], torch.tensor([0, 1, 2])),
+                     ValueError, "ranks disagree on training")
     # The group still works after the errors: a valid call agrees with the reference.
     full, _, _ = _case_data("plain", FUNCTIONAL_CASES["plain"], span)
     rec.close(f"{tag}:mismatch:group_still_usable", cosine_cross_entropy(x.detach(), w.detach(), t, **call),
@@ -650,7 +659,7 @@ def test_loss_and_gradients_match_single_process(ranks):
 
 
 def test_mismatched_arguments_raise_on_every_rank(ranks):
-    _assert_checks(ranks, "mismatch", 7)
+    _assert_checks(ranks, "mismatch", 9)
 
 
 def test_module_training_matches_single_process_under_ddp(ranks):

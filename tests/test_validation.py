@@ -47,6 +47,12 @@ CASES = [
     ("x_nan_checked", ValueError, "x contains NaN", lambda a, k: (a[0].__setitem__((1, 1), math.nan), k.update(check_finite=True))),
     ("bias_inf_checked", ValueError, "bias contains NaN or Inf", lambda a, k: k.update(bias=torch.tensor([0, math.inf, 0, 0, 0.]), check_finite=True)),
     ("ignore_index_float", TypeError, "ignore_index must be an int", lambda a, k: k.update(ignore_index=-100.0)),
+    # Truthiness would read "no" as True: flags take bools (or 0 / 1) only.
+    ("deterministic_str", TypeError, "deterministic must be a bool", lambda a, k: k.update(deterministic="no")),
+    ("normalize_input_str", TypeError, "normalize_input must be a bool", lambda a, k: k.update(normalize_input="false")),
+    ("normalize_weight_2", TypeError, "normalize_weight must be a bool", lambda a, k: k.update(normalize_weight=2)),
+    ("return_lse_none", TypeError, "return_lse must be a bool", lambda a, k: k.update(return_lse=None)),
+    ("check_finite_str", TypeError, "check_finite must be a bool", lambda a, k: k.update(check_finite="yes")),
 ]
 
 
@@ -87,6 +93,27 @@ def test_nnk_impl_env_sets_the_default(monkeypatch):
         nnk.cosine_cross_entropy(x, w, t)
     monkeypatch.setenv("NNK_IMPL", "torch")
     assert torch.isfinite(nnk.cosine_cross_entropy(x, w, t))
+
+
+def test_boolean_env_vars_take_0_or_1(monkeypatch):
+    x, w, t = _ok()
+    monkeypatch.setenv("NNK_DETERMINISTIC", "true")
+    with pytest.raises(ValueError, match="NNK_DETERMINISTIC must be 0 or 1, got 'true'"):
+        nnk.cosine_cross_entropy(x, w, t, impl="torch")
+    assert torch.isfinite(nnk.cosine_cross_entropy(x, w, t, impl="torch", deterministic=False))
+    monkeypatch.setenv("NNK_DETERMINISTIC", "1")
+    a = nnk.cosine_cross_entropy(x, w, t, impl="torch")
+    monkeypatch.setenv("NNK_DETERMINISTIC", "0")
+    assert torch.equal(a, nnk.cosine_cross_entropy(x, w, t, impl="torch", deterministic=1))
+
+
+def test_module_flags_are_bools():
+    with pytest.raises(TypeError, match="learn_scale must be a bool"):
+        nnk.CosineLinear(3, 5, learn_scale="no")
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        nnk.CosineLinear(3, 5, bias="False")
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        nnk.CosineCrossEntropyLoss(deterministic="yes")
 
 
 def test_non_finite_inputs_propagate_by_default():

@@ -22,11 +22,11 @@ shared scalar scale) is summed over the ranks.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
-from .._options import REDUCTIONS, _choice, make_options
+from .._options import REDUCTIONS, _choice, deterministic_flag, make_options
+from ..functional import resolve_impl
 from ..reference import reduce_rows
 from .collectives import all_reduce_max, replicated, sum_over_group
 from .partials import CCEPartials, ShardTerms, check_shard, shard_partials
@@ -165,8 +165,7 @@ def cosine_cross_entropy(
         their shards do not tile [0, num_classes). RuntimeError without an
         initialized process group.
     """
-    if deterministic is None:
-        deterministic = os.environ.get("NNK_DETERMINISTIC", "0") == "1"
+    deterministic = deterministic_flag(deterministic)
 
     def describe():
         _choice("reduction", reduction, REDUCTIONS)
@@ -184,6 +183,9 @@ def cosine_cross_entropy(
             "reduction": reduction, "return_lse": bool(return_lse),
             "target checksum": _target_checksum(target),
             "x.requires_grad": x.requires_grad,
+            # The backward all-reduces x's gradient: a rank without autograd would leave the others waiting.
+            "grad mode": torch.is_grad_enabled(),
+            "impl (resolved)": resolve_impl(impl, x.device, x.dtype),
             "scale kind": "per-class" if not shared_scale else type(s).__name__,
             "shared scale value": (float(s.detach()) if isinstance(s, torch.Tensor) else s) if shared_scale else None,
             "shared scale requires_grad": shared_scale and isinstance(s, torch.Tensor) and s.requires_grad,
@@ -193,7 +195,7 @@ def cosine_cross_entropy(
         return (opts, local, s), values
 
     same = ("N (x.shape[0])", "D (x.shape[1])", "x.dtype", "device type", "num_classes", "options",
-            "reduction", "return_lse", "target checksum", "x.requires_grad", "scale kind",
+            "reduction", "return_lse", "target checksum", "x.requires_grad", "grad mode", "impl (resolved)", "scale kind",
             "shared scale value", "shared scale requires_grad", "bias given")
     (opts, local, s), shards = agree(CALLER, group, describe, same, info=("class_start", "C_local"))
     check_partition(CALLER, shards["class_start"], shards["C_local"], num_classes)

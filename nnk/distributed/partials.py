@@ -29,13 +29,12 @@ itself rather than z_t, see loss.py); :class:`CCEPartials` is the public form.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 from typing import NamedTuple
 
 import torch
 
-from .._options import CCEOptions, check_tensors, make_options
+from .._options import CCEOptions, check_tensors, deterministic_flag, make_options
 from ..functional import run_backend
 from ..ops import row_normalize
 from ..reference import acc_dtype, scale_tensor_ref, target_margin_ref
@@ -119,8 +118,7 @@ def shard_partials(x, weight_shard, local_target, scale, bias, opts: CCEOptions,
     """The :class:`ShardTerms` of one shard, on checked arguments and
     shard-local targets (``LOCAL_IGNORE`` for rows whose class is elsewhere or
     ignored)."""
-    if deterministic is None:
-        deterministic = os.environ.get("NNK_DETERMINISTIC", "0") == "1"
+    deterministic = deterministic_flag(deterministic)
     # Arguments were checked by check_shard: straight to the backend (one round
     # of checks and device syncs per call, not two).
     local_opts = replace(opts, ignore_index=LOCAL_IGNORE, label_smoothing=0.0, z_loss=0.0,

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .._options import FLOAT_DTYPES, REDUCTIONS, _choice, _finite_float, make_options
+from .._options import FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, flag, make_options
+from ..functional import resolve_impl
 from .collectives import gather_rows, replicated
 from .loss import combine_terms
 from .partials import LOCAL_IGNORE, _check_int, local_targets, shard_partials
@@ -134,7 +135,11 @@ class ShardedCosineLinear(nn.Module):
         if self.sample_rate < 1.0 and self.opts.label_smoothing:
             raise ValueError("label_smoothing spreads mass over all classes: "
                              "it cannot be combined with sample_rate < 1")
-        self.group, self.ddp_average, self.impl, self.deterministic = group, bool(ddp_average), impl, deterministic
+        learn_scale, per_class_scale, bias = (flag(k, v) for k, v in (
+            ("learn_scale", learn_scale), ("per_class_scale", per_class_scale), ("bias", bias)))
+        self.group, self.ddp_average = group, flag("ddp_average", ddp_average)
+        self.impl = _choice("impl", impl, IMPLS)
+        self.deterministic = None if deterministic is None else flag("deterministic", deterministic)
         self.class_start, self.num_local = shard_range(self.num_classes, rank, world)
         self._scale_init = _finite_float("scale", scale, lo=0.0, lo_open=True)
 
@@ -204,6 +209,9 @@ class ShardedCosineLinear(nn.Module):
         return None, {
             "in_features": features.shape[1], "features.dtype": str(features.dtype),
             "features.requires_grad": features.requires_grad, "num_classes": self.num_classes,
+            # The backward reduce-scatters the features' gradient: every rank must record autograd.
+            "grad mode": torch.is_grad_enabled(), "training": self.training,
+            "impl (resolved)": resolve_impl(self.impl, features.device, features.dtype),
             "options": repr((self.opts, self.reduction, self.sample_rate, self.ddp_average)),
             "shared scale value": (float(self.scale.detach()) if scalar else self.scale) if shared else None,
             "shared scale requires_grad": scalar and self.scale.requires_grad,
@@ -215,7 +223,8 @@ class ShardedCosineLinear(nn.Module):
         value on every rank. features (n_r, in_features) float, labels (n_r,) int."""
         group = self.group
         _, world = group_rank(group, CALLER)
-        same = ("in_features", "features.dtype", "features.requires_grad", "num_classes", "options",
+        same = ("in_features", "features.dtype", "features.requires_grad", "grad mode", "training",
+                "impl (resolved)", "num_classes", "options",
                 "shared scale value", "shared scale requires_grad")
         _, got = agree(CALLER, group, lambda: self._describe(features, labels), same,
                        info=("rows", "class_start", "C_local"))

@@ -38,12 +38,11 @@ GradScaler sees as an inf step and backs off from.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
 from . import first_order
-from .._options import CCEOptions
+from .._options import CCEOptions, env_flag
 from ..ops.cce import bwd_options, fwd_options
 from ..reference import reduce_rows
 
@@ -123,7 +122,7 @@ def grad_in_forward(x, weight, scale, bias) -> bool:
     """Whether a reduced loss on the extension takes the fused training op
     (``_ExtensionCCEReduced``): ``NNK_GRAD_IN_FORWARD=1``, autograd is
     recording, an input requires grad, and x is not float16."""
-    if os.environ.get("NNK_GRAD_IN_FORWARD", "0") != "1" or not torch.is_grad_enabled():
+    if not env_flag("NNK_GRAD_IN_FORWARD") or not torch.is_grad_enabled():
         return False
     if x.dtype == torch.float16:
         return False

@@ -17,6 +17,8 @@ import os
 import torch
 import triton
 
+from ..._options import env_flag
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # 16-bit inputs: the d-logit operand of the backward contractions as hi + lo
@@ -24,7 +26,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # 2x of the float32-accumulating reference) unless NNK_TRITON_FAST_GRAD=1 (one
 # rounding to the input dtype: 2 of 5 backward dots fewer, about 2x the
 # reference's error on bf16 gradients). See tile._grad_operand.
-SPLIT_GRAD = os.environ.get("NNK_TRITON_FAST_GRAD", "0") != "1"
+SPLIT_GRAD = not env_flag("NNK_TRITON_FAST_GRAD")
 
 # Opt-in sparse backward (NNK_TRITON_GRAD_FILTER): tiles of d logits whose
 # every entry is negligible skip their d x and d W contractions (two of the
