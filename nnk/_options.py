@@ -120,9 +120,16 @@ def make_options(
     return opts
 
 
-def _data_checks_enabled() -> bool:
-    # Value checks need a host sync (.item()); torch.compile cannot trace them.
-    return not torch.compiler.is_compiling()
+def _value_check(ok: torch.Tensor, exc: type[Exception], msg: str, detail=None) -> None:
+    """Raise ``exc(detail() or msg)`` unless the 0-d bool tensor ``ok`` is true.
+    Eagerly this syncs with the device; torch.compile cannot trace that sync,
+    so while it traces the check goes into the graph instead
+    (torch._assert_async: a RuntimeError with ``msg`` on CPU, a device-side
+    assert on CUDA), never a silently wrong loss."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, msg)
+    elif not bool(ok):
+        raise exc(detail() if detail is not None else msg)
 
 
 def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_finite: bool = False):
@@ -168,20 +175,17 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_fin
         if bias.device != dev:
             raise ValueError(f"bias is on {bias.device} but x is on {dev}")
     scale = _check_scale(scale, c, dev)
-    if check_finite and _data_checks_enabled():
+    if check_finite:
         for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-            if t is not None and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")
+            if t is not None:
+                _value_check(torch.isfinite(t).all(), ValueError, f"{name} contains NaN or Inf (check_finite=True)")
     # The kernels index it as a dense (N,) vector (a strided int64 view would
     # otherwise be read as if contiguous).
     target = target.long().contiguous()
-    if _data_checks_enabled() and n > 0:
+    if n > 0:
         bad = ((target < 0) & (target != opts.ignore_index)) | (target >= c)
-        if bool(bad.any()):
-            first = int(target[bad][0])
-            raise ValueError(
-                f"target values must be in [0, {c}) or ignore_index={opts.ignore_index}, got {first}"
-            )
+        msg = f"target values must be in [0, {c}) or ignore_index={opts.ignore_index}"
+        _value_check(~bad.any(), ValueError, msg, lambda: f"{msg}, got {int(target[bad][0])}")
     return target, scale
 
 
@@ -193,10 +197,8 @@ def _check_scale(scale, c: int, dev: torch.device):
             raise TypeError(f"scale must be floating point, got {scale.dtype}")
         if scale.device != dev:
             raise ValueError(f"scale is on {scale.device} but x is on {dev}")
-        if _data_checks_enabled() and scale.numel() > 0:
-            if not bool(torch.isfinite(scale).all()):
-                raise ValueError("scale must be finite, got a non-finite value")
-            if not bool((scale > 0).all()):
-                raise ValueError("scale must be > 0, got a non-positive value")
+        if scale.numel() > 0:
+            _value_check(torch.isfinite(scale).all(), ValueError, "scale must be finite, got a non-finite value")
+            _value_check((scale > 0).all(), ValueError, "scale must be > 0, got a non-positive value")
         return scale.to(torch.float32) if scale.dtype != torch.float64 else scale
     return _finite_float("scale", scale, lo=0.0, lo_open=True)

@@ -197,7 +197,9 @@ def cosine_cross_entropy(
         wrong shapes, dtypes or devices, targets out of range, a non-finite or
         non-positive scale, and unknown ``reduction`` / ``impl`` / ``margin_grad``.
         Value checks of tensors (target range, tensor scale) synchronize with the
-        device; they are skipped while torch.compile traces.
+        device; under torch.compile they run inside the graph instead
+        (``torch._assert_async``: a RuntimeError with the same message on CPU,
+        a device-side assert on CUDA).
     """
     _choice("reduction", reduction, REDUCTIONS)
     deterministic = deterministic_flag(deterministic)

@@ -122,3 +122,22 @@ def test_non_finite_inputs_propagate_by_default():
     assert torch.isnan(nnk.cosine_cross_entropy(x, w, t, impl="torch"))
     row = nnk.cosine_cross_entropy(x, w, t, impl="torch", reduction="none")
     assert torch.isnan(row[1]) and torch.isfinite(row[[0, 2, 3]]).all()
+
+
+def test_value_checks_run_inside_compiled_graphs():
+    # torch.compile cannot trace the eager checks' host sync: the checks go into
+    # the graph (torch._assert_async) instead of being dropped. Before, a target
+    # of -1 gave a finite, wrong loss on impl="torch".
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x, w, _ = _ok()
+    loss = torch.compile(lambda a, b, t, s: nnk.cosine_cross_entropy(a, b, t, scale=s, impl="torch"),
+                         fullgraph=True, dynamic=False)
+    good_t, bad_t = torch.tensor([0, 1, 2, 3]), torch.tensor([0, -1, 2, 3])
+    torch.testing.assert_close(loss(x, w, good_t, torch.tensor(3.0)),
+                               nnk.cosine_cross_entropy(x, w, good_t, scale=3.0, impl="torch"))
+    with pytest.raises(RuntimeError, match=r"target values must be in \[0, 5\) or ignore_index=-100"):
+        loss(x, w, bad_t, torch.tensor(3.0))
+    with pytest.raises(RuntimeError, match="scale must be > 0"):
+        loss(x, w, good_t, torch.tensor(-3.0))

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._options import CCEOptions, check_tensors, deterministic_flag, make_options
+from .._options import CCEOptions, _value_check, check_tensors, deterministic_flag, make_options
 from ..functional import run_backend
 from ..ops import row_normalize
 from ..reference import acc_dtype, scale_tensor_ref, target_margin_ref
@@ -101,14 +101,11 @@ def check_shard(x, weight_shard, target, scale, bias, opts: CCEOptions, class_st
             f"the shard [class_start, class_start + weight_shard.shape[0]) = [{class_start}, "
             f"{class_start + num_local}) must lie in [0, num_classes={num_classes})"
         )
-    if target.numel() > 0 and not torch.compiler.is_compiling():
+    if target.numel() > 0:
         t = target.long()
         bad = ((t < 0) & (t != opts.ignore_index)) | (t >= num_classes)
-        if bool(bad.any()):
-            raise ValueError(
-                f"target values must be in [0, num_classes={num_classes}) or "
-                f"ignore_index={opts.ignore_index}, got {int(t[bad][0])}"
-            )
+        msg = f"target values must be in [0, num_classes={num_classes}) or ignore_index={opts.ignore_index}"
+        _value_check(~bad.any(), ValueError, msg, lambda: f"{msg}, got {int(t[bad][0])}")
     return local, scale
 
 
