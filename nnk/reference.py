@@ -25,11 +25,22 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Rows per float64 temporary of row_norm_ref: 2^22 elements (32 MiB), so that
+# the norms of a (C, D) classifier never hold a float64 copy of it (twice the
+# size of a float32 weight: 4 GiB at C = 1M, D = 512).
+NORM_CHUNK_ELEMENTS = 1 << 22
+
+
 def row_norm_ref(x: torch.Tensor) -> torch.Tensor:
     """Row L2 norms of (N, D) x in the accumulation dtype. The squares are summed
     in float64: exact in range for any float32/float16/bfloat16 input, where a
-    float32 sum overflows above |x| ~ 1e19 (and F.normalize then returns 0)."""
-    return torch.linalg.vector_norm(x.to(torch.float64), dim=1).to(acc_dtype(x.dtype))
+    float32 sum overflows above |x| ~ 1e19 (and F.normalize then returns 0).
+    Rows go through float64 in chunks of NORM_CHUNK_ELEMENTS."""
+    acc = acc_dtype(x.dtype)
+    rows = max(1, NORM_CHUNK_ELEMENTS // max(x.shape[1], 1))
+    if x.shape[0] <= rows:
+        return torch.linalg.vector_norm(x.to(torch.float64), dim=1).to(acc)
+    return torch.cat([torch.linalg.vector_norm(part.to(torch.float64), dim=1).to(acc) for part in x.split(rows)])
 
 
 def normalize_ref(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -124,13 +135,17 @@ def cosine_logits_ref(
     normalize_input: bool = True,
     normalize_weight: bool = True,
     eps: float = 1e-12,
+    normalize=normalize_ref,
 ) -> torch.Tensor:
     """``scale * normalize(x) @ normalize(weight).T + bias`` in float32 (float64),
     without margins: the logits a cosine head predicts with. x (N, D), weight
-    (C, D), scale a float, 0-d or (C,) tensor, bias (C,) or None; returns (N, C)."""
+    (C, D), scale a float, 0-d or (C,) tensor, bias (C,) or None; returns (N, C).
+    ``normalize(t, eps)``: the row normalization, returning t's rows in the
+    accumulation dtype (CosineLinear passes nnk.ops.row_normalize's, whose
+    autograd keeps no float64 copy of the weight)."""
     acc = acc_dtype(x.dtype)
-    xa = normalize_ref(x, eps) if normalize_input else x.to(acc)
-    wa = normalize_ref(weight, eps) if normalize_weight else weight.to(acc)
+    xa = normalize(x, eps) if normalize_input else x.to(acc)
+    wa = normalize(weight, eps) if normalize_weight else weight.to(acc)
     logits = (xa @ wa.T) * scale_tensor_ref(scale, acc, x.device)
     if bias is not None:
         logits = logits + bias.to(acc)

@@ -1,6 +1,11 @@
 """nnk.CosineLinear, replace_head, project_after_step and CosineCrossEntropyLoss,
 checked against nn.Linear, nnk.cosine_cross_entropy and the reference."""
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -378,3 +383,41 @@ def test_compile_fullgraph_forward_and_loss_on_cpu():
     g_e = torch.autograd.grad(loss_e + logits_e.square().mean(), params)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+HEAD_MEMORY_SCRIPT = textwrap.dedent("""
+    import ctypes, json, torch, nnk
+    def hwm_mb():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    head = nnk.CosineLinear(64, 400_000, scale=10.0)
+    x = torch.randn(4, 64)
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+    res = {"weight_mb": head.weight.numel() * 4 / 2**20, "logits_mb": 4 * 400_000 * 4 / 2**20}
+    for name, fn in [("forward", lambda: head(x)), ("predict_one_row", lambda: head.predict(x[:1], k=5))]:
+        trim(0)
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
+        base = hwm_mb()
+        out = fn()
+        res[name] = hwm_mb() - base
+        del out
+    print(json.dumps(res))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset needs Linux /proc")
+def test_head_forward_and_predict_memory():
+    """Extra peak RSS of CosineLinear's forward (autograd on) and of predict on one
+    row, C=400k, D=64 (weight 98 MiB). The forward holds one normalized copy of
+    the weight (it was 3.2x the weight with the reference's float64 norms);
+    predict holds tiles only (it was 2x the weight for one row)."""
+    out = subprocess.run([sys.executable, "-c", HEAD_MEMORY_SCRIPT], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(res)
+    assert res["forward"] < 1.3 * res["weight_mb"] + res["logits_mb"], res
+    assert res["predict_one_row"] < 0.4 * res["weight_mb"], res
