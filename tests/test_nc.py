@@ -265,6 +265,28 @@ def test_triton_kernels_match_reference(device, dtype, shape):
         assert err <= 2 * ref_err + 1e-6 * truth.abs().max(), (splits, float(err), float(ref_err))
 
 
+def test_triton_gram_float16_centered_values_beyond_65504(device):
+    # |h - c| up to ~1e5: float16 features (|h| < 65504) centered on shifts of
+    # the opposite sign. Rounded to float16 as they are, the centered values
+    # would be inf; the kernel scales them by a power of two first.
+    from nnk.nc.triton_kernels import nc_centered_gram_triton
+
+    g = torch.Generator().manual_seed(4)
+    n, d = 40, 24
+    y = torch.arange(n) % 2
+    sign = (1 - 2 * y).double()[:, None]
+    h = (sign * (40000 + 5000 * torch.rand(n, d, generator=g, dtype=torch.float64))).half()
+    shifts = torch.stack([torch.full((d,), -45000.0), torch.full((d,), 45000.0)])  # the other class's side
+    truth = nc_centered_gram_ref(h.double(), y, shifts.double())
+    gram = nc_centered_gram_triton(h.to(device), y.to(device), shifts.to(device)).double().cpu()
+    assert torch.isfinite(gram).all()
+    # The same product in torch: centered values scaled by 2^-2 (max|h| + max|c| < 4 * 32768),
+    # rounded to float16, accumulated exactly.
+    c = ((h.double() - shifts.double()[y]) / 4).half().double() * 4
+    want_err = (c.mT @ c - truth).abs().max()
+    assert (gram - truth).abs().max() <= 2 * want_err + 1e-6 * truth.abs().max()
+
+
 def test_triton_kernels_take_strided_features_and_shared_shifts(device):
     from nnk.nc.triton_kernels import nc_centered_gram_triton, nc_class_sums_triton
 
