@@ -502,3 +502,18 @@ def test_small_integer_labels(device, impl):
     want = nnk.nc_metrics(h, y, w, b, impl=impl).as_dict()
     for dtype in (torch.uint8, torch.int16):
         assert_metrics_close(nnk.nc_metrics(h, y.to(dtype), w, b, impl=impl), want, rtol=0.0)
+
+
+def test_collect_nc_metrics_needs_a_reiterable_loader_for_nc4():
+    # A generator is exhausted after the first pass: NC4 used to come back
+    # None without a word.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    with pytest.raises(ValueError, match="second pass over loader \\(NC4\\) saw 0 samples, the first 64"):
+        collect_nc_metrics(model, iter(batches), 4, progress=False)
+    assert collect_nc_metrics(model, iter(batches), 4, nc4=False, progress=False).nc4 is None
+    assert collect_nc_metrics(model, batches, 4, progress=False).nc4 is not None
+    with pytest.raises(ValueError, match="loader yielded no batches"):
+        collect_nc_metrics(model, [], 4, progress=False)

@@ -104,6 +104,14 @@ def _worker(rank: int, port: int):
         want = nnk.nc_metrics(feats, y, model[2].weight.detach(), model[2].bias.detach())
         assert got.nc4 == want.nc4 and got.n == want.n
         assert abs(got.nc1 - want.nc1) <= 1e-4 * want.nc1, (got.nc1, want.nc1)
+
+        # 5. Rank 1's loader is empty: it joins the merge with no samples (it
+        #    used to raise alone and leave rank 0 waiting in the collective).
+        got = collect_nc_metrics(model, loader if rank == 0 else [], K, progress=False, all_reduce=True)
+        want = nnk.nc_metrics(feats[torch.arange(len(y)) % 3 == 0], y[torch.arange(len(y)) % 3 == 0],
+                              model[2].weight.detach(), model[2].bias.detach())
+        assert got.nc4 == want.nc4 and got.n == want.n, (got.n, want.n)
+        assert abs(got.nc1 - want.nc1) <= 1e-4 * want.nc1, (got.nc1, want.nc1)
     finally:
         dist.destroy_process_group()
 

@@ -46,16 +46,23 @@ def collect_nc_metrics(
             last module (in ``model.modules()`` order) with a 2-D ``weight``.
         weight, bias: the classifier for NC2/NC3/NC4; default ``head.weight`` /
             ``head.bias`` when the head has them.
-        nc4: take the second pass for NC4 (needs a weight).
+        nc4: take the second pass for NC4 (needs a weight, and a loader that
+            can be iterated twice over the same samples).
         device: where inputs go; default the device of the model's parameters.
         progress: show tqdm progress bars.
         impl: backend of the statistics (see :func:`nnk.nc_stats`).
         all_reduce: data-parallel run: merge the ranks' statistics (and NC4
             counts) with :meth:`NCTracker.all_reduce` over ``group``; every
-            rank then returns the metrics of all ranks' samples.
+            rank then returns the metrics of all ranks' samples. A rank whose
+            loader is empty takes part with no samples (it needs a weight, for D).
 
     Returns:
         :class:`NCMetrics`. The model's training mode is restored afterwards.
+
+    Raises:
+        ValueError: the loader yielded no batches (and no rank of an
+        all_reduce run could merge them), or its second pass (NC4) did not
+        yield as many samples as the first.
     """
     from tqdm.auto import tqdm
 
@@ -88,7 +95,11 @@ def collect_nc_metrics(
                 tracker = NCTracker(num_classes, h.shape[1], h.device, impl=impl)
             tracker.update(h, y)
         if tracker is None:
-            raise ValueError("loader yielded no batches")
+            if not (all_reduce and weight is not None):
+                raise ValueError("loader yielded no batches")
+            # A rank without data still joins the collectives (its peers would
+            # wait for it), with empty statistics of the classifier's D.
+            tracker = NCTracker(num_classes, weight.shape[-1], device, impl=impl)
         if all_reduce:
             tracker.all_reduce(group)
         if nc4 and weight is not None:
@@ -97,6 +108,12 @@ def collect_nc_metrics(
                 tracker.update_nc4(features_of(batch)[0])
             if all_reduce:
                 tracker.all_reduce(group)
+            # After the merge both counts are global: every rank raises alike.
+            if tracker.nc4_samples != tracker.n:
+                raise ValueError(
+                    f"the second pass over loader (NC4) saw {tracker.nc4_samples} samples, the first "
+                    f"{tracker.n}: NC4 needs a loader that yields the same samples on every iteration "
+                    "(a DataLoader or a list, not a one-shot iterator), or nc4=False")
         return tracker.metrics(weight.to(tracker.device) if weight is not None else None)
     finally:
         hook.remove()

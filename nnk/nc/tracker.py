@@ -151,6 +151,12 @@ class NCTracker:
         p.n += features.shape[-2]
         return self
 
+    @property
+    def nc4_samples(self) -> int | None:
+        """Samples counted by the NC4 pass so far (all ranks' after its merge);
+        None before :meth:`begin_nc4`."""
+        return None if self._nc4 is None else self._nc4.n
+
     def metrics(self, weight: torch.Tensor | None = None) -> NCMetrics | list[NCMetrics]:
         """:func:`nnk.nc_metrics_from_stats` of :meth:`compute`, with ``nc4``
         filled in when an NC4 pass ran (weight then defaults to its weight).
