@@ -241,7 +241,9 @@ class CosineLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., C) = ``scale * cos + bias`` for x (..., D), without
-        margins; float32 (float64 for float64 x)."""
+        margins; float32 (float64 for float64 x), with or without bias, also
+        under torch.autocast (whose dtype the cosine GEMM then runs in, so the
+        cosines carry its rounding: about 2^-9 relative in bfloat16)."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
         logits = cosine_logits_ref(

@@ -142,11 +142,14 @@ def cosine_logits_ref(
     (C, D), scale a float, 0-d or (C,) tensor, bias (C,) or None; returns (N, C).
     ``normalize(t, eps)``: the row normalization, returning t's rows in the
     accumulation dtype (CosineLinear passes nnk.ops.row_normalize's, whose
-    autograd keeps no float64 copy of the weight)."""
+    autograd keeps no float64 copy of the weight). The result is float32
+    (float64) also under torch.autocast, whose dtype the product runs in."""
     acc = acc_dtype(x.dtype)
     xa = normalize(x, eps) if normalize_input else x.to(acc)
     wa = normalize(weight, eps) if normalize_weight else weight.to(acc)
-    logits = (xa @ wa.T) * scale_tensor_ref(scale, acc, x.device)
+    # .to(acc): under torch.autocast the product comes out in the autocast
+    # dtype; s * cos is formed in float32 (float64) all the same.
+    logits = (xa @ wa.T).to(acc) * scale_tensor_ref(scale, acc, x.device)
     if bias is not None:
         logits = logits + bias.to(acc)
     return logits

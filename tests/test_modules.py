@@ -421,3 +421,16 @@ def test_head_forward_and_predict_memory():
     print(res)
     assert res["forward"] < 1.3 * res["weight_mb"] + res["logits_mb"], res
     assert res["predict_one_row"] < 0.4 * res["weight_mb"], res
+
+
+def test_forward_logits_are_float32_under_autocast():
+    # They were bfloat16 without a bias and float32 with one.
+    x = torch.randn(3, 8)
+    for bias in (False, True):
+        head = nnk.CosineLinear(8, 5, bias=bias, scale=30.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head(x)
+        assert out.dtype == torch.float32
+        # The cosines come from the bf16 GEMM: within bf16 rounding of the
+        # operands, times s.
+        assert (out - head(x)).abs().max() <= 30.0 * 2 ** -6
