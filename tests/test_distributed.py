@@ -354,6 +354,26 @@ def _check_confident(rec, rank, world, span, tag):
             rec.fail.setdefault(name, []).append(problem)
 
 
+def _check_bf16(rec, rank, world, span, tag):
+    """bfloat16 features: x.grad (summed over the ranks in float32) stays
+    within 2x the single-process op's error against float64."""
+    a, n = span
+    g = torch.Generator().manual_seed(17)
+    x, w = torch.randn(N, 32, generator=g).bfloat16(), torch.randn(C, 32, generator=g).bfloat16()
+    t = torch.randint(0, C, (N,), generator=g)
+    opts = dict(scale=16.0, additive_margin=0.1)
+    x64 = x.double().requires_grad_()
+    cosine_cross_entropy_ref(x64, w.double(), t, **opts).backward()
+    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+    nnk.cosine_cross_entropy(xs, w, t, impl="torch", **opts).backward()
+    cosine_cross_entropy(xd, w[a:a + n].clone(), t, class_start=a, num_classes=C, impl="torch", **opts).backward()
+    single, got = ((v.grad.double() - x64.grad).abs().max() for v in (xs, xd))
+    name = f"{tag}:case:bf16_dx"
+    rec.seen.append(name)
+    if xd.grad.dtype != torch.bfloat16 or got > 2 * single + 1e-6:
+        rec.fail.setdefault(name, []).append(f"{xd.grad.dtype}: error {float(got)} vs single-process {float(single)}")
+
+
 def _check_mismatches(rec, rank, world, span, tag):
     a, n = span
     _, mine, _ = _case_data("plain", FUNCTIONAL_CASES["plain"], span)
@@ -603,6 +623,7 @@ def _worker(rank, world, port, tmp):
         t0 = time.perf_counter()
         _check_functional(rec, rank, world, span, tag)
         _check_confident(rec, rank, world, span, tag)
+        _check_bf16(rec, rank, world, span, tag)
         _check_mismatches(rec, rank, world, span, tag)
         _check_module_training(rec, rank, world, tag)
         _check_module_sampling(rec, rank, world, tag)

@@ -56,6 +56,14 @@ def sum_over_group(t: torch.Tensor, group=None) -> torch.Tensor:
     return _SumOverGroup.apply(t, group)
 
 
+def _summable(grad: torch.Tensor) -> torch.Tensor:
+    # A contiguous copy to reduce into, float32 for 16-bit gradients: summing
+    # W ranks' parts in bfloat16 would round log2(W) more times than the
+    # single-process gradient (rounded once from float32).
+    acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+    return grad.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
+
+
 class _Replicated(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, group):
@@ -64,9 +72,9 @@ class _Replicated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
+        total = _summable(grad)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.group)
+        return total.to(grad.dtype), None
 
 
 def replicated(t: torch.Tensor, group=None) -> torch.Tensor:
@@ -86,7 +94,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad):
         sizes, rank = ctx.sizes, dist.get_rank(ctx.group)
         width, rest = max(sizes), grad.shape[1:]
-        grad = grad.contiguous()
+        dtype, grad = grad.dtype, _summable(grad)
         if min(sizes) != width:
             padded = grad.new_zeros((len(sizes), width) + rest)
             for r, block in enumerate(grad.split(sizes)):
@@ -97,7 +105,7 @@ class _GatherRows(torch.autograd.Function):
         mine = mine[: sizes[rank]]
         if ctx.grad_scale != 1.0:
             mine = mine * ctx.grad_scale
-        return mine, None, None, None
+        return mine.to(dtype), None, None, None
 
 
 def _gather(t: torch.Tensor, sizes: Sequence[int], group) -> torch.Tensor:
