@@ -103,6 +103,10 @@ class ShardedCosineLinear(nn.Module):
             batch's positive classes plus a uniform sample of its other classes
             (Partial FC) and the loss runs over the kept classes only.
             1 (default): all classes, exact. Not combinable with label smoothing.
+            The rows left out of a step get a zero gradient, not none, so an
+            optimizer with momentum or weight decay still moves them (as in
+            insightface's Partial FC v2); an optimizer without momentum and
+            weight decay on the head leaves them untouched.
         ddp_average: multiply the features' gradient by the group size (to
             cancel DDP's averaging); False when the backbone's gradients are
             summed over the ranks or the backbone is not data-parallel.
