@@ -20,6 +20,22 @@ def _triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _gpu_kernels_target(device: torch.device) -> bool:
+    """Whether "auto" may pick nnk's GPU kernels on this CUDA device: they
+    target sm_80 and newer (bfloat16 tensor-core dots; the extension ships
+    sm_80 / sm_90a code and compute_90 PTX, which cannot JIT to older GPUs).
+    Asked once per device index; not while torch.compile traces (assumed)."""
+    if torch.compiler.is_compiling():
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index] >= (8, 0)
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
 def resolve_impl(
     impl: str,
     device: torch.device,
@@ -30,9 +46,10 @@ def resolve_impl(
 ) -> str:
     """The backend that ``impl`` means for tensors on ``device``.
 
-    ``"auto"`` takes ``NNK_IMPL`` when set, else: on CUDA devices the Triton
-    kernels when triton is installed, else the compiled extension, else the
-    blockwise PyTorch path; on other devices the blockwise PyTorch path.
+    ``"auto"`` takes ``NNK_IMPL`` when set, else: on CUDA devices of compute
+    capability 8.0 or newer the Triton kernels when triton is installed, else
+    the compiled extension, else the blockwise PyTorch path; on older GPUs and
+    other devices the blockwise PyTorch path.
     float64 runs on the torch path only. An explicit impl that cannot run on
     ``device`` is a ValueError, one that cannot take ``dtype`` a TypeError.
     ``op`` is the extension operator whose presence means "cuda" is
@@ -43,7 +60,7 @@ def resolve_impl(
     if impl == "auto":
         if dtype == torch.float64:
             return "torch"
-        if device.type == "cuda":
+        if device.type == "cuda" and _gpu_kernels_target(device):
             if _triton_usable(device):
                 return "triton"
             if has_op(op, "cuda"):

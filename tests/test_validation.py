@@ -141,3 +141,18 @@ def test_value_checks_run_inside_compiled_graphs():
         loss(x, w, bad_t, torch.tensor(3.0))
     with pytest.raises(RuntimeError, match="scale must be > 0"):
         loss(x, w, good_t, torch.tensor(-3.0))
+
+
+def test_auto_takes_the_torch_path_on_gpus_older_than_sm80(monkeypatch):
+    # nnk's GPU kernels target sm_80+ (bf16 dots; the extension's SASS/PTX):
+    # "auto" must not send a Turing GPU to them. No GPU needed: the capability
+    # cache is filled by hand.
+    import nnk.functional as fn
+
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.delenv("NNK_IMPL", raising=False)
+    monkeypatch.setattr(fn, "_CAPABILITY", {0: (7, 5)})
+    assert fn.resolve_impl("auto", cuda0, torch.float16) == "torch"
+    monkeypatch.setattr(fn, "_CAPABILITY", {0: (9, 0)})
+    monkeypatch.setattr(fn, "_triton_usable", lambda device: True)
+    assert fn.resolve_impl("auto", cuda0, torch.bfloat16) == "triton"
