@@ -332,3 +332,16 @@ def test_large_gpu(device, dtype):
     """GPU sizes with the default work splitting and autotuning."""
     x, w, t, scale, bias = _case(device, dtype, 1024, 512, 50_000, scale="class", bias=True, ignore=(8,))
     _check(_public_fn, x, w, t, scale, bias, dict(additive_margin=0.35, z_loss=1e-4))
+
+
+def test_autotune_keys_are_size_buckets():
+    # Exact N and C in the keys would re-tune (several configs, timed) for
+    # every new batch size and, with Partial-FC sampling, at every step.
+    from nnk.impl.triton.backward import _cce_bwd_tuned
+    from nnk.impl.triton.forward import _cce_fwd_tuned
+    from nnk.impl.triton.launch import shape_buckets
+
+    for tuned in (_cce_fwd_tuned, _cce_bwd_tuned):
+        assert {"N_BUCKET", "C_BUCKET"} <= set(tuned.keys) and not {"N", "C"} & set(tuned.keys)
+    assert shape_buckets(1000, 131072) == {"N_BUCKET": 1024, "C_BUCKET": 131072}
+    assert shape_buckets(0, 1) == {"N_BUCKET": 1, "C_BUCKET": 1}

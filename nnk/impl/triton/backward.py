@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..._options import CCEOptions
 from . import configs
-from .launch import dtype_args, launch, margin_args
+from .launch import dtype_args, launch, margin_args, shape_buckets
 from .norms import normalize_backward
 from .tile import (
     _accumulate, _col_terms, _cosine_tile, _grad_dot, _grad_operand, _load_tile, _logits, _margin_grad,
@@ -101,6 +101,7 @@ def _cce_bwd_kernel(
     stride_xn, stride_xd, stride_wc, stride_wd,
     ignore_index, eps, label_smoothing, z_loss,
     cos_m, sin_m, arc_threshold, arc_fallback, additive, THR_ptr,
+    N_BUCKET, C_BUCKET,
     ROW_MAJOR: tl.constexpr, NORM_X: tl.constexpr, NORM_W: tl.constexpr,
     HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ARC: tl.constexpr,
     EXACT_MARGIN: tl.constexpr, HAS_DX: tl.constexpr, HAS_DW: tl.constexpr,
@@ -201,8 +202,8 @@ def _cce_bwd_kernel(
 
 _cce_bwd_tuned = triton.autotune(
     configs=configs.BWD_CONFIGS,
-    key=["C", "D", "ROW_MAJOR", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS", "HAS_ARC",
-         "HAS_DX", "HAS_DW", "HAS_DB", "HAS_DS", "HAS_FILTER"],
+    key=["N_BUCKET", "C_BUCKET", "D", "ROW_MAJOR", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS",
+         "HAS_ARC", "HAS_DX", "HAS_DW", "HAS_DB", "HAS_DS", "HAS_FILTER"],
     # Benchmarking runs the kernel several times: the accumulators must come
     # back to their values before each run and before the real one.
     restore_value=["DX_ptr", "DW_ptr", "DB_ptr", "DS_ptr"],
@@ -255,7 +256,7 @@ def cce_backward(
         N=n, C=c, D=d,
         stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0), stride_wd=weight.stride(1),
         ignore_index=opts.ignore_index, eps=opts.eps, label_smoothing=opts.label_smoothing,
-        z_loss=opts.z_loss, **margin_args(opts),
+        z_loss=opts.z_loss, **margin_args(opts), **shape_buckets(n, c),
         NORM_X=opts.normalize_input, NORM_W=opts.normalize_weight,
         HAS_CLASS_SCALE=scale.numel() > 1, HAS_BIAS=bias is not None,
         EXACT_MARGIN=opts.exact_margin, SPLIT_GRAD=configs.SPLIT_GRAD, **dtype_args(x.dtype),

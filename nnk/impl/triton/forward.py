@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..._options import CCEOptions
 from . import configs
-from .launch import dtype_args, launch, margin_args
+from .launch import dtype_args, launch, margin_args, shape_buckets
 from .norms import row_norms
 from .tile import _col_terms, _cosine_tile, _logits, _row_terms, _target_logit
 
@@ -31,6 +31,7 @@ def _cce_fwd_kernel(
     N, C, D,
     stride_xn, stride_xd, stride_wc, stride_wd,
     ignore_index, eps, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+    N_BUCKET, C_BUCKET,
     NORM_X: tl.constexpr, NORM_W: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ARC: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -93,7 +94,8 @@ def _cce_fwd_kernel(
 
 _cce_fwd_tuned = triton.autotune(
     configs=configs.FWD_CONFIGS,
-    key=["C", "D", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS", "HAS_ARC", "HAS_SMOOTHING"],
+    key=["N_BUCKET", "C_BUCKET", "D", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS", "HAS_ARC",
+         "HAS_SMOOTHING"],
 )(_cce_fwd_kernel)
 
 
@@ -143,7 +145,7 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
             x, weight, target, xnorm, wnorm, scale, bias,
             parts[0], parts[1], parts[2] if smoothing else None, cos_t, z_t,
             n, c, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            opts.ignore_index, opts.eps, **margin_args(opts),
+            opts.ignore_index, opts.eps, **margin_args(opts), **shape_buckets(n, c),
             NORM_X=opts.normalize_input, NORM_W=opts.normalize_weight,
             HAS_CLASS_SCALE=scale.numel() > 1,
             HAS_BIAS=bias is not None, HAS_SMOOTHING=smoothing,

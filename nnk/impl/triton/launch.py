@@ -21,6 +21,14 @@ def margin_args(opts: CCEOptions) -> dict:
     )
 
 
+def shape_buckets(n: int, c: int) -> dict:
+    """N_BUCKET / C_BUCKET, the autotune keys of the problem size: N and C
+    rounded up to powers of two. Keyed on the exact sizes, autotuning would
+    rerun (several configs, several timed launches each) for every new batch
+    size and, with Partial-FC sampling, for every new class count: every step."""
+    return dict(N_BUCKET=triton.next_power_of_2(max(n, 1)), C_BUCKET=triton.next_power_of_2(max(c, 1)))
+
+
 def launch(kernel_tuned, grid, deterministic: bool, fixed: triton.Config, *args, **kwargs):
     """Launch the autotuned kernel, or in deterministic mode the plain kernel
     with the fixed config: the same block sizes, hence the same summation
