@@ -62,10 +62,11 @@ def _choice(name: str, v, choices) -> str:
 
 
 def flag(name: str, v) -> bool:
-    """A boolean option: True, False, 1 or 0. Anything else (``"no"``, None,
-    2) is a TypeError rather than Python's truthiness, which reads the
+    """A boolean option: True, False (or a numpy bool), 1 or 0. Anything else
+    (``"no"``, None, 2) is a TypeError rather than Python's truthiness, which reads the
     string ``"no"`` as True."""
-    if isinstance(v, bool) or (isinstance(v, numbers.Integral) and v in (0, 1)):
+    numpy_bool = str(getattr(v, "dtype", "")) == "bool" and getattr(v, "shape", None) == ()
+    if isinstance(v, bool) or numpy_bool or (isinstance(v, numbers.Integral) and v in (0, 1)):
         return bool(v)
     raise TypeError(f"{name} must be a bool, got {v!r}")
 

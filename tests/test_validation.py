@@ -107,6 +107,14 @@ def test_boolean_env_vars_take_0_or_1(monkeypatch):
     assert torch.equal(a, nnk.cosine_cross_entropy(x, w, t, impl="torch", deterministic=1))
 
 
+def test_numpy_bools_are_flags():
+    import numpy as np
+
+    x, w, t = _ok()
+    a = nnk.cosine_cross_entropy(x, w, t, impl="torch", normalize_input=np.True_, return_lse=np.bool_(False))
+    assert torch.equal(a, nnk.cosine_cross_entropy(x, w, t, impl="torch"))
+
+
 def test_module_flags_are_bools():
     with pytest.raises(TypeError, match="learn_scale must be a bool"):
         nnk.CosineLinear(3, 5, learn_scale="no")
