@@ -434,3 +434,52 @@ def test_forward_logits_are_float32_under_autocast():
         # The cosines come from the bf16 GEMM: within bf16 rounding of the
         # operands, times s.
         assert (out - head(x)).abs().max() <= 30.0 * 2 ** -6
+
+
+@pytest.mark.parametrize("extension", [True, False], ids=["nnk._C", "reference"])
+def test_forward_supports_gradient_penalties(extension, monkeypatch):
+    # create_graph=True through the logits (a gradient penalty): the row
+    # normalization's backward must itself be differentiable; the kernel's is
+    # not, and gave silent zeros.
+    rn = sys.modules["nnk.ops.row_normalize"]  # the package exports a function of that name
+
+    if extension and not nnk.ops.has_op("row_normalize", "cpu"):
+        pytest.skip("the extension nnk._C is not built")
+    if not extension:
+        monkeypatch.setattr(rn, "has_op", lambda *a: False)
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(6, 5, scale=4.0, dtype=torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+
+    def plain(x, w):
+        return F.linear(F.normalize(x, dim=1), F.normalize(w, dim=1)) * 4.0
+
+    grads = []
+    for fn in (head, lambda v: plain(v, head.weight)):
+        (gx,) = torch.autograd.grad(fn(x).square().sum(), x, create_graph=True)
+        grads.append(torch.autograd.grad(gx.square().sum(), (x, head.weight)))
+    for got, want in zip(*grads):
+        assert want.abs().max() > 1.0
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("extension", [True, False], ids=["nnk._C", "reference"])
+def test_forward_saves_no_float64_copy_of_the_weight(extension, monkeypatch):
+    rn = sys.modules["nnk.ops.row_normalize"]  # the package exports a function of that name
+
+    if extension and not nnk.ops.has_op("row_normalize", "cpu"):
+        pytest.skip("the extension nnk._C is not built")
+    if not extension:
+        monkeypatch.setattr(rn, "has_op", lambda *a: False)
+    head = nnk.CosineLinear(16, 3000)
+    saved = {}
+
+    def pack(t):
+        saved[t.dtype] = saved.get(t.dtype, 0) + t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        head(torch.randn(4, 16))
+    weight_bytes = head.weight.numel() * 4
+    assert torch.float64 not in saved, saved
+    assert sum(saved.values()) < 1.2 * weight_bytes, (saved, weight_bytes)

@@ -7,6 +7,45 @@ import torch
 from ..reference import row_normalize_backward_ref, row_normalize_ref
 from ._extension import has_extension, has_op
 
+def _setup_context(ctx, inputs, output):
+    _, eps = inputs
+    y, norm = output
+    ctx.save_for_backward(y, norm)
+    ctx.eps = eps
+
+
+def _backward(ctx, grad_y, grad_norm):
+    y, norm = ctx.saved_tensors
+    if grad_y is None:
+        grad_y = torch.zeros_like(y)
+    # Grad mode is on here only under create_graph=True (a gradient penalty):
+    # then the formula in differentiable torch ops, since the backward kernel
+    # has no derivative of its own (it would silently give zeros).
+    if torch.is_grad_enabled() or not has_op("row_normalize_backward", y.device.type):
+        dx = row_normalize_backward_ref(grad_y, y, norm, ctx.eps)
+    else:
+        dx = torch.ops.nnk.row_normalize_backward(grad_y, y, norm, ctx.eps)
+    if grad_norm is not None:
+        # d||x||/dx = x / ||x|| = y * max(||x||, eps) / ||x|| (0 at x = 0).
+        tiny = torch.finfo(norm.dtype).tiny
+        factor = torch.where(norm > 0, norm.clamp_min(ctx.eps) / norm.clamp_min(tiny), 0.0)
+        dx = dx + (grad_norm * factor)[:, None].to(y.dtype) * y
+    return dx, None
+
+
+class _RowNormalizeRef(torch.autograd.Function):
+    """The reference forward without autograd inside (the float64 norm
+    temporaries are not saved: only y and the norms, as the op saves) and the
+    op's backward."""
+
+    @staticmethod
+    def forward(x, eps):
+        return row_normalize_ref(x, eps)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
 if has_extension():
 
     @torch.library.register_fake("nnk::row_normalize")
@@ -20,24 +59,6 @@ if has_extension():
     @torch.library.register_fake("nnk::row_normalize_backward")
     def _row_normalize_backward_fake(grad_y, y, norm, eps):
         return torch.empty_like(y, memory_format=torch.contiguous_format)
-
-    def _setup_context(ctx, inputs, output):
-        _, eps = inputs
-        y, norm = output
-        ctx.save_for_backward(y, norm)
-        ctx.eps = eps
-
-    def _backward(ctx, grad_y, grad_norm):
-        y, norm = ctx.saved_tensors
-        if grad_y is None:
-            grad_y = torch.zeros_like(y)
-        dx = torch.ops.nnk.row_normalize_backward(grad_y, y, norm, ctx.eps)
-        if grad_norm is not None:
-            # d||x||/dx = x / ||x|| = y * max(||x||, eps) / ||x|| (0 at x = 0).
-            tiny = torch.finfo(norm.dtype).tiny
-            factor = torch.where(norm > 0, norm.clamp_min(ctx.eps) / norm.clamp_min(tiny), 0.0)
-            dx = dx + (grad_norm * factor)[:, None].to(y.dtype) * y
-        return dx, None
 
     torch.library.register_autograd(
         "nnk::row_normalize", _backward, setup_context=_setup_context
@@ -58,7 +79,7 @@ def row_normalize(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, to
     """
     if has_op("row_normalize", x.device.type):
         return torch.ops.nnk.row_normalize(x, eps)
-    return row_normalize_ref(x, eps)
+    return _RowNormalizeRef.apply(x, eps)
 
 
 def row_normalize_backward(
