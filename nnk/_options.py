@@ -126,7 +126,8 @@ def _value_check(ok: torch.Tensor, exc: type[Exception], msg: str, detail=None) 
     Eagerly this syncs with the device; torch.compile cannot trace that sync,
     so while it traces the check goes into the graph instead
     (torch._assert_async: a RuntimeError with ``msg`` on CPU, a device-side
-    assert on CUDA), never a silently wrong loss."""
+    assert on CUDA; an index check that Inductor compiled into a kernel may
+    fire first with its own message), never a silently wrong loss."""
     if torch.compiler.is_compiling():
         torch._assert_async(ok, msg)
     elif not bool(ok):

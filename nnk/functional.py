@@ -24,13 +24,13 @@ def _gpu_kernels_target(device: torch.device) -> bool:
     """Whether "auto" may pick nnk's GPU kernels on this CUDA device: they
     target sm_80 and newer (bfloat16 tensor-core dots; the extension ships
     sm_80 / sm_90a code and compute_90 PTX, which cannot JIT to older GPUs).
-    Asked once per device index; not while torch.compile traces (assumed)."""
-    if torch.compiler.is_compiling():
-        return True
+    Asked once per device index, outside torch.compile's tracing (which
+    reads the cache: a model compiled before any eager call on that device is
+    assumed to run on sm_80+)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CAPABILITY:
+    if index not in _CAPABILITY and not torch.compiler.is_compiling():
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)
-    return _CAPABILITY[index] >= (8, 0)
+    return _CAPABILITY.get(index, (8, 0)) >= (8, 0)
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}
@@ -215,8 +215,9 @@ def cosine_cross_entropy(
         non-positive scale, and unknown ``reduction`` / ``impl`` / ``margin_grad``.
         Value checks of tensors (target range, tensor scale) synchronize with the
         device; under torch.compile they run inside the graph instead
-        (``torch._assert_async``: a RuntimeError with the same message on CPU,
-        a device-side assert on CUDA).
+        (``torch._assert_async``: a RuntimeError on CPU, with the same message
+        unless an index check of the compiled kernel fires first, a
+        device-side assert on CUDA).
     """
     _choice("reduction", reduction, REDUCTIONS)
     deterministic = deterministic_flag(deterministic)

@@ -355,23 +355,31 @@ def _check_confident(rec, rank, world, span, tag):
 
 
 def _check_bf16(rec, rank, world, span, tag):
-    """bfloat16 features: x.grad (summed over the ranks in float32) stays
-    within 2x the single-process op's error against float64."""
+    """bfloat16 features: x.grad comes back in bfloat16, within (W + 1) times
+    the single-process op's error against float64 (each rank's part is
+    rounded to bfloat16 by its backend, their float32 sum once more), over
+    several seeds. A sanity bound: it does not tell a float32 sum of the
+    parts from a bfloat16 one on 2 or 3 ranks."""
     a, n = span
-    g = torch.Generator().manual_seed(17)
-    x, w = torch.randn(N, 32, generator=g).bfloat16(), torch.randn(C, 32, generator=g).bfloat16()
-    t = torch.randint(0, C, (N,), generator=g)
-    opts = dict(scale=16.0, additive_margin=0.1)
-    x64 = x.double().requires_grad_()
-    cosine_cross_entropy_ref(x64, w.double(), t, **opts).backward()
-    xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
-    nnk.cosine_cross_entropy(xs, w, t, impl="torch", **opts).backward()
-    cosine_cross_entropy(xd, w[a:a + n].clone(), t, class_start=a, num_classes=C, impl="torch", **opts).backward()
-    single, got = ((v.grad.double() - x64.grad).abs().max() for v in (xs, xd))
+    worst = []
+    for seed in range(17, 25):
+        g = torch.Generator().manual_seed(seed)
+        x, w = torch.randn(N, 32, generator=g).bfloat16(), torch.randn(C, 32, generator=g).bfloat16()
+        t = torch.randint(0, C, (N,), generator=g)
+        opts = dict(scale=16.0, additive_margin=0.1)
+        x64 = x.double().requires_grad_()
+        cosine_cross_entropy_ref(x64, w.double(), t, **opts).backward()
+        xs, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+        nnk.cosine_cross_entropy(xs, w, t, impl="torch", **opts).backward()
+        cosine_cross_entropy(xd, w[a:a + n].clone(), t, class_start=a, num_classes=C, impl="torch",
+                             **opts).backward()
+        single, got = (float((v.grad.double() - x64.grad).abs().max()) for v in (xs, xd))
+        if xd.grad.dtype != torch.bfloat16 or got > (world + 1) * single + 1e-6:
+            worst.append(f"seed {seed}: {xd.grad.dtype} error {got:.3g} vs single-process {single:.3g}")
     name = f"{tag}:case:bf16_dx"
     rec.seen.append(name)
-    if xd.grad.dtype != torch.bfloat16 or got > 2 * single + 1e-6:
-        rec.fail.setdefault(name, []).append(f"{xd.grad.dtype}: error {float(got)} vs single-process {float(single)}")
+    if worst:
+        rec.fail.setdefault(name, []).extend(worst)
 
 
 def _check_mismatches(rec, rank, world, span, tag):

@@ -147,6 +147,8 @@ def test_value_checks_run_inside_compiled_graphs():
                                nnk.cosine_cross_entropy(x, w, good_t, scale=3.0, impl="torch"))
     with pytest.raises(RuntimeError, match=r"target values must be in \[0, 5\) or ignore_index=-100"):
         loss(x, w, bad_t, torch.tensor(3.0))
+    with pytest.raises(RuntimeError):  # Inductor's own index check may fire first
+        loss(x, w, torch.tensor([0, 1, 2, 5]), torch.tensor(3.0))
     with pytest.raises(RuntimeError, match="scale must be > 0"):
         loss(x, w, good_t, torch.tensor(-3.0))
 
@@ -161,6 +163,12 @@ def test_auto_takes_the_torch_path_on_gpus_older_than_sm80(monkeypatch):
     monkeypatch.delenv("NNK_IMPL", raising=False)
     monkeypatch.setattr(fn, "_CAPABILITY", {0: (7, 5)})
     assert fn.resolve_impl("auto", cuda0, torch.float16) == "torch"
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def picked(x):  # the choice while torch.compile traces, as a number
+        return x + len(fn.resolve_impl("auto", cuda0, torch.float16))
+
+    assert int(picked(torch.zeros(()))) == len("torch")
     monkeypatch.setattr(fn, "_CAPABILITY", {0: (9, 0)})
     monkeypatch.setattr(fn, "_triton_usable", lambda device: True)
     assert fn.resolve_impl("auto", cuda0, torch.bfloat16) == "triton"

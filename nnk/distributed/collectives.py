@@ -57,9 +57,10 @@ def sum_over_group(t: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def _summable(grad: torch.Tensor) -> torch.Tensor:
-    # A contiguous copy to reduce into, float32 for 16-bit gradients: summing
-    # W ranks' parts in bfloat16 would round log2(W) more times than the
-    # single-process gradient (rounded once from float32).
+    # A contiguous copy to reduce into, float32 for 16-bit gradients. Each
+    # rank's part is already rounded to its dtype by the backend; a float32
+    # sum adds one rounding at the end rather than one per partial sum
+    # (log2(W) to W - 1 of them in bfloat16, by the reduction algorithm).
     acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
     return grad.to(dtype=acc, memory_format=torch.contiguous_format, copy=True)
 

@@ -54,7 +54,8 @@ def collect_nc_metrics(
         all_reduce: data-parallel run: merge the ranks' statistics (and NC4
             counts) with :meth:`NCTracker.all_reduce` over ``group``; every
             rank then returns the metrics of all ranks' samples. A rank whose
-            loader is empty takes part with no samples (it needs a weight, for D).
+            loader is empty takes part with no samples (D from the weight or
+            the head's ``in_features``).
 
     Returns:
         :class:`NCMetrics`. The model's training mode is restored afterwards.
@@ -95,11 +96,12 @@ def collect_nc_metrics(
                 tracker = NCTracker(num_classes, h.shape[1], h.device, impl=impl)
             tracker.update(h, y)
         if tracker is None:
-            if not (all_reduce and weight is not None):
+            dim = weight.shape[-1] if weight is not None else getattr(head, "in_features", None)
+            if not (all_reduce and isinstance(dim, int)):
                 raise ValueError("loader yielded no batches")
             # A rank without data still joins the collectives (its peers would
-            # wait for it), with empty statistics of the classifier's D.
-            tracker = NCTracker(num_classes, weight.shape[-1], device, impl=impl)
+            # wait for it), with empty statistics of the head's D.
+            tracker = NCTracker(num_classes, dim, device, impl=impl)
         if all_reduce:
             tracker.all_reduce(group)
         if nc4 and weight is not None:
