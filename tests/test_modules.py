@@ -436,17 +436,22 @@ def test_forward_logits_are_float32_under_autocast():
         assert (out - head(x)).abs().max() <= 30.0 * 2 ** -6
 
 
-@pytest.mark.parametrize("extension", [True, False], ids=["nnk._C", "reference"])
-def test_forward_supports_gradient_penalties(extension, monkeypatch):
+@pytest.fixture(params=["nnk._C", "reference"])
+def row_normalize_path(request, monkeypatch):
+    """nnk.ops.row_normalize through the extension's op, or through its
+    reference fallback (as without nnk._C)."""
+    if request.param == "nnk._C" and not nnk.ops.has_op("row_normalize", "cpu"):
+        pytest.skip("the extension nnk._C is not built")
+    if request.param == "reference":
+        # sys.modules: the package exports a function of the module's name.
+        monkeypatch.setattr(sys.modules["nnk.ops.row_normalize"], "has_op", lambda *a: False)
+    return request.param
+
+
+def test_forward_supports_gradient_penalties(row_normalize_path):
     # create_graph=True through the logits (a gradient penalty): the row
     # normalization's backward must itself be differentiable; the kernel's is
     # not, and gave silent zeros.
-    rn = sys.modules["nnk.ops.row_normalize"]  # the package exports a function of that name
-
-    if extension and not nnk.ops.has_op("row_normalize", "cpu"):
-        pytest.skip("the extension nnk._C is not built")
-    if not extension:
-        monkeypatch.setattr(rn, "has_op", lambda *a: False)
     torch.manual_seed(0)
     head = nnk.CosineLinear(6, 5, scale=4.0, dtype=torch.float64)
     x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
@@ -463,14 +468,7 @@ def test_forward_supports_gradient_penalties(extension, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("extension", [True, False], ids=["nnk._C", "reference"])
-def test_forward_saves_no_float64_copy_of_the_weight(extension, monkeypatch):
-    rn = sys.modules["nnk.ops.row_normalize"]  # the package exports a function of that name
-
-    if extension and not nnk.ops.has_op("row_normalize", "cpu"):
-        pytest.skip("the extension nnk._C is not built")
-    if not extension:
-        monkeypatch.setattr(rn, "has_op", lambda *a: False)
+def test_forward_saves_no_float64_copy_of_the_weight(row_normalize_path):
     head = nnk.CosineLinear(16, 3000)
     saved = {}
 
