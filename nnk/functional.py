@@ -7,7 +7,9 @@ import os
 
 import torch
 
-from ._options import IMPLS, REDUCTIONS, CCEOptions, _choice, check_tensors, deterministic_flag, flag, make_options
+from ._options import (
+    IMPLS, REDUCTIONS, CCEOptions, _choice, check_tensors, deterministic_flag, flag, make_options,
+)
 from .ops import has_op
 from .reference import reduce_rows
 

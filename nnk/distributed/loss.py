@@ -195,8 +195,8 @@ def cosine_cross_entropy(
         return (opts, local, s), values
 
     same = ("N (x.shape[0])", "D (x.shape[1])", "x.dtype", "device type", "num_classes", "options",
-            "reduction", "return_lse", "target checksum", "x.requires_grad", "grad mode", "impl (resolved)", "scale kind",
-            "shared scale value", "shared scale requires_grad", "bias given")
+            "reduction", "return_lse", "target checksum", "x.requires_grad", "grad mode", "impl (resolved)",
+            "scale kind", "shared scale value", "shared scale requires_grad", "bias given")
     (opts, local, s), shards = agree(CALLER, group, describe, same, info=("class_start", "C_local"))
     check_partition(CALLER, shards["class_start"], shards["C_local"], num_classes)
 

@@ -7,6 +7,7 @@ import torch
 from ..reference import row_normalize_backward_ref, row_normalize_ref
 from ._extension import has_extension, has_op
 
+
 def _setup_context(ctx, inputs, output):
     _, eps = inputs
     y, norm = output
