@@ -373,6 +373,10 @@ def _bad_calls():
         ("tracker batch", lambda: nnk.NCTracker(3, 4, batch=2).update(h, y), ValueError, r"\(2, N, D\)"),
         ("tracker empty", lambda: nnk.NCTracker(3, 4).compute(), ValueError, "no samples"),
         ("stats type", lambda: nnk.nc_metrics_from_stats({"counts": 1}), TypeError, "stats"),
+        ("bias NaN", lambda: nnk.nc_metrics(h, y, torch.randn(3, 4), torch.tensor([0.0, float("nan"), 0.0])),
+         ValueError, "bias contains NaN"),
+        ("no feature sets", lambda: nnk.nc_stats(torch.randn(0, 10, 4), y, 3), ValueError, "B >= 1"),
+        ("float32 overflow", lambda: nnk.nc_stats(h * 1e20, y, 3, impl="torch"), ValueError, "overflowed float32"),
     ]
 
 
@@ -397,6 +401,33 @@ def test_one_class_is_a_clear_error_and_one_sample_per_class_is_zero_nc1():
     assert m.nc1 == 0.0
     assert_metrics_close(m, F.metrics64(h.numpy(), y.numpy(), 6, w.numpy()), rtol=1e-9)
     assert all(np.isfinite(v) for v in m.as_dict().values() if isinstance(v, float))
+
+
+def test_tracker_keeps_float64_shifts_for_float64_features():
+    # Collapsed float64 features (sigma / |mu| = 1e-11): shifts rounded to
+    # float32 sat ~1e-8 |mu| from the means and lost every digit of Sigma_W
+    # (relative error 0.12, and a negative nc1 at 1e-13).
+    g = torch.Generator().manual_seed(0)
+    k, d, n = 4, 8, 4000
+    y = torch.arange(n) % k
+    mu = torch.randn(k, d, generator=g, dtype=torch.float64)
+    h = mu[y] + 1e-11 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    c = h - torch.stack([h[y == j].mean(0) for j in range(k)])[y]
+    truth = c.T @ c / n
+    t = stream(h, y, k, 500)
+    assert float((t.compute().sigma_w - truth).norm() / truth.norm()) < 1e-4
+    # float32 batches: their Gram around the float32-rounded shifts is moved
+    # onto the float64 shifts exactly.
+    h32 = (mu[y] + 1e-2 * torch.randn(n, d, generator=g, dtype=torch.float64)).float()
+    ref = nnk.nc_stats(h32, y, k)
+    assert_stats_close(stream(h32, y, k, 500).compute(), ref, rtol=1e-5)
+
+
+def test_features_that_require_grad_give_plain_tensors():
+    h = torch.randn(30, 4, requires_grad=True)
+    y = torch.arange(30) % 3
+    s = nnk.nc_stats(h * 2, y, 3)
+    assert not s.sigma_w.requires_grad and not s.means.requires_grad
 
 
 def test_tracker_state_machine():
@@ -451,6 +482,12 @@ def test_cli_errors(tmp_path, capsys):
     assert "labels must be in" in capsys.readouterr().err
     assert cli_main([str(tmp_path / "dict.pt"), str(tmp_path / "h.pt")]) == 2
     assert "one tensor" in capsys.readouterr().err
+    (tmp_path / "garbage.pt").write_bytes(b"e" * 64)  # not a torch file: a clean error, exit code 2
+    assert cli_main([str(tmp_path / "garbage.pt"), str(tmp_path / "h.pt")]) == 2
+    assert "garbage.pt" in capsys.readouterr().err
+    torch.save(h.numpy(), tmp_path / "numpy.pt")  # refused by weights_only loading
+    assert cli_main([str(tmp_path / "numpy.pt"), str(tmp_path / "h.pt")]) == 2
+    assert "numpy.pt" in capsys.readouterr().err
     assert cli_main(["--help"]) == 0
 
 

@@ -26,7 +26,8 @@ def check_dim(dim) -> int:
 
 def check_features(features, *, batch: int | None | bool = False, dim: int | None = None) -> torch.Tensor:
     """features: (N, D) (``batch=None``), (B, N, D) with this B (``batch=B``),
-    or either (``batch=False``); float16/bfloat16/float32/float64, finite, N >= 1."""
+    or either (``batch=False``); float16/bfloat16/float32/float64, finite,
+    N >= 1, B >= 1. Returned detached: the statistics are not differentiable."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if features.dtype not in FLOAT_DTYPES:
@@ -45,11 +46,13 @@ def check_features(features, *, batch: int | None | bool = False, dim: int | Non
         raise ValueError("features must have D >= 1 columns, got D=0")
     if features.shape[-2] == 0:
         raise ValueError("features must have at least one row (N >= 1), got N=0")
+    if features.dim() == 3 and features.shape[0] == 0:
+        raise ValueError(f"features must hold at least one feature set (B >= 1), got shape {tuple(features.shape)}")
     # aminmax reads the tensor once without a temporary; NaN propagates to it.
     lo, hi = torch.aminmax(features)
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise ValueError("features contain NaN or infinite values")
-    return features
+    return features.detach()
 
 
 def check_labels(labels, n: int, num_classes: int, device: torch.device) -> torch.Tensor:
@@ -96,5 +99,7 @@ def check_classifier(weight, bias, num_classes: int, dim: int, batch: int | None
             raise ValueError(f"bias must have shape {tuple(weight.shape[:-1])} like weight's rows, got {tuple(bias.shape)}")
         if bias.device != device:
             raise ValueError(f"bias is on {bias.device} but features are on {device}")
+        if not bool(torch.isfinite(bias).all()):
+            raise ValueError("bias contains NaN or infinite values")
         bias = bias.detach()
     return weight.detach(), bias

@@ -27,8 +27,10 @@ def _load(path: str, what: str) -> torch.Tensor:
             raise _InputError(f"{what} {path!r}: expected a .pt/.pth or .npy file")
     except OSError as e:
         raise _InputError(f"{what} {path!r}: {e.strerror or e}") from e
-    except (ValueError, RuntimeError, EOFError) as e:
-        raise _InputError(f"{what} {path!r}: cannot read it ({e})") from e
+    except _InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a malformed file makes the unpicklers raise anything)
+        raise _InputError(f"{what} {path!r}: cannot read it ({type(e).__name__}: {e})") from e
     if not isinstance(obj, torch.Tensor):
         raise _InputError(f"{what} {path!r} must hold one tensor, got {type(obj).__name__}")
     return obj

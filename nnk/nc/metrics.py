@@ -24,7 +24,7 @@ NC4_BLOCK_ROWS = 8192
 
 @dataclass(frozen=True)
 class NCMetrics:
-    """Neural-collapse metrics; every one is 0 at perfect collapse.
+    """Neural-collapse metrics; each is 0 at perfect collapse (nc3: see there).
 
     Attributes:
         nc1: ``tr(Sigma_W Sigma_B^+) / K'`` (pseudo-inverse cut as torch.linalg.pinv's default).
@@ -32,7 +32,10 @@ class NCMetrics:
         nc2_equiangular: mean over pairs k < l of ``|cos(mu_k - mu_G, mu_l - mu_G) + 1/(K'-1)|``.
         nc2: ``|| W W^T / ||W W^T||_F - ETF_K ||_F`` over all K rows of W; None without weight.
         nc3: ``|| W M^T / ||W M^T||_F - ETF_K' ||_F``, M the uncentered means of the
-            present classes and W their rows; None without weight.
+            present classes and W their rows, as in the code of "Neural Collapse
+            with Normalized Features" (features on the sphere, whose collapsed
+            means center on the origin); 0 at perfect collapse only when
+            ``W mu_G`` is the same for every class. None without weight.
         nc3_duality: ``|| W / ||W||_F - M~ / ||M~||_F ||_F`` (present classes); None without weight.
         nc4: fraction of samples whose nearest class mean (Euclidean, present
             classes) differs from ``argmax(h W^T + b)``; None without weight or features.

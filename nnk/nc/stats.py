@@ -91,6 +91,10 @@ def assemble_stats(counts, sums, shifts, gram, *, squeeze: bool) -> NCStats:
     n = int(counts.sum())
     if n == 0:
         raise ValueError("no samples: the statistics of zero feature vectors are undefined")
+    if not bool(torch.isfinite(gram).all()):
+        # The inputs were finite (checked): the kernels' float32 Gram overflowed.
+        raise ValueError("the within-class scatter overflowed float32 (|h - mu| above ~1e19): "
+                         "pass float64 features, or rescale them")
     present = counts > 0
     cnt = counts.to(F64)[:, None]
     sums, shifts, gram = sums.to(F64), shifts.to(F64), gram.to(F64)

@@ -28,8 +28,9 @@ class NCTracker:
 
     Per batch it computes class counts and sums and the Gram of the features
     centered on a per-class shift ``c_k``: the mean of class k in the first
-    batch that contains it, fixed from then on (rounded to float32 so every
-    backend centers on exactly the stored value). The running sums and Gram are
+    batch that contains it, fixed from then on (kept in float64; kernels of
+    lower-precision features center on it rounded to float32 and their Gram is
+    re-expressed around it exactly). The running sums and Gram are
     kept in float64; :meth:`compute` returns
     ``Sigma_W = (G_c - sum_k n_k (mu_k - c_k)(mu_k - c_k)^T) / N``, which has no
     catastrophic cancellation even on collapsed features (see
@@ -109,13 +110,20 @@ class NCTracker:
         # 2. Classes seen for the first time get their batch mean as shift.
         new = (counts > 0) & (self.counts == 0)
         if bool(new.any()):
-            first = (sums[:, new] / counts[new, None].to(sums.dtype)).to(torch.float32)
-            self._shifts32[:, new] = first
-            self.shifts[:, new] = first.to(F64)
-        # 3. The batch's Gram around the fixed shifts (float32 values, exact
-        #    as float64 too), then the float64 running sums.
-        shifts = self.shifts if h.dtype == F64 else self._shifts32
-        gram = _backend.centered_gram(impl, h, labels, shifts)
+            first = sums[:, new].to(F64) / counts[new, None].to(F64)
+            self.shifts[:, new] = first
+            self._shifts32[:, new] = first.to(torch.float32)
+        # 3. The batch's Gram around the fixed shifts, then the float64 running
+        #    sums. Kernels of float32 / 16-bit features center on the shifts
+        #    rounded to float32; their Gram is moved onto the float64 shifts
+        #    exactly (recenter_gram), so float64 batches keep float64 shifts
+        #    (rounded ones would sit ~1e-8 |mu| from the means, far above a
+        #    collapsed float64 sigma).
+        if h.dtype == F64:
+            gram = _backend.centered_gram(impl, h, labels, self.shifts)
+        else:
+            gram = recenter_gram(_backend.centered_gram(impl, h, labels, self._shifts32).to(F64),
+                                 sums.to(F64), counts, self._shifts32.to(F64), self.shifts)
         self.counts += counts
         self.sums += sums.to(F64)
         self.gram += gram.to(F64)
