@@ -39,14 +39,17 @@ class CCEOptions:
 
 
 def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    # torch.SymFloat: a float option that torch.compile made symbolic after it
+    # changed between calls (a margin or scale schedule).
+    return (isinstance(v, numbers.Real) and not isinstance(v, bool)) or isinstance(v, torch.SymFloat)
 
 
 def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
     if not _is_real(v):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
-    if not math.isfinite(v):
+    # Comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat.
+    if not -math.inf < v < math.inf:
         raise ValueError(f"{name} must be finite, got {v}")
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
@@ -134,6 +137,12 @@ def _value_check(ok: torch.Tensor, exc: type[Exception], msg: str, detail=None) 
         raise exc(detail() if detail is not None else msg)
 
 
+def invalid_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """Bool mask of the targets outside [0, num_classes) that are not
+    ``ignore_index`` (which may itself lie anywhere, e.g. a pad label = C)."""
+    return (target != ignore_index) & ((target < 0) | (target >= num_classes))
+
+
 def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_finite: bool = False):
     """Check shapes, dtypes, devices and values; return ``(target, scale)`` with
     target as int64 and scale as a Python float or a float32 tensor of shape
@@ -185,7 +194,7 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_fin
     # otherwise be read as if contiguous).
     target = target.long().contiguous()
     if n > 0:
-        bad = ((target < 0) & (target != opts.ignore_index)) | (target >= c)
+        bad = invalid_targets(target, c, opts.ignore_index)
         msg = f"target values must be in [0, {c}) or ignore_index={opts.ignore_index}"
         _value_check(~bad.any(), ValueError, msg, lambda: f"{msg}, got {int(target[bad][0])}")
     return target, scale

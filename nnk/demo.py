@@ -257,16 +257,34 @@ def _plot(history: dict, path: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def _checked_args(argv):
+    """``(args, device)``, every value checked before any work (argparse's
+    usage error, exit code 2, instead of a traceback mid-run)."""
+    p = _parser()
+    args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = 4 if args.quick else 60
     if args.epochs < 1:
-        raise SystemExit("--epochs must be >= 1")
-    if args.scale is None:
-        args.scale = nnk.modules.default_scale(NUM_CLASSES, additive_margin=args.margin,
-                                               angular_margin=args.angular_margin)
-    device = _device(args.device)
+        p.error("--epochs must be >= 1")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if not 0.0 < args.lr < math.inf:
+        p.error(f"--lr must be a positive finite number, got {args.lr}")
+    try:
+        if args.scale is None:
+            args.scale = nnk.modules.default_scale(NUM_CLASSES, additive_margin=args.margin,
+                                                   angular_margin=args.angular_margin)
+        # The head's own checks of scale and margins.
+        nnk.CosineLinear(1, NUM_CLASSES, scale=args.scale, additive_margin=args.margin,
+                         angular_margin=args.angular_margin)
+        device = _device(args.device)
+    except (ValueError, TypeError, RuntimeError) as e:
+        p.error(str(e))
+    return args, device
+
+
+def main(argv=None) -> int:
+    args, device = _checked_args(argv)
     start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     print(f"nnk {nnk.__version__} demo on {device} (torch {torch.__version__}); digits, "

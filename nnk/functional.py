@@ -48,7 +48,8 @@ def resolve_impl(
 ) -> str:
     """The backend that ``impl`` means for tensors on ``device``.
 
-    ``"auto"`` takes ``NNK_IMPL`` when set, else: on CUDA devices of compute
+    ``"auto"`` takes ``NNK_IMPL`` when set (float64 excepted: always the
+    PyTorch path), else: on CUDA devices of compute
     capability 8.0 or newer the Triton kernels when triton is installed, else
     the compiled extension, else the blockwise PyTorch path; on older GPUs and
     other devices the blockwise PyTorch path.
@@ -59,9 +60,11 @@ def resolve_impl(
     _choice("impl", impl, IMPLS)
     if impl == "auto":
         impl = _choice("NNK_IMPL", os.environ.get("NNK_IMPL", "auto"), IMPLS)
-    if impl == "auto":
+        # Only the torch path takes float64, whatever the process default says
+        # (a float64 gradcheck must not fail on NNK_IMPL=cuda).
         if dtype == torch.float64:
             return "torch"
+    if impl == "auto":
         if device.type == "cuda" and _gpu_kernels_target(device):
             if _triton_usable(device):
                 return "triton"

@@ -83,12 +83,6 @@ _LOSS_OPTIONS = {
     for name, p in inspect.signature(cosine_cross_entropy).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY
 }
-def _normalize_rows(t: torch.Tensor, eps: float) -> torch.Tensor:
-    # nnk::row_normalize (fused, float64 sums of squares) when nnk._C is built:
-    # autograd saves the normalized rows and norms only, where the reference's
-    # float64 norms would keep a float64 copy of the weight (measured for the
-    # forward at C=400k, D=64: 1.0x the weight's size extra instead of 3.2x).
-    return row_normalize(t.to(acc_dtype(t.dtype)), eps)[0]
 
 
 _OPTION_FIELDS = tuple(inspect.signature(make_options).parameters)
@@ -106,6 +100,8 @@ def _check_loss_options(options: dict) -> None:
                 + ", ".join(n for n in _LOSS_OPTIONS if n != "bias")
             )
     merged = {**_LOSS_OPTIONS, **options}
+    for name in ("return_lse", "check_finite"):
+        flag(name, merged[name])
     make_options(**{k: merged[k] for k in _OPTION_FIELDS if k != "deterministic"},
                  deterministic=merged["deterministic"] is not None and merged["deterministic"])
     _choice("reduction", merged["reduction"], REDUCTIONS)
@@ -135,6 +131,14 @@ def _loss_any_dims(x, weight, target, **kwargs):
 
 # Options that CosineLinear.loss takes from the module (its forward uses them too).
 _MODULE_OWNED = ("scale", "bias", "normalize_input", "normalize_weight", "eps")
+
+
+def _normalize_rows(t: torch.Tensor, eps: float) -> torch.Tensor:
+    # nnk::row_normalize (fused, float64 sums of squares) when nnk._C is built:
+    # autograd saves the normalized rows and norms only, where the reference's
+    # float64 norms would keep a float64 copy of the weight (measured for the
+    # forward at C=400k, D=64: 1.0x the weight's size extra instead of 3.2x).
+    return row_normalize(t.to(acc_dtype(t.dtype)), eps)[0]
 
 
 class CosineLinear(nn.Linear):

@@ -146,7 +146,8 @@ def cosine_logits_ref(
     (float64) also under torch.autocast, whose dtype the product runs in."""
     acc = acc_dtype(x.dtype)
     xa = normalize(x, eps) if normalize_input else x.to(acc)
-    wa = normalize(weight, eps) if normalize_weight else weight.to(acc)
+    # .to(acc): a weight of another dtype (a float64 head on float32 features) computes in x's.
+    wa = (normalize(weight, eps) if normalize_weight else weight).to(acc)
     # .to(acc): under torch.autocast the product comes out in the autocast
     # dtype; s * cos is formed in float32 (float64) all the same.
     logits = (xa @ wa.T).to(acc) * scale_tensor_ref(scale, acc, x.device)

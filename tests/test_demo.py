@@ -5,6 +5,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from nnk.demo import HEADS, NC_FIELDS, main
 
 
@@ -51,3 +53,13 @@ def test_quick_demo_writes_finite_figures_and_a_plot(tmp_path, capsys):
 
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("argv", [["--scale", "-1"], ["--angular-margin", "30"], ["--device", "tpu"],
+                                  ["--batch-size", "0"], ["--lr", "0"], ["--epochs", "0"]])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    # Checked before any work: argparse's exit code 2 and message, not a traceback mid-run.
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--quick", "--no-progress"])
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err

@@ -196,3 +196,29 @@ def test_autocast_casts_the_operands(impl, device):
         assert torch.equal(loss, want)
         assert w.grad.dtype == torch.float32 and x.grad.dtype == x.dtype
         assert torch.isfinite(w.grad).all() and torch.isfinite(x.grad).all()
+
+
+def test_ignore_index_at_or_above_num_classes(impl, device):
+    # A pad label equal to C (or any value outside [0, C)) as ignore_index, as
+    # F.cross_entropy allows; the range check used to reject it.
+    g = torch.Generator().manual_seed(3)
+    c = 10
+    x, w = torch.randn(6, 5, generator=g).to(device), torch.randn(c, 5, generator=g).to(device)
+    for pad in (c, 1000):
+        t = torch.tensor([0, pad, 3, pad, 9, 1], device=device)
+        for reduction in ("mean", "none"):
+            got = nnk.cosine_cross_entropy(x, w, t, scale=8.0, ignore_index=pad, reduction=reduction, impl=impl)
+            want = cosine_cross_entropy_ref(x.double(), w.double(), t, scale=8.0, ignore_index=pad,
+                                            reduction=reduction)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="got 10"):  # but not as a target of another ignore_index
+        nnk.cosine_cross_entropy(x, w, torch.tensor([0, c, 3, 4, 9, 1], device=device), impl=impl)
+
+
+def test_arcface_one_feature_dimension(impl, device):
+    # D = 1: every cosine is exactly +-1, where sqrt(1 - cos^2) amplifies any
+    # rounding of the cosine itself (Triton's x * (1/|x|) * (1/|w|) gave
+    # 1 - 1 ulp: loss error 1e-2 against the reference's 1e-6).
+    opts = {"scale": 64.0, "angular_margin": 0.5}
+    errs = error_table(_fn(impl), opts, 17, 1, 9, torch.float32, device=device)
+    assert_within_bound(errs, atol=1e-5)

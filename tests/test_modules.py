@@ -481,3 +481,28 @@ def test_forward_saves_no_float64_copy_of_the_weight(row_normalize_path):
     weight_bytes = head.weight.numel() * 4
     assert torch.float64 not in saved, saved
     assert sum(saved.values()) < 1.2 * weight_bytes, (saved, weight_bytes)
+
+
+@pytest.mark.parametrize("impl", ["torch", "cuda"])
+def test_compiled_loss_follows_a_margin_schedule(impl):
+    # A float option that changes between calls becomes a SymFloat under
+    # torch.compile; the option checks must trace it (math.isfinite did not).
+    if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", "cpu"):
+        pytest.skip("the extension nnk._C is not built")
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(16, 11, scale=30.0)
+    x, y = torch.randn(9, 16), torch.randint(0, 11, (9,))
+    step = torch.compile(lambda x, y, m: head.loss(x, y, additive_margin=m, impl=impl), fullgraph=True)
+    for m in (0.0, 0.1, 0.2):
+        torch.testing.assert_close(step(x, y, m), head.loss(x, y, additive_margin=m, impl=impl))
+
+
+def test_forward_takes_features_of_another_dtype_than_the_head():
+    # float32 features into a float64 head: float32 logits (x's dtype), as the
+    # docstring says; it was a matmul dtype error.
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(4, 3, bias=True).double()
+    x = torch.randn(2, 4)
+    out = head(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, head(x.double()).float())

@@ -172,3 +172,21 @@ def test_auto_takes_the_torch_path_on_gpus_older_than_sm80(monkeypatch):
     monkeypatch.setattr(fn, "_CAPABILITY", {0: (9, 0)})
     monkeypatch.setattr(fn, "_triton_usable", lambda device: True)
     assert fn.resolve_impl("auto", cuda0, torch.bfloat16) == "triton"
+
+
+def test_nnk_impl_leaves_float64_on_the_torch_path(monkeypatch):
+    # NNK_IMPL is the process default of impl="auto"; only the torch path takes
+    # float64, so a float64 call (gradcheck) must not fail because of it.
+    x, w, t = (v.double() if v.is_floating_point() else v for v in _ok())
+    monkeypatch.setenv("NNK_IMPL", "cuda")
+    want = nnk.cosine_cross_entropy(x, w, t, impl="torch")
+    assert torch.equal(nnk.cosine_cross_entropy(x, w, t), want)
+    with pytest.raises(TypeError, match="float64 runs on impl='torch'"):  # an explicit impl still says so
+        nnk.cosine_cross_entropy(x, w, t, impl="cuda")
+
+
+def test_loss_module_checks_its_flags_at_construction():
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        nnk.CosineCrossEntropyLoss(return_lse="no")
+    with pytest.raises(TypeError, match="check_finite must be a bool"):
+        nnk.CosineCrossEntropyLoss(check_finite=None)

@@ -35,7 +35,9 @@ from typing import NamedTuple
 
 import torch
 
-from .._options import CCEOptions, _value_check, check_tensors, deterministic_flag, make_options
+from .._options import (
+    CCEOptions, _value_check, check_tensors, deterministic_flag, invalid_targets, make_options,
+)
 from ..functional import run_backend
 from ..ops import row_normalize
 from ..reference import acc_dtype, scale_tensor_ref, target_margin_ref
@@ -104,7 +106,7 @@ def check_shard(x, weight_shard, target, scale, bias, opts: CCEOptions, class_st
         )
     if target.numel() > 0:
         t = target.long()
-        bad = ((t < 0) & (t != opts.ignore_index)) | (t >= num_classes)
+        bad = invalid_targets(t, num_classes, opts.ignore_index)
         msg = f"target values must be in [0, num_classes={num_classes}) or ignore_index={opts.ignore_index}"
         _value_check(~bad.any(), ValueError, msg, lambda: f"{msg}, got {int(t[bad][0])}")
     return local, scale

@@ -16,7 +16,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .._options import FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, flag, make_options
+from .._options import (
+    FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, flag, invalid_targets, make_options,
+)
 from ..functional import resolve_impl
 from .collectives import gather_rows, replicated
 from .loss import combine_terms
@@ -204,7 +206,7 @@ class ShardedCosineLinear(nn.Module):
             raise ValueError(f"labels must have shape ({n},) on {features.device} like features, "
                              f"got {tuple(labels.shape)} on {labels.device}")
         ii = self.opts.ignore_index
-        bad = ((labels < 0) & (labels != ii)) | (labels >= self.num_classes)
+        bad = invalid_targets(labels, self.num_classes, ii)
         if labels.numel() and bool(bad.any()):
             raise ValueError(f"labels must be in [0, {self.num_classes}) or ignore_index={ii}, "
                              f"got {int(labels[bad][0])}")

@@ -53,7 +53,7 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GL
     """Per row: the terms of :func:`_row_terms`, the target's psi, logit and
     d psi / d cos from the forward's stored cosine (bitwise the forward's
     target logit), lse, and the coefficients of dz = coef_p p - shift - [c == y] hit."""
-    row_mask, t, valid, inv_x, live_x, s_t, b_t = _row_terms(
+    row_mask, t, valid, den_x, live_x, s_t, b_t = _row_terms(
         T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
     cos_t = tl.load(COST_ptr + rows, mask=valid, other=0.0)
     psi, z_t = _target_logit(cos_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
@@ -64,7 +64,7 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GL
     coef_p = g * (1.0 + 2.0 * z_loss * lse) + g_lse
     hit = g * (1.0 - label_smoothing)
     shift = g * (label_smoothing / C)
-    return row_mask, t, valid, inv_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift
+    return row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def _grad_mass_kernel(
     coef_p - C shift - hit since the probabilities sum to 1, and every column
     of d cos is dz times s, or s d psi >= s min(1, d psi) on the target."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask, t, valid, inv_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift = _row_grad_terms(
+    row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift = _row_grad_terms(
         T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, rows, N, C,
         ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
         NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
@@ -141,15 +141,15 @@ def _cce_bwd_kernel(
 
         # 2. Per-row terms; the target logit from the forward's stored cosine
         #    (bitwise the forward's), the coefficients of dz.
-        row_mask, t, valid, inv_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift = _row_grad_terms(
+        row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift = _row_grad_terms(
             T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, rows, N, C,
             ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
             NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
 
         # 3. The logit tile, recomputed as the forward computed it.
-        inv_w, live_w, s_c, b_c = _col_terms(WNORM_ptr, S_ptr, B_ptr, cols, col_mask, eps,
+        den_w, live_w, s_c, b_c = _col_terms(WNORM_ptr, S_ptr, B_ptr, cols, col_mask, eps,
                                              NORM_W, HAS_CLASS_SCALE, HAS_BIAS)
-        cos = _cosine_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, inv_x, inv_w, D,
+        cos = _cosine_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, den_x, den_w, D,
                            stride_xn, stride_xd, stride_wc, stride_wd, UPCAST, DOT_PRECISION,
                            BLOCK_N, BLOCK_C, BLOCK_D)
         is_t = valid[:, None] & (cols[None, :] == t[:, None])
@@ -177,10 +177,10 @@ def _cce_bwd_kernel(
             keep = True
 
         # 7. Contractions with the raw rows, which are exact operands; the
-        #    inverse norms go into the float32 gradient before its rounding.
+        #    norms divide the float32 gradient before its rounding.
         if keep:
             if HAS_DX:
-                a_hi, a_lo, a_p = _grad_operand(dcos, inv_w, live_w, W_ptr.dtype.element_ty, UPCAST, SPLIT_GRAD)
+                a_hi, a_lo, a_p = _grad_operand(dcos, den_w, live_w, W_ptr.dtype.element_ty, UPCAST, SPLIT_GRAD)
                 for k in range(0, D, BLOCK_D):
                     ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
                     k_mask = ks < D
@@ -189,7 +189,7 @@ def _cce_bwd_kernel(
                     _accumulate(ptrs, _grad_dot(a_hi, a_lo, a_p, w, DOT_PRECISION, SPLIT_GRAD),
                                 row_mask[:, None] & k_mask[None, :], False)
             if HAS_DW:
-                b_hi, b_lo, b_p = _grad_operand(tl.trans(dcos), inv_x, live_x, X_ptr.dtype.element_ty, UPCAST,
+                b_hi, b_lo, b_p = _grad_operand(tl.trans(dcos), den_x, live_x, X_ptr.dtype.element_ty, UPCAST,
                                                 SPLIT_GRAD)
                 for k in range(0, D, BLOCK_D):
                     ks = k + tl.arange(0, BLOCK_D).to(tl.int64)

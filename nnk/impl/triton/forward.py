@@ -3,7 +3,7 @@
 One program owns BLOCK_N rows and one contiguous range of class tiles (a
 "class split"; one split covers all classes unless the rows alone are too few
 to fill the GPU). Per class tile: the raw dot ``x W^T`` on tensor cores, the
-inverse norms as row/column scales, the margin on the target column, then an
+division by the row and column norms, the margin on the target column, then an
 online max / sum-of-exponentials in float32. Per split it writes the running
 max, sum of exp and (label smoothing) sum of logits: O(N x splits) values,
 plus the target cosine and logit of each row (O(N)) from the split that
@@ -42,7 +42,7 @@ def _cce_fwd_kernel(
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask, t, valid, inv_x, live_x, s_t, b_t = _row_terms(
+    row_mask, t, valid, den_x, live_x, s_t, b_t = _row_terms(
         T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
 
     # 2. The class tiles of this split: [tile_lo, tile_hi), balanced to one tile.
@@ -59,9 +59,9 @@ def _cce_fwd_kernel(
     for tile in range(tile_lo, tile_hi):
         cols = tile * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
         col_mask = cols < C
-        inv_w, live_w, s_c, b_c = _col_terms(WNORM_ptr, S_ptr, B_ptr, cols, col_mask, eps,
+        den_w, live_w, s_c, b_c = _col_terms(WNORM_ptr, S_ptr, B_ptr, cols, col_mask, eps,
                                              NORM_W, HAS_CLASS_SCALE, HAS_BIAS)
-        cos = _cosine_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, inv_x, inv_w, D,
+        cos = _cosine_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, den_x, den_w, D,
                            stride_xn, stride_xd, stride_wc, stride_wd, UPCAST, DOT_PRECISION,
                            BLOCK_N, BLOCK_C, BLOCK_D)
         # The margin is evaluated per row (O(BLOCK_N)), not on the whole tile.
