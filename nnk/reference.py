@@ -260,6 +260,8 @@ def nc_centered_gram_ref(features: torch.Tensor, labels: torch.Tensor, shifts: t
     (float32; float64 for float64 features or shifts)."""
     h, squeeze = _batched(features)
     c, _ = _batched(shifts)
+    if squeeze and shifts.dim() == 3:
+        raise ValueError(f"shifts of (N, D) features must be (K, D), got shape {tuple(shifts.shape)}")
     acc = torch.float64 if torch.float64 in (h.dtype, c.dtype) else torch.float32
     centered = h.to(acc) - c.to(acc)[:, labels.long()]
     gram = centered.transpose(1, 2) @ centered

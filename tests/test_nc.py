@@ -423,6 +423,12 @@ def test_tracker_keeps_float64_shifts_for_float64_features():
     assert_stats_close(stream(h32, y, k, 500).compute(), ref, rtol=1e-5)
 
 
+def test_gram_reference_rejects_batched_shifts_of_unbatched_features():
+    # It returned the Gram around the first shift set, where the op raises.
+    with pytest.raises(ValueError, match=r"must be \(K, D\)"):
+        nc_centered_gram_ref(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), torch.randn(2, 1, 3))
+
+
 def test_features_that_require_grad_give_plain_tensors():
     h = torch.randn(30, 4, requires_grad=True)
     y = torch.arange(30) % 3
