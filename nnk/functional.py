@@ -105,6 +105,13 @@ def run_backend(impl: str, x, weight, target, scale, bias, opts: CCEOptions):
     return _backend(resolve_impl(impl, x.device, x.dtype))(x, weight, target, scale, bias, opts)
 
 
+def autocast_dtype(device: torch.device) -> str | None:
+    """The dtype torch.autocast casts matmul operands to on ``device``'s type,
+    as a string (None when autocast is off there)."""
+    dev = device.type
+    return str(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
+
+
 def _autocast_operands(fn):
     """Under ``torch.autocast`` x and weight are cast to the autocast dtype
     (as autocast casts the operands of ``nn.Linear``'s matmul: floating, not

@@ -354,6 +354,22 @@ def _check_confident(rec, rank, world, span, tag):
             rec.fail.setdefault(name, []).append(problem)
 
 
+def _check_autocast(rec, rank, world, span, tag):
+    """Under torch.autocast (bf16) the class-parallel loss casts x and the shard
+    as the single-process op does (it ignored autocast: an error on
+    impl="torch", the float32 loss on impl="cuda")."""
+    a, n = span
+    g = torch.Generator().manual_seed(29)
+    x, w = torch.randn(N, 32, generator=g), torch.randn(C, 32, generator=g)
+    t = torch.randint(0, C, (N,), generator=g)
+    impls = ["torch"] + (["cuda"] if nnk.ops.has_op("cosine_cross_entropy_fwd", "cpu") else [])
+    for impl in impls:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = nnk.cosine_cross_entropy(x, w, t, scale=16.0, impl=impl)
+            got = cosine_cross_entropy(x, w[a:a + n], t, class_start=a, num_classes=C, scale=16.0, impl=impl)
+        rec.close(f"{tag}:case:autocast_{impl}", got, want, rtol=1e-5, atol=1e-6)
+
+
 def _check_bf16(rec, rank, world, span, tag):
     """bfloat16 features: x.grad comes back in bfloat16, within (W + 1) times
     the single-process op's error against float64 (each rank's part is
@@ -410,6 +426,24 @@ def _check_mismatches(rec, rank, world, span, tag):
             return cosine_cross_entropy(x, w, t, **call)
 
     rec.expect_raise(f"{tag}:mismatch:grad_mode", no_grad_on_last, ValueError, "ranks disagree on grad mode")
+    # Checks that could raise outside the signature exchange left the other ranks waiting.
+    rec.expect_raise(f"{tag}:mismatch:bad_flag_on_one_rank", lambda: cosine_cross_entropy(
+        x, w, t, deterministic="yes" if last else None, **call), TypeError if last else ValueError,
+        "deterministic must be a bool")
+    s_dtype = torch.float64 if last else torch.float32
+    rec.expect_raise(f"{tag}:mismatch:scale_dtype", lambda: cosine_cross_entropy(
+        x, w, t, class_start=a, num_classes=C, scale=torch.tensor(16.0, dtype=s_dtype, requires_grad=True)),
+        ValueError, "ranks disagree on shared scale dtype")
+
+    def autocast_on_last():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=last):
+            return cosine_cross_entropy(x.float(), w.float(), t, **call)
+
+    rec.expect_raise(f"{tag}:mismatch:autocast", autocast_on_last, ValueError, "ranks disagree on autocast")
+    part = cosine_cross_entropy_partials(x, w, t, class_start=a, num_classes=C, scale=16.0)
+    rec.expect_raise(f"{tag}:mismatch:combine_options", lambda: combine_partials(
+        part, t != -100, num_classes=C, label_smoothing=0.1 if last else 0.0, z_loss=0.0, reduction="mean"),
+        ValueError, "ranks disagree on label_smoothing")
     head = ShardedCosineLinear(D, C, scale=8.0, dtype=torch.float64)
     feats = torch.randn(3, D + 1 if last else D, dtype=torch.float64)
     rec.expect_raise(f"{tag}:mismatch:module_features", lambda: head(feats, torch.tensor([0, 1, 2])),
@@ -632,6 +666,7 @@ def _worker(rank, world, port, tmp):
         _check_functional(rec, rank, world, span, tag)
         _check_confident(rec, rank, world, span, tag)
         _check_bf16(rec, rank, world, span, tag)
+        _check_autocast(rec, rank, world, span, tag)
         _check_mismatches(rec, rank, world, span, tag)
         _check_module_training(rec, rank, world, tag)
         _check_module_sampling(rec, rank, world, tag)
@@ -688,7 +723,7 @@ def test_loss_and_gradients_match_single_process(ranks):
 
 
 def test_mismatched_arguments_raise_on_every_rank(ranks):
-    _assert_checks(ranks, "mismatch", 9)
+    _assert_checks(ranks, "mismatch", 13)
 
 
 def test_module_training_matches_single_process_under_ddp(ranks):

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from .._options import REDUCTIONS, _choice, deterministic_flag, make_options
-from ..functional import resolve_impl
+from .._options import REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, make_options
+from ..functional import autocast_dtype, resolve_impl
 from ..reference import reduce_rows
 from .collectives import all_reduce_max, replicated, sum_over_group
-from .partials import CCEPartials, ShardTerms, check_shard, shard_partials
+from .partials import CCEPartials, ShardTerms, _check_int, check_shard, shard_partials
 from .rank_checks import agree, check_partition
 
 CALLER = "nnk.distributed.cosine_cross_entropy"
@@ -69,9 +69,30 @@ def _combine(lse, target_term, owner, sum_logits, valid, *, num_classes, label_s
 def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes: int,
                      label_smoothing: float, z_loss: float, reduction: str, group=None):
     """The exact loss from every rank's :class:`CCEPartials` (two all-reduces:
-    MAX of N floats, SUM of 2N or 3N floats). ``valid`` (N,) bool marks the
-    non-ignored rows. Returns ``(loss, lse)`` with lse the (N,) log-sum-exp
-    over all classes."""
+    MAX of N floats, SUM of 2N or 3N floats, after a small all-gather that
+    checks the ranks agree). ``valid`` (N,) bool marks the non-ignored rows.
+    Returns ``(loss, lse)`` with lse the (N,) log-sum-exp over all classes.
+
+    x.grad: each rank's partials carry the gradient of its own shard only; sum
+    x.grad over the ranks (all_reduce) for the full single-process gradient,
+    as :func:`cosine_cross_entropy` does in its backward."""
+
+    def describe():
+        _choice("reduction", reduction, REDUCTIONS)
+        ls = _finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
+        zl = _finite_float("z_loss", z_loss, lo=0.0)
+        _check_int("num_classes", num_classes, 1)
+        n = partials.lse.shape[0] if isinstance(partials.lse, torch.Tensor) and partials.lse.dim() == 1 else None
+        if n is None or valid.shape != (n,):
+            raise ValueError("partials.lse and valid must be (N,) tensors of the same N")
+        if ls and partials.sum_logits is None:
+            raise ValueError("label_smoothing needs the partials' sum_logits (sum_logits=True)")
+        return None, {"N": n, "dtype": str(partials.lse.dtype), "num_classes": num_classes,
+                      "label_smoothing": ls, "z_loss": zl, "reduction": reduction}
+
+    # A rank with other options would send other sizes (3N vs 2N floats) or reduce differently.
+    agree("nnk.distributed.combine_partials", group, describe,
+          ("N", "dtype", "num_classes", "label_smoothing", "z_loss", "reduction"))
     return _combine(partials.lse, partials.target_logit, None, partials.sum_logits, valid,
                     num_classes=num_classes, label_smoothing=label_smoothing, z_loss=z_loss,
                     reduction=reduction, group=group)
@@ -165,22 +186,22 @@ def cosine_cross_entropy(
         their shards do not tile [0, num_classes). RuntimeError without an
         initialized process group.
     """
-    deterministic = deterministic_flag(deterministic)
-
     def describe():
+        # Every check that can raise runs in here, where a failing rank still
+        # meets the others (a flag resolved outside left them waiting).
         _choice("reduction", reduction, REDUCTIONS)
         opts = make_options(
             normalize_input=normalize_input, normalize_weight=normalize_weight,
             additive_margin=additive_margin, angular_margin=angular_margin, margin_grad=margin_grad,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
-            deterministic=deterministic,
+            deterministic=deterministic_flag(deterministic),
         )
         local, s = check_shard(x, weight_shard, target, scale, bias, opts, class_start, num_classes)
         shared_scale = not (isinstance(s, torch.Tensor) and s.dim() == 1)
         values = {
             "N (x.shape[0])": x.shape[0], "D (x.shape[1])": x.shape[1], "x.dtype": str(x.dtype),
             "device type": x.device.type, "num_classes": num_classes, "options": repr(opts),
-            "reduction": reduction, "return_lse": bool(return_lse),
+            "reduction": reduction, "return_lse": flag("return_lse", return_lse),
             "target checksum": _target_checksum(target),
             "x.requires_grad": x.requires_grad,
             # The backward all-reduces x's gradient: a rank without autograd would leave the others waiting.
@@ -189,6 +210,9 @@ def cosine_cross_entropy(
             "scale kind": "per-class" if not shared_scale else type(s).__name__,
             "shared scale value": (float(s.detach()) if isinstance(s, torch.Tensor) else s) if shared_scale else None,
             "shared scale requires_grad": shared_scale and isinstance(s, torch.Tensor) and s.requires_grad,
+            # Its gradient is all-reduced in this dtype: ranks must send the same bytes.
+            "shared scale dtype": str(s.dtype) if shared_scale and isinstance(s, torch.Tensor) else None,
+            "autocast": autocast_dtype(x.device),
             "bias given": bias is not None,
             "class_start": class_start, "C_local": weight_shard.shape[0],
         }
@@ -196,7 +220,8 @@ def cosine_cross_entropy(
 
     same = ("N (x.shape[0])", "D (x.shape[1])", "x.dtype", "device type", "num_classes", "options",
             "reduction", "return_lse", "target checksum", "x.requires_grad", "grad mode", "impl (resolved)",
-            "scale kind", "shared scale value", "shared scale requires_grad", "bias given")
+            "scale kind", "shared scale value", "shared scale requires_grad", "shared scale dtype", "autocast",
+            "bias given")
     (opts, local, s), shards = agree(CALLER, group, describe, same, info=("class_start", "C_local"))
     check_partition(CALLER, shards["class_start"], shards["C_local"], num_classes)
 
@@ -205,7 +230,7 @@ def cosine_cross_entropy(
     if isinstance(s, torch.Tensor) and s.dim() == 0 and s.requires_grad:
         s = replicated(s, group)
     terms = shard_partials(x, weight_shard, local, s, bias, opts, impl=impl,
-                           deterministic=deterministic, with_sum_logits=label_smoothing > 0)
+                           deterministic=opts.deterministic, with_sum_logits=label_smoothing > 0)
     loss, lse = combine_terms(
         terms, target != ignore_index, num_classes=num_classes, label_smoothing=opts.label_smoothing,
         z_loss=opts.z_loss, reduction=reduction, group=group,

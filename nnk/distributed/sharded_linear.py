@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from .._options import (
-    FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, flag, invalid_targets, make_options,
+    FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, invalid_targets,
+    make_options,
 )
-from ..functional import resolve_impl
+from ..functional import autocast_dtype, resolve_impl
 from .collectives import gather_rows, replicated
 from .loss import combine_terms
 from .partials import LOCAL_IGNORE, _check_int, local_targets, shard_partials
@@ -212,7 +213,8 @@ class ShardedCosineLinear(nn.Module):
                              f"got {int(labels[bad][0])}")
         shared = not (isinstance(self.scale, torch.Tensor) and self.scale.dim() == 1)
         scalar = isinstance(self.scale, torch.Tensor) and shared
-        return None, {
+        deterministic = deterministic_flag(self.deterministic)  # NNK_DETERMINISTIC may be bad on one rank
+        return deterministic, {
             "in_features": features.shape[1], "features.dtype": str(features.dtype),
             "features.requires_grad": features.requires_grad, "num_classes": self.num_classes,
             # The backward reduce-scatters the features' gradient: every rank must record autograd.
@@ -221,6 +223,9 @@ class ShardedCosineLinear(nn.Module):
             "options": repr((self.opts, self.reduction, self.sample_rate, self.ddp_average)),
             "shared scale value": (float(self.scale.detach()) if scalar else self.scale) if shared else None,
             "shared scale requires_grad": scalar and self.scale.requires_grad,
+            # Its gradient is all-reduced in the head's dtype: ranks must send the same bytes.
+            "shared scale dtype": str(self.scale.dtype) if scalar else None,
+            "autocast": autocast_dtype(features.device), "deterministic": deterministic,
             "rows": features.shape[0], "class_start": self.class_start, "C_local": self.num_local,
         }
 
@@ -230,9 +235,9 @@ class ShardedCosineLinear(nn.Module):
         group = self.group
         _, world = group_rank(group, CALLER)
         same = ("in_features", "features.dtype", "features.requires_grad", "grad mode", "training",
-                "impl (resolved)", "num_classes", "options",
-                "shared scale value", "shared scale requires_grad")
-        _, got = agree(CALLER, group, lambda: self._describe(features, labels), same,
+                "impl (resolved)", "num_classes", "options", "shared scale value",
+                "shared scale requires_grad", "shared scale dtype", "autocast", "deterministic")
+        deterministic, got = agree(CALLER, group, lambda: self._describe(features, labels), same,
                        info=("rows", "class_start", "C_local"))
         check_partition(CALLER, got["class_start"], got["C_local"], self.num_classes)
 
@@ -256,7 +261,7 @@ class ShardedCosineLinear(nn.Module):
 
         # 3. Partials of the shard, combined over the ranks.
         terms = shard_partials(x, weight.to(x.dtype), local, scale, bias, self.opts, impl=self.impl,
-                               deterministic=self.deterministic,
+                               deterministic=deterministic,
                                with_sum_logits=self.opts.label_smoothing > 0)
         loss, _ = combine_terms(
             terms, target != self.opts.ignore_index, num_classes=self.num_classes,
