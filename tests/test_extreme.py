@@ -222,3 +222,31 @@ def test_arcface_one_feature_dimension(impl, device):
     opts = {"scale": 64.0, "angular_margin": 0.5}
     errs = error_table(_fn(impl), opts, 17, 1, 9, torch.float32, device=device)
     assert_within_bound(errs, atol=1e-5)
+
+
+def test_norm_product_beyond_float32_and_zero_rows_under_a_tiny_eps(impl, device):
+    # The kernels divide the raw dot by max(|x|, eps) max(|w|, eps): formed as
+    # a product, that overflowed when |x| |w| > 3.4e38 (all cosines 0; the dot
+    # itself stays finite while |<x, w>| < 3.4e38: nearly orthogonal rows
+    # here) and underflowed to 0 for zero rows under eps = 1e-30 (0 / 0 = NaN).
+    g = torch.Generator().manual_seed(11)
+    e = torch.eye(5)
+    far = (1e24 * (e[0] + 0.02 * torch.randn(6, 5, generator=g)),
+           1e15 * (e[1] + 0.02 * torch.randn(7, 5, generator=g)))
+    zero = torch.randn(6, 5, generator=g), torch.randn(7, 5, generator=g)
+    zero[0][2].zero_(), zero[1][2].zero_()
+    t = torch.tensor([0, 1, 2, 3, 4, 5], device=device)
+    for (xx, ww), eps in ((far, 1e-12), (zero, 1e-30)):
+        xx, ww = xx.to(device).requires_grad_(), ww.to(device).requires_grad_()
+        loss, lse = nnk.cosine_cross_entropy(xx, ww, t, scale=64.0, eps=eps, impl=impl,
+                                             reduction="none", return_lse=True)
+        x64, w64 = xx.detach().double().requires_grad_(), ww.detach().double().requires_grad_()
+        ref, ref_lse = cosine_cross_entropy_ref(x64, w64, t, scale=64.0, eps=eps, reduction="none",
+                                                return_lse=True)
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-4, atol=1e-4)
+        loss.sum().backward()
+        ref.sum().backward()
+        for got, want in ((xx.grad, x64.grad), (ww.grad, w64.grad)):
+            assert torch.isfinite(got).all()
+            assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-3

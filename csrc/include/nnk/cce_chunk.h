@@ -65,13 +65,14 @@ NNK_HD int64_t target_column(const Chunk<A>& ch, int64_t r) {
 }
 
 // cos(x_r, w_c) = <x_r, w_c> / (max(||x_r||, eps) max(||w_c||, eps)); a side
-// that is not normalized contributes 1.
+// that is not normalized contributes 1 (math::cosine_of: no overflow of the
+// product of the norms).
 template <typename A>
 NNK_HD A cosine(const Chunk<A>& ch, int64_t r, int64_t c) {
-  A den = A(1);
-  if (ch.x_norm != nullptr) den = ch.x_norm[r] > ch.eps ? ch.x_norm[r] : ch.eps;
-  if (ch.w_norm != nullptr) den *= ch.w_norm[c] > ch.eps ? ch.w_norm[c] : ch.eps;
-  return ch.block[r * ch.classes + c] / den;
+  A dx = A(1), dw = A(1);
+  if (ch.x_norm != nullptr) dx = ch.x_norm[r] > ch.eps ? ch.x_norm[r] : ch.eps;
+  if (ch.w_norm != nullptr) dw = ch.w_norm[c] > ch.eps ? ch.w_norm[c] : ch.eps;
+  return math::cosine_of(ch.block[r * ch.classes + c], dx, dw);
 }
 
 template <typename A>

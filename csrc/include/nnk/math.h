@@ -22,9 +22,25 @@ namespace math {
 // Host pass: take the float overloads from <cmath>. The device pass resolves
 // the same unqualified calls to CUDA's float/double math functions.
 using std::exp;
+using std::frexp;
+using std::ldexp;
 using std::log;
 using std::sqrt;
 #endif
+
+// <x, w> / (dx dw) without forming dx dw, which overflows for norms above
+// ~1.8e19 on both sides and underflows to 0 for zero rows under a tiny eps
+// (0 / 0). Each divisor is split into a mantissa and a power of two (exact);
+// the powers scale the dot, the product of the mantissas (in [0.25, 1))
+// divides it: one rounding of that product and one of the quotient, as a
+// single division by dx dw, so parallel rows still give exactly +-1 (which
+// ArcFace's sqrt(1 - c^2) needs). The Triton kernels do the same (tile.py).
+template <typename T>
+NNK_HD T cosine_of(T dot, T dx, T dw) {
+  int ex = 0, ew = 0;
+  const T mx = frexp(dx, &ex), mw = frexp(dw, &ew);
+  return ldexp(dot, -(ex + ew)) / (mx * mw);
+}
 
 // Lower bound on sin(theta) in the exact ArcFace derivative
 // d cos(theta + m) / d cos(theta) = cos m + sin m * cos(theta) / sin(theta).
