@@ -39,12 +39,13 @@ def launch(kernel_tuned, grid, deterministic: bool, fixed: triton.Config, *args,
         kernel_tuned[grid](*args, **kwargs)
 
 
-def dtype_args(dtype: torch.dtype) -> dict:
-    """UPCAST: bfloat16 tiles go to float32 right after loading under the
-    interpreter (which computes on bfloat16 bits as integers), never on a GPU,
-    where bf16 stays a tensor-core operand. DOT_PRECISION: "ieee" for float32
-    operands (Triton's default is TF32 on the GPU); operands of 16 bits ignore it."""
-    upcast = configs.INTERPRET and dtype == torch.bfloat16
+def dtype_args(dtype: torch.dtype, upcast: bool = False) -> dict:
+    """UPCAST: 16-bit tiles go to float32 right after loading: bfloat16 under
+    the interpreter (which computes on bfloat16 bits as integers), or when the
+    caller asks (``upcast``); otherwise 16-bit tiles stay tensor-core operands.
+    DOT_PRECISION: "ieee" for float32 operands (Triton's default is TF32 on the
+    GPU); operands of 16 bits ignore it."""
+    upcast = upcast or (configs.INTERPRET and dtype == torch.bfloat16)
     return dict(UPCAST=upcast, DOT_PRECISION="ieee" if upcast or dtype == torch.float32 else "tf32")
 
 

@@ -42,7 +42,9 @@ def _grad_operand(dcos, den, live, dtype: tl.constexpr, UPCAST: tl.constexpr, SP
     dz ~ p / N underflows float16 otherwise; and columns whose raw row has
     norm <= eps (``live`` false) are left out: their 1 / eps factor would
     dominate the scaling, and their raw row is 0 (a non-zero float16 row has
-    norm >= 6e-8 > the default eps; with a larger eps, such rows are dropped).
+    norm >= 6e-8 > the default eps; with a larger eps the launcher passes
+    float32 operands (UPCAST) whenever such rows exist, see
+    backward._has_rows_below_eps).
     """
     v = dcos * tl.div_rn(1.0, den)[None, :]  # per column: one division, not one per entry
     if UPCAST or dtype == tl.float32:
