@@ -79,11 +79,13 @@ class _BlockwiseCCE(torch.autograd.Function):
                     sum_z[rows] += z.sum(dim=1)
         lse = run_max + run_sum.log()
 
-        # 4. Row loss: lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2 (0 if ignored).
+        # 4. Row loss: lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2 (0 if
+        #    ignored), grouped as math.h's row_loss: (1 - ls)(lse - z_t) +
+        #    ls (lse - sum_z / C), small differences where the loss is small.
         ls = opts.label_smoothing
-        row = lse - (1.0 - ls) * z_t
+        row = (1.0 - ls) * (lse - z_t)
         if sum_z is not None:
-            row = row - (ls / c) * sum_z
+            row = row + ls * (lse - sum_z / c)
         if opts.z_loss:
             row = row + opts.z_loss * lse.square()
         row = torch.where(valid, row, torch.zeros_like(row))
