@@ -262,3 +262,30 @@ def test_one_class_with_label_smoothing_is_exactly_zero(impl, device):
         loss = nnk.cosine_cross_entropy(x, w, t, scale=64.0, bias=torch.tensor([1000.3], device=device),
                                         additive_margin=0.2, label_smoothing=ls, reduction="none", impl=impl)
         assert loss.abs().max() <= 1e-6, loss
+
+
+@pytest.mark.parametrize("shift", [0.0, 2000.0])
+def test_probabilities_do_not_inherit_the_rounding_of_lse(impl, device, shift, request):
+    # p = exp(z - lse) with lse rounded to float32 errs by half an ulp of |lse|
+    # in every probability: a bias shift of 2000 (which changes no softmax)
+    # made the kernels' dx 3.4x the reference's error (s = 64, 7x in seeds
+    # sweeps at shift 0). p = exp((z - max) - log sum), as log_softmax.
+    if impl == "cuda" and shift:
+        # Runs and must fail until fixed (strict): a known gap, not a skipped check.
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="the extension still forms exp(z - lse) from a float32 lse (next: max and log-sum)"))
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(64, 16, generator=g), torch.randn(50, 16, generator=g)
+    b = torch.randn(50, generator=g) + shift
+    t = torch.randint(0, 50, (64,), generator=g)
+
+    def grads(fn, dtype, dev):
+        leaves = [v.to(dev, dtype).clone().requires_grad_() for v in (x, w, b)]
+        fn(leaves[0], leaves[1], t.to(dev), scale=64.0, bias=leaves[2], reduction="sum").backward()
+        return [v.grad.double().cpu() for v in leaves]
+
+    truth = grads(cosine_cross_entropy_ref, torch.float64, "cpu")
+    ref = grads(cosine_cross_entropy_ref, torch.float32, "cpu")
+    got = grads(lambda *a, **k: nnk.cosine_cross_entropy(*a, **k, impl=impl), torch.float32, device)
+    for g_, r, tr in zip(got, ref, truth):
+        assert (g_ - tr).abs().max() <= 2 * (r - tr).abs().max() + 1e-7 * tr.abs().max()

@@ -9,7 +9,7 @@ turns them into d logits on the spot and contracts them with the raw rows:
                                     (norms clamped below at eps, raw rows w_j, x_i)
     d s_c += sum_i dz_ic cos'_ic (cos' = psi on the target),   d b_c += sum_i dz_ic
 
-(``p = exp(z - lse)``; ``g``, ``g_lse`` the gradients of the row loss, zeroed
+(``p = exp((z - lse) - lse_lo)``; ``g``, ``g_lse`` the gradients of the row loss, zeroed
 on ignored rows, and of the lse output). The kernel is written once for two
 loop orders:
 
@@ -45,7 +45,7 @@ from .tile import (
 
 
 @triton.jit
-def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, rows, N, C,
+def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
                     ignore_index, eps, label_smoothing, z_loss,
                     cos_m, sin_m, arc_threshold, arc_fallback, additive,
                     NORM_X: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -59,17 +59,18 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GL
     psi, z_t = _target_logit(cos_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
     dpsi = _margin_grad(cos_t, cos_m, sin_m, arc_threshold, HAS_ARC, EXACT_MARGIN)
     lse = tl.load(LSE_ptr + rows, mask=row_mask, other=0.0)
+    lse_lo = tl.load(LSELO_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(G_ptr + rows, mask=valid, other=0.0)
     g_lse = tl.load(GLSE_ptr + rows, mask=row_mask, other=0.0)
     coef_p = g * (1.0 + 2.0 * z_loss * lse) + g_lse
     hit = g * (1.0 - label_smoothing)
     shift = g * (label_smoothing / C)
-    return row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift
+    return row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, coef_p, hit, shift
 
 
 @triton.jit
 def _grad_mass_kernel(
-    T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, MASS_ptr,
+    T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, MASS_ptr,
     N, C, ignore_index, eps, label_smoothing, z_loss,
     cos_m, sin_m, arc_threshold, arc_fallback, additive,
     NORM_X: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -82,11 +83,11 @@ def _grad_mass_kernel(
     coef_p - C shift - hit since the probabilities sum to 1, and every column
     of d cos is dz times s, or s d psi >= s min(1, d psi) on the target."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift = _row_grad_terms(
-        T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, rows, N, C,
+    row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, coef_p, hit, shift = _row_grad_terms(
+        T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
         ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
         NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
-    dcos_t = tl.where(valid, (coef_p * tl.exp(z_t - lse) - shift - hit) * s_t * dpsi, 0.0)
+    dcos_t = tl.where(valid, (coef_p * tl.exp((z_t - lse) - lse_lo) - shift - hit) * s_t * dpsi, 0.0)
     mass = tl.abs(dcos_t)
     if not HAS_CLASS_SCALE:
         mass = tl.maximum(mass, tl.abs(coef_p - C * shift - hit) * s_t * tl.minimum(dpsi, 1.0))
@@ -95,7 +96,7 @@ def _grad_mass_kernel(
 
 @triton.jit
 def _cce_bwd_kernel(
-    X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr,
+    X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr,
     DX_ptr, DW_ptr, DB_ptr, DS_ptr,
     N, C, D, c_lo, c_count,
     stride_xn, stride_xd, stride_wc, stride_wd,
@@ -141,8 +142,8 @@ def _cce_bwd_kernel(
 
         # 2. Per-row terms; the target logit from the forward's stored cosine
         #    (bitwise the forward's), the coefficients of dz.
-        row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, coef_p, hit, shift = _row_grad_terms(
-            T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, G_ptr, GLSE_ptr, rows, N, C,
+        row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, coef_p, hit, shift = _row_grad_terms(
+            T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
             ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
             NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
 
@@ -157,7 +158,9 @@ def _cce_bwd_kernel(
 
         # 4. dz (math.h dlogit, plus the lse output's g_lse * p) and the class
         #    reductions for d bias and d scale.
-        dz = coef_p[:, None] * tl.exp(z - lse[:, None]) - shift[:, None] - tl.where(is_t, hit[:, None], 0.0)
+        # p = exp((z - lse) - lse_lo): lse's float32 rounding taken back (forward step 3).
+        p = tl.exp((z - lse[:, None]) - lse_lo[:, None])
+        dz = coef_p[:, None] * p - shift[:, None] - tl.where(is_t, hit[:, None], 0.0)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
         vec_ptrs = part * C + cols
         if HAS_DB:
@@ -236,13 +239,14 @@ def cce_backward(
     wnorm: torch.Tensor | None, g_row: torch.Tensor, g_lse: torch.Tensor,
     opts: CCEOptions, *, need_dx: bool, need_dw: bool, need_ds: bool, need_db: bool,
     class_splits: int | None = None, row_splits: int | None = None, class_chunk: int | None = None,
-    grad_filter: float | None = None,
+    grad_filter: float | None = None, lse_lo: torch.Tensor | None = None,
 ) -> Grads:
     """Gradients of the row losses and lse of :func:`forward.cce_forward`.
 
     Args:
         x, weight, target, scale, bias, opts: as given to ``cce_forward``.
         lse, cos_t, xnorm, wnorm: from its result (log-sum-exp, target cosines, norms).
+        lse_lo: its ``lse_lo`` (what lse's float32 rounding dropped); None: zeros.
         g_row, g_lse: (N,) float32 gradients of the row losses and of lse.
         need_*: which gradients to compute.
         class_splits: programs per row block in the row-major pass.
@@ -274,7 +278,8 @@ def cce_backward(
         EXACT_MARGIN=opts.exact_margin, SPLIT_GRAD=configs.SPLIT_GRAD,
         **dtype_args(x.dtype, upcast=_has_rows_below_eps(x.dtype, xnorm, wnorm, opts.eps)),
     )
-    tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, lse, g_row, g_lse)
+    lse_lo = torch.zeros_like(lse) if lse_lo is None else lse_lo.to(torch.float32).contiguous()
+    tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, lse, lse_lo, g_row, g_lse)
 
     # 0. Sparse backward (opt-in): a tile of d cos is skipped when all its
     #    entries are at most thr = tol * M / C, M a lower bound of the largest
@@ -290,7 +295,7 @@ def cce_backward(
         mass = torch.empty(n, **f32)
         mass_block = 256
         _grad_mass_kernel[(triton.cdiv(n, mass_block),)](
-            target, xnorm, scale, bias, cos_t, lse, g_row, g_lse, mass,
+            target, xnorm, scale, bias, cos_t, lse, lse_lo, g_row, g_lse, mass,
             n, c, opts.ignore_index, opts.eps, opts.label_smoothing, opts.z_loss,
             **margin_args(opts), NORM_X=opts.normalize_input, HAS_CLASS_SCALE=scale.numel() > 1,
             HAS_BIAS=bias is not None, EXACT_MARGIN=opts.exact_margin, BLOCK_N=mass_block)

@@ -26,7 +26,7 @@ class _TritonCCE(torch.autograd.Function):
         b = bias.detach().to(torch.float32).contiguous() if bias is not None else None
         with on_device(x):
             fwd = cce_forward(x, weight, target, s, b, opts, class_splits=tuning.get("class_splits"))
-        ctx.save_for_backward(x, weight, target, s, b, fwd.cos_t, fwd.lse, fwd.xnorm, fwd.wnorm)
+        ctx.save_for_backward(x, weight, target, s, b, fwd.cos_t, fwd.lse, fwd.lse_lo, fwd.xnorm, fwd.wnorm)
         ctx.opts, ctx.tuning = opts, tuning
         ctx.scale_meta = (scale.dtype, scale.shape) if isinstance(scale, torch.Tensor) else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -35,12 +35,12 @@ class _TritonCCE(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, g_row, g_lse):
-        x, weight, target, s, b, cos_t, lse, xnorm, wnorm = ctx.saved_tensors
+        x, weight, target, s, b, cos_t, lse, lse_lo, xnorm, wnorm = ctx.saved_tensors
         need_dx, need_dw, need_ds, need_db = ctx.needs_input_grad[:4]
         with on_device(x):
             grads = cce_backward(
                 x, weight, target, s, b, lse, cos_t, xnorm, wnorm, g_row, g_lse, ctx.opts,
-                need_dx=need_dx, need_dw=need_dw, need_ds=need_ds, need_db=need_db, **ctx.tuning,
+                need_dx=need_dx, need_dw=need_dw, need_ds=need_ds, need_db=need_db, lse_lo=lse_lo, **ctx.tuning,
             )
         ds = None
         if grads.ds is not None:
