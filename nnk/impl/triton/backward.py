@@ -235,18 +235,18 @@ class Grads:
 
 def cce_backward(
     x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
-    bias: torch.Tensor | None, lse: torch.Tensor, cos_t: torch.Tensor, xnorm: torch.Tensor | None,
-    wnorm: torch.Tensor | None, g_row: torch.Tensor, g_lse: torch.Tensor,
+    bias: torch.Tensor | None, lse: torch.Tensor, lse_lo: torch.Tensor, cos_t: torch.Tensor,
+    xnorm: torch.Tensor | None, wnorm: torch.Tensor | None, g_row: torch.Tensor, g_lse: torch.Tensor,
     opts: CCEOptions, *, need_dx: bool, need_dw: bool, need_ds: bool, need_db: bool,
     class_splits: int | None = None, row_splits: int | None = None, class_chunk: int | None = None,
-    grad_filter: float | None = None, lse_lo: torch.Tensor | None = None,
+    grad_filter: float | None = None,
 ) -> Grads:
     """Gradients of the row losses and lse of :func:`forward.cce_forward`.
 
     Args:
         x, weight, target, scale, bias, opts: as given to ``cce_forward``.
-        lse, cos_t, xnorm, wnorm: from its result (log-sum-exp, target cosines, norms).
-        lse_lo: its ``lse_lo`` (what lse's float32 rounding dropped); None: zeros.
+        lse, lse_lo, cos_t, xnorm, wnorm: from its result (log-sum-exp and what its
+            float32 rounding dropped, target cosines, norms).
         g_row, g_lse: (N,) float32 gradients of the row losses and of lse.
         need_*: which gradients to compute.
         class_splits: programs per row block in the row-major pass.
@@ -278,7 +278,6 @@ def cce_backward(
         EXACT_MARGIN=opts.exact_margin, SPLIT_GRAD=configs.SPLIT_GRAD,
         **dtype_args(x.dtype, upcast=_has_rows_below_eps(x.dtype, xnorm, wnorm, opts.eps)),
     )
-    lse_lo = torch.zeros_like(lse) if lse_lo is None else lse_lo.to(torch.float32).contiguous()
     tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, lse, lse_lo, g_row, g_lse)
 
     # 0. Sparse backward (opt-in): a tile of d cos is skipped when all its

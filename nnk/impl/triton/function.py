@@ -39,8 +39,8 @@ class _TritonCCE(torch.autograd.Function):
         need_dx, need_dw, need_ds, need_db = ctx.needs_input_grad[:4]
         with on_device(x):
             grads = cce_backward(
-                x, weight, target, s, b, lse, cos_t, xnorm, wnorm, g_row, g_lse, ctx.opts,
-                need_dx=need_dx, need_dw=need_dw, need_ds=need_ds, need_db=need_db, lse_lo=lse_lo, **ctx.tuning,
+                x, weight, target, s, b, lse, lse_lo, cos_t, xnorm, wnorm, g_row, g_lse, ctx.opts,
+                need_dx=need_dx, need_dw=need_dw, need_ds=need_ds, need_db=need_db, **ctx.tuning,
             )
         ds = None
         if grads.ds is not None:
