@@ -117,12 +117,20 @@ MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+# glibc raises its mmap threshold after large blocks are freed, so later
+# tile-sized blocks come from the heap and stay resident after free: the peak
+# RSS then counts allocator retention, not live tensors (measured in CI 195 to
+# 329 MiB for the same code). A fixed threshold keeps every tile mmap'd and
+# returned on free (195 MiB in 6 of 6 runs).
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 @pytest.mark.slow
 def test_no_logit_matrix_peak_memory():
     """Peak extra RSS of forward + backward at N=4096, C=200,000, D=64 stays below
     a tenth of the fp32 logits (3125 MiB); it includes the gradient of W (49 MiB)."""
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "NNK_IMPL": "torch"})
+                         env={**os.environ, "NNK_IMPL": "torch", **FIXED_MMAP_THRESHOLD})
     assert out.returncode == 0, out.stderr
     import json
 
