@@ -15,13 +15,16 @@ TORCH_LIBRARY(nnk, m) {
   // Fused cosine cross-entropy (the math: nnk.reference.cosine_cross_entropy_ref)
   // without the N x C logits: rows in chunks of chunk_rows (0: as many as fit
   // a memory budget). scale: () or (C,); bias: (C,) or None; target: int64,
-  // ignore_index rows get loss 0. Returns the (N,) row losses and the (N,)
-  // log-sum-exp in the accumulation dtype (float32; float64 for float64).
+  // ignore_index rows get loss 0. Returns the (N,) row losses, the (N,)
+  // log-sum-exp and lse_lo, what rounding the lse dropped (exactly: the true
+  // m + log(sum) is lse + lse_lo), in the accumulation dtype (float32;
+  // float64 for float64). The backward takes lse_lo back so that its
+  // probabilities do not inherit the rounding of lse.
   m.def(
       "cosine_cross_entropy_fwd(Tensor x, Tensor weight, Tensor target, Tensor scale,"
       " Tensor? bias, bool normalize_input, bool normalize_weight, float additive_margin,"
       " float angular_margin, int ignore_index, float label_smoothing, float z_loss,"
-      " float eps, int chunk_rows) -> (Tensor loss, Tensor lse)");
+      " float eps, int chunk_rows) -> (Tensor loss, Tensor lse, Tensor lse_lo)");
   // Its backward, recomputing the logits chunk by chunk: d loss_i enters with
   // grad_loss_i (zero on ignored rows), d lse_i with grad_lse_i (None: zero).
   // output_mask selects (grad_x, grad_weight, grad_scale, grad_bias); the
@@ -29,7 +32,7 @@ TORCH_LIBRARY(nnk, m) {
   m.def(
       "cosine_cross_entropy_bwd(Tensor? grad_loss, Tensor? grad_lse, Tensor x,"
       " Tensor weight, Tensor target, Tensor scale, Tensor? bias, Tensor lse,"
-      " bool normalize_input, bool normalize_weight, float additive_margin,"
+      " Tensor lse_lo, bool normalize_input, bool normalize_weight, float additive_margin,"
       " float angular_margin, bool exact_margin, int ignore_index,"
       " float label_smoothing, float z_loss, float eps, int chunk_rows,"
       " bool[4] output_mask)"

@@ -285,13 +285,13 @@ def test_opcheck(dtype, per_class, with_bias, device):
     x, w, t, s, b = _op_args(device, dtype, per_class, with_bias)
     fwd = (True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4)
     torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_fwd.default, (x, w, t, s, b, *fwd))
-    _, lse = torch.ops.nnk.cosine_cross_entropy_fwd(x, w, t, s, b, *fwd)
+    _, lse, lse_lo = torch.ops.nnk.cosine_cross_entropy_fwd(x, w, t, s, b, *fwd)
     g = torch.randn(9, device=device)
     bwd = (True, True, 0.1, 0.3, True, -100, 0.1, 1e-3, 1e-12, 4)
     for grads, mask in (((g, g * 0.5), [True, True, True, with_bias]), ((None, g), [True, False, per_class, False]),
                         ((g, None), [False, True, False, with_bias])):
         torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_bwd.default,
-                              (*grads, x, w, t, s, b, lse, *bwd, mask))
+                              (*grads, x, w, t, s, b, lse, lse_lo, *bwd, mask))
     for mask in ([True, True, True, with_bias], [False, True, per_class, False]):
         torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_fwd_bwd.default,
                               (x, w, t, s, b, g, *bwd, mask))

@@ -59,7 +59,7 @@ struct CpuBackend {
   static constexpr int64_t kSumBlock = 256;
 
   template <typename A>
-  static void forward_epilogue(const cce::Chunk<A>& ch, A* loss, A* lse) {
+  static void forward_epilogue(const cce::Chunk<A>& ch, A* loss, A* lse, A* lse_lo) {
     at::parallel_for(0, ch.rows, 4, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = cce::target_column(ch, r);
@@ -81,7 +81,7 @@ struct CpuBackend {
           math::lse_merge(run_max, run_sum, blk_max, blk_sum);
           sum_z += blk_z;
         }
-        const A l = math::lse_finish(run_max, run_sum);
+        const A l = math::lse_finish(run_max, run_sum, &lse_lo[r]);
         lse[r] = l;
         loss[r] = t < 0 ? A(0)
                         : math::row_loss(l, z_t, sum_z, ch.label_smoothing, ch.inv_classes,
@@ -111,7 +111,8 @@ struct CpuBackend {
           const A g_lse = gr.grad_lse != nullptr ? gr.grad_lse[r] : A(0);
           for (int64_t c = 0; c < cls; ++c) {
             A dz, cos_prime;
-            out[r * cls + c] = cce::dcosine(ch, r, c, c == t, gr.lse[r], g, g_lse, &dz, &cos_prime);
+            out[r * cls + c] = cce::dcosine(ch, r, c, c == t, gr.lse[r], gr.lse_lo[r], g, g_lse, &dz,
+                                            &cos_prime);
             if (db != nullptr) db[c] += dz;
             if (ds != nullptr) ds[c] += dz * cos_prime;
           }

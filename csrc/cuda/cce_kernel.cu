@@ -29,7 +29,7 @@ constexpr int kColumnsPerBlock = 256;  // backward: columns per block
 // the target column, recomputed by thread 0 from the same element function.
 template <typename A>
 __global__ void __launch_bounds__(kMaxThreads) cce_forward_kernel(const cce::Chunk<A> ch, A* __restrict__ loss,
-                                   A* __restrict__ lse) {
+                                   A* __restrict__ lse, A* __restrict__ lse_lo) {
   const int64_t r = blockIdx.x;
   const int64_t t = cce::target_column(ch, r);
   // 1. Per-thread online lse and sum of logits over columns c = tid + k * blockDim.
@@ -67,9 +67,9 @@ __global__ void __launch_bounds__(kMaxThreads) cce_forward_kernel(const cce::Chu
     math::lse_merge(run_max, run_sum, o_max, o_sum);
     sum_z += __shfl_xor_sync(0xffffffffu, sum_z, off);
   }
-  // 4. The row's lse and loss (0 on ignored rows).
+  // 4. The row's lse (and its rounding residue) and loss (0 on ignored rows).
   if (lane != 0) return;
-  const A l = math::lse_finish(run_max, run_sum);
+  const A l = math::lse_finish(run_max, run_sum, &lse_lo[r]);
   lse[r] = l;
   if (t < 0) {
     loss[r] = A(0);
@@ -100,7 +100,7 @@ __global__ void cce_backward_kernel(const cce::Chunk<A> ch, const cce::ChunkGrad
       const A g = (t < 0 || gr.grad_loss == nullptr) ? A(0) : gr.grad_loss[r];
       const A g_lse = gr.grad_lse != nullptr ? gr.grad_lse[r] : A(0);
       A dz, cos_prime;
-      const A v = cce::dcosine(ch, r, c, c == t, gr.lse[r], g, g_lse, &dz, &cos_prime);
+      const A v = cce::dcosine(ch, r, c, c == t, gr.lse[r], gr.lse_lo[r], g, g_lse, &dz, &cos_prime);
       dcos[r * ch.classes + c] = from_acc<O>(v);
       db += dz;
       ds += dz * cos_prime;
@@ -111,11 +111,11 @@ __global__ void cce_backward_kernel(const cce::Chunk<A> ch, const cce::ChunkGrad
 }
 
 template <typename A>
-cudaError_t forward(const cce::Chunk<A>& ch, A* loss, A* lse, cudaStream_t s) {
+cudaError_t forward(const cce::Chunk<A>& ch, A* loss, A* lse, A* lse_lo, cudaStream_t s) {
   if (ch.rows == 0) return cudaSuccess;
   // Enough warps to cover C once, at most kMaxThreads.
   int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (ch.classes + 31) / 32 * 32));
-  cce_forward_kernel<A><<<static_cast<unsigned>(ch.rows), threads, 0, s>>>(ch, loss, lse);
+  cce_forward_kernel<A><<<static_cast<unsigned>(ch.rows), threads, 0, s>>>(ch, loss, lse, lse_lo);
   return cudaGetLastError();
 }
 
@@ -133,13 +133,13 @@ cudaError_t backward(const cce::Chunk<A>& ch, const cce::ChunkGrad<A>& gr, void*
 }  // namespace
 
 cudaError_t launch_cce_forward_epilogue(const cce::Chunk<float>& ch, float* loss, float* lse,
-                                        cudaStream_t s) {
-  return forward<float>(ch, loss, lse, s);
+                                        float* lse_lo, cudaStream_t s) {
+  return forward<float>(ch, loss, lse, lse_lo, s);
 }
 
 cudaError_t launch_cce_forward_epilogue(const cce::Chunk<double>& ch, double* loss,
-                                        double* lse, cudaStream_t s) {
-  return forward<double>(ch, loss, lse, s);
+                                        double* lse, double* lse_lo, cudaStream_t s) {
+  return forward<double>(ch, loss, lse, lse_lo, s);
 }
 
 cudaError_t launch_cce_backward_epilogue(const cce::Chunk<float>& ch,

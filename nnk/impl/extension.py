@@ -7,8 +7,8 @@ output), one fused epilogue applies the norms, scale, margins and bias and
 reduces each row to its log-sum-exp and loss. Gradients then come one of
 two ways:
 
-* ``_ExtensionCCE`` (the default): the forward computes no gradient and saves only its inputs and the
-  (N,) lse, so evaluation costs one GEMM pass; the backward recomputes each
+* ``_ExtensionCCE`` (the default): the forward computes no gradient and saves only its inputs, the
+  (N,) lse and the (N,) residue of its rounding, so evaluation costs one GEMM pass; the backward recomputes each
   chunk's GEMM, turns the block into ``d cos`` in one fused epilogue, then
   ``d xn = dcos @ Wn`` and ``d Wn += dcos^T @ xn`` (fp32 accumulator) and the
   normalization backward: 4 GEMM passes (8 N C D flops) for training.
@@ -50,19 +50,19 @@ from ..reference import reduce_rows
 class _ExtensionCCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias, target, fwd_args, bwd_args):
-        row, lse = torch.ops.nnk.cosine_cross_entropy_fwd(x, weight, target, scale, bias, *fwd_args)
-        ctx.save_for_backward(x, weight, target, scale, bias, lse)
+        row, lse, lse_lo = torch.ops.nnk.cosine_cross_entropy_fwd(x, weight, target, scale, bias, *fwd_args)
+        ctx.save_for_backward(x, weight, target, scale, bias, lse, lse_lo)
         ctx.bwd_args = bwd_args
         return row, lse
 
     @staticmethod
     @first_order
     def backward(ctx, g_row, g_lse):
-        x, weight, target, scale, bias, lse = ctx.saved_tensors
+        x, weight, target, scale, bias, lse, lse_lo = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = [need[0], need[1], need[2], bias is not None and need[3]]
         dx, dw, ds, db = torch.ops.nnk.cosine_cross_entropy_bwd(
-            g_row, g_lse, x, weight, target, scale, bias, lse, *ctx.bwd_args, mask)
+            g_row, g_lse, x, weight, target, scale, bias, lse, lse_lo, *ctx.bwd_args, mask)
         return (dx if mask[0] else None, dw if mask[1] else None, ds if mask[2] else None,
                 db if mask[3] else None, None, None, None)
 

@@ -19,7 +19,7 @@ def fwd_options(opts: CCEOptions, chunk_rows: int) -> tuple:
 
 
 def bwd_options(opts: CCEOptions, chunk_rows: int) -> tuple:
-    """The scalar arguments of ``cosine_cross_entropy_bwd`` after ``lse``, and
+    """The scalar arguments of ``cosine_cross_entropy_bwd`` after ``lse_lo``, and
     of ``cosine_cross_entropy_fwd_bwd`` after ``grad_loss`` (``output_mask``
     excluded)."""
     return (opts.normalize_input, opts.normalize_weight, opts.additive_margin, opts.angular_margin,
@@ -42,7 +42,7 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
         torch._check(weight.shape[1] == x.shape[1], lambda: "weight and x must have the same D")
         n = x.shape[0]
         acc = _acc(x.dtype)
-        return x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
+        return tuple(x.new_empty((n,), dtype=acc) for _ in range(3))  # loss, lse, lse_lo
 
     def _grad_like(t, x, on):
         """A gradient of t (shape and dtype of t, contiguous), or the empty
@@ -52,7 +52,7 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
         return (t if t is not None else x).new_empty((0,))
 
     @torch.library.register_fake("nnk::cosine_cross_entropy_bwd")
-    def _cce_bwd_fake(grad_loss, grad_lse, x, weight, target, scale, bias, lse, normalize_input,
+    def _cce_bwd_fake(grad_loss, grad_lse, x, weight, target, scale, bias, lse, lse_lo, normalize_input,
                       normalize_weight, additive_margin, angular_margin, exact_margin, ignore_index,
                       label_smoothing, z_loss, eps, chunk_rows, output_mask):
         return tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
@@ -64,7 +64,7 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
         def _cce_fwd_bwd_fake(x, weight, target, scale, bias, grad_loss, normalize_input,
                               normalize_weight, additive_margin, angular_margin, exact_margin,
                               ignore_index, label_smoothing, z_loss, eps, chunk_rows, output_mask):
-            loss, lse = _cce_fwd_fake(x, weight, target, scale, bias, normalize_input, normalize_weight,
+            loss, lse, _lse_lo = _cce_fwd_fake(x, weight, target, scale, bias, normalize_input, normalize_weight,
                                       additive_margin, angular_margin, ignore_index, label_smoothing,
                                       z_loss, eps, chunk_rows)
             grads = tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))

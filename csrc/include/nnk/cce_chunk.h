@@ -42,11 +42,13 @@ struct Chunk {
   A z_loss = A(0);
 };
 
-// What the backward epilogue needs beyond the chunk: per-row lse and upstream
+// What the backward epilogue needs beyond the chunk: per-row lse (with its
+// rounding residue) and upstream
 // gradients (nullptr: zero), and where the partial column sums go.
 template <typename A>
 struct ChunkGrad {
   const A* lse = nullptr;        // (rows,)
+  const A* lse_lo = nullptr;     // (rows,) what rounding lse dropped (math::lse_finish)
   const A* grad_loss = nullptr;  // (rows,) or nullptr
   const A* grad_lse = nullptr;   // (rows,) or nullptr
   A* dbias_part = nullptr;       // (ceil(rows / kRowsPerPart), classes) or nullptr
@@ -93,13 +95,13 @@ NNK_HD A logit(const Chunk<A>& ch, int64_t r, int64_t c, bool is_target, A* cos_
 // consume (d z * s_c, times d psi / d cos on the target column). g is the
 // row's upstream gradient, already zero on ignored rows.
 template <typename A>
-NNK_HD A dcosine(const Chunk<A>& ch, int64_t r, int64_t c, bool is_target, A lse, A g,
-                 A g_lse, A* dz, A* cos_prime) {
+NNK_HD A dcosine(const Chunk<A>& ch, int64_t r, int64_t c, bool is_target, A lse, A lse_lo,
+                 A g, A g_lse, A* dz, A* cos_prime) {
   const A cs = cosine(ch, r, c);
   const A s = scale_of(ch, c);
   const A z = math::cosine_logit(cs, is_target, ch.arc, ch.additive_margin, s,
                                  ch.bias != nullptr ? ch.bias[c] : A(0), cos_prime);
-  const A d = math::dlogit(z, lse, is_target, ch.label_smoothing, ch.inv_classes,
+  const A d = math::dlogit(z, lse, lse_lo, is_target, ch.label_smoothing, ch.inv_classes,
                            ch.z_loss, g, g_lse);
   *dz = d;
   const A dpsi = is_target ? math::margin_grad(cs, ch.arc, ch.exact_margin) : A(1);

@@ -9,7 +9,7 @@
 //                                    result in y's dtype
 //   K::gemm(out, a, b, accumulate)   out (accumulation dtype) (+)= a @ b
 //   K::check_targets(t, C, ignore)   target range check (see the backends)
-//   K::forward_epilogue<A>(chunk, loss, lse)
+//   K::forward_epilogue<A>(chunk, loss, lse, lse_lo)
 //   K::backward_epilogue<A>(chunk, grad, dcos)
 //
 // Design (cosine_cross_entropy_fwd computes no gradients; _fwd_bwd runs both
@@ -17,7 +17,8 @@
 //   forward   per chunk of rows: block = x_c @ W^T (raw operands, fp32 out),
 //             then one fused epilogue applies the norms, scale, margins and
 //             bias and reduces each row to its lse and loss. Nothing of the
-//             block is kept: saved for backward are only the inputs and lse.
+//             block is kept: saved for backward are only the inputs, lse and
+//             lse_lo (what rounding lse dropped: math::lse_finish).
 //   backward  per chunk: the same GEMM recomputes the block; one fused
 //             epilogue turns it into d cos (in place for fp32, or into a
 //             GEMM-dtype buffer for fp16/bf16) and the partial column sums of
@@ -220,17 +221,18 @@ class GradPass {
 
   // Rows [r0, r0 + blk.size(0)): blk holds their raw products and ch sees
   // them; xn, x_norm are the chunk's normalized rows and norms (xn = the raw
-  // rows when x is not normalized); lse, grad_loss, grad_lse point at row r0
-  // (grad pointers may be null: zero).
+  // rows when x is not normalized); lse, lse_lo, grad_loss, grad_lse point at
+  // row r0 (grad pointers may be null: zero).
   template <typename A>
   void add_chunk(const Chunk<A>& ch, at::Tensor& blk, const at::Tensor& xn,
-                 const at::Tensor& x_norm, int64_t r0, const A* lse, const A* grad_loss,
-                 const A* grad_lse) {
+                 const at::Tensor& x_norm, int64_t r0, const A* lse, const A* lse_lo,
+                 const A* grad_loss, const A* grad_lse) {
     const int64_t m = blk.size(0);
     // 1. One fused epilogue: d cos (in place or into the GEMM-dtype copy)
     //    and the per-band column sums of d z and d z * cos'.
     ChunkGrad<A> gr;
     gr.lse = lse;
+    gr.lse_lo = lse_lo;
     gr.grad_loss = grad_loss;
     gr.grad_lse = grad_lse;
     gr.dbias_part = db_part_.defined() ? db_part_.mutable_data_ptr<A>() : nullptr;
@@ -282,15 +284,44 @@ class GradPass {
   at::Tensor dcos_buf_, db_part_, ds_part_, dxn_buf_;
 };
 
+// Step 1 of every chunk, shared by both loops: the raw products of rows
+// [r0, r0 + m) into the head of `block`, and the rows' norms; the normalized
+// rows too when `rows_too` (only the gradient GEMMs use them). xn is the raw
+// rows when x is not normalized (x_norm then undefined). The backward
+// recomputes the forward's GEMM on the same shapes, so its logits match the
+// forward's bit for bit.
+struct ChunkProducts {
+  at::Tensor blk, xn, x_norm;
+};
+
+template <class K>
+ChunkProducts chunk_products(const Operands& p, const Options& o, at::Tensor& block, int64_t r0,
+                             int64_t m, bool rows_too) {
+  ChunkProducts cp;
+  const at::Tensor xc = p.x.narrow(0, r0, m);
+  cp.blk = block.narrow(0, 0, m);
+  K::gemm(cp.blk, xc, p.w.t(), false);
+  cp.xn = xc;
+  if (o.normalize_input) {
+    if (rows_too) {
+      std::tie(cp.xn, cp.x_norm) = K::row_normalize(xc, o.eps);
+    } else {
+      cp.x_norm = K::row_norms(xc, o.eps);
+    }
+  }
+  return cp;
+}
+
 template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
-    const Options& o, std::array<bool, 4> mask) {
+    const at::Tensor& lse_lo, const Options& o, std::array<bool, 4> mask) {
   constexpr const char* op = "nnk::cosine_cross_entropy_bwd";
   check_inputs(op, x, weight, target, scale, bias, o);
   check_row_vector(op, "lse", lse, x);
+  check_row_vector(op, "lse_lo", lse_lo, x);
   if (grad_loss.has_value()) check_row_vector(op, "grad_loss", *grad_loss, x);
   if (grad_lse.has_value()) check_row_vector(op, "grad_lse", *grad_lse, x);
   TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
@@ -299,6 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const Operands p = prepare<K>(x, weight, target, scale, bias);
 
   const at::Tensor lse_a = lse.to(p.acc).contiguous();
+  const at::Tensor lse_lo_a = lse_lo.to(p.acc).contiguous();
   const at::Tensor g_loss = grad_loss.has_value() ? grad_loss->to(p.acc).contiguous() : at::Tensor();
   const at::Tensor g_lse = grad_lse.has_value() ? grad_lse->to(p.acc).contiguous() : at::Tensor();
   const bool any_grad = mask[0] || mask[1] || mask[2] || mask[3];
@@ -311,17 +343,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_backward", [&] {
       using A = scalar_t;
       for (int64_t r0 = 0; r0 < n; r0 += rows) {
-        const int64_t m = std::min(rows, n - r0);
-        const at::Tensor xc = p.x.narrow(0, r0, m);
         // 1. Recompute the chunk's raw products exactly as the forward did.
-        at::Tensor blk = block.narrow(0, 0, m);
-        K::gemm(blk, xc, p.w.t(), false);
-        at::Tensor xn = xc, x_norm;
-        if (o.normalize_input) std::tie(xn, x_norm) = K::row_normalize(xc, o.eps);
+        ChunkProducts cp = chunk_products<K>(p, o, block, r0, std::min(rows, n - r0), true);
         // 2. Its gradients.
-        const Chunk<A> ch = make_chunk<A>(blk, x_norm, grads.w_norm(), p.target, r0, p.scale,
-                                          p.bias, o);
-        grads.template add_chunk<A>(ch, blk, xn, x_norm, r0, lse_a.const_data_ptr<A>() + r0,
+        const Chunk<A> ch = make_chunk<A>(cp.blk, cp.x_norm, grads.w_norm(), p.target, r0,
+                                          p.scale, p.bias, o);
+        grads.template add_chunk<A>(ch, cp.blk, cp.xn, cp.x_norm, r0,
+                                    lse_a.const_data_ptr<A>() + r0,
+                                    lse_lo_a.const_data_ptr<A>() + r0,
                                     g_loss.defined() ? g_loss.const_data_ptr<A>() + r0 : nullptr,
                                     g_lse.defined() ? g_lse.const_data_ptr<A>() + r0 : nullptr);
       }
@@ -341,11 +370,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 //
 // The forward op is this loop with no gradient asked for (grad_loss absent,
 // mask all false): one GEMM and the loss epilogue per chunk.
+// Returns (loss, lse, lse_lo, d x, d W, d scale, d bias).
 template <class K>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_loop(
-    const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
-    const at::Tensor& scale, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& grad_loss, const Options& o, std::array<bool, 4> mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+           const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+           const std::optional<at::Tensor>& grad_loss, const Options& o, std::array<bool, 4> mask) {
   check_inputs(op, x, weight, target, scale, bias, o);
   if (grad_loss.has_value()) check_row_vector(op, "grad_loss", *grad_loss, x);
   TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
@@ -355,6 +385,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Operands p = prepare<K>(x, weight, target, scale, bias);
   at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
+  at::Tensor lse_lo = at::empty({n}, x.options().dtype(p.acc));
   const bool work = n > 0 && grad_loss.has_value() && (mask[0] || mask[1] || mask[2] || mask[3]);
   const at::Tensor g_loss = work ? grad_loss->to(p.acc).contiguous() : at::Tensor();
   const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
@@ -366,34 +397,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_forward_backward", [&] {
       using A = scalar_t;
       for (int64_t r0 = 0; r0 < n; r0 += rows) {
-        const int64_t m = std::min(rows, n - r0);
-        const at::Tensor xc = p.x.narrow(0, r0, m);
-        // 1. The chunk's raw products and its rows' norms (and normalized
-        //    rows, which only the gradient GEMMs use).
-        at::Tensor blk = block.narrow(0, 0, m);
-        K::gemm(blk, xc, p.w.t(), false);
-        at::Tensor xn = xc, x_norm;
-        if (o.normalize_input) {
-          if (work) {
-            std::tie(xn, x_norm) = K::row_normalize(xc, o.eps);
-          } else {
-            x_norm = K::row_norms(xc, o.eps);
-          }
-        }
+        // 1. The chunk's raw products and norms.
+        ChunkProducts cp = chunk_products<K>(p, o, block, r0, std::min(rows, n - r0), work);
         // 2. Loss and lse of the rows (reads the block, keeps it).
-        const Chunk<A> ch = make_chunk<A>(blk, x_norm, w_norm, p.target, r0, p.scale, p.bias, o);
+        const Chunk<A> ch = make_chunk<A>(cp.blk, cp.x_norm, w_norm, p.target, r0, p.scale,
+                                          p.bias, o);
         A* lse_c = lse.mutable_data_ptr<A>() + r0;
-        K::template forward_epilogue<A>(ch, loss.mutable_data_ptr<A>() + r0, lse_c);
+        A* lse_lo_c = lse_lo.mutable_data_ptr<A>() + r0;
+        K::template forward_epilogue<A>(ch, loss.mutable_data_ptr<A>() + r0, lse_c, lse_lo_c);
         // 3. Their gradients from the same block.
         if (work) {
-          grads.template add_chunk<A>(ch, blk, xn, x_norm, r0, lse_c,
+          grads.template add_chunk<A>(ch, cp.blk, cp.xn, cp.x_norm, r0, lse_c, lse_lo_c,
                                       g_loss.const_data_ptr<A>() + r0, nullptr);
         }
       }
     });
   }
   auto [dx, dw, ds, db] = grads.finish(x, weight, scale, bias);
-  return {loss, lse, dx, dw, ds, db};
+  return {loss, lse, lse_lo, dx, dw, ds, db};
 }
 
 // The registered ops' signatures (see csrc/schema.cpp): the scalar
@@ -417,7 +438,7 @@ inline Options make_options(bool normalize_input, bool normalize_weight, double 
 }
 
 template <class K>
-std::tuple<at::Tensor, at::Tensor> forward_op(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, bool normalize_input,
     bool normalize_weight, double additive_margin, double angular_margin,
@@ -429,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> forward_op(
                                  chunk_rows);
   auto out = chunk_loop<K>("nnk::cosine_cross_entropy_fwd", x, weight, target, scale, bias,
                            std::nullopt, o, {false, false, false, false});
-  return {std::get<0>(out), std::get<1>(out)};
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
 template <class K>
@@ -437,14 +458,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
-    bool normalize_input, bool normalize_weight, double additive_margin,
+    const at::Tensor& lse_lo, bool normalize_input, bool normalize_weight, double additive_margin,
     double angular_margin, bool exact_margin, int64_t ignore_index,
     double label_smoothing, double z_loss, double eps, int64_t chunk_rows,
     std::array<bool, 4> output_mask) {
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, exact_margin, ignore_index, label_smoothing,
                                  z_loss, eps, chunk_rows);
-  return backward<K>(grad_loss, grad_lse, x, weight, target, scale, bias, lse, o, output_mask);
+  return backward<K>(grad_loss, grad_lse, x, weight, target, scale, bias, lse, lse_lo, o,
+                     output_mask);
 }
 
 template <class K>
@@ -458,8 +480,10 @@ forward_backward_op(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, exact_margin, ignore_index, label_smoothing,
                                  z_loss, eps, chunk_rows);
-  return chunk_loop<K>("nnk::cosine_cross_entropy_fwd_bwd", x, weight, target, scale, bias,
-                       grad_loss, o, output_mask);
+  auto [loss, lse, lse_lo, dx, dw, ds, db] = chunk_loop<K>(
+      "nnk::cosine_cross_entropy_fwd_bwd", x, weight, target, scale, bias, grad_loss, o,
+      output_mask);
+  return {loss, lse, dx, dw, ds, db};
 }
 
 }  // namespace cce
