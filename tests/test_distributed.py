@@ -180,6 +180,33 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
+def test_load_resharded_checks_the_states_agree(one_rank_group):
+    # Two shards of one head load as the whole; shards whose shared scale
+    # differs (other runs or steps) or whose rows do not match their class
+    # range are refused before anything is copied.
+    torch.manual_seed(0)
+    src = ShardedCosineLinear(4, 7, scale=8.0, learn_scale=True, bias=True)
+    full = src.full_state_dict()
+
+    def shard(a, n, **override):
+        st = {"weight": full["weight"][a:a + n], "scale": full["scale"], "bias": full["bias"][a:a + n],
+              "_extra_state": {"class_start": a, "class_count": n, "num_classes": 7, "in_features": 4}}
+        return {**st, **override}
+
+    head = ShardedCosineLinear(4, 7, scale=1.0, learn_scale=True, bias=True)
+    head.load_resharded([shard(3, 4), shard(0, 3)])
+    for name in ("weight", "scale", "bias"):
+        assert torch.equal(getattr(head, name), full[name]), name
+    fresh = ShardedCosineLinear(4, 7, scale=1.0, learn_scale=True, bias=True)
+    before = {k: v.clone() for k, v in fresh.state_dict().items() if k != "_extra_state"}
+    with pytest.raises(ValueError, match=r"states\[1\]\['scale'\] differs from states\[0\]'s"):
+        fresh.load_resharded([shard(0, 3), shard(3, 4, scale=full["scale"] * 2)])
+    with pytest.raises(ValueError, match=r"states\[0\]\['weight'\] has shape \(2, 4\), its class range needs \(3, 4\)"):
+        fresh.load_resharded([shard(0, 3, weight=full["weight"][:2]), shard(3, 4)])
+    for k, v in before.items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
 @pytest.mark.parametrize("impl", ["torch", "cuda", "triton"])
 def test_confident_rows_as_exact_as_single_process(one_rank_group, impl):
     # The target logit must come from the backend that computed the lse:

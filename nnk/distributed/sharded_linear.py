@@ -326,7 +326,22 @@ class ShardedCosineLinear(nn.Module):
                 raise ValueError(f"{CALLER}.load_resharded: states[{i}] is a head of {info['num_classes']} classes x "
                                  f"{info['in_features']} features, this one {self.num_classes} x {self.in_features}")
             infos.append((info["class_start"], info["class_count"]))
+            for name in self._per_class:
+                want = (info["class_count"], *mine[name].shape[1:])
+                if tuple(st[name].shape) != want:
+                    raise ValueError(f"{CALLER}.load_resharded: states[{i}][{name!r}] has shape "
+                                     f"{tuple(st[name].shape)}, its class range needs {want}")
         check_partition(f"{CALLER}.load_resharded", [a for a, _ in infos], [n for _, n in infos], self.num_classes)
+        # A learnt scalar scale is one value of the whole head: the states of
+        # one run agree on it; states of different runs would load a mixture.
+        shared = [name for name in mine if name not in self._per_class and name != "_extra_state"]
+        for name in shared:
+            first = states[0][name]
+            for i, st in enumerate(states[1:], 1):
+                if st[name].shape != first.shape or not torch.equal(st[name].to(first.device), first):
+                    raise ValueError(f"{CALLER}.load_resharded: states[{i}][{name!r}] differs from states[0]'s "
+                                     f"({st[name].flatten()[:4].tolist()} vs {first.flatten()[:4].tolist()}): "
+                                     "the shards come from different runs or steps")
         lo, hi = self.class_start, self.class_start + self.num_local
         with torch.no_grad():
             for st, (a, n) in zip(states, infos):
@@ -334,6 +349,5 @@ class ShardedCosineLinear(nn.Module):
                 for name in self._per_class:
                     if s0 < s1:
                         mine[name][s0 - lo:s1 - lo].copy_(st[name][s0 - a:s1 - a])
-            shared = [name for name in mine if name not in self._per_class and name != "_extra_state"]
-            for name in shared:  # a learnt scalar scale: the same in every state
+            for name in shared:
                 mine[name].copy_(states[0][name])
