@@ -264,6 +264,25 @@ def test_one_class_with_label_smoothing_is_exactly_zero(impl, device):
         assert loss.abs().max() <= 1e-6, loss
 
 
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_confident_row_losses_do_not_inherit_the_rounding_of_lse(impl, device, ls):
+    # Rows near their class at s = 64: losses of 1e-15..1e-5. lse - z_t with
+    # lse rounded to float32 erred by half an ulp of |lse| (1.8e-6, 35x the
+    # reference's 5e-8); (lse - z_t) + lse_lo errs as log_softmax does.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 16, generator=g)
+    t = torch.randint(0, 50, (64,), generator=g)
+    x = w[t] + 0.05 * torch.randn(64, 16, generator=g)
+    kw = dict(scale=64.0, additive_margin=0.1, label_smoothing=ls, reduction="none")
+    truth = cosine_cross_entropy_ref(x.double(), w.double(), t, **kw)
+    ref = cosine_cross_entropy_ref(x, w, t, **kw).double()
+    got = nnk.cosine_cross_entropy(x.to(device), w.to(device), t.to(device), impl=impl, **kw).double().cpu()
+    for mean in (False, True):  # the rows, and the "mean" loss users print
+        err, ref_err = ((got - truth).abs(), (ref - truth).abs()) if not mean else \
+            ((got.mean() - truth.mean()).abs(), (ref.mean() - truth.mean()).abs())
+        assert err.max() <= 2 * ref_err.max() + 1e-7 * truth.abs().max(), (mean, err.max(), ref_err.max())
+
+
 @pytest.mark.parametrize("shift", [0.0, 2000.0])
 def test_probabilities_do_not_inherit_the_rounding_of_lse(impl, device, shift):
     # p = exp(z - lse) with lse rounded to float32 errs by half an ulp of |lse|

@@ -81,11 +81,13 @@ struct CpuBackend {
           math::lse_merge(run_max, run_sum, blk_max, blk_sum);
           sum_z += blk_z;
         }
-        const A l = math::lse_finish(run_max, run_sum, &lse_lo[r]);
+        A lo;
+        const A l = math::lse_finish(run_max, run_sum, &lo);
         lse[r] = l;
+        lse_lo[r] = lo;
         loss[r] = t < 0 ? A(0)
-                        : math::row_loss(l, z_t, sum_z, ch.label_smoothing, ch.inv_classes,
-                                         ch.z_loss);
+                        : math::row_loss(l, lo, z_t, sum_z, ch.label_smoothing,
+                                         ch.inv_classes, ch.z_loss);
       }
     });
   }

@@ -69,15 +69,18 @@ __global__ void __launch_bounds__(kMaxThreads) cce_forward_kernel(const cce::Chu
   }
   // 4. The row's lse (and its rounding residue) and loss (0 on ignored rows).
   if (lane != 0) return;
-  const A l = math::lse_finish(run_max, run_sum, &lse_lo[r]);
+  A lo;
+  const A l = math::lse_finish(run_max, run_sum, &lo);
   lse[r] = l;
+  lse_lo[r] = lo;
   if (t < 0) {
     loss[r] = A(0);
     return;
   }
   A cos_prime;
   const A z_t = cce::logit(ch, r, t, true, &cos_prime);
-  loss[r] = math::row_loss(l, z_t, sum_z, ch.label_smoothing, ch.inv_classes, ch.z_loss);
+  loss[r] = math::row_loss(l, lo, z_t, sum_z, ch.label_smoothing, ch.inv_classes,
+                           ch.z_loss);
 }
 
 // Backward: elementwise given the saved lse. Block (part, column tile): each

@@ -200,6 +200,11 @@ def cosine_cross_entropy_partials(
         float32 (float64 for float64 x), differentiable with respect to x,
         weight_shard, scale and bias; ``sum_logits`` is None when not asked.
         Rows whose target is ignored or elsewhere get the plain (margin-free) lse.
+        Like the torch code it replaces, a loss formed as ``lse - target_logit``
+        from these float32 numbers keeps up to an ulp of ``|target_logit|``
+        (a confident row at s = 64: ~1.5e-6 on a loss of 1e-6);
+        :func:`nnk.distributed.cosine_cross_entropy` combines the backends' row
+        losses instead and is as exact as the single-process op.
 
     Raises:
         TypeError / ValueError naming the argument, as nnk.cosine_cross_entropy,

@@ -81,12 +81,14 @@ class _BlockwiseCCE(torch.autograd.Function):
         lse = run_max + log_sum
 
         # 4. Row loss: lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2 (0 if
-        #    ignored), grouped as math.h's row_loss: (1 - ls)(lse - z_t) +
-        #    ls (lse - sum_z / C), small differences where the loss is small.
+        #    ignored), grouped as math.h's row_loss, with lse as max + log sum
+        #    unrounded (F.cross_entropy's grouping): (1 - ls)((max - z_t) +
+        #    log sum) + ls ((max - sum_z / C) + log sum), small differences
+        #    where the loss is small (a confident row, C = 1).
         ls = opts.label_smoothing
-        row = (1.0 - ls) * (lse - z_t)
+        row = (1.0 - ls) * ((run_max - z_t) + log_sum)
         if sum_z is not None:
-            row = row + ls * (lse - sum_z / c)
+            row = row + ls * ((run_max - sum_z / c) + log_sum)
         if opts.z_loss:
             row = row + opts.z_loss * lse.square()
         row = torch.where(valid, row, torch.zeros_like(row))

@@ -165,12 +165,13 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
     lse_lo = (run_max - (lse - part)) + (log_sum - part)
 
     # 4. Row loss = lse - (1 - ls) z_t - (ls / C) sum_c z_c + zl lse^2, 0 if ignored,
-    #    grouped as F.cross_entropy groups it: (1 - ls)(lse - z_t) + ls (lse - sum_z / C)
-    #    (each difference exact where it vanishes, e.g. C = 1).
+    #    grouped as math.h's row_loss: (1 - ls)((lse - z_t) + lse_lo) + ls ((lse - sum_z / C)
+    #    + lse_lo) (each difference exact where it vanishes, e.g. C = 1; lse_lo restores
+    #    what rounding lse dropped, which is the whole error of a confident row's loss).
     ls = opts.label_smoothing
-    row = lse - z_t
+    row = (lse - z_t) + lse_lo
     if smoothing:
-        row = (1.0 - ls) * row + ls * (lse - parts[2].sum(dim=0) / c)
+        row = (1.0 - ls) * row + ls * ((lse - parts[2].sum(dim=0) / c) + lse_lo)
     if opts.z_loss:
         row = row + opts.z_loss * lse.square()
     row = torch.where(target != opts.ignore_index, row, torch.zeros_like(row))
