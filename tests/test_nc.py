@@ -518,6 +518,40 @@ def test_collect_nc_metrics_on_a_tiny_model():
     assert no4.nc4 is None and no4.nc1 == pytest.approx(m.nc1, rel=1e-12)
 
 
+def test_collect_nc_metrics_on_a_cosine_head_uses_its_class_directions():
+    # A CosineLinear head predicts with normalize(W): rows of other lengths
+    # must not change NC2-NC4 (the raw W gave nc4 = 0.98 where the head's own
+    # disagreement was 0.87).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), nnk.CosineLinear(8, 5, scale=10.0))
+    with torch.no_grad():
+        model[2].weight.mul_(torch.rand(5, 1) * 10)
+    x, y = torch.randn(60, 4), torch.randint(0, 5, (60,))
+    m = collect_nc_metrics(model, [(x[:32], y[:32]), (x[32:], y[32:])], 5, progress=False)
+    with torch.no_grad():
+        feats = model[1](model[0](x))
+        pred = model(x).argmax(1)
+    ref = nnk.nc_metrics(feats, y, torch.nn.functional.normalize(model[2].weight.detach(), dim=1), num_classes=5)
+    assert_metrics_close(m, ref.as_dict(), rtol=1e-5)
+    stats = nnk.nc_stats(feats, y, num_classes=5)
+    nearest = torch.cdist(feats.double(), stats.means.double()).argmin(1)
+    assert m.nc4 == pytest.approx((nearest != pred).double().mean().item(), abs=1e-12)
+
+
+def test_collect_nc_metrics_takes_the_last_dimension_as_features():
+    # A head on (B, T, D) inputs sees B T samples of D features (flatten(1)
+    # made them B samples of T D features and refused the (B, T) labels).
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(3, 6), torch.nn.Linear(6, 4)
+    model = torch.nn.Sequential(body, head)
+    x, y = torch.randn(12, 5, 3), torch.randint(0, 4, (12, 5))
+    m = collect_nc_metrics(model, [(x, y)], 4, progress=False)
+    with torch.no_grad():
+        ref = nnk.nc_metrics(body(x).reshape(-1, 6), y.reshape(-1), head.weight, head.bias, num_classes=4)
+    assert_metrics_close(m, ref.as_dict(), rtol=1e-5)
+    assert m.nc4 == ref.nc4
+
+
 # --- the paper-style baseline of bench/ ------------------------------------------------------
 
 

@@ -34,9 +34,10 @@ def collect_nc_metrics(
 ) -> NCMetrics:
     """Run ``model`` over ``loader`` in eval mode and return its NC metrics.
 
-    The input of ``head`` (the penultimate features, flattened to (n, D)) is
-    captured with a forward hook and streamed into an :class:`NCTracker`; with
-    ``nc4`` and a classifier, a second pass over ``loader`` counts NC4.
+    The input of ``head`` (the penultimate features, reshaped to (n, D) with D
+    its last dimension; the labels to (n,)) is captured with a forward hook and
+    streamed into an :class:`NCTracker`; with ``nc4`` and a classifier, a
+    second pass over ``loader`` counts NC4.
 
     Args:
         model: the network; called as ``model(inputs)``.
@@ -45,7 +46,11 @@ def collect_nc_metrics(
         head: the classifier module whose input are the features; default the
             last module (in ``model.modules()`` order) with a 2-D ``weight``.
         weight, bias: the classifier for NC2/NC3/NC4; default ``head.weight`` /
-            ``head.bias`` when the head has them.
+            ``head.bias`` when the head has them, and for an :class:`nnk.CosineLinear`
+            head that normalizes its weight, the normalized rows ``normalize(W)``
+            (the class directions it predicts with, as the demo measures; NC4 then
+            counts disagreement with ``argmax normalize(W) h + b``, the head's own
+            prediction when it has no bias and one shared scale).
         nc4: take the second pass for NC4 (needs a weight, and a loader that
             can be iterated twice over the same samples).
         device: where inputs go; default the device of the model's parameters.
@@ -67,16 +72,23 @@ def collect_nc_metrics(
     """
     from tqdm.auto import tqdm
 
+    from ..modules import CosineLinear
+
     head = _default_head(model) if head is None else head
     if weight is None and isinstance(getattr(head, "weight", None), torch.Tensor):
         weight = head.weight
+        if isinstance(head, CosineLinear) and head.normalize_weight:
+            weight = torch.nn.functional.normalize(weight.float() if weight.dtype in (torch.float16, torch.bfloat16)
+                                                   else weight, dim=1, eps=head.eps)
         if bias is None and isinstance(getattr(head, "bias", None), torch.Tensor):
             bias = head.bias
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
     captured: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda mod, args, out: captured.append(args[0].detach().flatten(1)))
+    # Linear-like heads act on the last dimension: (B, T, D) inputs are B T samples.
+    hook = head.register_forward_hook(
+        lambda mod, args, out: captured.append(args[0].detach().reshape(-1, args[0].shape[-1])))
     was_training = model.training
     model.eval()
     tracker: NCTracker | None = None
@@ -87,7 +99,9 @@ def collect_nc_metrics(
         model(inputs.to(device))
         if len(captured) != 1:
             raise RuntimeError(f"the head ran {len(captured)} times in one forward; expected once")
-        return captured[0], labels.to(device)
+        h = captured[0]
+        labels = labels.to(device)
+        return h, (labels.reshape(-1) if labels.numel() == h.shape[0] else labels)
 
     try:
         for batch in tqdm(loader, desc="NC statistics", disable=not progress):
