@@ -44,6 +44,10 @@ def _is_real(v) -> bool:
     return (isinstance(v, numbers.Real) and not isinstance(v, bool)) or isinstance(v, torch.SymFloat)
 
 
+_F32_MAX = 3.4028234663852886e38    # torch.finfo(torch.float32).max
+_F32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, the smallest normal
+
+
 def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
     if not _is_real(v):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
@@ -51,6 +55,11 @@ def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
     # Comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat.
     if not -math.inf < v < math.inf:
         raise ValueError(f"{name} must be finite, got {v}")
+    # The kernels take options as float32: 1e39 would become inf (a NaN loss),
+    # and a subnormal one is flushed to 0 on GPUs (eps = 1e-39 would then divide by 0).
+    if not -_F32_MAX <= v <= _F32_MAX or (v != 0.0 and -_F32_TINY < v < _F32_TINY):
+        raise ValueError(f"{name}={v} is not a normal float32 (the kernels compute in float32): "
+                         f"its magnitude must be 0 or within [{_F32_TINY:.4g}, {_F32_MAX:.4g}]")
     if lo is not None and (v <= lo if lo_open else v < lo):
         raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {v}")
     if hi is not None and v > hi:

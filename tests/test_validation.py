@@ -44,6 +44,11 @@ CASES = [
     ("smoothing_range", ValueError, "label_smoothing must be <=", lambda a, k: k.update(label_smoothing=1.5)),
     ("z_loss_negative", ValueError, "z_loss must be >=", lambda a, k: k.update(z_loss=-1.0)),
     ("eps_zero", ValueError, "eps must be >", lambda a, k: k.update(eps=0.0)),
+    # Finite in float64 but not as the float32 the kernels take (inf, or flushed to 0).
+    ("scale_above_float32", ValueError, "scale=1e[+]39 is not a normal float32", lambda a, k: k.update(scale=1e39)),
+    ("z_loss_above_float32", ValueError, "z_loss=1e[+]39 is not a normal float32", lambda a, k: k.update(z_loss=1e39)),
+    ("eps_subnormal", ValueError, "eps=1e-39 is not a normal float32", lambda a, k: k.update(eps=1e-39)),
+    ("smoothing_subnormal", ValueError, "label_smoothing=1e-40 is not", lambda a, k: k.update(label_smoothing=1e-40)),
     ("x_nan_checked", ValueError, "x contains NaN", lambda a, k: (a[0].__setitem__((1, 1), math.nan), k.update(check_finite=True))),
     ("bias_inf_checked", ValueError, "bias contains NaN or Inf", lambda a, k: k.update(bias=torch.tensor([0, math.inf, 0, 0, 0.]), check_finite=True)),
     ("ignore_index_float", TypeError, "ignore_index must be an int", lambda a, k: k.update(ignore_index=-100.0)),
