@@ -181,6 +181,10 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_fin
     if target.shape != (n,):
         raise ValueError(f"target must have shape ({n},) like x's rows, got {tuple(target.shape)}")
     dev = x.device
+    if dev.type == "meta":
+        # The value checks (target range, scale) read data a meta tensor does not have.
+        raise ValueError("x is a meta tensor: nnk's ops need data (for shape inference, "
+                         "trace them with torch.compile, whose fake kernels are registered)")
     if weight.device != dev:
         raise ValueError(f"weight is on {weight.device} but x is on {dev}")
     if target.device != dev:

@@ -121,7 +121,8 @@ def _autocast_operands(fn):
     @functools.wraps(fn)
     def wrapper(x, weight, *args, **kwargs):
         dev = x.device.type if isinstance(x, torch.Tensor) else None
-        if dev is None or not torch.is_autocast_enabled(dev):
+        # (meta tensors have no autocast state: check_inputs refuses them.)
+        if dev is None or dev == "meta" or not torch.is_autocast_enabled(dev):
             return fn(x, weight, *args, **kwargs)
         dtype = torch.get_autocast_dtype(dev)
         x, weight = (

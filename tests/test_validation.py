@@ -78,6 +78,14 @@ def test_bad_input_raises_before_compute(case, impl, monkeypatch):
         nnk.cosine_cross_entropy(*args, **kwargs)
 
 
+def test_meta_tensors_are_a_clear_error():
+    x, w, t = (v.to("meta") for v in _ok()[:3])
+    for call in (lambda: nnk.cosine_cross_entropy(x, w, t),
+                 lambda: nnk.CosineLinear(3, 5, device="meta").loss(x, t)):
+        with pytest.raises(ValueError, match="x is a meta tensor"):
+            call()
+
+
 def test_float64_on_gpu_impl_is_a_type_error():
     x, w, t = _ok()
     with pytest.raises(TypeError, match="float64 runs on impl='torch'"):
