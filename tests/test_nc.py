@@ -376,7 +376,7 @@ def _bad_calls():
         ("bias NaN", lambda: nnk.nc_metrics(h, y, torch.randn(3, 4), torch.tensor([0.0, float("nan"), 0.0])),
          ValueError, "bias contains NaN"),
         ("no feature sets", lambda: nnk.nc_stats(torch.randn(0, 10, 4), y, 3), ValueError, "B >= 1"),
-        ("float32 overflow", lambda: nnk.nc_stats(h * 1e20, y, 3, impl="torch"), ValueError, "overflowed float32"),
+        ("float64 overflow", lambda: nnk.nc_stats(h.double() * 1e160, y, 3, impl="torch"), ValueError, "overflowed"),
     ]
 
 
@@ -384,6 +384,23 @@ def _bad_calls():
 def test_bad_input_raises_clear_errors(name, call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "cuda"])
+def test_metrics_do_not_depend_on_the_features_magnitude(device, impl):
+    # float32 squares leave float32's range for |h| below ~1e-19 (1e-25 gave
+    # nc1 = -0.0, "perfect collapse") or above ~1e19 (a ValueError): the Gram
+    # is taken of features scaled by a power of two. NC1-NC3 are scale-invariant.
+    if impl == "cuda" and not nnk.ops.has_op("nc_centered_gram", device.type):
+        pytest.skip(f"nnk._C has no NC kernels for {device.type}")
+    h, y, w, b = (t.to(device) for t in clustered(120, 6, 5))
+    want = nnk.nc_metrics(h.double(), y, w.double(), impl="torch").as_dict()
+    for mag in (1e-25, 1e-35, 1e25, 3e37):
+        got = nnk.nc_metrics(h.float() * mag, y, w, impl=impl)
+        tracker = nnk.NCTracker(5, 6, device, impl=impl)
+        tracker.update(h[:60].float() * mag, y[:60]).update(h[60:].float() * mag, y[60:])
+        assert_metrics_close(got, want, rtol=1e-4)
+        assert_metrics_close(tracker.metrics(w), {k: v for k, v in want.items() if k != "nc4"}, rtol=1e-4)
 
 
 def test_one_class_is_a_clear_error_and_one_sample_per_class_is_zero_nc1():

@@ -165,7 +165,10 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
     whose nearest class mean (present classes) differs from ``argmax(h W^T + b)``.
     Computed in blocks of rows in float32 (float64 for float64 features), with
     the features and means taken relative to the global mean (smaller numbers,
-    same nearest mean: ``argmin_k |h - mu_k|^2 = argmax_k 2 h'.m_k - |m_k|^2``)."""
+    same nearest mean: ``argmin_k |h - mu_k|^2 = argmax_k 2 h'.m_k - |m_k|^2``)
+    and scaled by the power of two that brings the largest |m_k| near 1, so
+    that these products neither underflow (features of size 1e-25) nor
+    overflow float32."""
     acc = F64 if features.dtype == F64 else torch.float32
     h3 = features[None] if features.dim() == 2 else features
     idx = torch.nonzero(stats.present).flatten()
@@ -175,11 +178,14 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
         w = _per_batch(weight, b, 3).to(acc)
         bias_b = _per_batch(bias, b, 2)
         g = sb.global_mean.to(acc)
-        m = sb.means[idx].to(acc) - g
+        m64 = sb.means[idx] - sb.global_mean
+        big = float(m64.abs().max()) if m64.numel() else 0.0
+        e = math.frexp(big)[1] if big > 0 else 0
+        m = (m64 * 2.0 ** -e).to(acc)
         m_sq = m.square().sum(1)
         for r0 in range(0, h3.shape[1], NC4_BLOCK_ROWS):
             h = h3[b, r0:r0 + NC4_BLOCK_ROWS].to(acc)
-            nearest = idx[torch.argmax(2.0 * (h - g) @ m.T - m_sq, dim=1)]
+            nearest = idx[torch.argmax(2.0 * _backend.times_pow2(h - g, -e) @ m.T - m_sq, dim=1)]
             logits = h @ w.T
             if bias_b is not None:
                 logits = logits + bias_b.to(acc)

@@ -92,9 +92,10 @@ def assemble_stats(counts, sums, shifts, gram, *, squeeze: bool) -> NCStats:
     if n == 0:
         raise ValueError("no samples: the statistics of zero feature vectors are undefined")
     if not bool(torch.isfinite(gram).all()):
-        # The inputs were finite (checked): the kernels' float32 Gram overflowed.
-        raise ValueError("the within-class scatter overflowed float32 (|h - mu| above ~1e19): "
-                         "pass float64 features, or rescale them")
+        # The inputs were finite (checked): float64 features beyond ~1e154
+        # overflow their Gram (16/32-bit ones are rescaled, _backend.centered_gram).
+        raise ValueError("the within-class scatter overflowed (float64 features with |h - mu| above ~1e154): "
+                         "rescale them")
     present = counts > 0
     cnt = counts.to(F64)[:, None]
     sums, shifts, gram = sums.to(F64), shifts.to(F64), gram.to(F64)
