@@ -253,7 +253,21 @@ def test_matches_reference_fp16(device, loss_kw, g_scale):
     # With hi + lo gradient operands the kernel is as accurate as the float32
     # reference (measured: equal to 3 digits); one rounding passes 2x only.
     _check(_public_fn, x, w, t, scale, bias, loss_kw, g_scale=g_scale,
-           factor=1.25 if configs.SPLIT_GRAD else 2.0)
+           factor=1.25 if configs.split_grad() else 2.0)
+
+
+def test_fast_grad_switch_is_read_at_each_backward(device, monkeypatch):
+    # It was read once at import: setting it later changed nothing.
+    x, w, t, scale, bias = _case(device, torch.float16, 9, 16, 33, scale=64.0, bias=False, ignore=())
+
+    def grad_x(fast):
+        monkeypatch.setenv("NNK_TRITON_FAST_GRAD", fast)
+        xx = x.clone().requires_grad_()
+        nnk.cosine_cross_entropy(xx, w, t, scale=scale, impl="triton").backward()
+        return xx.grad
+
+    split, fast = grad_x("0"), grad_x("1")
+    assert torch.equal(split, grad_x("0")) and not torch.equal(split, fast)
 
 
 def test_float64_is_rejected():

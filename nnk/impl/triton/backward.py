@@ -275,7 +275,7 @@ def cce_backward(
         z_loss=opts.z_loss, **margin_args(opts), **shape_buckets(n, c),
         NORM_X=opts.normalize_input, NORM_W=opts.normalize_weight,
         HAS_CLASS_SCALE=scale.numel() > 1, HAS_BIAS=bias is not None,
-        EXACT_MARGIN=opts.exact_margin, SPLIT_GRAD=configs.SPLIT_GRAD,
+        EXACT_MARGIN=opts.exact_margin, SPLIT_GRAD=configs.split_grad(),
         **dtype_args(x.dtype, upcast=_has_rows_below_eps(x.dtype, xnorm, wnorm, opts.eps)),
     )
     tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, lse, lse_lo, g_row, g_lse)

@@ -21,12 +21,15 @@ from ..._options import env_flag
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# 16-bit inputs: the d-logit operand of the backward contractions as hi + lo
-# halves (two tensor-core dots each, about float32-accurate gradients, within
-# 2x of the float32-accumulating reference) unless NNK_TRITON_FAST_GRAD=1 (one
-# rounding to the input dtype: 2 of 5 backward dots fewer, about 2x the
-# reference's error on bf16 gradients). See tile._grad_operand.
-SPLIT_GRAD = not env_flag("NNK_TRITON_FAST_GRAD")
+
+def split_grad() -> bool:
+    """16-bit inputs: the d-logit operand of the backward contractions as hi +
+    lo halves (two tensor-core dots each, about float32-accurate gradients,
+    within 2x of the float32-accumulating reference) unless
+    NNK_TRITON_FAST_GRAD=1 (one rounding to the input dtype: 2 of 5 backward
+    dots fewer, about 2x the reference's error on bf16 gradients). See
+    tile._grad_operand. Read at each backward, like the other run-time switches."""
+    return not env_flag("NNK_TRITON_FAST_GRAD")
 
 # Opt-in sparse backward (NNK_TRITON_GRAD_FILTER): tiles of d logits whose
 # every entry is negligible skip their d x and d W contractions (two of the
