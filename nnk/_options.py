@@ -48,6 +48,21 @@ _F32_MAX = 3.4028234663852886e38    # torch.finfo(torch.float32).max
 _F32_TINY = 1.1754943508222875e-38  # torch.finfo(torch.float32).tiny, the smallest normal
 
 
+def int_option(name: str, v, *, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer argument: an int or numpy integer (not a bool), within int64
+    (the kernels take int64) and [lo, hi] when given."""
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or str(getattr(v, "dtype", "")) == "bool":
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
+    if not -2**63 <= v < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {v}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f"in [{lo}, {hi}]" if lo is not None and hi is not None else (
+            f">= {lo}" if lo is not None else f"<= {hi}")
+        raise ValueError(f"{name} must be {bounds}, got {v}")
+    return v
+
+
 def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
     if not _is_real(v):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
@@ -111,8 +126,7 @@ def make_options(
     eps,
     deterministic=False,
 ) -> CCEOptions:
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = int_option("ignore_index", ignore_index)
     opts = CCEOptions(
         normalize_input=flag("normalize_input", normalize_input),
         normalize_weight=flag("normalize_weight", normalize_weight),

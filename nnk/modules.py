@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, make_options
+from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, int_option, make_options
 from .functional import cosine_cross_entropy
 from .impl.torch_blockwise import TILE_ELEMENTS, _blocks  # the blockwise path's tile sizes
 from .ops import row_normalize
@@ -292,8 +292,9 @@ class CosineLinear(nn.Linear):
         ``(classes, cosines)``: (..., k) int64 and (..., k) float32 (float64
         for float64 x), best first. Ties may be ordered differently from topk.
         """
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.out_features:
-            raise ValueError(f"k must be an int in [1, {self.out_features}], got {k!r}")
+        k = int_option("k", k, lo=1, hi=self.out_features)
+        if block_classes is not None:
+            block_classes = int_option("block_classes", block_classes, lo=1)
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
         lead = x.shape[:-1]

@@ -229,8 +229,8 @@ def test_predict_leading_dims_and_bad_k():
     classes, cosines = head.predict(x, 3, block_classes=4)
     assert classes.shape == (2, 4, 3) and cosines.dtype == torch.float32
     assert torch.equal(classes, head(x).topk(3).indices)
-    for k in (0, 10, 1.0):
-        with pytest.raises(ValueError, match="k must"):
+    for k, exc in ((0, ValueError), (10, ValueError), (1.0, TypeError)):
+        with pytest.raises(exc, match="k must"):
             head.predict(x, k)
 
 

@@ -52,6 +52,7 @@ CASES = [
     ("x_nan_checked", ValueError, "x contains NaN", lambda a, k: (a[0].__setitem__((1, 1), math.nan), k.update(check_finite=True))),
     ("bias_inf_checked", ValueError, "bias contains NaN or Inf", lambda a, k: k.update(bias=torch.tensor([0, math.inf, 0, 0, 0.]), check_finite=True)),
     ("ignore_index_float", TypeError, "ignore_index must be an int", lambda a, k: k.update(ignore_index=-100.0)),
+    ("ignore_index_huge", ValueError, "ignore_index must fit in int64", lambda a, k: k.update(ignore_index=2**70)),
     # Truthiness would read "no" as True: flags take bools (or 0 / 1) only.
     ("deterministic_str", TypeError, "deterministic must be a bool", lambda a, k: k.update(deterministic="no")),
     ("normalize_input_str", TypeError, "normalize_input must be a bool", lambda a, k: k.update(normalize_input="false")),
@@ -76,6 +77,20 @@ def test_bad_input_raises_before_compute(case, impl, monkeypatch):
     monkeypatch.setattr(fn, "_backend", lambda impl: boom)
     with pytest.raises(exc, match=msg):
         nnk.cosine_cross_entropy(*args, **kwargs)
+
+
+def test_integer_arguments_take_numpy_integers():
+    np = pytest.importorskip("numpy")
+    x, w, t = _ok()
+    want = nnk.cosine_cross_entropy(x, w, t, ignore_index=2)
+    assert torch.equal(nnk.cosine_cross_entropy(x, w, t, ignore_index=np.int64(2)), want)
+    head = nnk.CosineLinear(3, 5)
+    assert torch.equal(head.predict(x, np.int32(2))[0], head.predict(x, 2)[0])
+    with pytest.raises(TypeError, match="k must be an int"):
+        head.predict(x, np.bool_(True))
+    for bad, exc in ((-1, ValueError), (0, ValueError), (1.5, TypeError)):
+        with pytest.raises(exc, match="block_classes must be"):
+            head.predict(x, 2, block_classes=bad)
 
 
 def test_meta_tensors_are_a_clear_error():

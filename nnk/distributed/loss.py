@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from .._options import REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, make_options
+from .._options import REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, int_option, make_options
 from ..functional import autocast_dtype, resolve_impl
 from ..reference import reduce_rows
 from .collectives import all_reduce_max, replicated, sum_over_group
-from .partials import CCEPartials, ShardTerms, _check_int, check_shard, shard_partials
+from .partials import CCEPartials, ShardTerms, check_shard, shard_partials
 from .rank_checks import agree, check_partition
 
 CALLER = "nnk.distributed.cosine_cross_entropy"
@@ -81,7 +81,7 @@ def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes:
         _choice("reduction", reduction, REDUCTIONS)
         ls = _finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
         zl = _finite_float("z_loss", z_loss, lo=0.0)
-        _check_int("num_classes", num_classes, 1)
+        int_option("num_classes", num_classes, lo=1)
         n = partials.lse.shape[0] if isinstance(partials.lse, torch.Tensor) and partials.lse.dim() == 1 else None
         if n is None or valid.shape != (n,):
             raise ValueError("partials.lse and valid must be (N,) tensors of the same N")

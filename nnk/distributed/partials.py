@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 
 from .._options import (
-    CCEOptions, _value_check, check_tensors, deterministic_flag, invalid_targets, make_options,
+    CCEOptions, _value_check, check_tensors, deterministic_flag, int_option, invalid_targets, make_options,
 )
 from ..functional import _autocast_operands, run_backend
 from ..ops import row_normalize
@@ -76,21 +76,13 @@ def local_targets(target: torch.Tensor, class_start: int, num_local: int, ignore
     return torch.where(inside, target - class_start, torch.full_like(target, LOCAL_IGNORE))
 
 
-def _check_int(name: str, v, lo: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {v}")
-    return v
-
-
 def check_shard(x, weight_shard, target, scale, bias, opts: CCEOptions, class_start, num_classes):
     """All the local checks of a sharded call (before any collective).
 
     Returns ``(local_target, scale)``: the targets relative to the shard (see
     :func:`local_targets`) and the scale as ``check_tensors`` returns it."""
-    _check_int("class_start", class_start, 0)
-    _check_int("num_classes", num_classes, 1)
+    int_option("class_start", class_start, lo=0)
+    int_option("num_classes", num_classes, lo=1)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.dtype not in (torch.int64, torch.int32):

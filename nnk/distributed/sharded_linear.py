@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from .._options import (
-    FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, invalid_targets,
+    FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, int_option, invalid_targets,
     make_options,
 )
 from ..functional import autocast_dtype, resolve_impl
 from .collectives import gather_rows, replicated
 from .loss import combine_terms
-from .partials import LOCAL_IGNORE, _check_int, local_targets, shard_partials
+from .partials import LOCAL_IGNORE, local_targets, shard_partials
 from .rank_checks import agree, check_partition, group_rank
 
 CALLER = "nnk.distributed.ShardedCosineLinear"
@@ -130,8 +130,8 @@ class ShardedCosineLinear(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         rank, world = group_rank(group, CALLER)
-        self.in_features = _check_int("in_features", in_features, 1)
-        self.num_classes = _check_int("num_classes", num_classes, world)
+        self.in_features = int_option("in_features", in_features, lo=1)
+        self.num_classes = int_option("num_classes", num_classes, lo=world)
         self.opts = make_options(
             normalize_input=True, normalize_weight=True, additive_margin=additive_margin,
             angular_margin=angular_margin, margin_grad=margin_grad, ignore_index=ignore_index,

@@ -3,25 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from .._options import FLOAT_DTYPES
+from .._options import FLOAT_DTYPES, int_option
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 def check_num_classes(num_classes) -> int:
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    return num_classes
+    return int_option("num_classes", num_classes, lo=1)
 
 
 def check_dim(dim) -> int:
-    if not isinstance(dim, int) or isinstance(dim, bool):
-        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
-    if dim < 1:
-        raise ValueError(f"dim must be >= 1, got {dim}")
-    return dim
+    return int_option("dim", dim, lo=1)
 
 
 def check_features(features, *, batch: int | None | bool = False, dim: int | None = None) -> torch.Tensor:
