@@ -213,6 +213,8 @@ class CosineLinear(nn.Linear):
                                   angular_margin=opts.angular_margin)
         else:
             scale = _finite_float("scale", scale, lo=0.0, lo_open=True)
+        in_features = int_option("in_features", in_features, lo=1)
+        out_features = int_option("out_features", out_features, lo=1)
         bias = flag("bias", bias)
         per_class_scale = flag("per_class_scale", per_class_scale)
         learn_scale = flag("learn_scale", learn_scale)
@@ -243,13 +245,19 @@ class CosineLinear(nn.Linear):
         """s: the fixed float, or ``log_scale.exp()`` (shape () or (C,))."""
         return self.log_scale.exp() if self.log_scale is not None else self.init_scale
 
+    def _check_features(self, x) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got "
+                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., C) = ``scale * cos + bias`` for x (..., D), without
         margins; float32 (float64 for float64 x), with or without bias, also
         under torch.autocast (whose dtype the cosine GEMM then runs in, so the
         cosines carry its rounding: about 2^-9 relative in bfloat16)."""
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        self._check_features(x)
         logits = cosine_logits_ref(
             x.reshape(-1, self.in_features), self.weight, scale=self.scale, bias=self.bias,
             normalize_input=self.normalize_input, normalize_weight=self.normalize_weight, eps=self.eps,
@@ -295,8 +303,7 @@ class CosineLinear(nn.Linear):
         k = int_option("k", k, lo=1, hi=self.out_features)
         if block_classes is not None:
             block_classes = int_option("block_classes", block_classes, lo=1)
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
+        self._check_features(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         n, c = x2.shape[0], self.out_features

@@ -111,6 +111,18 @@ def test_partials_argument_errors():
         cosine_cross_entropy_partials(x, w, t, class_start=0, num_classes=6, scale=torch.ones(6))
 
 
+def test_combine_partials_argument_errors(one_rank_group):
+    x, w, t = torch.randn(4, 3), torch.randn(6, 3), torch.tensor([0, 1, 5, -100])
+    p = cosine_cross_entropy_partials(x, w, t, class_start=0, num_classes=6)
+    opts = dict(num_classes=6, label_smoothing=0.0, z_loss=0.0, reduction="mean")
+    with pytest.raises(TypeError, match="valid must be a bool tensor"):
+        combine_partials(p, (t != -100).float(), **opts)
+    with pytest.raises(TypeError, match="partials must be the CCEPartials"):
+        combine_partials(tuple(p), t != -100, **opts)
+    loss, _ = combine_partials(p, t != -100, **opts)
+    assert torch.allclose(loss, nnk.cosine_cross_entropy(x, w, t), rtol=1e-5, atol=1e-6)
+
+
 def test_shard_range_tiles_classes():
     for c, world in [(11, 2), (11, 3), (7, 7), (100, 8)]:
         spans = [shard_range(c, r, world) for r in range(world)]

@@ -234,6 +234,16 @@ def test_predict_leading_dims_and_bad_k():
             head.predict(x, k)
 
 
+def test_bad_sizes_and_integer_features_are_clear_errors():
+    for args in ((-1, 5), (3, 0)):
+        with pytest.raises(ValueError, match="features must be >= 1"):
+            nnk.CosineLinear(*args)
+    head = nnk.CosineLinear(3, 5)
+    for call in (head, lambda v: head.predict(v, 2)):
+        with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+            call(torch.ones(4, 3, dtype=torch.long))
+
+
 # --- loss ------------------------------------------------------------------------
 
 

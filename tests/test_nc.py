@@ -461,7 +461,10 @@ def test_tracker_state_machine():
     t.begin_nc4(w)
     with pytest.raises(RuntimeError, match="reset"):
         t.update(h, y)
-    t.update_nc4(h[:25]).update_nc4(h[25:])
+    t.update_nc4(h[:25])
+    with pytest.raises(ValueError, match="NC4 pass saw 25 samples, the statistics 40"):
+        t.metrics()  # was nc4 of 25 of the 40 samples, without a word
+    t.update_nc4(h[25:])
     assert t.metrics().nc4 == pytest.approx(nnk.nc_metrics(h, y, w).nc4, abs=0)
     with pytest.raises(RuntimeError, match="process group"):
         t.all_reduce()

@@ -78,6 +78,12 @@ def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes:
     as :func:`cosine_cross_entropy` does in its backward."""
 
     def describe():
+        if not isinstance(partials, CCEPartials):
+            raise TypeError(f"partials must be the CCEPartials of cosine_cross_entropy_partials, "
+                            f"got {type(partials).__name__}")
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool:
+            raise TypeError(f"valid must be a bool tensor (target != ignore_index), got "
+                            f"{valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__}")
         _choice("reduction", reduction, REDUCTIONS)
         ls = _finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
         zl = _finite_float("z_loss", z_loss, lo=0.0)

@@ -175,6 +175,11 @@ class NCTracker:
         m = nc_metrics_from_stats(self.compute() if p is None else p.stats, weight)
         if p is None or p.n == 0:
             return m
+        if p.n != p.stats.n:
+            # A fraction of part of the samples is not the NC4 of these statistics.
+            raise ValueError(
+                f"the NC4 pass saw {p.n} samples, the statistics {p.stats.n}: give update_nc4 every "
+                "sample of the first pass (and all_reduce() after it in a data-parallel run)")
         frac = (p.mismatches.to(F64) / p.n).tolist()
         if self.batch is None:
             return dataclasses.replace(m, nc4=frac[0])
