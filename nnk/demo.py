@@ -64,7 +64,7 @@ def _device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is available")
+        raise ValueError(f"--device {name}: no CUDA device is available")
     return dev
 
 
@@ -271,22 +271,31 @@ def _checked_args(argv):
     if not 0.0 < args.lr < math.inf:
         p.error(f"--lr must be a positive finite number, got {args.lr}")
     try:
+        # The head's own checks of the margins (their range first: default_scale
+        # would otherwise report an out-of-range one as "no positive logit gap"),
+        # then of the scale.
+        nnk.CosineLinear(1, NUM_CLASSES, scale=1.0, additive_margin=args.margin,
+                         angular_margin=args.angular_margin)
         if args.scale is None:
             args.scale = nnk.modules.default_scale(NUM_CLASSES, additive_margin=args.margin,
                                                    angular_margin=args.angular_margin)
-        # The head's own checks of scale and margins.
         nnk.CosineLinear(1, NUM_CLASSES, scale=args.scale, additive_margin=args.margin,
                          angular_margin=args.angular_margin)
         device = _device(args.device)
     except (ValueError, TypeError, RuntimeError) as e:
         p.error(str(e))
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            raise PermissionError(f"{args.out} is not writable")
+    except OSError as e:
+        p.error(f"--out {args.out}: {e}")
     return args, device
 
 
 def main(argv=None) -> int:
     args, device = _checked_args(argv)
     start = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
     print(f"nnk {nnk.__version__} demo on {device} (torch {torch.__version__}); digits, "
           f"{args.epochs} epochs; cosine head s={args.scale:.3g} margin={args.margin} "
           f"angular_margin={args.angular_margin}")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nnk.demo import HEADS, NC_FIELDS, main
 
@@ -55,11 +56,23 @@ def test_quick_demo_writes_finite_figures_and_a_plot(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-@pytest.mark.parametrize("argv", [["--scale", "-1"], ["--angular-margin", "30"], ["--device", "tpu"],
-                                  ["--batch-size", "0"], ["--lr", "0"], ["--epochs", "0"]])
-def test_bad_arguments_are_usage_errors(argv, capsys):
+@pytest.mark.parametrize("argv,msg", [
+    (["--scale", "-1"], "scale"), (["--angular-margin", "30"], "angular_margin must be <="),
+    (["--angular-margin", "2"], "angular_margin must be <="), (["--device", "tpu"], "tpu"),
+    (["--batch-size", "0"], "batch-size"), (["--lr", "0"], "lr"), (["--epochs", "0"], "epochs"),
+    (["--out", "/proc/nnk_out"], "--out /proc/nnk_out"),
+])
+def test_bad_arguments_are_usage_errors(argv, msg, capsys):
     # Checked before any work: argparse's exit code 2 and message, not a traceback mid-run.
     with pytest.raises(SystemExit) as e:
         main(argv + ["--quick", "--no-progress"])
     assert e.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error:" in err and msg in err, err
+
+
+def test_cuda_device_without_a_gpu_is_a_usage_error(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cuda", "--quick", "--no-progress"])
+    assert e.value.code == 2 and "no CUDA device" in capsys.readouterr().err
