@@ -196,7 +196,7 @@ def cosine_cross_entropy(
             ``F.cross_entropy``), ``"sum"`` or ``"none"`` ((N,) with 0 on ignored rows).
         z_loss: coefficient of ``lse**2`` added to each non-ignored row's loss.
         eps: lower bound on the norms, as ``F.normalize``.
-        return_lse: also return the (N,) float32 log-sum-exp of the logits
+        return_lse: also return the (N,) float32 (float64 for float64 x) log-sum-exp of the logits
             (margins included; differentiable: d lse / d logits = softmax).
         impl: ``"auto" | "cuda" | "triton" | "torch"``; ``NNK_IMPL`` sets what
             ``"auto"`` means for the process. ``"cuda"`` is the compiled

@@ -269,7 +269,9 @@ class CosineLinear(nn.Linear):
         """The fused cross-entropy of this head on x (..., D) and target (...):
         ``nnk.cosine_cross_entropy(x, self.weight, target, scale=self.scale,
         bias=self.bias, <the module's normalizations, margins, eps>, **kwargs)``,
-        without materializing the logits.
+        without materializing the logits. x has the weight's dtype (unlike
+        ``forward``, which upcasts; under torch.autocast both are cast); target
+        is int64 or int32 class indices in [0, C) or ignore_index.
 
         kwargs: the other options of nnk.cosine_cross_entropy (ignore_index,
         label_smoothing, reduction, z_loss, return_lse, impl, deterministic),
@@ -382,8 +384,12 @@ class CosineLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        kind = "per-class learned" if self.per_class_scale else "learned" if self.learn_scale else "fixed"
-        s += f", scale={self.init_scale:.4g} ({kind})"
+        if self.log_scale is None:
+            s += f", scale={self.init_scale:.4g} (fixed)"
+        elif self.per_class_scale:
+            s += f", scale=per-class learned (init {self.init_scale:.4g})"
+        else:  # the current value: a loaded or trained scale, not the constructor's
+            s += f", scale={float(self.log_scale.detach().exp()):.4g} (learned, init {self.init_scale:.4g})"
         if not self.normalize_input:
             s += ", normalize_input=False"
         if not self.normalize_weight:
@@ -458,6 +464,19 @@ class CosineCrossEntropyLoss(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 bias: torch.Tensor | None = None):
+        """``nnk.cosine_cross_entropy(x, weight, target, bias=bias, **options)``
+        with leading dims flattened.
+
+        Args:
+            x: (..., D) float16 / bfloat16 / float32 / float64 features.
+            weight: (C, D) class rows, x's dtype.
+            target: (...) int64 / int32 class indices in [0, C) or ignore_index.
+            bias: (C,) floating tensor, or None.
+
+        Returns:
+            As nnk.cosine_cross_entropy: a 0-d float32 loss (float64 for
+            float64 x), or (...) row losses for ``reduction="none"``.
+        """
         return _loss_any_dims(x, weight, target, bias=bias, **self.options)
 
     def extra_repr(self) -> str:

@@ -70,7 +70,17 @@ def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes:
                      label_smoothing: float, z_loss: float, reduction: str, group=None):
     """The exact loss from every rank's :class:`CCEPartials` (two all-reduces:
     MAX of N floats, SUM of 2N or 3N floats, after a small all-gather that
-    checks the ranks agree). ``valid`` (N,) bool marks the non-ignored rows.
+    checks the ranks agree).
+
+    Args:
+        partials: this rank's :func:`cosine_cross_entropy_partials`.
+        valid: (N,) bool, the non-ignored rows (``target != ignore_index``).
+        num_classes: C, over all ranks.
+        label_smoothing: in [0, 1]; needs the partials' sum_logits when > 0.
+        z_loss: >= 0, as :func:`nnk.cosine_cross_entropy`.
+        reduction: ``"mean" | "sum" | "none"``.
+        group: the process group of the shards (default: the world).
+
     Returns ``(loss, lse)`` with lse the (N,) log-sum-exp over all classes.
 
     x.grad: each rank's partials carry the gradient of its own shard only; sum

@@ -97,7 +97,9 @@ class ShardedCosineLinear(nn.Module):
         scale: s, > 0 (the initial value when learnt).
         learn_scale: make s a parameter (a shared scalar, its gradient summed over
             the ranks, or per class with ``per_class_scale``).
-        per_class_scale: one scale per class (sharded like the weight).
+        per_class_scale: one scale per class (sharded like the weight); fixed
+            unless ``learn_scale`` (``nnk.CosineLinear``'s per_class_scale
+            implies learn_scale instead).
         bias: learn a (C,) bias, sharded.
         additive_margin, angular_margin, margin_grad, ignore_index,
         label_smoothing, z_loss, reduction, eps, impl, deterministic: as

@@ -148,7 +148,9 @@ class NCTracker:
 
     @torch.no_grad()
     def update_nc4(self, features: torch.Tensor) -> NCTracker:
-        """Add a batch to the NC4 pass (labels are not needed)."""
+        """Add a batch to the NC4 pass: features (N, D) (or (B, N, D) with
+        ``batch=B``), as for :meth:`update`; labels are not needed. Every
+        sample of the first pass must come through before :meth:`metrics`."""
         p = self._nc4
         if p is None:
             raise RuntimeError("NCTracker.update_nc4() before begin_nc4()")

@@ -18,10 +18,13 @@ except ImportError as e:  # pure-Python install (NNK_NO_EXT=1) or a failed build
 
 
 def has_extension() -> bool:
+    """Whether the compiled extension ``nnk._C`` was imported (its ops registered)."""
     return _ext is not None
 
 
 def extension_error() -> Exception | None:
+    """The ImportError of ``nnk._C`` (not built: ``NNK_NO_EXT=1``, or a failed
+    build), or None when it was imported."""
     return _error
 
 
