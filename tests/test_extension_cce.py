@@ -315,6 +315,12 @@ def test_op_rejects_bad_input():
     bad[4] = 11
     with pytest.raises(RuntimeError, match=r"target values must be in \[0, 11\) or ignore_index=-100, got 11 at row 4"):
         op(x, w, bad, s, b, *fwd)
+    # The backward op too: a target >= C was read as an ignored row (zero gradients).
+    _, lse, lse_lo = op(x, w, t, s, b, *fwd)
+    bwd = (True, True, 0.0, 0.0, True, -100, 0.0, 0.0, 1e-12, 0)
+    with pytest.raises(RuntimeError, match=r"cosine_cross_entropy_bwd: target values must be in \[0, 11\)"):
+        torch.ops.nnk.cosine_cross_entropy_bwd(torch.ones(9), None, x, w, bad, s, b, lse, lse_lo, *bwd,
+                                               [True, True, False, False])
     with pytest.raises(RuntimeError, match="angular_margin needs"):
         op(x, w, t, s, b, False, True, 0.0, 0.5, -100, 0.0, 0.0, 1e-12, 0)
 

@@ -46,12 +46,13 @@ struct CpuBackend {
   }
 
   // Checked eagerly: on the CPU this costs no device synchronization.
-  static void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+  static void check_targets(const char* op, const at::Tensor& target, int64_t classes,
+                            int64_t ignore_index) {
     const at::Tensor t = target.contiguous();
     const int64_t* p = t.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < t.numel(); ++i) {
       TORCH_CHECK(p[i] == ignore_index || (p[i] >= 0 && p[i] < classes),
-                  "nnk::cosine_cross_entropy_fwd: target values must be in [0, ", classes,
+                  op, ": target values must be in [0, ", classes,
                   ") or ignore_index=", ignore_index, ", got ", p[i], " at row ", i);
     }
   }

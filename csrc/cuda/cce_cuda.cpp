@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "dtype.h"
 #include "launchers.h"
 #include "nnk/cce_chunk.h"
@@ -80,10 +82,11 @@ struct CudaBackend {
   // indexing kernels). The epilogues never index memory by a target, so a bad
   // one cannot read out of bounds before the assert fires. nnk.functional
   // checks the range eagerly (with a sync) outside torch.compile.
-  static void check_targets(const at::Tensor& target, int64_t classes, int64_t ignore_index) {
+  static void check_targets(const char* op, const at::Tensor& target, int64_t classes,
+                            int64_t ignore_index) {
     if (target.numel() == 0) return;
     const at::Tensor ok = ((target >= 0) & (target < classes)) | (target == ignore_index);
-    at::_assert_async(ok.all(), "nnk::cosine_cross_entropy: target values out of range");
+    at::_assert_async(ok.all(), (std::string(op) + ": target values out of range").c_str());
   }
 
   template <typename A>

@@ -8,7 +8,7 @@
 //   K::row_normalize_backward(g, y, norm, eps)   g in the accumulation dtype,
 //                                    result in y's dtype
 //   K::gemm(out, a, b, accumulate)   out (accumulation dtype) (+)= a @ b
-//   K::check_targets(t, C, ignore)   target range check (see the backends)
+//   K::check_targets(op, t, C, ignore)   target range check (see the backends)
 //   K::forward_epilogue<A>(chunk, loss, lse, lse_lo)
 //   K::backward_epilogue<A>(chunk, grad, dcos)
 //
@@ -327,6 +327,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
   const typename K::Guard guard(x.device());
   const int64_t n = x.size(0), c = weight.size(0);
+  // A target >= C would otherwise be read as an ignored row: zero gradients.
+  K::check_targets(op, target, c, o.ignore_index);
   const Operands p = prepare<K>(x, weight, target, scale, bias);
 
   const at::Tensor lse_a = lse.to(p.acc).contiguous();
@@ -381,7 +383,7 @@ chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
   const typename K::Guard guard(x.device());
   const int64_t n = x.size(0), c = weight.size(0);
-  K::check_targets(target, c, o.ignore_index);
+  K::check_targets(op, target, c, o.ignore_index);
   const Operands p = prepare<K>(x, weight, target, scale, bias);
   at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
