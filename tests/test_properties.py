@@ -124,16 +124,22 @@ def _compiled_impls():
                                                                 HealthCheck.function_scoped_fixture])
 @given(p=problems())
 def test_kernel_impls_agree_with_reference(impl, p):
-    """Random shapes and options through the kernels (float32), against the
-    float64 reference: loss and both gradients within float32 tolerance."""
+    """Random shapes and options through the kernels (float32): loss and both
+    gradients within 2x the float32 reference's error (+ 1e-5 relative),
+    both against the float64 reference on the same rounded inputs. (A fixed
+    tolerance against the unrounded inputs failed the float32 reference
+    itself on ill-conditioned draws: rows of norm 1e-3 with a raw W.)"""
     if impl not in _compiled_impls():
         pytest.skip(f"impl={impl!r} not runnable on this machine")
     x, w, t, opts = p
+    x, w = x.float(), w.float()
     opts = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    opts64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    truth = _loss_and_grads(cosine_cross_entropy_ref, x.double(), w.double(), t, opts64, reduction="sum")
     ref = _loss_and_grads(cosine_cross_entropy_ref, x, w, t, opts, reduction="sum")
-    got = _loss_and_grads(nnk.cosine_cross_entropy, x.float(), w.float(), t, opts, reduction="sum", impl=impl)
-    scale = max(1.0, ref[0].abs().item())
-    assert abs(got[0].item() - ref[0].item()) <= 2e-5 * scale
-    for a, b in zip(ref[1:], got[1:]):
-        if a is not None:
-            assert (a - b.double()).abs().max() <= 2e-4 * max(1.0, a.abs().max().item())
+    got = _loss_and_grads(nnk.cosine_cross_entropy, x, w, t, opts, reduction="sum", impl=impl)
+    for name, tr, r, g in zip(("loss", "dx", "dw"), truth, ref, got):
+        if tr is None:
+            continue
+        err, ref_err = ((v.double() - tr).abs().max().item() for v in (g, r))
+        assert err <= 2 * ref_err + 1e-5 * max(1.0, tr.abs().max().item()), (name, err, ref_err)
