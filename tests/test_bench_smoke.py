@@ -167,3 +167,15 @@ def test_sanitize_driver_runs_every_kernel_on_cpu(impl):
     from bench.sanitize import main
 
     assert main(["--impl", impl, "--device", "cpu", "--dtype", "fp32"]) == 0
+
+
+def test_cases_pass_their_margins_to_the_loss():
+    # The timed ArcFace / CosFace cases must run with their margins (every
+    # provider, the reference included, takes case.loss_kwargs()).
+    from bench.shapes import SUITES
+
+    cases = [c for suite in SUITES.values() for c in suite if hasattr(c, "angular_margin")]
+    assert any(c.angular_margin for c in cases) and any(c.additive_margin for c in cases)
+    for c in cases:
+        assert c.loss_kwargs() == {"scale": c.scale, "additive_margin": c.additive_margin,
+                                   "angular_margin": c.angular_margin}, c

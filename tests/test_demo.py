@@ -49,7 +49,11 @@ def test_quick_demo_writes_finite_figures_and_a_plot(tmp_path, capsys):
         assert 0.0 <= h["test_acc"][-1] <= 1.0 and h["nc1"][-1] >= 0.0
         # Both heads learn something in 3 epochs (10 classes: chance is 10%).
         assert h["test_acc"][-1] > 0.5 and h["loss"][-1] < h["loss"][0]
+        # The mean loss per sample (not per batch): the first epoch starts
+        # near log(10) = 2.3 for 10 classes.
+        assert 0.3 < h["loss"][0] < 10.0, (head, h["loss"][0])
     tp = report["throughput"]
+    assert tp["speedup"] == pytest.approx(tp["reference_ms"] / tp["fused_ms"], rel=1e-9)
     assert tp["fused_ms"] > 0 and tp["reference_ms"] > 0 and tp["impl"] == "torch"
 
     png = (out / "demo.png").read_bytes()

@@ -192,6 +192,14 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
+def test_shards_must_cover_every_class(one_rank_group):
+    # Shards covering [0, 6) of num_classes=8: targets 6 and 7 would belong to
+    # no rank, their rows a loss without a target term.
+    x, w, t = torch.randn(4, 3), torch.randn(6, 3), torch.tensor([0, 6, 7, 2])
+    with pytest.raises(ValueError, match=r"cover \[0, 6\), but num_classes=8"):
+        cosine_cross_entropy(x, w, t, class_start=0, num_classes=8)
+
+
 def test_load_resharded_checks_the_states_agree(one_rank_group):
     # Two shards of one head load as the whole; shards whose shared scale
     # differs (other runs or steps) or whose rows do not match their class

@@ -342,6 +342,15 @@ def test_loss_module_equals_functional():
 # --- projection --------------------------------------------------------------------
 
 
+def test_project_weight_normalizes_every_chunk_of_rows():
+    # C D above the bounded temporary (2^21 elements): several chunks.
+    head = nnk.CosineLinear(512, 5000)
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    head.project_weight_()
+    torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(5000))
+
+
 def test_project_weight_and_the_optimizer_hook():
     torch.manual_seed(0)
     head = nnk.CosineLinear(12, 6, scale=4.0)

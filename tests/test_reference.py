@@ -115,3 +115,13 @@ def test_detached_margin_is_straight_through():
     logits = 16.0 * cos.scatter(1, t[:, None], psi_st[:, None])
     hx, hw = torch.autograd.grad(F.cross_entropy(logits, t), (x, w))
     assert max_err(gx, hx) < 1e-12 and max_err(gw, hw) < 1e-12
+
+
+def test_float32_reference_takes_norms_in_float64():
+    # Rows of 1e20: their float32 sum of squares overflows. The reference
+    # (which every kernel test compares to) must still normalize them.
+    torch.manual_seed(0)
+    x, w, t = torch.randn(6, 5) * 1e20, torch.randn(4, 5), torch.randint(0, 4, (6,))
+    got = cosine_cross_entropy_ref(x, w, t, scale=10.0)
+    want = cosine_cross_entropy_ref(x.double(), w.double(), t, scale=10.0)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())

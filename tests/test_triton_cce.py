@@ -256,6 +256,21 @@ def test_matches_reference_fp16(device, loss_kw, g_scale):
            factor=1.25 if configs.split_grad() else 2.0)
 
 
+def test_fp16_zero_weight_row(device):
+    # A zero class row carries the 1/eps factor in its d cos column; left in
+    # the power-of-two scaling of the fp16 gradient operand it underflowed
+    # every other entry of the row (a mutation test: 0.12 of max |dx|).
+    # d x only: that row's own d W, d wn / 1e-12, is beyond float16 (inf in
+    # the reference too).
+    x, w, t, scale, bias = _case(device, torch.float16, 61, 40, 300, scale=20.0, zero_w_rows=(7,))
+    g_loss, g_lse = torch.tensor(1.7, device=device), None
+    kw = dict(additive_margin=0.2)
+    truth = _evaluate(cosine_cross_entropy_ref, x.double(), w.double(), t, scale, bias, kw, g_loss, g_lse)["dx"]
+    ref = _evaluate(cosine_cross_entropy_ref, x, w, t, scale, bias, kw, g_loss, g_lse)["dx"]
+    got = _evaluate(_public_fn, x, w, t, scale, bias, kw, g_loss, g_lse)["dx"]
+    assert _error(got, truth) <= 1.25 * _error(ref, truth) + ATOL_REL[torch.float16]
+
+
 def test_fast_grad_switch_is_read_at_each_backward(device, monkeypatch):
     # It was read once at import: setting it later changed nothing.
     x, w, t, scale, bias = _case(device, torch.float16, 9, 16, 33, scale=64.0, bias=False, ignore=())

@@ -44,6 +44,9 @@ CASES = [
     ("smoothing_range", ValueError, "label_smoothing must be <=", lambda a, k: k.update(label_smoothing=1.5)),
     ("z_loss_negative", ValueError, "z_loss must be >=", lambda a, k: k.update(z_loss=-1.0)),
     ("eps_zero", ValueError, "eps must be >", lambda a, k: k.update(eps=0.0)),
+    ("scale_tensor_zero", ValueError, "scale must be", lambda a, k: k.update(scale=torch.tensor(0.0))),
+    ("scale_per_class_zero", ValueError, "scale must be", lambda a, k: k.update(scale=torch.tensor([1.0, 2.0, 0.0, 1.0, 1.0]))),
+    ("bias_int", TypeError, "bias", lambda a, k: k.update(bias=torch.arange(5))),
     # Finite in float64 but not as the float32 the kernels take (inf, or flushed to 0).
     ("scale_above_float32", ValueError, "scale=1e[+]39 is not a normal float32", lambda a, k: k.update(scale=1e39)),
     ("z_loss_above_float32", ValueError, "z_loss=1e[+]39 is not a normal float32", lambda a, k: k.update(z_loss=1e39)),
@@ -218,3 +221,20 @@ def test_loss_module_checks_its_flags_at_construction():
         nnk.CosineCrossEntropyLoss(return_lse="no")
     with pytest.raises(TypeError, match="check_finite must be a bool"):
         nnk.CosineCrossEntropyLoss(check_finite=None)
+
+
+def test_float64_is_left_alone_under_autocast():
+    # Autocast casts floating operands as nn.Linear's matmul, float64 excepted.
+    x, w, t = (v.double() if v.is_floating_point() else v for v in _ok())
+    want = nnk.cosine_cross_entropy(x, w, t, impl="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nnk.cosine_cross_entropy(x, w, t, impl="torch")
+    assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_module_owned_options_are_not_per_call():
+    head = nnk.CosineLinear(3, 5)
+    x, t = _ok()[0], _ok()[2]
+    for name, value in (("eps", 1e-3), ("bias", None), ("normalize_input", False)):
+        with pytest.raises(TypeError, match=f"{name} is set by the module"):
+            head.loss(x, t, **{name: value})
