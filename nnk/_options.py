@@ -63,7 +63,7 @@ def int_option(name: str, v, *, lo: int | None = None, hi: int | None = None) ->
     return v
 
 
-def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
+def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False, float32=True) -> float:
     if not _is_real(v):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
@@ -72,7 +72,8 @@ def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
         raise ValueError(f"{name} must be finite, got {v}")
     # The kernels take options as float32: 1e39 would become inf (a NaN loss),
     # and a subnormal one is flushed to 0 on GPUs (eps = 1e-39 would then divide by 0).
-    if not -_F32_MAX <= v <= _F32_MAX or (v != 0.0 and -_F32_TINY < v < _F32_TINY):
+    # (float32=False: float64 inputs, computed in float64 throughout.)
+    if float32 and (not -_F32_MAX <= v <= _F32_MAX or (v != 0.0 and -_F32_TINY < v < _F32_TINY)):
         raise ValueError(f"{name}={v} is not a normal float32 (the kernels compute in float32): "
                          f"its magnitude must be 0 or within [{_F32_TINY:.4g}, {_F32_MAX:.4g}]")
     if lo is not None and (v <= lo if lo_open else v < lo):
@@ -125,18 +126,21 @@ def make_options(
     z_loss,
     eps,
     deterministic=False,
+    float32=True,
 ) -> CCEOptions:
+    """The checked options; ``float32=False`` (float64 inputs) lets float
+    options outside float32's normal range through."""
     ignore_index = int_option("ignore_index", ignore_index)
     opts = CCEOptions(
         normalize_input=flag("normalize_input", normalize_input),
         normalize_weight=flag("normalize_weight", normalize_weight),
-        additive_margin=_finite_float("additive_margin", additive_margin),
+        additive_margin=_finite_float("additive_margin", additive_margin, float32=float32),
         angular_margin=_finite_float("angular_margin", angular_margin, lo=0.0, hi=MAX_ANGULAR_MARGIN),
         margin_grad=_choice("margin_grad", margin_grad, MARGIN_GRADS),
         ignore_index=ignore_index,
-        label_smoothing=_finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0),
-        z_loss=_finite_float("z_loss", z_loss, lo=0.0),
-        eps=_finite_float("eps", eps, lo=0.0, lo_open=True),
+        label_smoothing=_finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0, float32=float32),
+        z_loss=_finite_float("z_loss", z_loss, lo=0.0, float32=float32),
+        eps=_finite_float("eps", eps, lo=0.0, lo_open=True, float32=float32),
         deterministic=flag("deterministic", deterministic),
     )
     if opts.angular_margin != 0.0 and not (opts.normalize_input and opts.normalize_weight):
@@ -212,7 +216,7 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_fin
             raise TypeError(f"bias must be floating point, got {bias.dtype}")
         if bias.device != dev:
             raise ValueError(f"bias is on {bias.device} but x is on {dev}")
-    scale = _check_scale(scale, c, dev)
+    scale = _check_scale(scale, c, dev, float32=x.dtype != torch.float64)
     if check_finite:
         for name, t in (("x", x), ("weight", weight), ("bias", bias)):
             if t is not None:
@@ -227,7 +231,7 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_fin
     return target, scale
 
 
-def _check_scale(scale, c: int, dev: torch.device):
+def _check_scale(scale, c: int, dev: torch.device, *, float32: bool = True):
     if isinstance(scale, torch.Tensor):
         if scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] != c):
             raise ValueError(f"scale must be a float, a 0-d tensor or a ({c},) tensor, got shape {tuple(scale.shape)}")
@@ -239,4 +243,4 @@ def _check_scale(scale, c: int, dev: torch.device):
             _value_check(torch.isfinite(scale).all(), ValueError, "scale must be finite, got a non-finite value")
             _value_check((scale > 0).all(), ValueError, "scale must be > 0, got a non-positive value")
         return scale.to(torch.float32) if scale.dtype != torch.float64 else scale
-    return _finite_float("scale", scale, lo=0.0, lo_open=True)
+    return _finite_float("scale", scale, lo=0.0, lo_open=True, float32=float32)

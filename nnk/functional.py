@@ -239,7 +239,7 @@ def cosine_cross_entropy(
         additive_margin=additive_margin, angular_margin=angular_margin,
         margin_grad=margin_grad, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
-        deterministic=deterministic,
+        deterministic=deterministic, float32=getattr(x, "dtype", None) != torch.float64,
     )
     return_lse = flag("return_lse", return_lse)
     target, scale = check_tensors(x, weight, target, scale, bias, opts,

@@ -85,7 +85,8 @@ _LOSS_OPTIONS = {
 }
 
 
-_OPTION_FIELDS = tuple(inspect.signature(make_options).parameters)
+# The loss options make_options checks (deterministic and float32 are set below).
+_OPTION_FIELDS = tuple(k for k in inspect.signature(make_options).parameters if k not in ("deterministic", "float32"))
 
 
 def _check_loss_options(options: dict) -> None:
@@ -102,12 +103,13 @@ def _check_loss_options(options: dict) -> None:
     merged = {**_LOSS_OPTIONS, **options}
     for name in ("return_lse", "check_finite"):
         flag(name, merged[name])
-    make_options(**{k: merged[k] for k in _OPTION_FIELDS if k != "deterministic"},
-                 deterministic=merged["deterministic"] is not None and merged["deterministic"])
+    # The dtype is not known yet: float32's range is checked per call.
+    make_options(**{k: merged[k] for k in _OPTION_FIELDS},
+                 deterministic=merged["deterministic"] is not None and merged["deterministic"], float32=False)
     _choice("reduction", merged["reduction"], REDUCTIONS)
     _choice("impl", merged["impl"], IMPLS)
     if not isinstance(merged["scale"], torch.Tensor):  # a tensor is checked per call (needs C)
-        _finite_float("scale", merged["scale"], lo=0.0, lo_open=True)
+        _finite_float("scale", merged["scale"], lo=0.0, lo_open=True, float32=False)
 
 
 def _loss_any_dims(x, weight, target, **kwargs):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nnk
+from nnk.reference import cosine_cross_entropy_ref
 
 
 def _ok(n=4, d=3, c=5):
@@ -221,6 +222,14 @@ def test_loss_module_checks_its_flags_at_construction():
         nnk.CosineCrossEntropyLoss(return_lse="no")
     with pytest.raises(TypeError, match="check_finite must be a bool"):
         nnk.CosineCrossEntropyLoss(check_finite=None)
+
+
+def test_float64_inputs_take_float64_options():
+    # The float32 range check is for the kernels; float64 runs in float64.
+    x, w, t = (v.double() if v.is_floating_point() else v for v in _ok())
+    for kw in (dict(eps=1e-300), dict(scale=1e39)):
+        got = nnk.cosine_cross_entropy(x, w, t, impl="torch", **kw)
+        assert torch.isfinite(got) and torch.allclose(got, cosine_cross_entropy_ref(x, w, t, **kw), rtol=1e-12)
 
 
 def test_float64_is_left_alone_under_autocast():
