@@ -390,6 +390,8 @@ class CosineLinear(nn.Linear):
             s += f", scale={self.init_scale:.4g} (fixed)"
         elif self.per_class_scale:
             s += f", scale=per-class learned (init {self.init_scale:.4g})"
+        elif self.log_scale.device.type == "meta":  # no value yet (deferred initialization)
+            s += f", scale=learned (init {self.init_scale:.4g})"
         else:  # the current value: a loaded or trained scale, not the constructor's
             s += f", scale={float(self.log_scale.detach().exp()):.4g} (learned, init {self.init_scale:.4g})"
         if not self.normalize_input:

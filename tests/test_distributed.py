@@ -225,6 +225,9 @@ def test_load_resharded_checks_the_states_agree(one_rank_group):
         fresh.load_resharded([shard(0, 3, weight=full["weight"][:2]), shard(3, 4)])
     for k, v in before.items():
         assert torch.equal(fresh.state_dict()[k], v), k
+    nan = torch.tensor(float("nan"))  # a diverged run's shards agree on their NaN scale
+    fresh.load_resharded([shard(0, 3, scale=nan), shard(3, 4, scale=nan)])
+    assert torch.isnan(fresh.scale)
 
 
 @pytest.mark.parametrize("impl", ["torch", "cuda", "triton"])

@@ -234,6 +234,14 @@ def test_predict_leading_dims_and_bad_k():
             head.predict(x, k)
 
 
+def test_repr_shows_the_learnt_scale_and_prints_on_meta():
+    head = nnk.CosineLinear(4, 3, scale=8.0, learn_scale=True)
+    with torch.no_grad():
+        head.log_scale.fill_(math.log(20.0))
+    assert "scale=20 (learned, init 8)" in repr(head)
+    assert "scale=learned (init 8)" in repr(nnk.CosineLinear(4, 3, scale=8.0, learn_scale=True, device="meta"))
+
+
 def test_bad_sizes_and_integer_features_are_clear_errors():
     for args in ((-1, 5), (3, 0)):
         with pytest.raises(ValueError, match="features must be >= 1"):

@@ -403,6 +403,28 @@ def test_metrics_do_not_depend_on_the_features_magnitude(device, impl):
         assert_metrics_close(tracker.metrics(w), {k: v for k, v in want.items() if k != "nc4"}, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton", "cuda"])
+def test_batched_sets_of_different_magnitudes(device, impl):
+    # One exponent for all sets scaled the small set of (1e20, 1e-8) into
+    # float32's subnormals: its nc1 came out -4.7e-16 ("perfect collapse").
+    if impl == "cuda" and not nnk.ops.has_op("nc_centered_gram", device.type):
+        pytest.skip(f"nnk._C has no NC kernels for {device.type}")
+    h, y, w, _ = (t.to(device) for t in clustered(120, 6, 5))
+    want = nnk.nc_metrics(h.double(), y, w.double(), impl="torch").as_dict()
+    for big, small in ((1e20, 1e-8), (1e15, 1e-5)):
+        sets = torch.stack([h.float() * big, h.float() * small])
+        for m in nnk.nc_metrics(sets, y, w, impl=impl):
+            assert_metrics_close(m, want, rtol=1e-4)
+
+
+def test_nc4_logits_of_huge_features():
+    # h @ W^T overflowed float32 for features of 3e37 (every entry finite):
+    # argmax among infs gave nc4 = 0.77 where float64 gives 0.99.
+    h, y, w, b = clustered(200, 64, 10)
+    want = nnk.nc_metrics(h.double() * 3e37, y, w.double(), b.double()).nc4
+    assert nnk.nc_metrics(h.float() * 3e37, y, w, b).nc4 == want
+
+
 def test_one_class_is_a_clear_error_and_one_sample_per_class_is_zero_nc1():
     h = torch.randn(6, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="at least 2 classes"):

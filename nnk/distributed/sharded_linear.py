@@ -340,7 +340,9 @@ class ShardedCosineLinear(nn.Module):
         for name in shared:
             first = states[0][name]
             for i, st in enumerate(states[1:], 1):
-                if st[name].shape != first.shape or not torch.equal(st[name].to(first.device), first):
+                other = st[name].to(first.device, first.dtype)
+                same = other.shape == first.shape and bool(((other == first) | (other.isnan() & first.isnan())).all())
+                if not same:  # (NaN equals NaN here: a diverged run's shards still agree)
                     raise ValueError(f"{CALLER}.load_resharded: states[{i}][{name!r}] differs from states[0]'s "
                                      f"({st[name].flatten()[:4].tolist()} vs {first.flatten()[:4].tolist()}): "
                                      "the shards come from different runs or steps")

@@ -39,15 +39,31 @@ def class_sums(impl: str, features: torch.Tensor, labels: torch.Tensor, num_clas
 
 
 # Features whose magnitude 2^e has |e| above this are scaled by 2^-e first.
-_POW2_BAND = 30
+POW2_BAND = 30
 
 
-def times_pow2(t: torch.Tensor, k: int) -> torch.Tensor:
+def times_pow2(t: torch.Tensor, k) -> torch.Tensor:
     """t * 2^k, exact, in two factors: 2^k itself may be subnormal (or inf)
-    in t's dtype, and GPUs flush subnormal operands to 0."""
-    if k == 0:
-        return t
-    return (t * 2.0 ** (k // 2)).mul_(2.0 ** (k - k // 2))
+    in t's dtype, and GPUs flush subnormal operands to 0. k: an int, or an
+    int64 tensor that broadcasts against t (one exponent per feature set)."""
+    if isinstance(k, int):
+        return t if k == 0 else (t * 2.0 ** (k // 2)).mul_(2.0 ** (k - k // 2))
+    half = torch.div(k, 2, rounding_mode="floor")
+    two = torch.tensor(2.0, dtype=t.dtype, device=t.device)
+    return (t * two.pow(half.to(t.device))).mul_(two.pow((k - half).to(t.device)))
+
+
+def _set_exponents(features: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor | None:
+    """(B,) int64: per feature set, -e for a set of magnitude 2^e outside
+    2^+-POW2_BAND (0 inside); None when no set needs it. One host sync."""
+    dims = (-2, -1)
+    big = torch.maximum(features.amax(dim=dims).float().abs(), features.amin(dim=dims).float().abs())
+    big = torch.maximum(big.reshape(-1), shifts.abs().amax(dim=dims).float().reshape(-1))
+    exps = [math.frexp(v)[1] if v > 0 else 0 for v in big.tolist()]
+    if all(-POW2_BAND <= e <= POW2_BAND for e in exps):
+        return None
+    return torch.tensor([-e if not -POW2_BAND <= e <= POW2_BAND else 0 for e in exps],
+                        dtype=torch.int64, device=features.device)
 
 
 def centered_gram(impl: str, features: torch.Tensor, labels: torch.Tensor, shifts: torch.Tensor):
@@ -57,15 +73,20 @@ def centered_gram(impl: str, features: torch.Tensor, labels: torch.Tensor, shift
 
     The kernels accumulate float32 squares: |h - c| below ~1e-19 underflows
     (features of size 1e-25 gave nc1 = 0, perfect collapse) and above ~1e19
-    overflows. Features (and shifts) of magnitude 2^e beyond 2^+-30 are
-    therefore scaled by 2^-e, exactly, and the Gram scaled back in float64.
+    overflows. A feature set (with its shifts) of magnitude 2^e beyond
+    2^+-30 is therefore scaled by 2^-e, exactly, and its Gram scaled back in
+    float64; each set of batched (B, N, D) features by its own exponent
+    (layers of very different sizes). float16 features always lie inside the
+    band (and 2^+-30 is not a float16).
     """
-    if features.dtype != torch.float64 and shifts.dtype != torch.float64 and features.numel():
-        big = float(torch.maximum(features.abs().amax().float(), shifts.abs().amax().float()))
-        e = math.frexp(big)[1]
-        if big > 0 and not -_POW2_BAND <= e <= _POW2_BAND:
-            gram = _gram(impl, times_pow2(features, -e), labels, times_pow2(shifts, -e))
-            return gram.to(torch.float64) * 4.0 ** e
+    if features.dtype in (torch.float32, torch.bfloat16) and shifts.dtype != torch.float64 and features.numel():
+        k = _set_exponents(features, shifts)
+        if k is not None:
+            if features.dim() == 3 and shifts.dim() == 2:
+                shifts = shifts.expand(features.shape[0], *shifts.shape)
+            kb = k.reshape(-1, 1, 1) if features.dim() == 3 else k.reshape(())
+            gram = _gram(impl, times_pow2(features, kb), labels, times_pow2(shifts, kb))
+            return gram.to(torch.float64) * torch.pow(4.0, -kb.to(torch.float64))
     return _gram(impl, features, labels, shifts)
 
 
