@@ -18,6 +18,12 @@
 
 namespace py = pybind11;
 
+// The version of the operator schemas (csrc/schema.cpp): bump it with every
+// schema change. nnk/ops/_extension.py refuses a library of another version
+// (an editable install whose Python sources moved on without a rebuild would
+// otherwise call ops with other arguments and outputs).
+constexpr long kOpsAbi = 2;
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nnk compiled extension: operators live in torch.ops.nnk";
   m.def(
@@ -41,6 +47,7 @@ PYBIND11_MODULE(_C, m) {
         info["compiler"] = std::string("unknown");
 #endif
         info["cplusplus"] = static_cast<long>(__cplusplus);
+        info["ops_abi"] = kOpsAbi;
         return info;
       },
       "How nnk._C was built: version, torch version, CUDA and its arch list, compiler.");

@@ -27,8 +27,29 @@ def test_extension_loads_and_registers_ops():
     assert has_extension(), f"nnk._C failed to load: {nnk.ops.extension_error()!r}"
     info = build_info()
     assert info["version"] == nnk.__version__
+    assert info["ops_abi"] == nnk.ops._extension.OPS_ABI
     for op in OPS:
         assert has_op(op, "cpu"), op
+
+
+def test_a_stale_extension_is_left_unused():
+    # An nnk._C of other op schemas (sources updated without a rebuild) would
+    # be called with other arguments: it is refused, and impl="cuda" says why.
+    code = (
+        "import sys, types, torch\n"
+        "fake = types.ModuleType('nnk._C')\n"
+        "fake.build_info = lambda: {'ops_abi': 1, 'version': 'old'}\n"
+        "sys.modules['nnk._C'] = fake\n"
+        "import nnk\n"
+        "assert not nnk.ops.has_extension() and not nnk.ops.has_op('cosine_cross_entropy_fwd')\n"
+        "print(nnk.ops.build_info()['error'])\n"
+        "try:\n"
+        "    nnk.cosine_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 1]), impl='cuda')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "ops ABI 1" in out and "rebuild" in out and "impl='cuda' needs the compiled extension" in out
 
 
 @pytest.mark.skipif(SKIPPED_BUILD or os.environ.get("NNK_NO_CUDA") == "1",

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import torch
 
+# The schema version these sources call (csrc/bindings.cpp kOpsAbi).
+OPS_ABI = 2
+
 try:  # torch must be imported first: _C links against libtorch
     from nnk import _C as _ext
     _error: Exception | None = None
 except ImportError as e:  # pure-Python install (NNK_NO_EXT=1) or a failed build
     _ext = None
     _error = e
+if _ext is not None and _ext.build_info().get("ops_abi") != OPS_ABI:
+    # A stale build (sources updated, extension not rebuilt): its ops take
+    # other arguments. Left unused; impl="cuda" then says why.
+    _error = ImportError(
+        f"nnk._C was built from other sources (ops ABI {_ext.build_info().get('ops_abi')}, these "
+        f"sources call ABI {OPS_ABI}): rebuild it (pip install --no-build-isolation -e .)")
+    _ext = None
 
 
 def has_extension() -> bool:
