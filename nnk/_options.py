@@ -63,6 +63,12 @@ def int_option(name: str, v, *, lo: int | None = None, hi: int | None = None) ->
     return v
 
 
+def float32_options(dtype) -> bool:
+    """Whether float options must be float32 values for inputs of ``dtype``
+    (anything but float64, which is computed in float64)."""
+    return (dtype if dtype is not None else torch.get_default_dtype()) != torch.float64
+
+
 def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False, float32=True) -> float:
     if not _is_real(v):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
@@ -135,7 +141,8 @@ def make_options(
         normalize_input=flag("normalize_input", normalize_input),
         normalize_weight=flag("normalize_weight", normalize_weight),
         additive_margin=_finite_float("additive_margin", additive_margin, float32=float32),
-        angular_margin=_finite_float("angular_margin", angular_margin, lo=0.0, hi=MAX_ANGULAR_MARGIN),
+        angular_margin=_finite_float("angular_margin", angular_margin, lo=0.0, hi=MAX_ANGULAR_MARGIN,
+                                     float32=float32),
         margin_grad=_choice("margin_grad", margin_grad, MARGIN_GRADS),
         ignore_index=ignore_index,
         label_smoothing=_finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0, float32=float32),

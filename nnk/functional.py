@@ -8,7 +8,7 @@ import os
 import torch
 
 from ._options import (
-    IMPLS, REDUCTIONS, CCEOptions, _choice, check_tensors, deterministic_flag, flag, make_options,
+    IMPLS, REDUCTIONS, CCEOptions, _choice, check_tensors, deterministic_flag, flag, float32_options, make_options,
 )
 from .ops import has_op
 from .reference import reduce_rows
@@ -239,7 +239,7 @@ def cosine_cross_entropy(
         additive_margin=additive_margin, angular_margin=angular_margin,
         margin_grad=margin_grad, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
-        deterministic=deterministic, float32=getattr(x, "dtype", None) != torch.float64,
+        deterministic=deterministic, float32=float32_options(getattr(x, "dtype", None)),
     )
     return_lse = flag("return_lse", return_lse)
     target, scale = check_tensors(x, weight, target, scale, bias, opts,

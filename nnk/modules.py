@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, int_option, make_options
+from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, float32_options, int_option, make_options
 from .functional import cosine_cross_entropy
 from .impl.torch_blockwise import TILE_ELEMENTS, _blocks  # the blockwise path's tile sizes
 from .ops import row_normalize
@@ -204,17 +204,18 @@ class CosineLinear(nn.Linear):
         device=None,
         dtype=None,
     ):
+        f32 = float32_options(dtype)
         opts = make_options(
             normalize_input=normalize_input, normalize_weight=normalize_weight,
             additive_margin=additive_margin, angular_margin=angular_margin,
             margin_grad=margin_grad, ignore_index=-100, label_smoothing=0.0,
-            z_loss=0.0, eps=eps,
+            z_loss=0.0, eps=eps, float32=f32,
         )
         if scale is None:
             scale = default_scale(out_features, additive_margin=opts.additive_margin,
                                   angular_margin=opts.angular_margin)
         else:
-            scale = _finite_float("scale", scale, lo=0.0, lo_open=True)
+            scale = _finite_float("scale", scale, lo=0.0, lo_open=True, float32=f32)
         in_features = int_option("in_features", in_features, lo=1)
         out_features = int_option("out_features", out_features, lo=1)
         bias = flag("bias", bias)

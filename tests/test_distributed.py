@@ -192,6 +192,22 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
+def test_float64_options_on_the_distributed_entry_points(one_rank_group):
+    # float64 runs in float64: options beyond float32's range are its own;
+    # float32 inputs still refuse them.
+    x, w, t = torch.randn(4, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 5, 2, 1])
+    kw = dict(class_start=0, num_classes=6, eps=1e-300, additive_margin=1e-40, impl="torch")
+    want = nnk.cosine_cross_entropy(x, w, t, eps=1e-300, additive_margin=1e-40, impl="torch")
+    assert torch.allclose(cosine_cross_entropy(x, w, t, z_loss=1e-320, **kw), want, rtol=1e-12)
+    p = cosine_cross_entropy_partials(x, w, t, **kw)
+    combine_partials(p, t != -100, num_classes=6, label_smoothing=1e-40, z_loss=0.0, reduction="mean")
+    assert torch.isfinite(ShardedCosineLinear(3, 6, scale=1e39, eps=1e-300, dtype=torch.float64)(x, t))
+    with pytest.raises(ValueError, match="not a normal float32"):
+        cosine_cross_entropy(x.float(), w.float(), t, **kw)
+    with pytest.raises(ValueError, match="not a normal float32"):
+        ShardedCosineLinear(3, 6, scale=1e39)
+
+
 def test_shards_must_cover_every_class(one_rank_group):
     # Shards covering [0, 6) of num_classes=8: targets 6 and 7 would belong to
     # no rank, their rows a loss without a target term.

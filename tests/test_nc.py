@@ -425,6 +425,20 @@ def test_nc4_logits_of_huge_features():
     assert nnk.nc_metrics(h.float() * 3e37, y, w, b).nc4 == want
 
 
+def test_nc4_scales_each_row_on_its_own():
+    # One exponent per block of rows underflowed the ordinary rows sharing a
+    # block with rows of 1e38: their logits became 0 and argmax class 0.
+    g = torch.Generator().manual_seed(0)
+    h = torch.zeros(150, 4)
+    h[:50, 0] = 1e38 * (1 + 0.01 * torch.rand(50, generator=g))
+    h[50:100, 0] = -1e38 * (1 + 0.01 * torch.rand(50, generator=g))
+    h[100:, 1:] = 1e-10 * (1 + 0.1 * torch.rand(50, 3, generator=g))
+    y = torch.arange(3).repeat_interleave(50)
+    w = torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0], [0, 1.0, 1, 1]])
+    assert nnk.nc_metrics(h.double(), y, w.double()).nc4 == 0.0
+    assert nnk.nc_metrics(h, y, w).nc4 == 0.0
+
+
 def test_one_class_is_a_clear_error_and_one_sample_per_class_is_zero_nc1():
     h = torch.randn(6, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="at least 2 classes"):

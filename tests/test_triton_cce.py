@@ -256,6 +256,8 @@ def test_matches_reference_fp16(device, loss_kw, g_scale):
            factor=1.25 if configs.split_grad() else 2.0)
 
 
+# The zero row's own d W (d wn / 1e-12) overflows float16 when stored: expected.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_fp16_zero_weight_row(device):
     # A zero class row carries the 1/eps factor in its d cos column; left in
     # the power-of-two scaling of the fp16 gradient operand it underflowed

@@ -227,9 +227,13 @@ def test_loss_module_checks_its_flags_at_construction():
 def test_float64_inputs_take_float64_options():
     # The float32 range check is for the kernels; float64 runs in float64.
     x, w, t = (v.double() if v.is_floating_point() else v for v in _ok())
-    for kw in (dict(eps=1e-300), dict(scale=1e39)):
+    for kw in (dict(eps=1e-300), dict(scale=1e39), dict(angular_margin=1e-40)):
         got = nnk.cosine_cross_entropy(x, w, t, impl="torch", **kw)
         assert torch.isfinite(got) and torch.allclose(got, cosine_cross_entropy_ref(x, w, t, **kw), rtol=1e-12)
+    head = nnk.CosineLinear(3, 5, scale=1e39, eps=1e-300, dtype=torch.float64)
+    assert torch.isfinite(head.loss(x, t, impl="torch"))
+    with pytest.raises(ValueError, match="not a normal float32"):
+        nnk.CosineLinear(3, 5, eps=1e-300)
 
 
 def test_float64_is_left_alone_under_autocast():

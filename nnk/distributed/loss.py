@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import torch
 
-from .._options import REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, int_option, make_options
+from .._options import (
+    REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, float32_options, int_option, make_options,
+)
 from ..functional import autocast_dtype, resolve_impl
 from ..reference import reduce_rows
 from .collectives import all_reduce_max, replicated, sum_over_group
@@ -95,8 +97,9 @@ def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes:
             raise TypeError(f"valid must be a bool tensor (target != ignore_index), got "
                             f"{valid.dtype if isinstance(valid, torch.Tensor) else type(valid).__name__}")
         _choice("reduction", reduction, REDUCTIONS)
-        ls = _finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0)
-        zl = _finite_float("z_loss", z_loss, lo=0.0)
+        f32 = float32_options(getattr(partials.lse, "dtype", None))
+        ls = _finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0, float32=f32)
+        zl = _finite_float("z_loss", z_loss, lo=0.0, float32=f32)
         int_option("num_classes", num_classes, lo=1)
         n = partials.lse.shape[0] if isinstance(partials.lse, torch.Tensor) and partials.lse.dim() == 1 else None
         if n is None or valid.shape != (n,):
@@ -210,7 +213,7 @@ def cosine_cross_entropy(
             normalize_input=normalize_input, normalize_weight=normalize_weight,
             additive_margin=additive_margin, angular_margin=angular_margin, margin_grad=margin_grad,
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
-            deterministic=deterministic_flag(deterministic),
+            deterministic=deterministic_flag(deterministic), float32=float32_options(getattr(x, "dtype", None)),
         )
         local, s = check_shard(x, weight_shard, target, scale, bias, opts, class_start, num_classes)
         shared_scale = not (isinstance(s, torch.Tensor) and s.dim() == 1)

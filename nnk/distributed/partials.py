@@ -36,7 +36,8 @@ from typing import NamedTuple
 import torch
 
 from .._options import (
-    CCEOptions, _value_check, check_tensors, deterministic_flag, int_option, invalid_targets, make_options,
+    CCEOptions, _value_check, check_tensors, deterministic_flag, float32_options, int_option, invalid_targets,
+    make_options,
 )
 from ..functional import _autocast_operands, run_backend
 from ..ops import row_normalize
@@ -206,6 +207,7 @@ def cosine_cross_entropy_partials(
         normalize_input=normalize_input, normalize_weight=normalize_weight,
         additive_margin=additive_margin, angular_margin=angular_margin, margin_grad=margin_grad,
         ignore_index=ignore_index, label_smoothing=0.0, z_loss=0.0, eps=eps,
+        float32=float32_options(getattr(x, "dtype", None)),
     )
     local, scale = check_shard(x, weight_shard, target, scale, bias, opts, class_start, num_classes)
     terms = shard_partials(x, weight_shard, local, scale, bias, opts, impl=impl,

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .._options import (
-    FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, int_option, invalid_targets,
+    FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, float32_options, int_option,
+    invalid_targets,
     make_options,
 )
 from ..functional import autocast_dtype, resolve_impl
@@ -137,7 +138,7 @@ class ShardedCosineLinear(nn.Module):
         self.opts = make_options(
             normalize_input=True, normalize_weight=True, additive_margin=additive_margin,
             angular_margin=angular_margin, margin_grad=margin_grad, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
+            label_smoothing=label_smoothing, z_loss=z_loss, eps=eps, float32=float32_options(dtype),
         )
         self.reduction = _choice("reduction", reduction, REDUCTIONS)
         self.sample_rate = _finite_float("sample_rate", sample_rate, lo=0.0, hi=1.0, lo_open=True)
@@ -150,7 +151,7 @@ class ShardedCosineLinear(nn.Module):
         self.impl = _choice("impl", impl, IMPLS)
         self.deterministic = None if deterministic is None else flag("deterministic", deterministic)
         self.class_start, self.num_local = shard_range(self.num_classes, rank, world)
-        self._scale_init = _finite_float("scale", scale, lo=0.0, lo_open=True)
+        self._scale_init = _finite_float("scale", scale, lo=0.0, lo_open=True, float32=float32_options(dtype))
 
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features, **factory))
@@ -340,8 +341,8 @@ class ShardedCosineLinear(nn.Module):
         for name in shared:
             first = states[0][name]
             for i, st in enumerate(states[1:], 1):
-                other = st[name].to(first.device, first.dtype)
-                same = other.shape == first.shape and bool(((other == first) | (other.isnan() & first.isnan())).all())
+                a, b = (v.to(first.device, torch.float64) for v in (st[name], first))  # no rounding before comparing
+                same = a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
                 if not same:  # (NaN equals NaN here: a diverged run's shards still agree)
                     raise ValueError(f"{CALLER}.load_resharded: states[{i}][{name!r}] differs from states[0]'s "
                                      f"({st[name].flatten()[:4].tolist()} vs {first.flatten()[:4].tolist()}): "

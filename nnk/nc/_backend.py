@@ -42,15 +42,25 @@ def class_sums(impl: str, features: torch.Tensor, labels: torch.Tensor, num_clas
 POW2_BAND = 30
 
 
+def _pow2(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2^k exactly, from the bits (pow on a GPU carries an ulp bound, not
+    exactness): k int64 within the normal exponents of dtype's float32 /
+    float64 container."""
+    if dtype == torch.float64:
+        return ((k + 1023) << 52).view(torch.float64)
+    return ((k + 127) << 23).to(torch.int32).view(torch.float32).to(dtype)
+
+
 def times_pow2(t: torch.Tensor, k) -> torch.Tensor:
     """t * 2^k, exact, in two factors: 2^k itself may be subnormal (or inf)
     in t's dtype, and GPUs flush subnormal operands to 0. k: an int, or an
-    int64 tensor that broadcasts against t (one exponent per feature set)."""
+    integer tensor on t's device that broadcasts against t (one exponent per
+    feature set, or per row)."""
     if isinstance(k, int):
         return t if k == 0 else (t * 2.0 ** (k // 2)).mul_(2.0 ** (k - k // 2))
+    k = k.to(torch.int64)
     half = torch.div(k, 2, rounding_mode="floor")
-    two = torch.tensor(2.0, dtype=t.dtype, device=t.device)
-    return (t * two.pow(half.to(t.device))).mul_(two.pow((k - half).to(t.device)))
+    return (t * _pow2(half, t.dtype)).mul_(_pow2(k - half, t.dtype))
 
 
 def _set_exponents(features: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor | None:
@@ -76,17 +86,20 @@ def centered_gram(impl: str, features: torch.Tensor, labels: torch.Tensor, shift
     overflows. A feature set (with its shifts) of magnitude 2^e beyond
     2^+-30 is therefore scaled by 2^-e, exactly, and its Gram scaled back in
     float64; each set of batched (B, N, D) features by its own exponent
-    (layers of very different sizes). float16 features always lie inside the
-    band (and 2^+-30 is not a float16).
+    (layers of very different sizes). float16 features lie inside the band
+    unless a tracker's shifts come from much larger earlier batches: they are
+    then upcast first (2^+-30 is not a float16).
     """
-    if features.dtype in (torch.float32, torch.bfloat16) and shifts.dtype != torch.float64 and features.numel():
+    if features.dtype != torch.float64 and shifts.dtype != torch.float64 and features.numel():
         k = _set_exponents(features, shifts)
         if k is not None:
+            if features.dtype == torch.float16:  # (out of band only through a tracker's earlier shifts)
+                features = features.float()
             if features.dim() == 3 and shifts.dim() == 2:
                 shifts = shifts.expand(features.shape[0], *shifts.shape)
             kb = k.reshape(-1, 1, 1) if features.dim() == 3 else k.reshape(())
             gram = _gram(impl, times_pow2(features, kb), labels, times_pow2(shifts, kb))
-            return gram.to(torch.float64) * torch.pow(4.0, -kb.to(torch.float64))
+            return times_pow2(gram.to(torch.float64), -2 * kb)
     return _gram(impl, features, labels, shifts)
 
 

@@ -168,8 +168,8 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
     same nearest mean: ``argmin_k |h - mu_k|^2 = argmax_k 2 h'.m_k - |m_k|^2``)
     and scaled by the power of two that brings the largest |m_k| near 1, so
     that these products neither underflow (features of size 1e-25) nor
-    overflow float32; the logits of a block of rows beyond 2^30 likewise
-    (argmax is unchanged by a positive factor on h and b)."""
+    overflow float32; the logits of each row beyond 2^30 likewise (argmax is
+    unchanged by a positive factor on a row's h and b)."""
     acc = F64 if features.dtype == F64 else torch.float32
     h3 = features[None] if features.dim() == 2 else features
     idx = torch.nonzero(stats.present).flatten()
@@ -180,18 +180,19 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
         bias_b = _per_batch(bias, b, 2)
         g = sb.global_mean.to(acc)
         m64 = sb.means[idx] - sb.global_mean
-        big = float(m64.abs().max()) if m64.numel() else 0.0
-        e = math.frexp(big)[1] if big > 0 else 0
-        m = (m64 * 2.0 ** -e).to(acc)
+        # Exponents on the device (no host sync): one for the centred means,
+        # one per row for the logits (argmax is per row).
+        e = torch.frexp(m64.abs().amax())[1].to(torch.int64)
+        m = _backend.times_pow2(m64, -e).to(acc)
         m_sq = m.square().sum(1)
         for r0 in range(0, h3.shape[1], NC4_BLOCK_ROWS):
             h = h3[b, r0:r0 + NC4_BLOCK_ROWS].to(acc)
             nearest = idx[torch.argmax(2.0 * _backend.times_pow2(h - g, -e) @ m.T - m_sq, dim=1)]
-            big = float(h.abs().amax()) if h.numel() else 0.0
-            eh = math.frexp(big)[1] if big > 2.0 ** _backend.POW2_BAND else 0
+            eh = torch.frexp(h.abs().amax(dim=1, keepdim=True))[1].to(torch.int64)
+            eh = torch.where(eh > _backend.POW2_BAND, eh, 0)
             logits = _backend.times_pow2(h, -eh) @ w.T
             if bias_b is not None:
-                logits = logits + _backend.times_pow2(bias_b.to(acc), -eh)
+                logits = logits + _backend.times_pow2(bias_b.to(acc)[None, :], -eh)
             out[b] += (nearest != torch.argmax(logits, dim=1)).sum()
     return out
 
