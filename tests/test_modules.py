@@ -14,7 +14,7 @@ from torch import nn
 
 import nnk
 from nnk.modules import default_scale
-from nnk.reference import cosine_cross_entropy_ref, cosine_logits_ref
+from nnk.reference import cosine_cross_entropy_ref
 
 
 def _cos(x, w):
