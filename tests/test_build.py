@@ -1,6 +1,9 @@
 """The compiled extension: it loads, registers its ops, and was built with its
 CUDA sources whenever a CUDA toolkit and a CUDA build of torch were present."""
+import hashlib
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +53,37 @@ def test_a_stale_extension_is_left_unused():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "ops ABI 1" in out and "rebuild" in out and "impl='cuda' needs the compiled extension" in out
+
+
+def _source_schemas():
+    """The m.def strings of csrc/schema.cpp, whitespace collapsed."""
+    text = (pathlib.Path(__file__).parents[1] / "csrc" / "schema.cpp").read_text()
+    defs = re.findall(r'm\.def\(\s*((?:"[^"]*"\s*)+)\)', text)
+    return [" ".join("".join(re.findall(r'"([^"]*)"', d)).split()) for d in defs]
+
+
+# The sha256 (first 16 hex digits) of the schemas of each ops ABI. A schema
+# change must bump OPS_ABI and kOpsAbi (so that a stale build is refused) and
+# add its hash here.
+SCHEMA_HASHES = {2: "e5852db97da6a272"}
+
+
+def test_a_schema_change_bumps_the_ops_abi():
+    schemas = _source_schemas()
+    assert [s.split("(")[0] for s in schemas] == OPS
+    digest = hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
+    assert SCHEMA_HASHES.get(nnk.ops._extension.OPS_ABI) == digest, (
+        f"csrc/schema.cpp changed (hash {digest}): bump OPS_ABI (nnk/ops/_extension.py) and kOpsAbi "
+        "(csrc/bindings.cpp), and record the new hash in SCHEMA_HASHES")
+
+
+@pytest.mark.skipif(SKIPPED_BUILD, reason="NNK_NO_EXT=1: pure-Python install, no extension")
+def test_the_built_ops_have_the_sources_schemas():
+    # Parsed by the same torch formatter on both sides, so spacing cannot differ.
+    for schema in _source_schemas():
+        name = schema.split("(")[0]
+        expected = str(torch._C.parse_schema(f"nnk::{schema}"))
+        assert str(getattr(torch.ops.nnk, name).default._schema) == expected, name
 
 
 @pytest.mark.skipif(SKIPPED_BUILD or os.environ.get("NNK_NO_CUDA") == "1",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-# The schema version these sources call (csrc/bindings.cpp kOpsAbi).
+# The schema version these sources call (csrc/bindings.cpp kOpsAbi); bumped
+# with any change of csrc/schema.cpp, which tests/test_build.py enforces.
 OPS_ABI = 2
 
 try:  # torch must be imported first: _C links against libtorch
