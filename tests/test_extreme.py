@@ -142,6 +142,31 @@ def test_deterministic_mode_is_bitwise_reproducible(impl, device):
 
 
 @pytest.mark.gpu
+def test_float32_products_ignore_the_tf32_setting(impl, device):
+    """Training scripts enable TF32 for their backbones; the head's fp32
+    products must stay IEEE fp32 (TF32 puts 6e-5 in a cosine, 4e-3 in a logit
+    at s = 64): the same bits with TF32 on as off."""
+    if impl == "torch":
+        pytest.skip("the torch path is plain PyTorch and follows torch's TF32 setting (README)")
+    x, w, t, kw, leaves = make_inputs(97, 59, 1031, {"scale": 64.0, "angular_margin": 0.5, "bias": True},
+                                      dtype=torch.float32, device=device)
+
+    def run():
+        loss, lse = nnk.cosine_cross_entropy(x, w, t, impl=impl, deterministic=True, return_lse=True, **kw)
+        return [loss, lse, *torch.autograd.grad(loss + lse.sum(), list(leaves.values()))]
+
+    ieee = run()
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls
+    try:
+        tf32 = run()
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for a, b in zip(ieee, tf32):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_more_logits_than_int32_indexes(impl, device):
     """N * C > 2^31: offsets must be 64-bit everywhere. A GPU test: 2^31 logits
     take minutes on 2 CPU cores (measured 307 s for impl="torch")."""

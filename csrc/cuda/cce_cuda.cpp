@@ -4,6 +4,7 @@
 // epilogues and row-normalization kernels of cce_kernel.cu /
 // row_normalize_kernel.cu.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -62,7 +63,15 @@ struct CudaBackend {
   // out (fp32/fp64) (+)= a @ b. fp16/bf16 operands use the out_dtype GEMMs
   // (aten::mm.dtype_out, aten::baddbmm.dtype_out): fp32 output and, for the
   // d W accumulator, beta = 1 on the fp32 buffer, with no 16-bit rounding.
+  //
+  // fp32 operands get fp32 products whatever torch's TF32 setting: a user's
+  // torch.backends.cuda.matmul.allow_tf32 = True would otherwise round them
+  // to 10-bit mantissas (cosine errors ~6e-5, 500x fp32's; 4e-3 in a logit
+  // at s = 64), where the Triton path's tl.dot is "ieee" for fp32. The guard
+  // is thread-local; torch's cuBLASLt path (preferred_blas_library
+  // "cublaslt") does not consult it (README, Numerics).
   static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+    at::NoTF32Guard full_fp32_products;
     if (a.scalar_type() == out.scalar_type()) {
       if (accumulate) {
         out.addmm_(a, b);
