@@ -123,7 +123,8 @@ def scale_tensor_ref(scale, dtype: torch.dtype, device) -> torch.Tensor:
     grad) as a tensor of ``dtype``: what multiplies the cosines."""
     if isinstance(scale, torch.Tensor):
         return scale.to(dtype)
-    return torch.tensor(float(scale), dtype=dtype, device=device)
+    # full(), not tensor(): no blocking host-to-device copy on a GPU.
+    return torch.full((), float(scale), dtype=dtype, device=device)
 
 
 def cosine_logits_ref(

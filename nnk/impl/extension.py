@@ -145,7 +145,7 @@ def cosine_cross_entropy_extension_reduced(x, weight, target, scale, bias, opts:
         ``reduce_rows(row_loss, target != ignore_index, reduction)``.
     """
     if not isinstance(scale, torch.Tensor):
-        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+        scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)
     return _ExtensionCCEReduced.apply(x, weight, scale, bias, target, reduction, opts,
                                       int(chunk_rows or 0))
 
@@ -168,7 +168,7 @@ def cosine_cross_entropy_extension(x, weight, target, scale, bias, opts: CCEOpti
         row (0 on ignored rows) and its log-sum-exp, both differentiable.
     """
     if not isinstance(scale, torch.Tensor):
-        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+        scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)
     rows = int(chunk_rows or 0)
     return _ExtensionCCE.apply(x, weight, scale, bias, target,
                                fwd_options(opts, rows), bwd_options(opts, rows))
