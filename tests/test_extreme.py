@@ -129,6 +129,27 @@ def test_non_contiguous_and_overlapping_inputs(impl, device):
         assert abs(got.item() - want.item()) < 1e-5
 
 
+def test_minus_inf_bias_masks_whole_class_tiles(impl, device):
+    """A -inf bias masks classes (probability 0, as in PyTorch). Masking the
+    first 256 classes empties whole leading tiles of a row's online
+    log-sum-exp, whose running max is then still -inf."""
+    x, w, t, kw, leaves = make_inputs(8, 16, 300, {"scale": 16.0, "bias": True}, dtype=torch.float32,
+                                      device=device)
+    with torch.no_grad():
+        kw["bias"][:256] = -math.inf
+        t.copy_(torch.arange(256, 300, 6)[:8])
+
+    def run(fn):
+        loss, lse = fn(x, w, t, return_lse=True, **kw)
+        return [loss, lse, *torch.autograd.grad(loss + 0.3 * lse.sum(), list(leaves.values()))]
+
+    got = run(lambda *a, **k: nnk.cosine_cross_entropy(*a, impl=impl, **k))
+    want = run(cosine_cross_entropy_ref)
+    for name, a, b in zip(["loss", "lse", *leaves], got, want):
+        assert torch.isfinite(a).all(), name
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), name
+
+
 def test_deterministic_mode_is_bitwise_reproducible(impl, device):
     x, w, t, kw, leaves = make_inputs(37, 19, 211, {"scale": "per_class", "bias": True, "angular_margin": 0.3},
                                       dtype=torch.float32, device=device)

@@ -50,8 +50,10 @@ def _cce_fwd_kernel(
     tile_lo = split * n_tiles // n_splits
     tile_hi = (split + 1) * n_tiles // n_splits
 
-    # 3. Online log-sum-exp over the tiles (math.h lse_merge: a finite tile max
-    #    always exists, since every tile holds at least one real class).
+    # 3. Online log-sum-exp over the tiles (math.h lse_merge). A row's tiles
+    #    can all be -inf so far (a -inf bias masking the leading classes): the
+    #    exponentials then shift by 0 instead of the -inf max, whose
+    #    exp(-inf - -inf) would be NaN.
     run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_N,), tl.float32)
     sum_z = tl.zeros((BLOCK_N,), tl.float32)
@@ -71,7 +73,8 @@ def _cce_fwd_kernel(
                                  additive, HAS_ARC)
         z = tl.where(col_mask[None, :], _logits(cos, is_t, z_t, s_c, b_c), float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
         run_max = new_max
         if HAS_SMOOTHING:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
