@@ -206,8 +206,9 @@ def cosine_cross_entropy(
             ``return_lse``) during the forward, saving the backward's
             recomputation of the logits (see README: the gradients are then
             held from forward to backward).
-        deterministic: bitwise-reproducible gradients on GPU backends (a fixed
-            reduction order instead of atomics); default ``NNK_DETERMINISTIC=1``.
+        deterministic: bitwise-reproducible results on GPU backends (a fixed
+            reduction order instead of atomics, and fixed Triton block sizes
+            instead of autotuned ones); default ``NNK_DETERMINISTIC=1``.
         check_finite: raise ValueError if x, weight or bias hold NaN/Inf (one
             device sync). By default non-finite inputs propagate to the loss
             and gradients as they do in PyTorch.

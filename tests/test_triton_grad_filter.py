@@ -85,6 +85,23 @@ def test_filter_skips_negligible_tiles_within_bound(device, deterministic, with_
     torch.testing.assert_close(sparse.get("dscale"), exact.get("dscale"), rtol=1e-6, atol=0.0)
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's numpy max
+def test_filter_lets_nan_through(device):
+    """A NaN row makes the threshold NaN: nothing may be skipped, so the NaN
+    reaches dx and dW as in the exact kernel (and in PyTorch), instead of
+    every tile being filtered into exact, finite zeros."""
+    x, w, t = _skippable_case(device)
+    x[5, 0] = float("nan")
+    g = torch.tensor(1.0, device=device)
+    glse = torch.zeros(x.shape[0], device=device)
+    kw = dict(angular_margin=0.5)
+    exact = _evaluate(_triton_fn(True, grad_filter=0.0), x, w, t, 64.0, None, kw, g, glse)
+    sparse = _evaluate(_triton_fn(True, grad_filter=TOL), x, w, t, 64.0, None, kw, g, glse)
+    assert exact["dw"].isnan().all()
+    for name in ("dx", "dw"):
+        assert torch.equal(sparse[name].isnan(), exact[name].isnan()), name
+
+
 def test_filter_keeps_flat_softmax_exact(device):
     """A flat softmax (s = 1) has no negligible tile: the sparse backward
     computes the same gradients as the exact one. C > 1 / tol: every entry

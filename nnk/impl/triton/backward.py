@@ -173,9 +173,11 @@ def _cce_bwd_kernel(
         dcos = dz * tl.where(is_t, (s_t * dpsi)[:, None], s_c[None, :])
 
         # 6. (HAS_FILTER) Whether any entry of the tile is above the sparse
-        #    backward's threshold (cce_backward).
+        #    backward's threshold (cce_backward), or NaN, or the threshold is
+        #    NaN (a NaN row): NaN must reach the gradients as in PyTorch, and
+        #    tl.max drops NaN on GPUs, hence the negated <= per entry.
         if HAS_FILTER:
-            keep = tl.max(tl.abs(dcos)) > tl.load(THR_ptr)
+            keep = tl.max(tl.where(tl.abs(dcos) <= tl.load(THR_ptr), 0, 1)) > 0
         else:
             keep = True
 
@@ -205,8 +207,13 @@ def _cce_bwd_kernel(
 
 _cce_bwd_tuned = triton.autotune(
     configs=configs.BWD_CONFIGS,
+    # UPCAST is chosen per call from the data (_has_rows_below_eps) and needs
+    # more shared memory (114,688 B against 98,304 B for 128x128x32 fp16 on
+    # sm_86, whose limit is 101,376 B): a config tuned without it must not be
+    # reused with it.
     key=["N_BUCKET", "C_BUCKET", "D", "ROW_MAJOR", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS",
-         "HAS_ARC", "HAS_DX", "HAS_DW", "HAS_DB", "HAS_DS", "HAS_FILTER"],
+         "HAS_ARC", "EXACT_MARGIN", "HAS_DX", "HAS_DW", "HAS_DB", "HAS_DS", "UPCAST", "SPLIT_GRAD",
+         "HAS_FILTER"],
     # Benchmarking runs the kernel several times: the accumulators must come
     # back to their values before each run and before the real one.
     restore_value=["DX_ptr", "DW_ptr", "DB_ptr", "DS_ptr"],
