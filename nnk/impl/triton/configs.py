@@ -78,11 +78,14 @@ if INTERPRET:
     BWD_CONFIGS = [_cfg(64, 256, 64, 4, 1)]
 else:
     # Candidates for Hopper (H100/H200) and Ampere (A100). Register pressure,
-    # not shared memory, is the limit: ptxas (sm_90a, bf16) reports 255
-    # registers for all of these; BLOCK_D = 32 keeps the spills smallest
-    # (e.g. forward 128x128x32, 8 warps, no margin: 24 B; backward 128x64x32,
-    # 8 warps: 148 B; with BLOCK_D = 64: 0.4-4 KB). Untimed so far: the first
-    # GPU session tunes this list.
+    # not shared memory, is the limit: ptxas reports 255 registers for all of
+    # these, and BLOCK_D = 32 keeps the spills smallest (compiled for sm_90,
+    # bf16: none for forward 128x128x32 and backward 128x64x32; 0.3-1.3 KB
+    # for the other 16-bit configs; 1-2 KB for most float32 ones, 4-10 KB for
+    # float32 backward 64x128x64). Shared memory peaks at 131,072 B (forward
+    # 128x128x64, float32 on sm_80), within an A100's 163 KB
+    # (test_kernels_compile_for_gpus checks every config). Untimed so far:
+    # the first GPU session tunes this list.
     FWD_CONFIGS = [
         _cfg(128, 128, 32, 8, 3),
         _cfg(64, 128, 32, 4, 4),
