@@ -208,6 +208,25 @@ def test_float64_options_on_the_distributed_entry_points(one_rank_group):
         ShardedCosineLinear(3, 6, scale=1e39)
 
 
+def test_sharded_head_scale_default_and_checks(one_rank_group):
+    # The default s is CosineLinear's (not 1, where a collapsed head's loss
+    # stays far from 0); a learnt s that an optimizer step made <= 0 or NaN
+    # is refused as the functional refuses it, not trained on with a flipped loss.
+    head = ShardedCosineLinear(4, 1000, angular_margin=0.5)
+    assert head.scale == nnk.CosineLinear(4, 1000, angular_margin=0.5).init_scale
+    assert head.scale == nnk.modules.default_scale(1000, angular_margin=0.5) > 1
+    x, t = torch.randn(3, 4), torch.tensor([0, 999, 5])
+    for learnt in [dict(learn_scale=True), dict(learn_scale=True, per_class_scale=True),
+                   dict(per_class_scale=True)]:
+        head = ShardedCosineLinear(4, 1000, scale=16.0, **learnt)
+        assert torch.isfinite(head(x, t))
+        for bad, match in ((-16.0, "must be > 0"), (float("nan"), "must be finite")):
+            with torch.no_grad():
+                head.scale.fill_(bad)
+            with pytest.raises(ValueError, match=match):
+                head(x, t)
+
+
 def test_shards_must_cover_every_class(one_rank_group):
     # Shards covering [0, 6) of num_classes=8: targets 6 and 7 would belong to
     # no rank, their rows a loss without a target term.
@@ -424,6 +443,36 @@ def _check_confident(rec, rank, world, span, tag):
         problem = _confident_within(got, single)
         if problem:
             rec.fail.setdefault(name, []).append(problem)
+
+
+def _check_masked_shard(rec, rank, world, span, tag):
+    """A -inf bias on every class of one rank's shard (vocabulary masking):
+    that rank's rows have no finite logit (its lse is -inf, its weight in the
+    loss 0). Loss and gradients stay finite and match one process, on every
+    backend (NaN from exp(-inf + inf) before)."""
+    a, n = span
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(N, D, generator=g), torch.randn(C, D, generator=g)
+    m0, mn = shard_range(C, 0, world)
+    b = torch.zeros(C)
+    b[m0:m0 + mn] = -math.inf
+    allowed = torch.tensor([c for c in range(C) if not m0 <= c < m0 + mn])
+    t = allowed[torch.randint(0, len(allowed), (N,), generator=g)]
+    opts = dict(scale=8.0, angular_margin=0.3, z_loss=1e-3)
+    x64, w64, b64 = (v.double().requires_grad_() for v in (x, w, b))
+    ref = cosine_cross_entropy_ref(x64, w64, t, bias=b64, **opts)
+    ref.backward()
+    impls = ["torch"] + (["cuda"] if nnk.ops.has_op("cosine_cross_entropy_fwd", "cpu") else [])
+    impls += ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+    for impl in impls:
+        xx, ww, bb = x.clone().requires_grad_(), w[a:a + n].clone().requires_grad_(), b[a:a + n].clone().requires_grad_()
+        loss = cosine_cross_entropy(xx, ww, t, class_start=a, num_classes=C, bias=bb, impl=impl, **opts)
+        loss.backward()
+        key, tol = f"{tag}:case:masked_shard_{impl}", dict(rtol=2e-5, atol=1e-6)
+        rec.close(key + ":loss", loss, ref.detach().float(), **tol)
+        rec.close(key + ":dx", xx.grad, x64.grad.float(), **tol)
+        rec.close(key + ":dw", ww.grad, w64.grad[a:a + n].float(), **tol)
+        rec.close(key + ":db", bb.grad, b64.grad[a:a + n].float(), **tol)
 
 
 def _check_autocast(rec, rank, world, span, tag):
@@ -737,6 +786,7 @@ def _worker(rank, world, port, tmp):
         t0 = time.perf_counter()
         _check_functional(rec, rank, world, span, tag)
         _check_confident(rec, rank, world, span, tag)
+        _check_masked_shard(rec, rank, world, span, tag)
         _check_bf16(rec, rank, world, span, tag)
         _check_autocast(rec, rank, world, span, tag)
         _check_mismatches(rec, rank, world, span, tag)

@@ -137,3 +137,19 @@ def test_no_logit_matrix_peak_memory():
     res = json.loads(out.stdout.strip().splitlines()[-1])
     print(res)
     assert res["peak_extra_mb"] < res["logits_mb"] / 10, res
+
+
+def test_minus_inf_bias_over_whole_tiles():
+    """A -inf bias on the first 256 classes empties the first four 64-class
+    tiles of every row: the online log-sum-exp must not shift by their -inf
+    max (exp(-inf - -inf) = NaN)."""
+    x, w, t, kw, leaves = make_inputs(8, 16, 300, {"scale": 16.0, "bias": True}, dtype=torch.float32)
+    with torch.no_grad():
+        kw["bias"][:256] = -float("inf")
+        t.copy_(torch.arange(256, 300, 6)[:8])
+    got = _blockwise(x, w, t, kw, (4, 64))
+    want = cosine_cross_entropy_ref(x, w, t, return_lse=True, **kw)
+    g_got, g_want = grads(*got, leaves), grads(*want, leaves)
+    assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
+    for k in leaves:
+        assert torch.isfinite(g_got[k]).all() and max_err(g_got[k], g_want[k]) < 1e-5, k

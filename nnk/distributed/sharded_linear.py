@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from .._options import (
-    FLOAT_DTYPES, IMPLS, REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, float32_options, int_option,
-    invalid_targets,
+    FLOAT_DTYPES, IMPLS, REDUCTIONS, _check_scale, _choice, _finite_float, deterministic_flag, flag, float32_options,
+    int_option, invalid_targets,
     make_options,
 )
 from ..functional import autocast_dtype, resolve_impl
+from ..modules import default_scale
 from .collectives import gather_rows, replicated
 from .loss import combine_terms
 from .partials import LOCAL_IGNORE, local_targets, shard_partials
@@ -95,7 +96,9 @@ class ShardedCosineLinear(nn.Module):
         num_classes: C (at least the group size).
         group: the data-parallel process group that also shards the classes
             (None: the default group). Constructed after init_process_group.
-        scale: s, > 0 (the initial value when learnt).
+        scale: s, > 0 (the initial value when learnt); None:
+            :func:`nnk.default_scale` of C and the margins, as ``nnk.CosineLinear``.
+            A learnt s is checked (finite, > 0) at each forward.
         learn_scale: make s a parameter (a shared scalar, its gradient summed over
             the ranks, or per class with ``per_class_scale``).
         per_class_scale: one scale per class (sharded like the weight); fixed
@@ -124,7 +127,7 @@ class ShardedCosineLinear(nn.Module):
     sharding (or one ``full_state_dict()``).
     """
 
-    def __init__(self, in_features: int, num_classes: int, group=None, *, scale: float = 1.0,
+    def __init__(self, in_features: int, num_classes: int, group=None, *, scale: float | None = None,
                  learn_scale: bool = False, per_class_scale: bool = False, bias: bool = False,
                  additive_margin: float = 0.0, angular_margin: float = 0.0, margin_grad: str = "exact",
                  ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
@@ -151,6 +154,9 @@ class ShardedCosineLinear(nn.Module):
         self.impl = _choice("impl", impl, IMPLS)
         self.deterministic = None if deterministic is None else flag("deterministic", deterministic)
         self.class_start, self.num_local = shard_range(self.num_classes, rank, world)
+        if scale is None:
+            scale = default_scale(self.num_classes, additive_margin=self.opts.additive_margin,
+                                  angular_margin=self.opts.angular_margin)
         self._scale_init = _finite_float("scale", scale, lo=0.0, lo_open=True, float32=float32_options(dtype))
 
         factory = {"device": device, "dtype": dtype}
@@ -214,6 +220,10 @@ class ShardedCosineLinear(nn.Module):
         if labels.numel() and bool(bad.any()):
             raise ValueError(f"labels must be in [0, {self.num_classes}) or ignore_index={ii}, "
                              f"got {int(labels[bad][0])}")
+        if isinstance(self.scale, torch.Tensor):
+            # A learnt s is stored as it is (not as a log): an optimizer step can
+            # take it to <= 0 or NaN, which the loss must refuse as the functional does.
+            _check_scale(self.scale.detach(), self.num_local, self.weight.device)
         shared = not (isinstance(self.scale, torch.Tensor) and self.scale.dim() == 1)
         scalar = isinstance(self.scale, torch.Tensor) and shared
         deterministic = deterministic_flag(self.deterministic)  # NNK_DETERMINISTIC may be bad on one rank

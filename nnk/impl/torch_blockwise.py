@@ -72,8 +72,11 @@ class _BlockwiseCCE(torch.autograd.Function):
                 z, _ = _tile(xn[rows], wn, s, b, t[rows], valid[rows], z_t[rows], psi[rows], c0, min(c, c0 + c_blk))
                 blk_max = z.amax(dim=1)
                 new_max = torch.maximum(run_max[rows], blk_max)
-                blk_sum = (z - new_max[:, None]).exp_().sum(dim=1)
-                run_sum[rows] = run_sum[rows] * (run_max[rows] - new_max).exp() + blk_sum
+                # Shift by 0 while a row has seen only -inf logits (a -inf
+                # bias masking its first tiles): exp(-inf - -inf) is NaN.
+                shift = torch.where(new_max == float("-inf"), 0.0, new_max)
+                blk_sum = (z - shift[:, None]).exp_().sum(dim=1)
+                run_sum[rows] = run_sum[rows] * (run_max[rows] - shift).exp() + blk_sum
                 run_max[rows] = new_max
                 if sum_z is not None:
                     sum_z[rows] += z.sum(dim=1)
@@ -122,6 +125,14 @@ class _BlockwiseCCE(torch.autograd.Function):
         coef_p = g * (1.0 + 2.0 * opts.z_loss * lse)
         if g_lse is not None:
             coef_p = coef_p + g_lse.to(acc)
+        # Rows without a finite logit (lse = -inf: a -inf bias on every class
+        # of a class-parallel shard) have no probability mass: p = 0 rather
+        # than exp(-inf + inf) = NaN, so that a combined loss that gives their
+        # lse zero weight gives them zero gradients (math.h dlogit).
+        empty = run_max == float("-inf")
+        coef_p = torch.where(empty, 0.0, coef_p)
+        run_max = torch.where(empty, float("inf"), run_max)
+        log_sum = torch.where(empty, 0.0, log_sum)
         shift = g * (ls / c)
         hit = g * (1.0 - ls)
         dpsi = margin_grad_ref(cos_t, opts.angular_margin, opts.exact_margin)

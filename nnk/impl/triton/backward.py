@@ -63,6 +63,13 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr
     g = tl.load(G_ptr + rows, mask=valid, other=0.0)
     g_lse = tl.load(GLSE_ptr + rows, mask=row_mask, other=0.0)
     coef_p = g * (1.0 + 2.0 * z_loss * lse) + g_lse
+    # A row without a finite logit (lse = -inf: a -inf bias on every class of
+    # a class-parallel shard) has no probability mass: p = exp(z - inf) = 0
+    # rather than exp(-inf + inf) = NaN (math.h dlogit).
+    empty = lse == float("-inf")
+    coef_p = tl.where(empty, 0.0, coef_p)
+    lse_lo = tl.where(empty, 0.0, lse_lo)
+    lse = tl.where(empty, float("inf"), lse)
     hit = g * (1.0 - label_smoothing)
     shift = g * (label_smoothing / C)
     return row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, coef_p, hit, shift

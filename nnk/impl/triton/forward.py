@@ -161,11 +161,13 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
     #    the backward's p = exp((z - lse) - lse_lo) then errs as log_softmax's
     #    (z - m) - log sum does, not by half an ulp of |lse| (4e-6 at s = 64,
     #    which made gradient errors up to 7x the reference's).
+    #    A row with no finite logit gets lse = -inf and lse_lo = 0 (math.h lse_finish).
     run_max = parts[0].amax(dim=0)
-    log_sum = (parts[1] * torch.exp(parts[0] - run_max)).sum(dim=0).log()
+    shift = torch.where(run_max == float("-inf"), 0.0, run_max)
+    log_sum = (parts[1] * torch.exp(parts[0] - shift)).sum(dim=0).log()
     lse = run_max + log_sum
     part = lse - run_max
-    lse_lo = (run_max - (lse - part)) + (log_sum - part)
+    lse_lo = torch.where(lse.isfinite(), (run_max - (lse - part)) + (log_sum - part), 0.0)
 
     # 4. Row loss = lse - (1 - ls) z_t - (ls / C) sum_c z_c + zl lse^2, 0 if ignored,
     #    grouped as math.h's row_loss: (1 - ls)((lse - z_t) + lse_lo) + ls ((lse - sum_z / C)
