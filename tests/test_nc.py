@@ -574,6 +574,27 @@ def test_collect_nc_metrics_on_a_tiny_model():
     assert no4.nc4 is None and no4.nc1 == pytest.approx(m.nc1, rel=1e-12)
 
 
+@pytest.mark.parametrize("impl", ["torch", "triton", "cuda"])
+def test_empty_batches_add_nothing(impl):
+    # A loader can yield an empty batch (token features filtered by a padding
+    # mask): the tracker and collect_nc_metrics skip it, in both passes.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(70, 6), torch.randint(0, 4, (70,))
+    batches = [(x[:30], y[:30]), (x[:0], y[:0]), (x[30:], y[30:])]
+    got = collect_nc_metrics(model, batches, 4, impl=impl, progress=False)
+    want = collect_nc_metrics(model, [batches[0], batches[2]], 4, impl=impl, progress=False)
+    assert got.as_dict() == want.as_dict() and got.nc4 is not None
+    tracker = nnk.NCTracker(4, 6, impl=impl)
+    tracker.update(x[:0], y[:0])
+    assert tracker.counts.sum() == 0
+    with pytest.raises(ValueError, match="labels must have shape"):
+        tracker.update(x[:0], y[:1])
+    for bad in (torch.zeros(0, 5), torch.zeros(2, 0, 6)):
+        with pytest.raises(ValueError, match="features must"):
+            tracker.update(bad, y[:0])
+
+
 def test_collect_nc_metrics_on_a_cosine_head_uses_its_class_directions():
     # A CosineLinear head predicts with normalize(W): rows of other lengths
     # must not change NC2-NC4 (the raw W gave nc4 = 0.98 where the head's own

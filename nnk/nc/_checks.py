@@ -16,10 +16,12 @@ def check_dim(dim) -> int:
     return int_option("dim", dim, lo=1)
 
 
-def check_features(features, *, batch: int | None | bool = False, dim: int | None = None) -> torch.Tensor:
+def check_features(features, *, batch: int | None | bool = False, dim: int | None = None,
+                   min_rows: int = 1) -> torch.Tensor:
     """features: (N, D) (``batch=None``), (B, N, D) with this B (``batch=B``),
     or either (``batch=False``); float16/bfloat16/float32/float64, finite,
-    N >= 1, B >= 1. Returned detached: the statistics are not differentiable."""
+    N >= min_rows (a tracker's batch may be empty), B >= 1. Returned
+    detached: the statistics are not differentiable."""
     if not isinstance(features, torch.Tensor):
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if features.dtype not in FLOAT_DTYPES:
@@ -36,10 +38,12 @@ def check_features(features, *, batch: int | None | bool = False, dim: int | Non
         raise ValueError(f"features must have D={dim} columns, got shape {tuple(features.shape)}")
     if features.shape[-1] == 0:
         raise ValueError("features must have D >= 1 columns, got D=0")
-    if features.shape[-2] == 0:
+    if features.shape[-2] < min_rows:
         raise ValueError("features must have at least one row (N >= 1), got N=0")
     if features.dim() == 3 and features.shape[0] == 0:
         raise ValueError(f"features must hold at least one feature set (B >= 1), got shape {tuple(features.shape)}")
+    if features.numel() == 0:
+        return features.detach()
     # aminmax reads the tensor once without a temporary; NaN propagates to it.
     lo, hi = torch.aminmax(features)
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
@@ -57,6 +61,8 @@ def check_labels(labels, n: int, num_classes: int, device: torch.device) -> torc
         raise ValueError(f"labels must have shape ({n},) like the rows of features, got {tuple(labels.shape)}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but features are on {device}")
+    if n == 0:
+        return labels
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= num_classes:
         bad = lo if lo < 0 else hi

@@ -88,7 +88,8 @@ class NCTracker:
         return int(self.counts.sum())
 
     def _check_batch(self, features) -> torch.Tensor:
-        features = check_features(features, batch=self.batch, dim=self.dim)
+        # Empty batches (a padding mask that kept no token) are accepted as no-ops.
+        features = check_features(features, batch=self.batch, dim=self.dim, min_rows=0)
         if features.device != self.device:
             raise ValueError(f"features are on {features.device} but the tracker is on {self.device}")
         return features
@@ -96,13 +97,16 @@ class NCTracker:
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> NCTracker:
         """Add a batch: features (N, D) (or (B, N, D) with ``batch=B``), float
-        16/32/64, on the tracker's device; labels (N,) integer in [0, K)."""
+        16/32/64, on the tracker's device; labels (N,) integer in [0, K).
+        An empty batch (N = 0) adds nothing."""
         if self._merged or self._nc4 is not None:
             raise RuntimeError(
                 "NCTracker.update() after all_reduce() or begin_nc4(): the statistics are final; call reset() first"
             )
         features = self._check_batch(features)
         labels = check_labels(labels, features.shape[-2], self.num_classes, self.device)
+        if features.shape[-2] == 0:
+            return self
         impl = _backend.resolve(self.impl, self.device, features.dtype)
         h = features[None] if self.batch is None else features
         # 1. Class counts and sums of the batch.
@@ -157,6 +161,8 @@ class NCTracker:
         if p.merged:
             raise RuntimeError("NCTracker.update_nc4() after the NC4 counts were merged by all_reduce()")
         features = self._check_batch(features)
+        if features.shape[-2] == 0:
+            return self
         p.mismatches += nc4_mismatches(features, p.stats, p.weight, p.bias)
         p.n += features.shape[-2]
         return self
