@@ -150,6 +150,25 @@ def test_minus_inf_bias_masks_whole_class_tiles(impl, device):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), name
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computing on NaN
+def test_a_row_without_finite_logits_is_nan_as_in_pytorch(impl, device):
+    """Every class masked by a -inf bias: F.cross_entropy's loss and
+    gradients are NaN. The p = 0 that a masked class-parallel shard gets
+    (its rows carry no upstream gradient) must not make them finite here,
+    where GradScaler relies on the NaN to skip the step."""
+    x, w, t, kw, leaves = make_inputs(6, 8, 40, {"scale": 8.0, "bias": True}, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        kw["bias"].fill_(-math.inf)
+    for opts in ({}, {"z_loss": 1e-3}, {"label_smoothing": 0.1}):
+        loss = nnk.cosine_cross_entropy(x, w, t, impl=impl, **kw, **opts)
+        want = cosine_cross_entropy_ref(x, w, t, **kw, **opts)
+        got_g = torch.autograd.grad(loss, list(leaves.values()))
+        want_g = torch.autograd.grad(want, list(leaves.values()))
+        assert loss.isnan() and want.isnan()
+        for name, a, b in zip(leaves, got_g, want_g):
+            assert b.isnan().all() and a.isnan().all(), (opts, name)
+
+
 def test_deterministic_mode_is_bitwise_reproducible(impl, device):
     x, w, t, kw, leaves = make_inputs(37, 19, 211, {"scale": "per_class", "bias": True, "angular_margin": 0.3},
                                       dtype=torch.float32, device=device)

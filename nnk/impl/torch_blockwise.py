@@ -126,10 +126,13 @@ class _BlockwiseCCE(torch.autograd.Function):
         if g_lse is not None:
             coef_p = coef_p + g_lse.to(acc)
         # Rows without a finite logit (lse = -inf: a -inf bias on every class
-        # of a class-parallel shard) have no probability mass: p = 0 rather
-        # than exp(-inf + inf) = NaN, so that a combined loss that gives their
-        # lse zero weight gives them zero gradients (math.h dlogit).
-        empty = run_max == float("-inf")
+        # of a class-parallel shard) and without upstream gradient (the
+        # combined loss gives such a shard's terms zero weight) get p = 0, not
+        # exp(-inf + inf) = NaN; with an upstream gradient their NaN
+        # propagates as F.cross_entropy's (math.h dlogit).
+        empty = (run_max == float("-inf")) & (g == 0)
+        if g_lse is not None:
+            empty &= g_lse == 0
         coef_p = torch.where(empty, 0.0, coef_p)
         run_max = torch.where(empty, float("inf"), run_max)
         log_sum = torch.where(empty, 0.0, log_sum)

@@ -156,15 +156,16 @@ NNK_HD T lse_finish(T run_max, T run_sum, T* lo) {
 //
 // lse_lo is what rounding the row's lse dropped (lse_finish); p = exp(z - lse)
 // with it taken back. A row without a finite logit (lse = -inf: a -inf bias
-// on every class of a class-parallel shard) has no probability mass: p = 0
-// rather than exp(-inf + inf) = NaN, so that a combined loss that gives its
-// lse zero weight gives it zero gradients.
+// on every class of a class-parallel shard) that gets no upstream gradient
+// (the combined loss gives such a shard's terms zero weight) has zero
+// gradients, not g * NaN from exp(-inf + inf); with an upstream gradient its
+// NaN propagates, as F.cross_entropy's does.
 template <typename T>
 NNK_HD T dlogit(T z, T lse, T lse_lo, bool is_target, T smoothing, T inv_c, T z_loss,
                 T g, T g_lse) {
-  const bool mass = lse != -INFINITY;
-  const T p = mass ? exp((z - lse) - lse_lo) : T(0);
-  T d = (mass ? p * (T(1) + T(2) * z_loss * lse) : T(0)) - smoothing * inv_c;
+  if (lse == -INFINITY && g == T(0) && g_lse == T(0)) return T(0);
+  const T p = exp((z - lse) - lse_lo);
+  T d = p * (T(1) + T(2) * z_loss * lse) - smoothing * inv_c;
   if (is_target) d -= T(1) - smoothing;
   return g * d + g_lse * p;
 }

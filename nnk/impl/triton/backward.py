@@ -64,9 +64,11 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr
     g_lse = tl.load(GLSE_ptr + rows, mask=row_mask, other=0.0)
     coef_p = g * (1.0 + 2.0 * z_loss * lse) + g_lse
     # A row without a finite logit (lse = -inf: a -inf bias on every class of
-    # a class-parallel shard) has no probability mass: p = exp(z - inf) = 0
-    # rather than exp(-inf + inf) = NaN (math.h dlogit).
-    empty = lse == float("-inf")
+    # a class-parallel shard) and without upstream gradient (the combined loss
+    # gives such a shard's terms zero weight) gets p = exp(z - inf) = 0, not
+    # exp(-inf + inf) = NaN; with an upstream gradient its NaN propagates as
+    # F.cross_entropy's (math.h dlogit).
+    empty = (lse == float("-inf")) & (g == 0.0) & (g_lse == 0.0)
     coef_p = tl.where(empty, 0.0, coef_p)
     lse_lo = tl.where(empty, 0.0, lse_lo)
     lse = tl.where(empty, float("inf"), lse)
