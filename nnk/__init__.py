@@ -8,7 +8,7 @@ import torch  # noqa: F401  (loads libtorch before the extension nnk._C)
 from . import distributed, ops, reference
 from ._version import __version__
 from .functional import cosine_cross_entropy
-from .modules import CosineCrossEntropyLoss, CosineLinear, project_after_step, replace_head
+from .modules import CosineCrossEntropyLoss, CosineLinear, default_scale, project_after_step, replace_head
 from .nc import NCMetrics, NCStats, NCTracker, nc_metrics, nc_metrics_from_stats, nc_stats
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "NCTracker",
     "__version__",
     "cosine_cross_entropy",
+    "default_scale",
     "distributed",
     "nc_metrics",
     "nc_metrics_from_stats",

@@ -247,7 +247,9 @@ def _check_scale(scale, c: int, dev: torch.device, *, float32: bool = True):
         if scale.device != dev:
             raise ValueError(f"scale is on {scale.device} but x is on {dev}")
         if scale.numel() > 0:
-            _value_check(torch.isfinite(scale).all(), ValueError, "scale must be finite, got a non-finite value")
-            _value_check((scale > 0).all(), ValueError, "scale must be > 0, got a non-positive value")
+            # One check (one device sync); which condition failed is worked out only then.
+            _value_check((torch.isfinite(scale) & (scale > 0)).all(), ValueError, "scale must be > 0 and finite",
+                         lambda: "scale must be finite, got a non-finite value" if not bool(torch.isfinite(scale).all())
+                         else "scale must be > 0, got a non-positive value")
         return scale.to(torch.float32) if scale.dtype != torch.float64 else scale
     return _finite_float("scale", scale, lo=0.0, lo_open=True, float32=float32)

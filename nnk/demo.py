@@ -174,14 +174,15 @@ def _train(args, device, data, progress: bool) -> dict:
 
 def _time(fns: dict, device, repeats: int) -> dict:
     """Median seconds of each fn() after one warm-up call each, the calls
-    interleaved (a, b, a, b, ...): a slow spell of a shared machine (CPU
-    quotas stall these VMs for 10x a call now and then) then hits both sides
-    alike instead of one side's whole series."""
+    interleaved (a, b, b, a, a, b, ...: the order alternates per round): a
+    slow spell of a shared machine (CPU quotas stall these VMs for 10x a call
+    now and then) then hits both sides alike instead of one side's whole
+    series, and neither always runs on the other's leftover cache state."""
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for i in range(repeats):
+        for name, fn in list(fns.items())[::1 if i % 2 == 0 else -1]:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
