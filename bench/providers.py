@@ -346,15 +346,27 @@ class Liger(_Prenormalized):
 
 
 class CutCrossEntropy(_Prenormalized):
-    name, dist, module = "cce", "cut-cross-entropy", "cut_cross_entropy"
+    """``cce``: its defaults, which filter the backward (filter_eps="high":
+    d-logit tiles whose entries are all below bf16 eps / 32 are skipped; with
+    the bench's flat softmax at large C that is most tiles, so compare it with
+    ``nnk-triton-sparse``). ``cce-exact``: filter_eps=None, every tile, as
+    nnk's exact kernels."""
+
+    dist, module = "cut-cross-entropy", "cut_cross_entropy"
+
+    def __init__(self, exact: bool):
+        self.exact = exact
+        self.name = "cce-exact" if exact else "cce"
 
     def loss_fn(self):
         from cut_cross_entropy import linear_cross_entropy
 
-        return linear_cross_entropy
+        return functools.partial(linear_cross_entropy, filter_eps=None) if self.exact else linear_cross_entropy
 
     def notes(self, case):
-        return super().notes(case) + "; default gradient filtering (filter_eps)"
+        return super().notes(case) + ("; filter_eps=None (no gradient filtering)" if self.exact else
+                                      "; default gradient filtering (filter_eps='high': skips d-logit tiles "
+                                      "below bf16 eps / 32)")
 
 
 def pml_loss_module(case: Case):
@@ -416,4 +428,5 @@ class GemmBound(Provider):
 
 def ce_providers() -> list[Provider]:
     return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", "gradfwd"), Nnk("triton", "sparse"), Reference(False), Reference(True),
-            TorchHead(False), TorchHead(True), TorchLCE(), Liger(), CutCrossEntropy(), PML(), GemmBound()]
+            TorchHead(False), TorchHead(True), TorchLCE(), Liger(), CutCrossEntropy(False), CutCrossEntropy(True),
+            PML(), GemmBound()]
