@@ -140,6 +140,10 @@ class Provider:
     kind = ""        # "nnk" | "reference" | "pytorch" | "peer" | "bound"
     op = CE_OP
     slow = False     # seconds per call: no warm-up beyond the first call, --min-rounds samples
+    # Its forward computes the gradients (its backward only scales or returns
+    # them): its fwd time holds all three GEMMs, and its bwd row gets no
+    # TFLOP/s or bound ratio.
+    grads_in_forward = False
 
     def check(self, case: Case, device: torch.device, dtype: torch.dtype) -> Check:
         return OK
@@ -187,6 +191,7 @@ class Nnk(Provider):
         self.impl = impl
         self.env, self._notes = NNK_VARIANTS[variant] if variant else ({}, "")
         self.name = f"nnk-{impl}" + (f"-{variant}" if variant else "")
+        self.grads_in_forward = variant == "gradfwd"
 
     def check(self, case, device, dtype):
         return impl_check(self.impl, self._module[self.impl], device, dtype, "cosine_cross_entropy_fwd")
@@ -310,12 +315,14 @@ class _Prenormalized(Provider):
         return loss_run(lambda: fn(xs, wn, inputs.y), [xs, wn])
 
     def notes(self, case):
-        return f"{self.available()}; {PRENORMALIZED}" + (NO_MARGIN if case.variant != "plain" else "")
+        return (f"{self.available()}; {PRENORMALIZED}" + (NO_MARGIN if case.variant != "plain" else "")
+                + ("; gradients computed in its forward" if self.grads_in_forward else ""))
 
 
 class TorchLCE(_Prenormalized):
     name, dist, module = "torch-lce", "torch", "torch"
     needs_cuda = False
+    grads_in_forward = True
 
     def available(self):
         ok = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
@@ -337,6 +344,7 @@ class TorchLCE(_Prenormalized):
 
 class Liger(_Prenormalized):
     name, dist, module = "liger", "liger-kernel", "liger_kernel"
+    grads_in_forward = True
 
     def loss_fn(self):
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss

@@ -20,7 +20,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .roofline import logits_mb
+from .roofline import grads_mb, logits_mb
 from .shapes import CE_OP
 
 SCHEMA = [
@@ -111,7 +111,7 @@ def summary_markdown(rows: list[dict]) -> str:
         head = ["provider"] + [f"{MODE_TITLES[m]} ms" for m in modes] + [
             f"TFLOP/s ({MODE_TITLES[main]})", f"× bound ({MODE_TITLES[main]})", f"peak MB ({MODE_TITLES[main]})"]
         if logits:
-            head.append("peak / fp32 logits")
+            head += ["peak / fp32 logits", "peak − grads / fp32 logits"]
         head += (["loss"] if logits else []) + ["notes"]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in measured:
@@ -121,7 +121,9 @@ def summary_markdown(rows: list[dict]) -> str:
             line += [_num(m["tflops"]) if ok else "—", _num(m["vs_bound"], "{:.2f}") if ok else "—",
                      _num(m["peak_mb"], "{:.4g}") if ok else "—"]
             if logits:
-                line.append(_num(m["peak_mb"] / logits, "{:.1%}") if ok else "—")
+                grads = grads_mb(n, c, rs[0]["D"], dtype, main)
+                line += [_num(m["peak_mb"] / logits, "{:.1%}") if ok else "—",
+                         _num((m["peak_mb"] - grads) / logits, "{:.1%}") if ok else "—"]
             line += ([_num(m["loss"], "{:.5g}") if ok else "—"] if logits else []) + [(m or {}).get("notes", "")]
             out.append("| " + " | ".join(line) + " |")
         ok_main = [cell[(p, main)] for p in measured if cell.get((p, main), {}).get("status") == "ok"]
@@ -133,6 +135,10 @@ def summary_markdown(rows: list[dict]) -> str:
                          for o in others]
                 out += ["", f"Speed-up of {mine['provider']} ({MODE_TITLES[main]}; their time / its time) and "
                             "memory ratio (their peak / its peak): " + "; ".join(parts) + "."]
+        if logits and main != "fwd":
+            out += ["", f"peak − grads: the peak beyond the gradients of x and W that the step returns "
+                        f"((N + C)·D in {dtype}: {grads_mb(n, c, rs[0]['D'], dtype, main):.4g} MB), the "
+                        "memory that issue 3's target (< 5% of the fp32 logits) is about."]
         missing = [(p, cell.get((p, main)) or next(r for r in rs if r["provider"] == p)) for p in providers if p not in measured]
         if missing:
             out += ["", "Not measured: " + "; ".join(f"{p} ({r['status']}: {r['notes']})" for p, r in missing) + "."]

@@ -34,3 +34,14 @@ def tflops(case: Case, mode: str, ms: float) -> float:
 def logits_mb(n: int, c: int) -> float:
     """Size of the N x C float32 logits (what a fused kernel avoids), MiB."""
     return n * c * 4 / 2.0 ** 20
+
+
+def grads_mb(n: int, c: int, d: int, dtype: str, mode: str) -> float:
+    """Size of the gradients of x and W, (N + C) D in the input dtype, MiB: what
+    a step with a backward (or a forward that computes them) returns, and
+    counts in its peak. Issue 3's memory target (< 5% of the fp32 logits) is
+    on the peak beyond them; 0 for a forward alone."""
+    if mode == "fwd":
+        return 0.0
+    itemsize = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]
+    return (n + c) * d * itemsize / 2.0 ** 20

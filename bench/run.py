@@ -26,7 +26,7 @@ import torch
 from . import meta
 from .memory import PeakMemory
 from .nc import NCInputs, nc_providers
-from .providers import CEInputs, Provider, ce_providers
+from .providers import CEInputs, Check, Provider, ce_providers
 from .report import CsvLog, read_csv, write_summary
 from .roofline import MODES, NC_MODES, tflops
 from .shapes import CE_OP, SUITES, Case, select
@@ -155,9 +155,17 @@ class Bench:
             status, msg = _failure(e)
             return [self.row(case, dtype, p, m, status, f"making the inputs: {msg}") for p in providers for m in modes]
 
+        def out_of_time() -> bool:
+            return self.deadline is not None and time.monotonic() > self.deadline
+
+        budget_used = f"time budget of {args.time_budget or 0:g} s used up"
         runs, losses, notes = {}, {}, {}
         for p in providers:
             chk = p.check(case, args.device, dtype)
+            if chk.status == "ok" and out_of_time():
+                # Builds (a cold torch.compile, Triton autotuning) are unbounded:
+                # the rest of the case is skipped, and its finished rows kept.
+                chk = Check("skipped", budget_used)
             if chk.status != "ok":
                 for m in modes:
                     rows[(p.name, m)] = self.row(case, dtype, p, m, chk.status, chk.reason)
@@ -181,6 +189,9 @@ class Bench:
             steps, iters, extra = {}, {}, {}
             for name, run in list(runs.items()):
                 if mode not in run.steps:
+                    continue
+                if out_of_time():
+                    rows[(name, mode)] = self.row(case, dtype, by_name[name], mode, "skipped", budget_used)
                     continue
                 slow = by_name[name].slow
                 try:
@@ -220,6 +231,9 @@ class Bench:
                     rounds=len(samples[name]), iters=iters[name], peak_mb=peak, tflops=tflops(case, mode, med),
                     loss=losses[name])
                 r = rows[(name, mode)]
+                if mode == "bwd" and by_name[name].grads_in_forward:
+                    r["tflops"] = math.nan
+                    r["notes"] += "; bwd only scales the gradients its forward computed: no TFLOP/s or bound ratio"
                 print(f"    {mode:6s} {name:20s} {med:10.4g} ms  [{p20:.4g}, {p80:.4g}]  x{len(samples[name])}"
                       f"  {r['tflops']:8.3g} TFLOP/s  peak {peak:9.4g} MiB", flush=True)
             _free(args.device)
@@ -232,7 +246,7 @@ class Bench:
             if bound is not None and bound["status"] == "ok":
                 for p in providers:
                     r = rows.get((p.name, mode))
-                    if r is not None and r["status"] == "ok":
+                    if r is not None and r["status"] == "ok" and not (mode == "bwd" and p.grads_in_forward):
                         r["vs_bound"] = r["median_ms"] / bound["median_ms"]
         return [rows[(p.name, m)] for p in providers for m in modes if (p.name, m) in rows]
 
@@ -271,16 +285,21 @@ def main(argv=None) -> int:
     meta_path.write_text(json.dumps(info, indent=2))
     print(f"bench: {args.suite} suite on {env['device']} ({', '.join(info['dtypes'])}) -> {csv_path}", flush=True)
 
-    for dtype in args.dtypes:
-        for case in cases:
-            providers = ce if case.op == CE_OP else nc
-            if bench.deadline is not None and time.monotonic() > bench.deadline:
-                log.write(bench.skipped(case, dtype, providers, f"time budget of {args.time_budget:g} s used up"))
-                continue
-            print(f"  {case.id} {_dtype_name(dtype)}", flush=True)
-            t0 = time.monotonic()
-            log.write(bench.run_case(case, dtype, providers))
-            print(f"  {case.id} {_dtype_name(dtype)}: {time.monotonic() - t0:.1f} s", flush=True)
+    try:
+        for dtype in args.dtypes:
+            for case in cases:
+                providers = ce if case.op == CE_OP else nc
+                if bench.deadline is not None and time.monotonic() > bench.deadline:
+                    log.write(bench.skipped(case, dtype, providers, f"time budget of {args.time_budget:g} s used up"))
+                    continue
+                print(f"  {case.id} {_dtype_name(dtype)}", flush=True)
+                t0 = time.monotonic()
+                log.write(bench.run_case(case, dtype, providers))
+                print(f"  {case.id} {_dtype_name(dtype)}: {time.monotonic() - t0:.1f} s", flush=True)
+    except KeyboardInterrupt:
+        # SIGINT at a hard time limit: the finished cases are in the CSV; the
+        # summary and plots are still written from them.
+        print("bench: interrupted; summarizing the finished cases", flush=True)
 
     info["wall_s"] = round(time.monotonic() - started, 1)
     info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
