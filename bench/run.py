@@ -108,6 +108,15 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# Errors after which every CUDA call of the process fails (the context is lost).
+_STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+           "an illegal instruction")
+
+
+def sticky_cuda_error(e: BaseException) -> bool:
+    return any(s in str(e) for s in _STICKY)
+
+
 def _failure(e: BaseException) -> tuple[str, str]:
     """The status of a provider that raised: ``oom``, ``unavailable`` (an
     installed peer that does not import here), else ``error``."""
@@ -124,6 +133,8 @@ class Bench:
         self.clock, self.mem = Clock(args.device), PeakMemory(args.device)
         self.timestamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.deadline = time.monotonic() + args.time_budget if args.time_budget else None
+        self.case_ids: set[str] = set()   # the run's cases (main sets them)
+        self.sticky: str | None = None    # why the rest is not run, after a sticky CUDA error
 
     def row(self, case: Case, dtype, provider: Provider, mode: str, status: str, notes: str = "", **vals) -> dict:
         r = {"suite": self.args.suite, "op": case.op, "case": case.id, "family": case.family,
@@ -145,6 +156,10 @@ class Bench:
         def fail(p: Provider, e: BaseException, only_mode: str | None = None):
             status, msg = _failure(e)
             print(f"    {p.name}: {status}: {msg}", flush=True)
+            if sticky_cuda_error(e) and self.sticky is None:
+                # Every later CUDA call fails: the rest of the run is skipped
+                # with this reason rather than recorded as errors of others.
+                self.sticky = f"not run: {p.name} hit a sticky CUDA error earlier ({msg[:160]})"
             for m in modes:
                 if (only_mode in (None, m)) and rows.get((p.name, m), {}).get("status") != "ok":
                     rows[(p.name, m)] = self.row(case, dtype, p, m, status, msg)
@@ -155,17 +170,25 @@ class Bench:
             status, msg = _failure(e)
             return [self.row(case, dtype, p, m, status, f"making the inputs: {msg}") for p in providers for m in modes]
 
-        def out_of_time() -> bool:
-            return self.deadline is not None and time.monotonic() > self.deadline
+        # Margin-blind providers (peers without margins, the bare GEMMs) compute
+        # the same on ArcFace as on the CosFace case of the same shape: timed once.
+        twin = case.id.replace("-arcface-", "-cosface-") if case.variant == "arcface" else None
+        same_as_twin = f"the same computation as on {twin} (no margins)"
 
-        budget_used = f"time budget of {args.time_budget or 0:g} s used up"
+        def out_of_time() -> bool:
+            return self.sticky is not None or (self.deadline is not None and time.monotonic() > self.deadline)
+
+        def stop_reason() -> str:
+            return self.sticky or f"time budget of {args.time_budget or 0:g} s used up"
         runs, losses, notes = {}, {}, {}
         for p in providers:
             chk = p.check(case, args.device, dtype)
+            if chk.status == "ok" and p.margin_blind and twin in self.case_ids:
+                chk = Check("skipped", same_as_twin)
             if chk.status == "ok" and out_of_time():
                 # Builds (a cold torch.compile, Triton autotuning) are unbounded:
                 # the rest of the case is skipped, and its finished rows kept.
-                chk = Check("skipped", budget_used)
+                chk = Check("skipped", stop_reason())
             if chk.status != "ok":
                 for m in modes:
                     rows[(p.name, m)] = self.row(case, dtype, p, m, chk.status, chk.reason)
@@ -177,7 +200,9 @@ class Bench:
             except Exception as e:  # noqa: BLE001
                 runs.pop(p.name, None)
                 fail(p, e)
-                _free(args.device)
+            else:
+                continue
+            _free(args.device)   # outside the except block, whose traceback holds the failed step's tensors
         by_name = {p.name: p for p in providers}
         # Everything alive now (modules imported by the builds, the inputs) is
         # left out of later collections: the gc.collect() before each memory
@@ -191,7 +216,7 @@ class Bench:
                 if mode not in run.steps:
                     continue
                 if out_of_time():
-                    rows[(name, mode)] = self.row(case, dtype, by_name[name], mode, "skipped", budget_used)
+                    rows[(name, mode)] = self.row(case, dtype, by_name[name], mode, "skipped", stop_reason())
                     continue
                 slow = by_name[name].slow
                 try:
@@ -275,6 +300,7 @@ def main(argv=None) -> int:
     if csv_path.exists():
         csv_path.unlink()
     log, bench = CsvLog(csv_path), Bench(args, env)
+    bench.case_ids = {c.id for c in cases}
     started = time.monotonic()
     info = {**env, "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
             "suite": args.suite, "dtypes": [_dtype_name(d) for d in args.dtypes], "modes": args.modes,
@@ -289,6 +315,9 @@ def main(argv=None) -> int:
         for dtype in args.dtypes:
             for case in cases:
                 providers = ce if case.op == CE_OP else nc
+                if bench.sticky is not None:
+                    log.write(bench.skipped(case, dtype, providers, bench.sticky))
+                    continue
                 if bench.deadline is not None and time.monotonic() > bench.deadline:
                     log.write(bench.skipped(case, dtype, providers, f"time budget of {args.time_budget:g} s used up"))
                     continue
@@ -312,4 +341,7 @@ def main(argv=None) -> int:
         for p in write_plots(rows, out, stem):
             print(p)
     print(f"bench: {len(rows)} rows in {info['wall_s']} s", flush=True)
+    if bench.sticky is not None:
+        print(f"bench: stopped early, {bench.sticky}", flush=True)
+        return 3
     return 0

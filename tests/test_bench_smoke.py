@@ -209,3 +209,48 @@ def test_time_budget_stops_inside_a_case(tmp_path):
     cut = [r for r in rows if r["status"] == "skipped" and "time budget of 0.2 s used up" in r["notes"]]
     assert cut, [(r["provider"], r["mode"], r["status"]) for r in rows]
     assert all(r["status"] in ("ok", "skipped", "unavailable") for r in rows)
+
+
+def test_margin_blind_providers_run_once_per_shape(tmp_path):
+    """Peers without margins compute the same on a shape's ArcFace case as on
+    its CosFace case: the second is skipped with a reason (time on a GPU
+    session is short); nnk and the GEMM bound run on both."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "bench", "--suite", "quick", "--device", "cpu", "--shapes", "face-*",
+           "--providers", "nnk-torch,torch-lce,bound-gemm", "--reps", "2", "--warmup", "1", "--threads", "1",
+           "--no-plots", "--out", str(tmp_path), "--tag", "twin"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from bench.report import read_csv
+
+    status = {(r["variant"], r["provider"]): (r["status"], r["notes"]) for r in read_csv(tmp_path / "twin.csv")}
+    assert status[("arcface", "nnk-torch")][0] == status[("arcface", "bound-gemm")][0] == "ok"
+    if status[("cosface", "torch-lce")][0] != "ok":
+        pytest.skip(f"torch-lce not measured here: {status[('cosface', 'torch-lce')]}")
+    assert status[("arcface", "torch-lce")] == (
+        "skipped", "the same computation as on face-cosface-N256-D128-C4096 (no margins)")
+
+
+def test_a_sticky_cuda_error_skips_the_rest():
+    """After an illegal memory access every CUDA call of the process fails:
+    the providers after it are skipped with its name, not recorded as their
+    own errors."""
+    from bench.providers import GemmBound, Nnk, Provider
+    from bench.run import Bench, parse_args
+    from bench.shapes import SUITES
+
+    class Crashing(Provider):
+        name, kind = "crashing", "peer"
+
+        def build(self, case, inputs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    args = parse_args(["--suite", "quick", "--device", "cpu", "--reps", "2", "--warmup", "1"])
+    env = {k: "-" for k in ("device", "torch", "triton", "nnk", "git_commit")}
+    bench = Bench(args, env)
+    rows = bench.run_case(SUITES["quick"][0], torch.float32, [Crashing(), Nnk("torch"), GemmBound()])
+    assert {r["status"] for r in rows if r["provider"] == "crashing"} == {"error"}
+    later = [r for r in rows if r["provider"] != "crashing"]
+    assert later and all(r["status"] == "skipped" and "crashing hit a sticky CUDA error" in r["notes"]
+                         for r in later)
