@@ -21,8 +21,9 @@ Who does what work (the ``notes`` column of the CSV repeats it):
   16-bit inputs: normalize and the cosine GEMM in the input dtype, margin and
   cross-entropy in float32 (same as ``ref-*`` for float32 inputs: skipped).
 - ``torch-lce`` (torch's own ``F.linear_cross_entropy``, chunked path),
-  ``liger`` (Liger-Kernel's fused linear cross-entropy) and ``cce`` (apple's
-  Cut Cross-Entropy): fused linear + cross-entropy without normalization or
+  ``liger`` (Liger-Kernel's fused linear cross-entropy), ``cce`` (apple's
+  Cut Cross-Entropy with its default gradient filter) and ``cce-exact`` (the
+  same, unfiltered): fused linear + cross-entropy without normalization or
   margins. They get ``normalize(x) * s`` and ``normalize(W)`` computed outside
   the timed region, so they do less work than nnk (no normalization forward or
   backward) and, on margin cases, compute the plain scaled cross-entropy.
@@ -357,10 +358,10 @@ class Liger(_Prenormalized):
 
 class CutCrossEntropy(_Prenormalized):
     """``cce``: its defaults, which filter the backward (filter_eps="high":
-    d-logit tiles whose entries are all below bf16 eps / 32 are skipped; with
-    the bench's flat softmax at large C that is most tiles, so compare it with
-    ``nnk-triton-sparse``). ``cce-exact``: filter_eps=None, every tile, as
-    nnk's exact kernels."""
+    d-logit tiles whose entries are all below bf16 eps / 32, an absolute
+    threshold, are skipped; with the bench's flat softmax at large C that is
+    most tiles). ``cce-exact``: filter_eps=None, every tile, as nnk's exact
+    kernels."""
 
     dist, module = "cut-cross-entropy", "cut_cross_entropy"
 
