@@ -22,16 +22,22 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = "vision-plain-N256-D512-C100,face-arcface-*,nc"
 
 
+def _bench(out, tag: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m bench --suite quick --device cpu`` with ``args``, its CSV in
+    ``out/<tag>.csv``, without the Triton interpreter; asserts it succeeded."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "bench", "--suite", "quick", "--device", "cpu", "--reps", "2", "--warmup", "1",
+           "--threads", "1", *args, "--out", str(out), "--tag", tag]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "bench", "--suite", "quick", "--device", "cpu", "--shapes", SHAPES,
-           "--reps", "2", "--warmup", "1", "--min-sample-ms", "1", "--threads", "1",
-           "--out", str(out), "--tag", "smoke"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _bench(out, "smoke", "--shapes", SHAPES, "--min-sample-ms", "1")
     from bench.report import read_csv
 
     return out, read_csv(out / "smoke.csv")   # read_csv rejects a header that is not the schema
@@ -192,13 +198,7 @@ def test_time_budget_stops_inside_a_case(tmp_path):
     torch.compile among them) skips the rest of that case with a reason and
     keeps a row for every provider and mode, instead of running on until an
     outer time limit kills it and its rows."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "bench", "--suite", "quick", "--device", "cpu", "--shapes",
-           "vision-plain-N256-D512-C10", "--reps", "2", "--warmup", "1", "--threads", "1", "--time-budget", "0.2",
-           "--no-plots", "--out", str(tmp_path), "--tag", "budget"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _bench(tmp_path, "budget", "--shapes", "vision-plain-N256-D512-C10", "--time-budget", "0.2", "--no-plots")
     assert "  vision-plain-N256-D512-C10 float32\n" in proc.stdout  # the case started within the budget
     from bench.providers import ce_providers
     from bench.report import read_csv
@@ -215,13 +215,7 @@ def test_margin_blind_providers_run_once_per_shape(tmp_path):
     """Peers without margins compute the same on a shape's ArcFace case as on
     its CosFace case: the second is skipped with a reason (time on a GPU
     session is short); nnk and the GEMM bound run on both."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "bench", "--suite", "quick", "--device", "cpu", "--shapes", "face-*",
-           "--providers", "nnk-torch,torch-lce,bound-gemm", "--reps", "2", "--warmup", "1", "--threads", "1",
-           "--no-plots", "--out", str(tmp_path), "--tag", "twin"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _bench(tmp_path, "twin", "--shapes", "face-*", "--providers", "nnk-torch,torch-lce,bound-gemm", "--no-plots")
     from bench.report import read_csv
 
     status = {(r["variant"], r["provider"]): (r["status"], r["notes"]) for r in read_csv(tmp_path / "twin.csv")}
