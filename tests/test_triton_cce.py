@@ -397,6 +397,21 @@ def test_autotune_keys_are_size_buckets():
     assert shape_buckets(0, 1) == {"N_BUCKET": 1, "C_BUCKET": 1}
 
 
+def test_autotuners_are_per_gpu_model(monkeypatch):
+    # An autotuner's cache key holds no device: a config timed on one GPU
+    # model would be reused on another (over an sm_86's shared memory after
+    # tuning on an sm_90). Each model gets its own autotuner over one kernel.
+    from nnk.impl.triton import configs, launch as launch_mod
+    from nnk.impl.triton.forward import _cce_fwd_tuned
+
+    models = iter([("NVIDIA A100", 8, 0), ("NVIDIA H100", 9, 0), ("NVIDIA A100", 8, 0)])
+    monkeypatch.setattr(launch_mod, "device_model", lambda device: next(models))
+    tuned = launch_mod.PerDeviceAutotune(_cce_fwd_tuned.fn, configs=configs.FWD_CONFIGS, key=_cce_fwd_tuned.keys)
+    a100, h100, again = (tuned.on(torch.device("cpu")) for _ in range(3))
+    assert again is a100 and h100 is not a100
+    assert a100.fn is h100.fn is _cce_fwd_tuned.fn and a100.keys == _cce_fwd_tuned.keys
+
+
 def test_float16_rows_below_a_large_eps_keep_their_gradient():
     # float16 gradient operands left out rows with 0 < norm <= eps (dx / dW
     # errors of 9.8 / 15.9 against 0.029 / 0.013 for the reference at eps=1e-2);

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..._options import CCEOptions
 from . import configs
-from .launch import dtype_args, launch, margin_args, shape_buckets
+from .launch import PerDeviceAutotune, dtype_args, launch, margin_args, shape_buckets
 from .norms import normalize_backward
 from .tile import (
     _accumulate, _col_terms, _cosine_tile, _grad_dot, _grad_operand, _load_tile, _logits, _margin_grad,
@@ -214,7 +214,8 @@ def _cce_bwd_kernel(
                                 col_mask[:, None] & k_mask[None, :], ROW_MAJOR)
 
 
-_cce_bwd_tuned = triton.autotune(
+_cce_bwd_tuned = PerDeviceAutotune(
+    _cce_bwd_kernel,
     configs=configs.BWD_CONFIGS,
     # UPCAST is chosen per call from the data (_has_rows_below_eps) and needs
     # more shared memory (114,688 B against 98,304 B for 128x128x32 fp16 on
@@ -226,7 +227,7 @@ _cce_bwd_tuned = triton.autotune(
     # Benchmarking runs the kernel several times: the accumulators must come
     # back to their values before each run and before the real one.
     restore_value=["DX_ptr", "DW_ptr", "DB_ptr", "DS_ptr"],
-)(_cce_bwd_kernel)
+)
 
 
 def _has_rows_below_eps(dtype, xnorm, wnorm, eps: float) -> bool:

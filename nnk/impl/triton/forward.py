@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ..._options import CCEOptions
 from . import configs
-from .launch import dtype_args, launch, margin_args, shape_buckets
+from .launch import PerDeviceAutotune, dtype_args, launch, margin_args, shape_buckets
 from .norms import row_norms
 from .tile import _col_terms, _cosine_tile, _logits, _row_terms, _target_logit
 
@@ -95,11 +95,12 @@ def _cce_fwd_kernel(
     tl.store(ZT_ptr + rows, z_t, mask=owner)
 
 
-_cce_fwd_tuned = triton.autotune(
+_cce_fwd_tuned = PerDeviceAutotune(
+    _cce_fwd_kernel,
     configs=configs.FWD_CONFIGS,
     key=["N_BUCKET", "C_BUCKET", "D", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS", "HAS_ARC",
          "HAS_SMOOTHING"],
-)(_cce_fwd_kernel)
+)
 
 
 @dataclass

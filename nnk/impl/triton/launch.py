@@ -29,14 +29,42 @@ def shape_buckets(n: int, c: int) -> dict:
     return dict(N_BUCKET=triton.next_power_of_2(max(n, 1)), C_BUCKET=triton.next_power_of_2(max(c, 1)))
 
 
-def launch(kernel_tuned, grid, deterministic: bool, fixed: triton.Config, *args, **kwargs):
-    """Launch the autotuned kernel, or in deterministic mode the plain kernel
-    with the fixed config: the same block sizes, hence the same summation
-    order, in every process (autotuning could pick other ones)."""
+class PerDeviceAutotune:
+    """``triton.autotune(**options)(fn)``, with one autotuner per GPU model.
+    An autotuner caches its choice under its key, which holds no device: in a
+    process with two GPU models the config timed on one would be reused on
+    the other, slow there or over its shared memory (a config tuned on an
+    sm_90 with 227 KB fails to launch on an sm_86 with 99 KB)."""
+
+    def __init__(self, fn, **options):
+        self.fn, self.keys, self._options, self._tuners = fn, options["key"], options, {}
+
+    def on(self, device: torch.device):
+        model = device_model(device)
+        tuner = self._tuners.get(model)
+        if tuner is None:
+            tuner = self._tuners[model] = triton.autotune(**self._options)(self.fn)
+        return tuner
+
+
+def device_model(device: torch.device):
+    """What an autotuned choice depends on: the GPU's name and capability
+    (None for the interpreter's CPU tensors)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return props.name, props.major, props.minor
+
+
+def launch(kernel: PerDeviceAutotune, grid, deterministic: bool, fixed: triton.Config, *args, **kwargs):
+    """Launch the kernel autotuned for the device of ``args[0]``, or in
+    deterministic mode the plain kernel with the fixed config: the same block
+    sizes, hence the same summation order, in every process (autotuning could
+    pick other ones)."""
     if deterministic:
-        kernel_tuned.fn[grid](*args, **kwargs, **fixed.all_kwargs())
+        kernel.fn[grid](*args, **kwargs, **fixed.all_kwargs())
     else:
-        kernel_tuned[grid](*args, **kwargs)
+        kernel.on(args[0].device)[grid](*args, **kwargs)
 
 
 def dtype_args(dtype: torch.dtype, upcast: bool = False) -> dict:
