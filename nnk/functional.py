@@ -38,6 +38,18 @@ def _gpu_kernels_target(device: torch.device) -> bool:
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
+def _cublas_accumulates_in_fp16(op: str, device: torch.device, dtype: torch.dtype | None) -> bool:
+    """Whether the extension's cosine cross-entropy GEMMs (float16 operands,
+    float32 output) would get cuBLAS's float16 compute type: ATen asks for it
+    on every float16 GEMM under ``allow_fp16_accumulation``, and cuBLAS has no
+    float16 compute with a float32 output. A global (not thread-local)
+    setting, so nnk cannot turn it off around its own GEMMs as it does TF32.
+    Not read while torch.compile traces (reading it breaks the graph): a
+    compiled call then meets cuBLAS's own error."""
+    return (op == "cosine_cross_entropy_fwd" and device.type == "cuda" and dtype == torch.float16
+            and not torch.compiler.is_compiling() and torch.backends.cuda.matmul.allow_fp16_accumulation)
+
+
 def resolve_impl(
     impl: str,
     device: torch.device,
@@ -68,7 +80,7 @@ def resolve_impl(
         if device.type == "cuda" and _gpu_kernels_target(device):
             if _triton_usable(device):
                 return "triton"
-            if has_op(op, "cuda"):
+            if has_op(op, "cuda") and not _cublas_accumulates_in_fp16(op, device, dtype):
                 return "cuda"
         return "torch"
     if impl == "triton" and not _triton_usable(device):
@@ -79,6 +91,13 @@ def resolve_impl(
         raise ValueError(
             f"impl='cuda' needs the compiled extension nnk._C with kernels for {device.type} "
             "(see nnk.ops.build_info())"
+        )
+    if impl == "cuda" and _cublas_accumulates_in_fp16(op, device, dtype):
+        raise ValueError(
+            "impl='cuda' multiplies float16 operands into float32 with cuBLAS, which "
+            "torch.backends.cuda.matmul.allow_fp16_accumulation = True switches to float16 "
+            "accumulation (not supported with a float32 output); use impl='triton' or 'torch', "
+            "or turn the setting off"
         )
     if impl != "torch" and dtype == torch.float64:
         raise TypeError(f"impl={impl!r} takes float16, bfloat16 or float32 {arg}; float64 runs on impl='torch'")

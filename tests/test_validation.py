@@ -206,6 +206,31 @@ def test_auto_takes_the_torch_path_on_gpus_older_than_sm80(monkeypatch):
     assert fn.resolve_impl("auto", cuda0, torch.bfloat16) == "triton"
 
 
+def test_cuda_impl_refuses_float16_under_fp16_accumulation(monkeypatch):
+    # allow_fp16_accumulation makes ATen ask cuBLAS for float16 compute on
+    # every float16 GEMM, which cuBLAS lacks for the extension's float32
+    # outputs: a clear error before any launch (explicit "cuda"), the torch
+    # path instead ("auto" without triton). No GPU needed to resolve.
+    import nnk.functional as fn
+
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.delenv("NNK_IMPL", raising=False)
+    monkeypatch.setattr(fn, "_CAPABILITY", {0: (9, 0)})
+    monkeypatch.setattr(fn, "_triton_usable", lambda device: False)
+    monkeypatch.setattr(fn, "has_op", lambda op, device_type: True)  # a CUDA build or not
+    matmul = torch.backends.cuda.matmul  # a global flag, not monkeypatch-able
+    matmul.allow_fp16_accumulation = True
+    try:
+        with pytest.raises(ValueError, match="allow_fp16_accumulation"):
+            fn.resolve_impl("cuda", cuda0, torch.float16)
+        assert fn.resolve_impl("auto", cuda0, torch.float16) == "torch"
+        assert fn.resolve_impl("cuda", cuda0, torch.bfloat16) == "cuda"
+        assert fn.resolve_impl("cuda", cuda0, torch.float16, op="nc_class_sums", arg="features") == "cuda"
+    finally:
+        matmul.allow_fp16_accumulation = False
+    assert fn.resolve_impl("auto", cuda0, torch.float16) == "cuda"
+
+
 def test_nnk_impl_leaves_float64_on_the_torch_path(monkeypatch):
     # NNK_IMPL is the process default of impl="auto"; only the torch path takes
     # float64, so a float64 call (gradcheck) must not fail because of it.
