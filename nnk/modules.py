@@ -143,6 +143,29 @@ def _normalize_rows(t: torch.Tensor, eps: float) -> torch.Tensor:
     return row_normalize(t.to(acc_dtype(t.dtype)), eps)[0]
 
 
+def _check_features(x, in_features: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+
+
+@torch.fx.wrap
+def _head_logits(x, weight, scale, bias, normalize_input: bool, normalize_weight: bool, eps: float):
+    """CosineLinear.forward's computation. A leaf of torch.fx.symbolic_trace
+    (one node of the traced graph): tools such as torchvision's feature
+    extraction trace through user modules, and the checks and the reshape to
+    x's leading dimensions need real tensors, not fx proxies."""
+    d = weight.shape[1]
+    _check_features(x, d)
+    logits = cosine_logits_ref(
+        x.reshape(-1, d), weight, scale=scale, bias=bias, normalize_input=normalize_input,
+        normalize_weight=normalize_weight, eps=eps, normalize=_normalize_rows,
+    )
+    return logits.reshape(*x.shape[:-1], weight.shape[0])
+
+
 class CosineLinear(nn.Linear):
     """A cosine classification head: ``nn.Linear``'s ``weight`` (C, D) and
     ``bias`` (C,), with logits ``scale * cos(x, weight_c) + bias_c``.
@@ -248,25 +271,13 @@ class CosineLinear(nn.Linear):
         """s: the fixed float, or ``log_scale.exp()`` (shape () or (C,))."""
         return self.log_scale.exp() if self.log_scale is not None else self.init_scale
 
-    def _check_features(self, x) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got "
-                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., C) = ``scale * cos + bias`` for x (..., D), without
         margins; float32 (float64 for float64 x), with or without bias, also
         under torch.autocast (whose dtype the cosine GEMM then runs in, so the
         cosines carry its rounding: about 2^-9 relative in bfloat16)."""
-        self._check_features(x)
-        logits = cosine_logits_ref(
-            x.reshape(-1, self.in_features), self.weight, scale=self.scale, bias=self.bias,
-            normalize_input=self.normalize_input, normalize_weight=self.normalize_weight, eps=self.eps,
-            normalize=_normalize_rows,
-        )
-        return logits.reshape(*x.shape[:-1], self.out_features)
+        return _head_logits(x, self.weight, self.scale, self.bias, self.normalize_input, self.normalize_weight,
+                            self.eps)
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, **kwargs):
         """The fused cross-entropy of this head on x (..., D) and target (...):
@@ -308,7 +319,7 @@ class CosineLinear(nn.Linear):
         k = int_option("k", k, lo=1, hi=self.out_features)
         if block_classes is not None:
             block_classes = int_option("block_classes", block_classes, lo=1)
-        self._check_features(x)
+        _check_features(x, self.in_features)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         n, c = x2.shape[0], self.out_features

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -410,6 +411,40 @@ def test_compile_fullgraph_forward_and_loss_on_cpu():
     g_e = torch.autograd.grad(loss_e + logits_e.square().mean(), params)
     for a, b in zip(g_c, g_e):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(bias=True, learn_scale=True), dict(per_class_scale=True)],
+                         ids=["fixed", "bias-learnt", "per-class"])
+def test_fx_symbolic_trace_keeps_the_head_as_one_node(kwargs):
+    # torchvision's create_feature_extractor and other fx tools trace through
+    # user modules: the head's checks and reshape met fx proxies and raised.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nnk.CosineLinear(16, 10, **kwargs))
+    traced = torch.fx.symbolic_trace(model)
+    assert sum(node.target is nnk.modules._head_logits for node in traced.graph.nodes) == 1
+    x = torch.randn(3, 5, 8)
+    out, want = traced(x), model(x)
+    assert torch.equal(out, want)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), list(model.parameters()))):
+        assert torch.equal(g, w)
+    with pytest.raises(ValueError, match=r"shape \(\.\.\., 16\)"):
+        torch.fx.symbolic_trace(model[2])(torch.randn(3, 7))
+
+
+def test_export_and_jit_trace_keep_the_head():
+    # The README's claim: torch.export and torch.jit.trace record the head
+    # (its nnk::row_normalize op), and the results run and agree.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nnk.CosineLinear(16, 10, bias=True))
+    x = torch.randn(4, 8)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 deprecates jit.trace
+        traced = torch.jit.trace(model, (x,))
+    torch.testing.assert_close(traced(x), model(x))
 
 
 HEAD_MEMORY_SCRIPT = textwrap.dedent("""
