@@ -18,6 +18,7 @@ import math
 import shlex
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -119,7 +120,11 @@ def sticky_cuda_error(e: BaseException) -> bool:
 
 def _failure(e: BaseException) -> tuple[str, str]:
     """The status of a provider that raised: ``oom``, ``unavailable`` (an
-    installed peer that does not import here), else ``error``."""
+    installed peer that does not import here), else ``error``. Also clears
+    the locals of the finished frames in e's traceback: they hold the failed
+    step's tensors, which the except block calling this would otherwise keep
+    alive (and cached on the GPU) while the next provider is timed."""
+    traceback.clear_frames(e.__traceback__)
     msg = " ".join(f"{type(e).__name__}: {e}".split())[:400]
     if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower() \
             or "can't allocate memory" in str(e):
@@ -200,9 +205,7 @@ class Bench:
             except Exception as e:  # noqa: BLE001
                 runs.pop(p.name, None)
                 fail(p, e)
-            else:
-                continue
-            _free(args.device)   # outside the except block, whose traceback holds the failed step's tensors
+                _free(args.device)
         by_name = {p.name: p for p in providers}
         # Everything alive now (modules imported by the builds, the inputs) is
         # left out of later collections: the gc.collect() before each memory

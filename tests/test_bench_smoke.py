@@ -248,3 +248,25 @@ def test_a_sticky_cuda_error_skips_the_rest():
     later = [r for r in rows if r["provider"] != "crashing"]
     assert later and all(r["status"] == "skipped" and "crashing hit a sticky CUDA error" in r["notes"]
                          for r in later)
+
+
+def test_a_failure_releases_the_failed_steps_tensors():
+    """The except block that records a failure holds its traceback, whose
+    frames hold the failed step's tensors: they are released before the next
+    provider runs (an OOM'd peer would otherwise keep its buffers)."""
+    import gc
+    import weakref
+
+    from bench.run import _failure
+
+    def step():
+        buffer = torch.empty(1 << 10)
+        step.buffer = weakref.ref(buffer)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    try:
+        step()
+    except RuntimeError as e:
+        assert _failure(e)[0] == "oom"
+        gc.collect()
+        assert step.buffer() is None
