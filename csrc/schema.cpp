@@ -1,6 +1,11 @@
 // The one schema file of the nnk operator library. Implementations register
 // per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cpp; fake (meta) kernels
-// and autograd formulas are registered from Python in nnk/ops/.
+// and the autograd formulas of the differentiable ops (row_normalize,
+// cosine_cross_entropy_fwd) are registered from Python in nnk/ops/; the
+// others are declared non-differentiable at the end of this file.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(nnk, m) {
@@ -61,3 +66,26 @@ TORCH_LIBRARY(nnk, m) {
   // float32 (float64 when features or shifts are float64).
   m.def("nc_centered_gram(Tensor features, Tensor labels, Tensor shifts) -> Tensor");
 }
+
+namespace {
+
+// The Autograd kernel of an op without a derivative (gradients, statistics):
+// it runs the op below autograd, so that inputs requiring grad neither reach
+// the kernels' own ATen calls with autograd on (out= variants refuse them)
+// nor give outputs that require grad with no formula behind them. This is
+// the registration torch.library.opcheck asks of a non-differentiable op.
+void below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                    torch::jit::Stack* stack) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nnk, Autograd, m) {
+  for (const char* name : {"row_normalize_backward", "cosine_cross_entropy_bwd",
+                           "cosine_cross_entropy_fwd_bwd", "nc_class_sums", "nc_centered_gram"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&below_autograd>());
+  }
+}
+

@@ -113,6 +113,7 @@ def test_opcheck_row_normalize(dtype, device):
     y, n = torch.ops.nnk.row_normalize(x, 1e-12)
     g = torch.randn_like(x)
     torch.library.opcheck(torch.ops.nnk.row_normalize_backward.default, (g, y, n, 1e-12))
+    torch.library.opcheck(torch.ops.nnk.row_normalize_backward.default, (g.requires_grad_(), y, n, 1e-12))
 
 
 @pytest.mark.skipif(not has_extension(), reason="nnk._C not built")

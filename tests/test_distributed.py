@@ -227,6 +227,33 @@ def test_sharded_head_scale_default_and_checks(one_rank_group):
                 head(x, t)
 
 
+def test_entry_points_take_the_single_process_options(one_rank_group):
+    # The issue's signatures: the sharded loss takes "the same options as the
+    # single-GPU op", the sharded head "CosineLinear options".
+    import inspect
+
+    def names(fn):
+        return set(inspect.signature(fn).parameters) - {"self", "args", "kwargs"}
+
+    assert names(nnk.cosine_cross_entropy) - {"weight"} <= names(cosine_cross_entropy)
+    module_owned = {"in_features", "out_features", "device", "dtype"}
+    assert names(nnk.CosineLinear.__init__) - module_owned <= names(ShardedCosineLinear.__init__)
+
+    torch.manual_seed(0)
+    x, w, t = torch.randn(5, 4), torch.randn(7, 4), torch.tensor([0, 6, 2, 3, 1])
+    x[1] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        cosine_cross_entropy(x, w, t, class_start=0, num_classes=7, check_finite=True)
+    x[1] = 1.0
+    kw = dict(normalize_input=False, normalize_weight=False, scale=2.0)
+    head = ShardedCosineLinear(4, 7, **kw)
+    torch.testing.assert_close(head(x, t), nnk.cosine_cross_entropy(x, head.weight, t, **kw))
+    head = ShardedCosineLinear(4, 7, per_class_scale=True)  # learnt, as CosineLinear's
+    assert isinstance(head.scale, torch.nn.Parameter) and head.scale.shape == (7,)
+    head(x, t).backward()
+    assert head.scale.grad is not None and head.scale.grad.abs().sum() > 0
+
+
 def test_shards_must_cover_every_class(one_rank_group):
     # Shards covering [0, 6) of num_classes=8: targets 6 and 7 would belong to
     # no rank, their rows a loss without a target term.

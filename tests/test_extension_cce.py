@@ -295,12 +295,46 @@ def test_opcheck(dtype, per_class, with_bias, device):
     for mask in ([True, True, True, with_bias], [False, True, per_class, False]):
         torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_fwd_bwd.default,
                               (x, w, t, s, b, g, *bwd, mask))
+    # Inputs that require grad (torch.library.opcheck's advice): the forward
+    # is differentiable through the backward op; the others run below
+    # autograd (their ATen calls with out= refused such inputs before).
+    xg, wg, sg = (v.clone().requires_grad_() for v in (x, w, s))
+    bg = b.clone().requires_grad_() if b is not None else None
+    torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_fwd.default, (xg, wg, t, sg, bg, *fwd))
+    torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_bwd.default,
+                          (g.clone().requires_grad_(), None, xg, wg, t, sg, bg, lse, lse_lo, *bwd,
+                           [True, True, True, with_bias]))
+    torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_fwd_bwd.default,
+                          (xg, wg, t, sg, bg, g, *bwd, [True, True, True, with_bias]))
+    grads = torch.ops.nnk.cosine_cross_entropy_fwd_bwd(xg, wg, t, sg, bg, g, *bwd, [True, True, True, with_bias])
+    assert not any(v.requires_grad for v in grads)
+
+
+def test_forward_op_gradients_are_the_exact_derivative():
+    # The op's registered derivative (the backward op, exact margin gradient)
+    # against finite differences, float64, every differentiable input.
+    x, w, t, s, b = _op_args("cpu", torch.float64, True, True, c=7)
+    inputs = [v.clone().requires_grad_() for v in (x, w, s.double(), b)]
+
+    def f(x, w, s, b):
+        loss, lse, _ = torch.ops.nnk.cosine_cross_entropy_fwd(
+            x, w, t, s, b, True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4)
+        return loss, lse
+
+    assert torch.autograd.gradcheck(f, inputs)
+    loss, lse = f(*inputs)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss.sum(), inputs[0], create_graph=True)
 
 
 def test_op_rejects_bad_input():
     x, w, t, s, b = _op_args("cpu", torch.float32, False, True)
     fwd = (True, True, 0.0, 0.0, -100, 0.0, 0.0, 1e-12, 0)
     op = torch.ops.nnk.cosine_cross_entropy_fwd
+    # A meta tensor among CPU ones dispatched to the fake kernel, which
+    # returned unwritten CPU tensors.
+    with pytest.raises(RuntimeError, match="tensors on cpu and meta"):
+        op(x, w.to("meta"), t, s, b, *fwd)
     with pytest.raises(RuntimeError, match="weight must have D=6"):
         op(x, w[:, :5], t, s, b, *fwd)
     with pytest.raises(RuntimeError, match="weight dtype"):

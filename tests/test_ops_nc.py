@@ -121,6 +121,14 @@ def test_opcheck(dtype, batch, device):
     h, y = _data(batch, 33, 70, 5, dtype, device)
     torch.library.opcheck(torch.ops.nnk.nc_class_sums.default, (h, y, 5))
     torch.library.opcheck(torch.ops.nnk.nc_centered_gram.default, (h, y, torch.randn(5, 70, device=device)))
+    # Features that require grad: statistics, not differentiable (run below
+    # autograd; their outputs do not require grad).
+    hg = h.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.nnk.nc_class_sums.default, (hg, y, 5))
+    torch.library.opcheck(torch.ops.nnk.nc_centered_gram.default, (hg, y, torch.randn(5, 70, device=device)))
+    assert not torch.ops.nnk.nc_centered_gram(hg, y, torch.zeros(5, 70, device=device)).requires_grad
+    with pytest.raises(RuntimeError, match="tensors on cpu and meta"):
+        torch.ops.nnk.nc_centered_gram(h.cpu(), y.cpu(), torch.zeros(5, 70, device="meta"))
 
 
 def test_torch_compile_fullgraph_cpu():

@@ -156,6 +156,7 @@ def cosine_cross_entropy(
     return_lse: bool = False,
     impl: str = "auto",
     deterministic: bool | None = None,
+    check_finite: bool = False,
 ):
     """:func:`nnk.cosine_cross_entropy` with the classes sharded over the ranks of
     ``group``: rank r holds rows ``[class_start, class_start + C_local)`` of the
@@ -190,8 +191,10 @@ def cosine_cross_entropy(
         bias: this rank's (C_local,) biases, or None.
         normalize_input, normalize_weight, additive_margin, angular_margin,
         margin_grad, ignore_index, label_smoothing, reduction, z_loss, eps,
-        return_lse, impl, deterministic: as :func:`nnk.cosine_cross_entropy`
-            (impl picks the local backend of the partials).
+        return_lse, impl, deterministic, check_finite: as
+            :func:`nnk.cosine_cross_entropy` (impl picks the local backend of
+            the partials; check_finite checks this rank's x, shard and bias, and
+            every rank raises when one finds NaN or Inf).
 
     Returns:
         As :func:`nnk.cosine_cross_entropy`; the same value on every rank.
@@ -215,7 +218,8 @@ def cosine_cross_entropy(
             ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, eps=eps,
             deterministic=deterministic_flag(deterministic), float32=float32_options(getattr(x, "dtype", None)),
         )
-        local, s = check_shard(x, weight_shard, target, scale, bias, opts, class_start, num_classes)
+        local, s = check_shard(x, weight_shard, target, scale, bias, opts, class_start, num_classes,
+                               check_finite=flag("check_finite", check_finite))
         shared_scale = not (isinstance(s, torch.Tensor) and s.dim() == 1)
         values = {
             "N (x.shape[0])": x.shape[0], "D (x.shape[1])": x.shape[1], "x.dtype": str(x.dtype),

@@ -77,8 +77,10 @@ def local_targets(target: torch.Tensor, class_start: int, num_local: int, ignore
     return torch.where(inside, target - class_start, torch.full_like(target, LOCAL_IGNORE))
 
 
-def check_shard(x, weight_shard, target, scale, bias, opts: CCEOptions, class_start, num_classes):
-    """All the local checks of a sharded call (before any collective).
+def check_shard(x, weight_shard, target, scale, bias, opts: CCEOptions, class_start, num_classes, *,
+                check_finite: bool = False):
+    """All the local checks of a sharded call (before any collective);
+    ``check_finite`` as in :func:`nnk.cosine_cross_entropy` (weight: the shard).
 
     Returns ``(local_target, scale)``: the targets relative to the shard (see
     :func:`local_targets`) and the scale as ``check_tensors`` returns it."""
@@ -91,7 +93,8 @@ def check_shard(x, weight_shard, target, scale, bias, opts: CCEOptions, class_st
     num_local = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() == 2 else 0
     local = local_targets(target, class_start, num_local, opts.ignore_index)
     # The shard's own checks (shapes, dtypes, devices, scale and bias per local class).
-    local, scale = check_tensors(x, weight_shard, local, scale, bias, replace(opts, ignore_index=LOCAL_IGNORE))
+    local, scale = check_tensors(x, weight_shard, local, scale, bias, replace(opts, ignore_index=LOCAL_IGNORE),
+                                 check_finite=check_finite)
     if class_start + num_local > num_classes:
         raise ValueError(
             f"the shard [class_start, class_start + weight_shard.shape[0]) = [{class_start}, "

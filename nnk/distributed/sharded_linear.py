@@ -101,11 +101,10 @@ class ShardedCosineLinear(nn.Module):
             A learnt s is checked (finite, > 0) at each forward.
         learn_scale: make s a parameter (a shared scalar, its gradient summed over
             the ranks, or per class with ``per_class_scale``).
-        per_class_scale: one scale per class (sharded like the weight); fixed
-            unless ``learn_scale`` (``nnk.CosineLinear``'s per_class_scale
-            implies learn_scale instead).
+        per_class_scale: learn one scale per class (sharded like the weight);
+            implies learn_scale, as in ``nnk.CosineLinear``.
         bias: learn a (C,) bias, sharded.
-        additive_margin, angular_margin, margin_grad, ignore_index,
+        normalize_input, normalize_weight, additive_margin, angular_margin, margin_grad, ignore_index,
         label_smoothing, z_loss, reduction, eps, impl, deterministic: as
             :func:`nnk.cosine_cross_entropy` (impl: the local backend).
         sample_rate: in (0, 1]; below 1, in training mode each rank keeps the
@@ -129,7 +128,7 @@ class ShardedCosineLinear(nn.Module):
 
     def __init__(self, in_features: int, num_classes: int, group=None, *, scale: float | None = None,
                  learn_scale: bool = False, per_class_scale: bool = False, bias: bool = False,
-                 additive_margin: float = 0.0, angular_margin: float = 0.0, margin_grad: str = "exact",
+                 normalize_input: bool = True, normalize_weight: bool = True, additive_margin: float = 0.0, angular_margin: float = 0.0, margin_grad: str = "exact",
                  ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0,
                  reduction: str = "mean", eps: float = 1e-12, sample_rate: float = 1.0,
                  ddp_average: bool = True, impl: str = "auto", deterministic: bool | None = None,
@@ -139,7 +138,7 @@ class ShardedCosineLinear(nn.Module):
         self.in_features = int_option("in_features", in_features, lo=1)
         self.num_classes = int_option("num_classes", num_classes, lo=world)
         self.opts = make_options(
-            normalize_input=True, normalize_weight=True, additive_margin=additive_margin,
+            normalize_input=normalize_input, normalize_weight=normalize_weight, additive_margin=additive_margin,
             angular_margin=angular_margin, margin_grad=margin_grad, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, eps=eps, float32=float32_options(dtype),
         )
@@ -150,6 +149,7 @@ class ShardedCosineLinear(nn.Module):
                              "it cannot be combined with sample_rate < 1")
         learn_scale, per_class_scale, bias = (flag(k, v) for k, v in (
             ("learn_scale", learn_scale), ("per_class_scale", per_class_scale), ("bias", bias)))
+        learn_scale = learn_scale or per_class_scale
         self.group, self.ddp_average = group, flag("ddp_average", ddp_average)
         self.impl = _choice("impl", impl, IMPLS)
         self.deterministic = None if deterministic is None else flag("deterministic", deterministic)
@@ -165,12 +165,7 @@ class ShardedCosineLinear(nn.Module):
         # float32 like nnk's scales (float64 heads keep a float64 scale for gradcheck-grade tests).
         scale_t = torch.empty(scale_shape, device=device,
                               dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-        if learn_scale:
-            self.scale = nn.Parameter(scale_t)
-        elif per_class_scale:
-            self.register_buffer("scale", scale_t)
-        else:
-            self.scale = self._scale_init
+        self.scale = nn.Parameter(scale_t) if learn_scale else self._scale_init
         self.bias = nn.Parameter(torch.empty(self.num_local, **factory)) if bias else None
         # The state entries that hold one row per class (sharded like the weight).
         self._per_class = ("weight",) + (("scale",) if per_class_scale else ()) + (("bias",) if bias else ())

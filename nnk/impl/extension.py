@@ -43,7 +43,7 @@ import torch
 
 from . import first_order
 from .._options import CCEOptions, env_flag
-from ..ops.cce import bwd_options, fwd_options
+from ..ops.cce import bwd_options, cce_backward, fwd_options
 from ..reference import reduce_rows
 
 
@@ -58,13 +58,8 @@ class _ExtensionCCE(torch.autograd.Function):
     @staticmethod
     @first_order
     def backward(ctx, g_row, g_lse):
-        x, weight, target, scale, bias, lse, lse_lo = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], need[1], need[2], bias is not None and need[3]]
-        dx, dw, ds, db = torch.ops.nnk.cosine_cross_entropy_bwd(
-            g_row, g_lse, x, weight, target, scale, bias, lse, lse_lo, *ctx.bwd_args, mask)
-        return (dx if mask[0] else None, dw if mask[1] else None, ds if mask[2] else None,
-                db if mask[3] else None, None, None, None)
+        grads = cce_backward(g_row, g_lse, *ctx.saved_tensors, ctx.bwd_args, ctx.needs_input_grad[:4])
+        return (*grads, None, None, None)
 
 
 # Elements per float32 temporary of the in-place scaling of 16-bit gradients.

@@ -1,15 +1,18 @@
 """``nnk::cosine_cross_entropy_fwd`` / ``_bwd`` / ``_fwd_bwd``: fake kernels
-(so that torch.compile traces them) and the argument tuples the backend builds.
-
-The autograd formula is not registered on the ops: the backend
-``nnk.impl.extension`` wraps them in torch.autograd.Functions.
+(so that torch.compile traces them), the argument tuples the backend builds,
+and the derivative of ``_fwd`` (through ``_bwd``, with the exact margin
+derivative) for callers of the op itself. ``_bwd`` and ``_fwd_bwd`` are not
+differentiable (csrc/schema.cpp). The backend ``nnk.impl.extension`` wraps
+the ops in torch.autograd.Functions of its own, which also offer the
+detached margin gradient and the gradients computed in the forward.
 """
 from __future__ import annotations
 
 import torch
 
 from .._options import CCEOptions
-from ._extension import has_op
+from ..impl import first_order
+from ._extension import has_op, same_device
 
 
 def fwd_options(opts: CCEOptions, chunk_rows: int) -> tuple:
@@ -27,6 +30,16 @@ def bwd_options(opts: CCEOptions, chunk_rows: int) -> tuple:
             chunk_rows)
 
 
+def cce_backward(g_row, g_lse, x, weight, target, scale, bias, lse, lse_lo, bwd_args: tuple, needs) -> tuple:
+    """``(dx, dweight, dscale, dbias)`` of the forward's row losses and lse
+    from ``nnk::cosine_cross_entropy_bwd``; None for an input that ``needs``
+    (4 flags in that order) leaves out or that is None."""
+    mask = [bool(needs[0]), bool(needs[1]), bool(needs[2]), bias is not None and bool(needs[3])]
+    grads = torch.ops.nnk.cosine_cross_entropy_bwd(
+        g_row, g_lse, x, weight, target, scale, bias, lse, lse_lo, *bwd_args, mask)
+    return tuple(g if on else None for g, on in zip(grads, mask))
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -40,9 +53,27 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
                       chunk_rows):
         torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
         torch._check(weight.shape[1] == x.shape[1], lambda: "weight and x must have the same D")
+        same_device("cosine_cross_entropy_fwd", x, weight, target, scale, bias)
         n = x.shape[0]
         acc = _acc(x.dtype)
         return tuple(x.new_empty((n,), dtype=acc) for _ in range(3))  # loss, lse, lse_lo
+
+    def _fwd_setup_context(ctx, inputs, output):
+        x, weight, target, scale, bias, norm_x, norm_w, additive, angular, ignore, ls, zl, eps, rows = inputs
+        _, lse, lse_lo = output
+        ctx.save_for_backward(x, weight, target, scale, bias, lse, lse_lo)
+        ctx.mark_non_differentiable(lse_lo)
+        ctx.bwd_args = (norm_x, norm_w, additive, angular, True, ignore, ls, zl, eps, rows)
+
+    @first_order
+    def _fwd_backward(ctx, g_row, g_lse, _g_lse_lo):
+        need = ctx.needs_input_grad
+        dx, dw, ds, db = cce_backward(g_row, g_lse, *ctx.saved_tensors, ctx.bwd_args,
+                                      (need[0], need[1], need[3], need[4]))
+        return (dx, dw, None, ds, db) + (None,) * 9
+
+    torch.library.register_autograd("nnk::cosine_cross_entropy_fwd", _fwd_backward,
+                                    setup_context=_fwd_setup_context)
 
     def _grad_like(t, x, on):
         """A gradient of t (shape and dtype of t, contiguous), or the empty
@@ -55,6 +86,7 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
     def _cce_bwd_fake(grad_loss, grad_lse, x, weight, target, scale, bias, lse, lse_lo, normalize_input,
                       normalize_weight, additive_margin, angular_margin, exact_margin, ignore_index,
                       label_smoothing, z_loss, eps, chunk_rows, output_mask):
+        same_device("cosine_cross_entropy_bwd", x, grad_loss, grad_lse, weight, target, scale, bias, lse, lse_lo)
         return tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
 
     # Builds older than the fused training op lack it.
@@ -64,6 +96,7 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
         def _cce_fwd_bwd_fake(x, weight, target, scale, bias, grad_loss, normalize_input,
                               normalize_weight, additive_margin, angular_margin, exact_margin,
                               ignore_index, label_smoothing, z_loss, eps, chunk_rows, output_mask):
+            same_device("cosine_cross_entropy_fwd_bwd", x, grad_loss)
             loss, lse, _lse_lo = _cce_fwd_fake(x, weight, target, scale, bias, normalize_input, normalize_weight,
                                       additive_margin, angular_margin, ignore_index, label_smoothing,
                                       z_loss, eps, chunk_rows)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import nc_centered_gram_ref, nc_class_sums_ref
-from ._extension import has_op
+from ._extension import has_op, same_device
 
 
 def _acc(*dtypes: torch.dtype) -> torch.dtype:
@@ -23,6 +23,7 @@ if has_op("nc_class_sums", "cpu") and has_op("nc_centered_gram", "cpu"):
 
     @torch.library.register_fake("nnk::nc_class_sums")
     def _nc_class_sums_fake(features, labels, num_classes):
+        same_device("nc_class_sums", features, labels)
         torch._check(features.dim() in (2, 3), lambda: "features must be (N, D) or (B, N, D)")
         torch._check(labels.dim() == 1 and labels.shape[0] == features.shape[-2],
                      lambda: "labels must have one entry per row of features")
@@ -32,6 +33,7 @@ if has_op("nc_class_sums", "cpu") and has_op("nc_centered_gram", "cpu"):
 
     @torch.library.register_fake("nnk::nc_centered_gram")
     def _nc_centered_gram_fake(features, labels, shifts):
+        same_device("nc_centered_gram", features, labels, shifts)
         torch._check(features.dim() in (2, 3), lambda: "features must be (N, D) or (B, N, D)")
         torch._check(shifts.shape[-1] == features.shape[-1], lambda: "shifts must have D columns")
         d = features.shape[-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import row_normalize_backward_ref, row_normalize_ref
-from ._extension import has_extension, has_op
+from ._extension import has_extension, has_op, same_device
 
 
 def _setup_context(ctx, inputs, output):
@@ -59,6 +59,7 @@ if has_extension():
 
     @torch.library.register_fake("nnk::row_normalize_backward")
     def _row_normalize_backward_fake(grad_y, y, norm, eps):
+        same_device("row_normalize_backward", y, grad_y, norm)
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     torch.library.register_autograd(
