@@ -14,8 +14,9 @@ IMPLS = ("auto", "cuda", "triton", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "detached")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# An angular margin above pi/2 rad is almost surely degrees passed as radians.
-MAX_ANGULAR_MARGIN = math.pi / 2
+# Beyond pi every target takes ArcFace's fallback; an angular margin that large
+# is almost surely degrees passed as radians (ArcFace's 0.5 rad is 28.6 degrees).
+MAX_ANGULAR_MARGIN = math.pi
 
 
 @dataclass(frozen=True)
@@ -69,13 +70,18 @@ def float32_options(dtype) -> bool:
     return (dtype if dtype is not None else torch.get_default_dtype()) != torch.float64
 
 
-def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False, float32=True) -> float:
+def _finite_float(name: str, v, *, lo=None, hi=None, lo_open=False, float32=True, flush_tiny=False) -> float:
     if not _is_real(v):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     v = float(v)
     # Comparisons rather than math.isfinite, which torch.compile cannot trace on a SymFloat.
     if not -math.inf < v < math.inf:
         raise ValueError(f"{name} must be finite, got {v}")
+    # flush_tiny (margins, smoothing, z-loss: terms added to float32 values):
+    # a magnitude below float32's normal range cannot change a float32 result
+    # (and GPUs flush it to 0): it is 0, as in PyTorch's float32 arithmetic.
+    if float32 and flush_tiny and -_F32_TINY < v < _F32_TINY:
+        v = 0.0
     # The kernels take options as float32: 1e39 would become inf (a NaN loss),
     # and a subnormal one is flushed to 0 on GPUs (eps = 1e-39 would then divide by 0).
     # (float32=False: float64 inputs, computed in float64 throughout.)
@@ -140,13 +146,14 @@ def make_options(
     opts = CCEOptions(
         normalize_input=flag("normalize_input", normalize_input),
         normalize_weight=flag("normalize_weight", normalize_weight),
-        additive_margin=_finite_float("additive_margin", additive_margin, float32=float32),
+        additive_margin=_finite_float("additive_margin", additive_margin, float32=float32, flush_tiny=True),
         angular_margin=_finite_float("angular_margin", angular_margin, lo=0.0, hi=MAX_ANGULAR_MARGIN,
-                                     float32=float32),
+                                     float32=float32, flush_tiny=True),
         margin_grad=_choice("margin_grad", margin_grad, MARGIN_GRADS),
         ignore_index=ignore_index,
-        label_smoothing=_finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0, float32=float32),
-        z_loss=_finite_float("z_loss", z_loss, lo=0.0, float32=float32),
+        label_smoothing=_finite_float("label_smoothing", label_smoothing, lo=0.0, hi=1.0, float32=float32,
+                                      flush_tiny=True),
+        z_loss=_finite_float("z_loss", z_loss, lo=0.0, float32=float32, flush_tiny=True),
         eps=_finite_float("eps", eps, lo=0.0, lo_open=True, float32=float32),
         deterministic=flag("deterministic", deterministic),
     )

@@ -203,7 +203,7 @@ def cosine_cross_entropy(
         normalize_input: L2-normalize the rows of x (gradient flows through it).
         normalize_weight: L2-normalize the rows of weight.
         additive_margin: CosFace m: the target cosine becomes ``cos - m``.
-        angular_margin: ArcFace m in radians, in [0, pi/2]: the target cosine
+        angular_margin: ArcFace m in radians, in [0, pi]: the target cosine
             becomes ``cos(theta + m)``; needs both normalizations.
         margin_grad: ``"exact"`` differentiates the margins (the ArcFace derivative
             ``cos m + sin m cos(theta) / sin(theta)`` with sin(theta) clamped at

@@ -213,7 +213,9 @@ def cosine_cross_entropy_ref(
     )
     lse = torch.logsumexp(logits, dim=1)
     if z_loss != 0.0:
-        row = row + z_loss * lse.square() * valid
+        # where, not * valid: a "mean" over no valid row sends inf to every
+        # row's gradient, and inf * 0 would make the ignored rows' NaN.
+        row = row + torch.where(valid, z_loss * lse.square(), 0.0)
     loss = reduce_rows(row, valid, reduction)
     return (loss, lse) if return_lse else loss
 

@@ -48,6 +48,15 @@ def test_arcface_s64_at_cos_plus_minus_one(impl, device, margin_grad):
         assert_within_bound(errs, atol=2e-3)
 
 
+@pytest.mark.parametrize("margin", [2.0, 3.0])
+def test_angular_margins_beyond_pi_over_2(impl, device, margin):
+    """The definition puts no bound below pi on m: the ArcFace branch then
+    holds for cos_t >= -cos m > 0 only, most targets take the fallback."""
+    opts = {"scale": 16.0, "angular_margin": margin, "margin_grad": "exact"}
+    errs = error_table(_fn(impl), opts, 33, 24, 257, torch.float32, device=device)
+    assert_within_bound(errs, atol=1e-5)
+
+
 def test_all_logits_equal(impl, device):
     x, w, t, kw, leaves = make_inputs(9, 16, 130, {"scale": 30.0}, dtype=torch.float32, device=device)
     with torch.no_grad():

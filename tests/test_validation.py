@@ -52,7 +52,6 @@ CASES = [
     ("scale_above_float32", ValueError, "scale=1e[+]39 is not a normal float32", lambda a, k: k.update(scale=1e39)),
     ("z_loss_above_float32", ValueError, "z_loss=1e[+]39 is not a normal float32", lambda a, k: k.update(z_loss=1e39)),
     ("eps_subnormal", ValueError, "eps=1e-39 is not a normal float32", lambda a, k: k.update(eps=1e-39)),
-    ("smoothing_subnormal", ValueError, "label_smoothing=1e-40 is not", lambda a, k: k.update(label_smoothing=1e-40)),
     ("x_nan_checked", ValueError, "x contains NaN", lambda a, k: (a[0].__setitem__((1, 1), math.nan), k.update(check_finite=True))),
     ("bias_inf_checked", ValueError, "bias contains NaN or Inf", lambda a, k: k.update(bias=torch.tensor([0, math.inf, 0, 0, 0.]), check_finite=True)),
     ("ignore_index_float", TypeError, "ignore_index must be an int", lambda a, k: k.update(ignore_index=-100.0)),
@@ -259,6 +258,33 @@ def test_float64_inputs_take_float64_options():
     assert torch.isfinite(head.loss(x, t, impl="torch"))
     with pytest.raises(ValueError, match="not a normal float32"):
         nnk.CosineLinear(3, 5, eps=1e-300)
+
+
+def test_float32_options_below_the_normal_range_are_zero():
+    # Margins, smoothing and z-loss below float32's smallest normal number
+    # cannot change a float32 loss; property tests draw them (5e-324,
+    # 8e-103): they count as 0 instead of raising. eps and scale, which
+    # divide and multiply, still must be normal float32 numbers.
+    x, w, t = _ok()
+    tiny = dict(additive_margin=-1e-100, angular_margin=1e-40, label_smoothing=5e-324, z_loss=1e-45)
+    want = nnk.cosine_cross_entropy(x, w, t)
+    assert torch.equal(nnk.cosine_cross_entropy(x, w, t, **tiny), want)
+    heads = []
+    for margin in (1e-300, 0.0):
+        torch.manual_seed(0)
+        heads.append(nnk.CosineLinear(3, 5, additive_margin=margin))
+    assert torch.equal(heads[0].loss(x, t, z_loss=1e-300), heads[1].loss(x, t))
+    with pytest.raises(ValueError, match="eps=1e-39 is not a normal float32"):
+        nnk.cosine_cross_entropy(x, w, t, eps=1e-39)
+
+
+def test_reference_all_ignored_mean_with_z_loss_has_zero_gradients():
+    # As F.cross_entropy (and the kernels): NaN loss, zero gradients; the
+    # reference's z-loss term made them NaN (inf * 0).
+    x = torch.randn(3, 4, requires_grad=True)
+    loss = cosine_cross_entropy_ref(x, torch.randn(5, 4), torch.full((3,), -100), z_loss=0.1)
+    loss.backward()
+    assert loss.isnan() and torch.equal(x.grad, torch.zeros_like(x))
 
 
 def test_float64_is_left_alone_under_autocast():
