@@ -163,7 +163,9 @@ def _head_logits(x, weight, scale, bias, normalize_input: bool, normalize_weight
         x.reshape(-1, d), weight, scale=scale, bias=bias, normalize_input=normalize_input,
         normalize_weight=normalize_weight, eps=eps, normalize=_normalize_rows,
     )
-    return logits.reshape(*x.shape[:-1], weight.shape[0])
+    # For 2-D x the logits themselves, not a view of them (FSDP2 warns about
+    # module outputs that are views: an in-place op on one skips its hooks).
+    return logits if x.dim() == 2 else logits.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class CosineLinear(nn.Linear):
@@ -195,9 +197,11 @@ class CosineLinear(nn.Linear):
         eps: lower bound on the norms, as ``F.normalize``.
         device, dtype: of the parameters, as ``nn.Linear``.
 
-    A learnable scale is stored as ``log_scale`` (shape () or (C,)) and read
-    as ``scale = log_scale.exp()``: positive by construction, and its
-    gradient steps are relative. Exclude it from weight decay, which would
+    A learnable scale is stored as ``log_scale`` (shape (1,), or (C,) per
+    class) and read as ``scale = log_scale.exp()`` (0-d, or (C,)): positive
+    by construction, and its gradient steps are relative. (1,) rather than ():
+    FSDP2's ``fully_shard`` refuses 0-d parameters; a 0-d ``log_scale`` of an
+    older checkpoint still loads. Exclude it from weight decay, which would
     pull s toward 1.
 
     ``state_dict``: with a fixed scale the keys are exactly nn.Linear's
@@ -257,7 +261,7 @@ class CosineLinear(nn.Linear):
             self.register_parameter("log_scale", None)
 
     def _new_log_scale(self, device, dtype) -> nn.Parameter:
-        shape = (self.out_features,) if self.per_class_scale else ()
+        shape = (self.out_features,) if self.per_class_scale else (1,)
         return nn.Parameter(torch.full(shape, math.log(self.init_scale), device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
@@ -269,7 +273,9 @@ class CosineLinear(nn.Linear):
     @property
     def scale(self) -> float | torch.Tensor:
         """s: the fixed float, or ``log_scale.exp()`` (shape () or (C,))."""
-        return self.log_scale.exp() if self.log_scale is not None else self.init_scale
+        if self.log_scale is None:
+            return self.init_scale
+        return self.log_scale.exp() if self.per_class_scale else self.log_scale.exp().reshape(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., C) = ``scale * cos + bias`` for x (..., D), without
@@ -418,6 +424,11 @@ class CosineLinear(nn.Linear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
                               missing_keys, unexpected_keys, error_msgs):
+        # A shared log_scale was 0-d before it became (1,) (FSDP2).
+        old = state_dict.get(prefix + "log_scale")
+        if isinstance(old, torch.Tensor) and old.dim() == 0 and self.log_scale is not None \
+                and not self.per_class_scale:
+            state_dict[prefix + "log_scale"] = old.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
         # An nn.Linear state_dict has no log_scale: keep the current value.

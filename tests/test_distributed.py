@@ -711,6 +711,49 @@ def _check_module_training(rec, rank, world, tag):
     rec.close(f"{tag}:module:feature_grad_without_ddp", f.grad, f_ref.grad[lo:hi])
 
 
+class _Net(torch.nn.Module):
+    """A backbone and a CosineLinear head whose forward is the head's loss."""
+
+    def __init__(self, din):
+        super().__init__()
+        self.body = torch.nn.Linear(din, D, dtype=torch.float64)
+        self.head = nnk.CosineLinear(D, C, bias=True, learn_scale=True, scale=10.0, additive_margin=0.1,
+                                     dtype=torch.float64)
+
+    def forward(self, u, y):
+        return self.head.loss(self.body(u), y, reduction="sum")
+
+
+def _check_fsdp(rec, rank, world, tag):
+    """CosineLinear under FSDP2 (issue 6: "FSDP ... treat it like one"): the
+    head and the whole net sharded with fully_shard, the head's loss method
+    registered as a forward method, a learnt shared scale (a (1,) parameter:
+    fully_shard refuses 0-d ones). Trains as one process on the global batch."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    din = 4
+    torch.manual_seed(5)
+    net = _Net(din)
+    ref = copy.deepcopy(net)
+    fully_shard(net.head)
+    fully_shard(net)
+    register_fsdp_forward_method(net.head, "loss")
+    opt, opt_ref = MomentumSGD(net.parameters(), lr=0.05, momentum=0.9), MomentumSGD(ref.parameters(), lr=0.05,
+                                                                                   momentum=0.9)
+    sizes = SPLITS[world]
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    for step in range(3):
+        u, y = _batch(step, din)
+        loss = net(u[lo:hi], y[lo:hi])
+        # FSDP averages the ranks' gradients: of the summed loss over the world.
+        loss_ref = ref(u, y) / world
+        opt.zero_grad(), opt_ref.zero_grad()
+        loss.backward(), loss_ref.backward()
+        opt.step(), opt_ref.step()
+    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
+        rec.close(f"{tag}:fsdp:trained:{name}", p.full_tensor(), p_ref)
+
+
 def _check_module_sampling(rec, rank, world, tag):
     import torch.distributed as dist
 
@@ -821,6 +864,8 @@ def _worker(rank, world, port, tmp):
         _check_module_sampling(rec, rank, world, tag)
         if world == 3:
             _check_reshard(rec, rank, world, tmp, tag)
+        else:  # (fully_shard imports torch._dynamo: seconds per process)
+            _check_fsdp(rec, rank, world, tag)
         rec.seen.append(f"{tag}:seconds:{time.perf_counter() - t0:.1f}")
         dist.barrier()
     except Exception:
@@ -877,6 +922,12 @@ def test_mismatched_arguments_raise_on_every_rank(ranks):
 
 def test_module_training_matches_single_process_under_ddp(ranks):
     _assert_checks(ranks, "module", 15)
+
+
+def test_cosine_linear_trains_under_fsdp2(ranks):
+    if ranks[0] != 2:
+        pytest.skip("run on 2 ranks only (FSDP2's imports cost seconds per process)")
+    _assert_checks(ranks, "fsdp", 5)
 
 
 def test_module_negative_sampling(ranks):

@@ -88,7 +88,8 @@ def test_state_dict_round_trips_with_linear(bias):
 def test_state_dict_with_learned_scale(per_class):
     torch.manual_seed(0)
     head = nnk.CosineLinear(6, 4, bias=True, scale=10.0, learn_scale=True, per_class_scale=per_class)
-    assert head.log_scale.shape == ((4,) if per_class else ())
+    assert head.log_scale.shape == ((4,) if per_class else (1,))  # FSDP2 refuses 0-d parameters
+    assert head.scale.shape == ((4,) if per_class else ())
     with torch.no_grad():
         head.log_scale.add_(torch.linspace(0.1, 0.4, 4) if per_class else torch.tensor(0.3))
     learned = head.log_scale.detach().clone()
@@ -104,6 +105,16 @@ def test_state_dict_with_learned_scale(per_class):
     assert torch.equal(other.log_scale, learned)
     other.reset_parameters()
     assert torch.allclose(other.log_scale, torch.full_like(learned, math.log(10.0)))
+    if not per_class:  # a checkpoint of the 0-d log_scale of earlier versions
+        other.load_state_dict({**head.state_dict(), "log_scale": learned.reshape(())})
+        assert torch.equal(other.log_scale, learned)
+
+
+def test_forward_returns_its_logits_not_a_view():
+    # FSDP2 warns about module outputs that are views (an in-place op on one
+    # would skip its backward hook): for 2-D x, as nn.Linear, a fresh tensor.
+    head = nnk.CosineLinear(6, 4)
+    assert head(torch.randn(3, 6))._base is None
 
 
 # --- forward ---------------------------------------------------------------------
@@ -326,7 +337,7 @@ def test_learnable_scales_get_gradients():
         # d loss / d log s = s * d loss / d s, against the reference.
         s = head.scale.detach().requires_grad_()
         (g_s,) = torch.autograd.grad(cosine_cross_entropy_ref(x, head.weight, t, scale=s), [s])
-        torch.testing.assert_close(g, s.detach() * g_s, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g, (s.detach() * g_s).reshape(g.shape), rtol=1e-4, atol=1e-6)
 
 
 def test_loss_module_equals_functional():
