@@ -41,8 +41,9 @@ class NCTracker:
         num_classes: K.
         dim: D, the feature dimension.
         device: where the state lives and the batches must be (default CPU).
-        batch: None for (N, D) batches; B for (B, N, D) batches (B feature
-            sets sharing the labels).
+        batch: B for (B, N, D) batches (B feature sets sharing the labels);
+            None: (N, D) batches, or (B, N, D) ones when the first non-empty
+            batch has that shape (B is then fixed, as if given).
         impl: ``"auto" | "triton" | "torch" | "cuda"``, resolved per batch.
 
     State: O(K D + D^2) float64 (two (K, D) and one (D, D) buffer per B).
@@ -103,6 +104,10 @@ class NCTracker:
             raise RuntimeError(
                 "NCTracker.update() after all_reduce() or begin_nc4(): the statistics are final; call reset() first"
             )
+        if (self.batch is None and isinstance(features, torch.Tensor) and features.dim() == 3
+                and features.shape[0] > 0 and features.shape[1] > 0 and self.n == 0):
+            self.batch = features.shape[0]
+            self.reset()
         features = self._check_batch(features)
         labels = check_labels(labels, features.shape[-2], self.num_classes, self.device)
         if features.shape[-2] == 0:

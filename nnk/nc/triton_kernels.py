@@ -15,17 +15,14 @@ float16 / bfloat16 / float32, any strides; results in float32):
   (G is symmetric; each is stored twice). Rows may be split over several
   programs whose partial Grams are summed in a fixed order (deterministic).
 
-Precision of the tile product: float32 features use IEEE fp32 ``tl.dot``
-(never tf32). For float16 / bfloat16 features the *centered* values (computed
-in fp32) are rounded back to the feature dtype for the tensor-core product with
-fp32 accumulation: the rounding error is relative to ``|h - c|``, not to
-``|h|``, so it stays far below the error already present in 16-bit storage,
-even on collapsed features. ``|h - c|`` may exceed float16's 65504 (opposite
-signs, or a shift far from the features): float16 tiles are multiplied by a
-power of two 2^-k, computed on the device from ``max|h| + max|c|`` (no host
-sync), before the rounding, and G by 4^k after; k = 0 unless that bound
-exceeds 32768, and a power of two changes no mantissa. Under ``TRITON_INTERPRET=1`` bfloat16 arithmetic is
-broken (triton #4972), so there the product of bf16 features stays in fp32.
+Precision of the tile product: the centered values are formed in fp32 and
+multiplied with IEEE fp32 ``tl.dot`` (never tf32), whatever the feature dtype.
+Rounding them back to float16 / bfloat16 for a tensor-core product erred by
+2^-11 / 2^-8 of ``|h - c|`` per value: Sigma_W of float16 features was off by
+7e-5 relative (4e-4 for features near float16's subnormals) where the PyTorch
+reference, which centers and multiplies in fp32, is off by 4e-7 (measured under
+the interpreter). The Gram costs O(N D^2), small beside a training step that
+produced the features, so exactness wins over tensor-core speed here.
 """
 from __future__ import annotations
 
@@ -94,13 +91,13 @@ def _centered_tile(X_ptr, C_ptr, rows64, r_ok, y, cols, col_ok, stride_xn, strid
 
 @triton.jit
 def _nc_centered_gram_kernel(
-    X_ptr, Y_ptr, C_ptr, SCALE_ptr, OUT_ptr,
+    X_ptr, Y_ptr, C_ptr, OUT_ptr,
     N, D, rows_per_split, num_tiles, splits,
     stride_xb, stride_xn, stride_xd,
     stride_y,
     stride_cb, stride_ck, stride_cd,
     stride_os, stride_ob, stride_oi, stride_oj,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_LOWP: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bs = tl.program_id(1)
@@ -124,22 +121,13 @@ def _nc_centered_gram_kernel(
     # 2. Over this split's rows: load both column blocks of the row tile with
     #    the class shift subtracted on the fly, accumulate (H-C)_i^T (H-C)_j.
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-    if HAS_SCALE:
-        scale = tl.load(SCALE_ptr)
     for start in range(row_lo, row_hi, BLOCK_N):
         rows = start + tl.arange(0, BLOCK_N)
         r_ok = rows < row_hi
         y = tl.load(Y_ptr + rows * stride_y, mask=r_ok, other=0).to(tl.int64)
         a = _centered_tile(x_b, c_b, rows, r_ok, y, ci, ci_ok, stride_xn, stride_xd, stride_ck, stride_cd)
         bt = _centered_tile(x_b, c_b, rows, r_ok, y, cj, cj_ok, stride_xn, stride_xd, stride_ck, stride_cd)
-        if HAS_SCALE:  # into float16's range before the rounding below (see the module docstring)
-            a = a * scale
-            bt = bt * scale
-        if DOT_LOWP:
-            lowp = X_ptr.dtype.element_ty
-            acc = tl.dot(tl.trans(a.to(lowp)), bt.to(lowp), acc)
-        else:
-            acc = tl.dot(tl.trans(a), bt, acc, input_precision="ieee")
+        acc = tl.dot(tl.trans(a), bt, acc, input_precision="ieee")
 
     # 3. Store the tile and, off the diagonal, its mirror G[j, i] = G[i, j].
     out = OUT_ptr + s * stride_os + b * stride_ob
@@ -224,28 +212,15 @@ def nc_centered_gram_triton(
     splits = max(1, min(int(splits), max(n, 1), 65535 // nb))
     rows_per_split = triton.cdiv(max(n, 1), splits)
     out = torch.empty(splits, nb, d, d, dtype=torch.float32, device=h.device)
-    lowp = h.dtype == torch.float16 or (h.dtype == torch.bfloat16 and not _INTERPRET)
-    scale = _float16_scale(h, c) if h.dtype == torch.float16 else None
     with on_device(h):
         _nc_centered_gram_kernel[(tiles * tiles, nb * splits)](
-            h, labels, c3, scale, out,
+            h, labels, c3, out,
             n, d, rows_per_split, tiles, splits,
             h.stride(0), h.stride(1), h.stride(2),
             labels.stride(0),
             stride_cb, c3.stride(1), c3.stride(2),
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            BLOCK_N=GRAM_BLOCK_N, BLOCK_D=GRAM_BLOCK_D, DOT_LOWP=lowp, HAS_SCALE=scale is not None,
-            num_warps=GRAM_WARPS,
+            BLOCK_N=GRAM_BLOCK_N, BLOCK_D=GRAM_BLOCK_D, num_warps=GRAM_WARPS,
         )
     gram = out[0] if splits == 1 else out.sum(0)
-    if scale is not None:
-        gram = gram / scale.square()
     return gram[0] if squeeze else gram
-
-
-def _float16_scale(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """(1,) float32 2^-k, the smallest k >= 0 with (max|h| + max|c|) 2^-k <= 32768:
-    every scaled |h_i - c_k| then fits float16 (max 65504) with a margin."""
-    bound = sum(t.abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32) for t in (h, c))
-    k = torch.ceil(torch.log2(bound / 32768.0)).clamp_min(0.0)
-    return torch.exp2(-k).reshape(1)
