@@ -62,7 +62,8 @@ def resolve_impl(
 
     ``"auto"`` takes ``NNK_IMPL`` when set (float64 excepted: always the
     PyTorch path), else: on CUDA devices of compute
-    capability 8.0 or newer the Triton kernels when triton is installed, else
+    capability 8.0 or newer the Triton kernels when triton is installed (the
+    compiled extension instead while torch.compile traces, when it is built), else
     the compiled extension, else the blockwise PyTorch path; on older GPUs and
     other devices the blockwise PyTorch path.
     float64 runs on the torch path only. An explicit impl that cannot run on
@@ -78,9 +79,13 @@ def resolve_impl(
             return "torch"
     if impl == "auto":
         if device.type == "cuda" and _gpu_kernels_target(device):
-            if _triton_usable(device):
+            cuda = has_op(op, "cuda") and not _cublas_accumulates_in_fp16(op, device, dtype)
+            # While torch.compile traces, the extension's ops (fake kernels:
+            # opaque nodes of a full graph) rather than the Triton launchers,
+            # which Dynamo would trace into.
+            if _triton_usable(device) and not (cuda and torch.compiler.is_compiling()):
                 return "triton"
-            if has_op(op, "cuda") and not _cublas_accumulates_in_fp16(op, device, dtype):
+            if cuda:
                 return "cuda"
         return "torch"
     if impl == "triton" and not _triton_usable(device):

@@ -203,6 +203,14 @@ def test_auto_takes_the_torch_path_on_gpus_older_than_sm80(monkeypatch):
     monkeypatch.setattr(fn, "_CAPABILITY", {0: (9, 0)})
     monkeypatch.setattr(fn, "_triton_usable", lambda device: True)
     assert fn.resolve_impl("auto", cuda0, torch.bfloat16) == "triton"
+    # While torch.compile traces: the extension's ops (opaque nodes with fake
+    # kernels), not the Triton launchers; triton when the extension is absent.
+    monkeypatch.setattr(fn, "has_op", lambda op, device_type: True)
+    torch._dynamo.reset()
+    assert int(picked(torch.zeros(()))) == len("cuda")
+    monkeypatch.setattr(fn, "has_op", lambda op, device_type: False)
+    torch._dynamo.reset()
+    assert int(picked(torch.zeros(()))) == len("triton")
 
 
 def test_cuda_impl_refuses_float16_under_fp16_accumulation(monkeypatch):
