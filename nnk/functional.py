@@ -38,16 +38,20 @@ def _gpu_kernels_target(device: torch.device) -> bool:
 _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
-def _cublas_accumulates_in_fp16(op: str, device: torch.device, dtype: torch.dtype | None) -> bool:
+def _cublas_accumulates_in_fp16(op: str, device: torch.device, dtype: torch.dtype | None) -> bool | None:
     """Whether the extension's cosine cross-entropy GEMMs (float16 operands,
     float32 output) would get cuBLAS's float16 compute type: ATen asks for it
     on every float16 GEMM under ``allow_fp16_accumulation``, and cuBLAS has no
     float16 compute with a float32 output. A global (not thread-local)
     setting, so nnk cannot turn it off around its own GEMMs as it does TF32.
-    Not read while torch.compile traces (reading it breaks the graph): a
-    compiled call then meets cuBLAS's own error."""
-    return (op == "cosine_cross_entropy_fwd" and device.type == "cuda" and dtype == torch.float16
-            and not torch.compiler.is_compiling() and torch.backends.cuda.matmul.allow_fp16_accumulation)
+    Unknown (None) while torch.compile traces: reading it breaks the graph
+    (and torch.compiler.assume_constant_result would import torch._dynamo,
+    with triton, at ``import nnk``)."""
+    if not (op == "cosine_cross_entropy_fwd" and device.type == "cuda" and dtype == torch.float16):
+        return False
+    if torch.compiler.is_compiling():
+        return None
+    return torch.backends.cuda.matmul.allow_fp16_accumulation
 
 
 def resolve_impl(
@@ -79,11 +83,13 @@ def resolve_impl(
             return "torch"
     if impl == "auto":
         if device.type == "cuda" and _gpu_kernels_target(device):
-            cuda = has_op(op, "cuda") and not _cublas_accumulates_in_fp16(op, device, dtype)
+            fp16_acc = _cublas_accumulates_in_fp16(op, device, dtype)
+            cuda = has_op(op, "cuda") and fp16_acc is not True
             # While torch.compile traces, the extension's ops (fake kernels:
             # opaque nodes of a full graph) rather than the Triton launchers,
-            # which Dynamo would trace into.
-            if _triton_usable(device) and not (cuda and torch.compiler.is_compiling()):
+            # which Dynamo would trace into; not for float16, whose GEMMs the
+            # unread fp16-accumulation setting may refuse.
+            if _triton_usable(device) and not (cuda and fp16_acc is False and torch.compiler.is_compiling()):
                 return "triton"
             if cuda:
                 return "cuda"
@@ -97,7 +103,7 @@ def resolve_impl(
             f"impl='cuda' needs the compiled extension nnk._C with kernels for {device.type} "
             "(see nnk.ops.build_info())"
         )
-    if impl == "cuda" and _cublas_accumulates_in_fp16(op, device, dtype):
+    if impl == "cuda" and _cublas_accumulates_in_fp16(op, device, dtype) is True:
         raise ValueError(
             "impl='cuda' multiplies float16 operands into float32 with cuBLAS, which "
             "torch.backends.cuda.matmul.allow_fp16_accumulation = True switches to float16 "

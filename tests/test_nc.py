@@ -225,6 +225,13 @@ def test_batched_equals_separate_calls():
         assert_stats_close(inferred.compute()[i], tb.compute()[i], rtol=0)
     with pytest.raises(ValueError, match=r"\(3, N, D\)"):
         inferred.update(h, y)
+    # B is fixed by a valid non-empty batch only: an empty one, or one whose
+    # labels do not match, leaves the tracker open.
+    open_ = nnk.NCTracker(k, d).update(hb[:, :0], y[:0])
+    with pytest.raises(ValueError, match="labels must have shape"):
+        open_.update(hb[:, :40], y[:80])
+    assert open_.batch is None
+    assert_stats_close(stream(h, y, k, 40, tracker=open_).compute(), nnk.nc_stats(h, y, k), rtol=1e-5)
 
 
 # --- Triton kernels against the reference --------------------------------------
@@ -602,9 +609,10 @@ def test_empty_batches_add_nothing(impl):
     assert tracker.counts.sum() == 0
     with pytest.raises(ValueError, match="labels must have shape"):
         tracker.update(x[:0], y[:1])
-    for bad in (torch.zeros(0, 5), torch.zeros(2, 0, 6)):
-        with pytest.raises(ValueError, match="features must"):
-            tracker.update(bad, y[:0])
+    with pytest.raises(ValueError, match="features must"):
+        tracker.update(torch.zeros(0, 5), y[:0])
+    tracker.update(torch.zeros(2, 0, 6), y[:0])  # an empty (B, N, D) batch: B not fixed yet
+    assert tracker.counts.sum() == 0 and tracker.batch is None
 
 
 def test_collect_nc_metrics_on_a_cosine_head_uses_its_class_directions():

@@ -112,6 +112,16 @@ def _worker(rank: int, port: int):
                               model[2].weight.detach(), model[2].bias.detach())
         assert got.nc4 == want.nc4 and got.n == want.n, (got.n, want.n)
         assert abs(got.nc1 - want.nc1) <= 1e-4 * want.nc1, (got.nc1, want.nc1)
+
+        # 6. A tracker built without batch= takes B from its first batched
+        #    update; an empty rank's takes it from the others in the merge.
+        ti = nnk.NCTracker(K, D)
+        if rank == 0:
+            ti.update(hb[:, mine].double(), yr)
+        ti.all_reduce()
+        assert ti.batch == 2, ti.batch
+        first = torch.arange(len(y)) % 3 == 0  # rank 0's rows
+        _close(ti.compute().sigma_w, nnk.nc_stats(hb[:, first].double(), y[first], K).sigma_w, "open batch sigma_w")
     finally:
         dist.destroy_process_group()
 

@@ -204,13 +204,19 @@ def test_auto_takes_the_torch_path_on_gpus_older_than_sm80(monkeypatch):
     monkeypatch.setattr(fn, "_triton_usable", lambda device: True)
     assert fn.resolve_impl("auto", cuda0, torch.bfloat16) == "triton"
     # While torch.compile traces: the extension's ops (opaque nodes with fake
-    # kernels), not the Triton launchers; triton when the extension is absent.
+    # kernels), not the Triton launchers; triton when the extension is absent,
+    # and for float16 (see the fp16-accumulation test below).
+    @torch.compile(fullgraph=True, backend="eager")
+    def picked_bf16(x):
+        return x + len(fn.resolve_impl("auto", cuda0, torch.bfloat16))
+
     monkeypatch.setattr(fn, "has_op", lambda op, device_type: True)
     torch._dynamo.reset()
-    assert int(picked(torch.zeros(()))) == len("cuda")
+    assert int(picked_bf16(torch.zeros(()))) == len("cuda")
+    assert int(picked(torch.zeros(()))) == len("triton")
     monkeypatch.setattr(fn, "has_op", lambda op, device_type: False)
     torch._dynamo.reset()
-    assert int(picked(torch.zeros(()))) == len("triton")
+    assert int(picked_bf16(torch.zeros(()))) == len("triton")
 
 
 def test_cuda_impl_refuses_float16_under_fp16_accumulation(monkeypatch):
@@ -233,8 +239,19 @@ def test_cuda_impl_refuses_float16_under_fp16_accumulation(monkeypatch):
         assert fn.resolve_impl("auto", cuda0, torch.float16) == "torch"
         assert fn.resolve_impl("cuda", cuda0, torch.bfloat16) == "cuda"
         assert fn.resolve_impl("cuda", cuda0, torch.float16, op="nc_class_sums", arg="features") == "cuda"
+        monkeypatch.setattr(fn, "_triton_usable", lambda device: True)
+
+        @torch.compile(fullgraph=True, backend="eager")
+        def picked(x):  # while tracing, "auto" prefers the extension, but not for float16 (flag unread)
+            return x + len(fn.resolve_impl("auto", cuda0, torch.float16))
+
+        torch._dynamo.reset()
+        assert int(picked(torch.zeros(()))) == len("triton")
     finally:
         matmul.allow_fp16_accumulation = False
+    torch._dynamo.reset()
+    assert int(picked(torch.zeros(()))) == len("triton")  # flag off: the same while tracing
+    monkeypatch.setattr(fn, "_triton_usable", lambda device: False)
     assert fn.resolve_impl("auto", cuda0, torch.float16) == "cuda"
 
 

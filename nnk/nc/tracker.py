@@ -67,7 +67,7 @@ class NCTracker:
         self.dim = check_dim(dim)
         if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
             raise ValueError(f"batch must be None or an int >= 1, got {batch!r}")
-        self.batch = batch
+        self.batch, self._batch_given = batch, batch is not None
         self.device = torch.device("cpu" if device is None else device)
         self.impl = _choice("impl", impl, IMPLS)
         self.reset()
@@ -88,9 +88,17 @@ class NCTracker:
     def n(self) -> int:
         return int(self.counts.sum())
 
-    def _check_batch(self, features) -> torch.Tensor:
+    def _batch_of(self, features):
+        """``self.batch``; for a tracker built without ``batch=`` that holds no
+        sample yet, the B of (B, N, D) features."""
+        if (self.batch is None and isinstance(features, torch.Tensor) and features.dim() == 3
+                and features.shape[0] > 0 and self.n == 0):
+            return features.shape[0]
+        return self.batch
+
+    def _check_batch(self, features, batch) -> torch.Tensor:
         # Empty batches (a padding mask that kept no token) are accepted as no-ops.
-        features = check_features(features, batch=self.batch, dim=self.dim, min_rows=0)
+        features = check_features(features, batch=batch, dim=self.dim, min_rows=0)
         if features.device != self.device:
             raise ValueError(f"features are on {features.device} but the tracker is on {self.device}")
         return features
@@ -104,14 +112,14 @@ class NCTracker:
             raise RuntimeError(
                 "NCTracker.update() after all_reduce() or begin_nc4(): the statistics are final; call reset() first"
             )
-        if (self.batch is None and isinstance(features, torch.Tensor) and features.dim() == 3
-                and features.shape[0] > 0 and features.shape[1] > 0 and self.n == 0):
-            self.batch = features.shape[0]
-            self.reset()
-        features = self._check_batch(features)
+        batch = self._batch_of(features)
+        features = self._check_batch(features, batch)
         labels = check_labels(labels, features.shape[-2], self.num_classes, self.device)
         if features.shape[-2] == 0:
             return self
+        if batch != self.batch:  # B from this first batched update, once it is valid
+            self.batch = batch
+            self.reset()
         impl = _backend.resolve(self.impl, self.device, features.dtype)
         h = features[None] if self.batch is None else features
         # 1. Class counts and sums of the batch.
@@ -165,7 +173,7 @@ class NCTracker:
             raise RuntimeError("NCTracker.update_nc4() before begin_nc4()")
         if p.merged:
             raise RuntimeError("NCTracker.update_nc4() after the NC4 counts were merged by all_reduce()")
-        features = self._check_batch(features)
+        features = self._check_batch(features, self.batch)
         if features.shape[-2] == 0:
             return self
         p.mismatches += nc4_mismatches(features, p.stats, p.weight, p.bias)
@@ -225,10 +233,21 @@ class NCTracker:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         p = self._nc4
         phase = 0 if not self._merged and p is None else 1 if self._merged and p is not None and not p.merged else 2
-        meta = torch.tensor([self.num_classes, self.dim, self.batch or 0, phase], device=self.device)
+        # B of a tracker built without batch= that saw no sample: -1, any B
+        # (it adopts the others': an empty data-parallel rank).
+        open_batch = self.batch is None and self._batch_given is False and phase == 0 and self.n == 0
+        meta = torch.tensor([self.num_classes, self.dim, -1 if open_batch else self.batch or 0, phase],
+                            device=self.device)
         metas = [torch.empty_like(meta) for _ in range(world)]
         dist.all_gather(metas, meta, group=group)
         rows = [tuple(m.tolist()) for m in metas]
+        batches = {row[2] for row in rows} - {-1}
+        if len(batches) == 1:
+            b = batches.pop()
+            rows = [row[:2] + (b,) + row[3:] for row in rows]
+            if open_batch and b > 0:
+                self.batch = b
+                self.reset()
         if len(set(rows)) != 1:
             raise ValueError(
                 "NCTracker.all_reduce: the ranks' trackers differ in (num_classes, dim, batch, phase): "
