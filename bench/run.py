@@ -121,10 +121,17 @@ def sticky_cuda_error(e: BaseException) -> bool:
 def _failure(e: BaseException) -> tuple[str, str]:
     """The status of a provider that raised: ``oom``, ``unavailable`` (an
     installed peer that does not import here), else ``error``. Also clears
-    the locals of the finished frames in e's traceback: they hold the failed
-    step's tensors, which the except block calling this would otherwise keep
-    alive (and cached on the GPU) while the next provider is timed."""
-    traceback.clear_frames(e.__traceback__)
+    the locals of the finished frames in the tracebacks of e and of the
+    exceptions it chains: they hold the failed step's tensors, which the
+    except block calling this would otherwise keep alive (and cached on the
+    GPU) while the next provider is timed."""
+    seen, pending = set(), [e]
+    while pending:
+        x = pending.pop()
+        if x is not None and id(x) not in seen:
+            seen.add(id(x))
+            traceback.clear_frames(x.__traceback__)
+            pending += [x.__cause__, x.__context__]
     msg = " ".join(f"{type(e).__name__}: {e}".split())[:400]
     if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower() \
             or "can't allocate memory" in str(e):

@@ -264,9 +264,16 @@ def test_a_failure_releases_the_failed_steps_tensors():
         step.buffer = weakref.ref(buffer)
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    try:
-        step()
-    except RuntimeError as e:
-        assert _failure(e)[0] == "oom"
-        gc.collect()
-        assert step.buffer() is None
+    def wrapped():  # a peer that re-raises: the step's frame hangs off __cause__
+        try:
+            step()
+        except RuntimeError as e:
+            raise RuntimeError("the peer's own message: CUDA out of memory") from e
+
+    for run in (step, wrapped):
+        try:
+            run()
+        except RuntimeError as e:
+            assert _failure(e)[0] == "oom"
+            gc.collect()
+            assert step.buffer() is None, run.__name__

@@ -62,7 +62,7 @@ def test_quick_demo_writes_finite_figures_and_a_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,msg", [
     (["--scale", "-1"], "scale"), (["--angular-margin", "30"], "angular_margin must be <="),
-    (["--device", "tpu"], "tpu"),
+    (["--angular-margin", "2"], "pass scale= explicitly"), (["--device", "tpu"], "tpu"),
     (["--batch-size", "0"], "batch-size"), (["--lr", "0"], "lr"), (["--epochs", "0"], "epochs"),
     (["--out", "/proc/nnk_out"], "--out /proc/nnk_out"),
 ])
