@@ -296,7 +296,7 @@ def test_float64_is_rejected():
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("NNK_TEST_SLOW") != "1",
-                    reason="compiles 66 GPU kernels, ~5 CPU-minutes: set NNK_TEST_SLOW=1")
+                    reason="compiles 78 GPU kernels, ~5 CPU-minutes: set NNK_TEST_SLOW=1")
 def test_kernels_compile_for_gpus(tmp_path):
     """The GPU code path (which the interpreter does not exercise: constexpr
     branches, loop-carried types, dot lowering) compiles for sm_80 and sm_90
@@ -313,7 +313,7 @@ def test_kernels_compile_for_gpus(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("compiled 66"), proc.stdout
+    assert proc.stdout.strip().endswith("compiled 78"), proc.stdout
 
 
 COMPILE_SCRIPT = """
@@ -326,17 +326,17 @@ FLOATS = {"eps", "cos_m", "sin_m", "arc_threshold", "arc_fallback", "additive", 
 ALIGNED = {"D", "stride_xn", "stride_wc"}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-def build(fn, dtype, arch, cfg, constexprs):
-    constexprs = dict(constexprs, **cfg.kwargs, stride_xd=1, stride_wd=1)
+def build(fn, dtype, arch, cfg, constexprs, pointers=None):
+    unit = {k: 1 for k in ("stride_xd", "stride_wd") if k in fn.arg_names}  # contiguous rows
+    constexprs = dict(constexprs, **cfg.kwargs, **unit)
+    pointers = dict({"X_ptr": "*" + dtype, "W_ptr": "*" + dtype, "T_ptr": "*i64"}, **(pointers or {}))
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        if name in ("X_ptr", "W_ptr"):
-            sig[name] = "*" + dtype
-        elif name == "T_ptr":
-            sig[name] = "*i64"
+        if name in pointers:
+            sig[name] = pointers[name]
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         else:
@@ -365,6 +365,17 @@ for arch, dtype, upcast in ((80, "bf16", False), (80, "fp32", False), (80, "fp16
             flags, ROW_MAJOR=row_major, EXACT_MARGIN=True, HAS_DX=row_major, HAS_DW=True, HAS_DB=True,
             HAS_DS=True, SPLIT_GRAD=True, HAS_FILTER=row_major))
         count += 1
+# The neural-collapse kernels (one config each), in every feature dtype.
+from nnk.nc import triton_kernels as nc
+for arch in (80, 90):
+    for dtype in ("bf16", "fp16", "fp32"):
+        build(nc._nc_centered_gram_kernel, dtype, arch,
+              triton.Config({"BLOCK_N": nc.GRAM_BLOCK_N, "BLOCK_D": nc.GRAM_BLOCK_D}, num_warps=nc.GRAM_WARPS),
+              {}, pointers={"Y_ptr": "*i64"})
+        build(nc._nc_class_sums_kernel, dtype, arch,
+              triton.Config({"BLOCK_N": nc.SUMS_BLOCK_N, "BLOCK_D": nc.SUMS_BLOCK_D}, num_warps=4),
+              {}, pointers={"PERM_ptr": "*i64", "OFFS_ptr": "*i64", "OUT_ptr": "*fp64"})
+        count += 2
 print("compiled", count)
 """
 
