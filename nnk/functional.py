@@ -67,9 +67,11 @@ def resolve_impl(
     ``"auto"`` takes ``NNK_IMPL`` when set (float64 excepted: always the
     PyTorch path), else: on CUDA devices of compute
     capability 8.0 or newer the Triton kernels when triton is installed (the
-    compiled extension instead while torch.compile traces, when it is built), else
-    the compiled extension, else the blockwise PyTorch path; on older GPUs and
-    other devices the blockwise PyTorch path.
+    compiled extension instead while torch.compile traces, when it is built,
+    for bfloat16 and float32), else the compiled extension (not for float16
+    under ``allow_fp16_accumulation``, nor while tracing float16), else the
+    blockwise PyTorch path; on older GPUs and other devices the blockwise
+    PyTorch path.
     float64 runs on the torch path only. An explicit impl that cannot run on
     ``device`` is a ValueError, one that cannot take ``dtype`` a TypeError.
     ``op`` is the extension operator whose presence means "cuda" is
@@ -83,13 +85,13 @@ def resolve_impl(
             return "torch"
     if impl == "auto":
         if device.type == "cuda" and _gpu_kernels_target(device):
-            fp16_acc = _cublas_accumulates_in_fp16(op, device, dtype)
-            cuda = has_op(op, "cuda") and fp16_acc is not True
+            # Not for float16 GEMMs under the fp16-accumulation setting, nor
+            # while torch.compile traces (None: the setting cannot be read).
+            cuda = has_op(op, "cuda") and _cublas_accumulates_in_fp16(op, device, dtype) is False
             # While torch.compile traces, the extension's ops (fake kernels:
             # opaque nodes of a full graph) rather than the Triton launchers,
-            # which Dynamo would trace into; not for float16, whose GEMMs the
-            # unread fp16-accumulation setting may refuse.
-            if _triton_usable(device) and not (cuda and fp16_acc is False and torch.compiler.is_compiling()):
+            # which Dynamo would trace into.
+            if _triton_usable(device) and not (cuda and torch.compiler.is_compiling()):
                 return "triton"
             if cuda:
                 return "cuda"

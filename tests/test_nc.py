@@ -231,6 +231,12 @@ def test_batched_equals_separate_calls():
     with pytest.raises(ValueError, match="labels must have shape"):
         open_.update(hb[:, :40], y[:80])
     assert open_.batch is None
+    with pytest.raises(TypeError, match="float64"):  # refused by the backend, after the checks
+        nnk.NCTracker(k, d, impl="cuda").update(hb[:, :40].double(), y[:40])
+    refused = nnk.NCTracker(k, d, impl="cuda")
+    with pytest.raises(TypeError):
+        refused.update(hb[:, :40].double(), y[:40])
+    assert refused.batch is None and refused.update(h[:40], y[:40]).n == 40
     assert_stats_close(stream(h, y, k, 40, tracker=open_).compute(), nnk.nc_stats(h, y, k), rtol=1e-5)
 
 

@@ -86,13 +86,18 @@ def _worker(rank: int, port: int):
             raise AssertionError("a third all_reduce must raise")
 
         # 3. A rank whose tracker has another dim: every rank raises, none hangs.
+        #    Rank 1's tracker is still open (no batch= and no sample): the
+        #    failed merge does not give it rank 0's B.
         bad = nnk.NCTracker(K, D if rank == 0 else D + 1)
+        if rank == 0:
+            bad.update(hb[:, :5], y[:5])
         try:
             bad.all_reduce()
         except ValueError as e:
             assert "differ in (num_classes, dim, batch, phase)" in str(e), str(e)
         else:
             raise AssertionError("mismatched trackers must raise ValueError on every rank")
+        assert bad.batch == (2 if rank == 0 else None), bad.batch
 
         # 4. The DataLoader helper, data parallel: every rank gets the metrics of all rows.
         torch.manual_seed(0)

@@ -253,6 +253,8 @@ def test_cuda_impl_refuses_float16_under_fp16_accumulation(monkeypatch):
     assert int(picked(torch.zeros(()))) == len("triton")  # flag off: the same while tracing
     monkeypatch.setattr(fn, "_triton_usable", lambda device: False)
     assert fn.resolve_impl("auto", cuda0, torch.float16) == "cuda"
+    torch._dynamo.reset()  # without triton, tracing float16 (flag unread) takes the torch path
+    assert int(picked(torch.zeros(()))) == len("torch")
 
 
 def test_nnk_impl_leaves_float64_on_the_torch_path(monkeypatch):

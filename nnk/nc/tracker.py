@@ -117,9 +117,19 @@ class NCTracker:
         labels = check_labels(labels, features.shape[-2], self.num_classes, self.device)
         if features.shape[-2] == 0:
             return self
-        if batch != self.batch:  # B from this first batched update, once it is valid
-            self.batch = batch
+        if batch == self.batch:
+            return self._add(features, labels)
+        # B from this first batched update, kept only if the update succeeds.
+        self.batch = batch
+        self.reset()
+        try:
+            return self._add(features, labels)
+        except BaseException:
+            self.batch = None
             self.reset()
+            raise
+
+    def _add(self, features: torch.Tensor, labels: torch.Tensor) -> NCTracker:
         impl = _backend.resolve(self.impl, self.device, features.dtype)
         h = features[None] if self.batch is None else features
         # 1. Class counts and sums of the batch.
@@ -223,7 +233,9 @@ class NCTracker:
 
         Collective: every rank of the group must call it. A rank whose tracker
         differs in (num_classes, dim, batch) or in its phase makes every rank
-        raise ValueError (no rank is left waiting). Tensors travel on the
+        raise ValueError (no rank is left waiting); a tracker built without
+        ``batch=`` that holds no sample (an empty data-parallel rank) takes
+        the others' B. Tensors travel on the
         tracker's device (CPU for gloo, CUDA for NCCL).
         """
         import torch.distributed as dist
@@ -242,22 +254,20 @@ class NCTracker:
         dist.all_gather(metas, meta, group=group)
         rows = [tuple(m.tolist()) for m in metas]
         batches = {row[2] for row in rows} - {-1}
-        if len(batches) == 1:
-            b = batches.pop()
-            rows = [row[:2] + (b,) + row[3:] for row in rows]
-            if open_batch and b > 0:
-                self.batch = b
-                self.reset()
-        if len(set(rows)) != 1:
+        b = batches.pop() if len(batches) == 1 else -1
+        if len({row[:2] + (b if row[2] == -1 else row[2],) + row[3:] for row in rows}) != 1:
             raise ValueError(
-                "NCTracker.all_reduce: the ranks' trackers differ in (num_classes, dim, batch, phase): "
-                + ", ".join(f"rank {r}: {row}" for r, row in enumerate(rows))
+                "NCTracker.all_reduce: the ranks' trackers differ in (num_classes, dim, batch, phase) "
+                "(batch -1: not fixed yet, any): " + ", ".join(f"rank {r}: {row}" for r, row in enumerate(rows))
             )
         if phase == 2:
             raise RuntimeError(
                 "NCTracker.all_reduce: nothing to merge (statistics and NC4 counts already merged), or "
                 "begin_nc4() was called before the statistics were merged"
             )
+        if open_batch and b > 0:
+            self.batch = b
+            self.reset()
         if phase == 1:
             counts = torch.cat([p.mismatches, torch.tensor([p.n], device=self.device)])
             dist.all_reduce(counts, group=group)
