@@ -10,6 +10,14 @@ Rows are appended to the CSV as each case finishes.
 """
 from __future__ import annotations
 
+if __package__ in (None, ""):  # `python bench/run.py`: run as the package's module
+    import runpy
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    runpy.run_module("bench", run_name="__main__")
+
 import argparse
 import fnmatch
 import gc
@@ -75,7 +83,12 @@ def parse_args(argv):
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--list", action="store_true", help="print the cases and provider availability, run nothing")
     args = ap.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        ap.error(f"--device {args.device}: {e}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is available here")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     d = DEFAULTS["cuda" if args.device.type == "cuda" else "cpu"]
