@@ -277,3 +277,17 @@ def test_a_failure_releases_the_failed_steps_tensors():
             assert _failure(e)[0] == "oom"
             gc.collect()
             assert step.buffer() is None, run.__name__
+
+
+def test_script_entry_and_device_errors():
+    # The two entries, `python -m bench` and `python bench/run.py`;
+    # a CUDA device that is not there is a usage error, not a driver traceback.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--list", "--suite", "quick",
+                             "--providers", "nnk-torch"], cwd="/", env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert script.returncode == 0 and "nnk-torch" in script.stdout, script.stderr[-2000:]
+    if not torch.cuda.is_available():
+        bad = subprocess.run([sys.executable, "-m", "bench", "--list", "--device", "cuda"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and "no CUDA device is available" in bad.stderr, bad.stderr[-2000:]
