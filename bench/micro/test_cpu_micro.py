@@ -1,6 +1,8 @@
 """pytest-benchmark micro-benchmarks of the CPU paths: the reference
-(specification) and nnk's blockwise torch path, forward + backward, at small
-sizes; plus the row-normalization op. Not under tests/ so CI never times them.
+(specification), nnk's blockwise torch path and the extension's CPU kernels
+(``impl="cuda"`` on CPU tensors, when nnk._C is built), forward + backward, at
+small sizes; the row-normalization op; the NC statistics (torch and extension).
+Not under tests/ so CI never times them.
 
     pytest bench/micro --benchmark-autosave              # save a run (.benchmarks/)
     pytest bench/micro --benchmark-compare                # compare with the last saved run
@@ -24,6 +26,9 @@ LOSSES = {
     "ref": cosine_cross_entropy_ref,
     "nnk-torch": lambda x, w, y, **kw: nnk.cosine_cross_entropy(x, w, y, impl="torch", **kw),
 }
+if nnk.ops.has_op("cosine_cross_entropy_fwd", "cpu"):
+    LOSSES["nnk-cuda-cpu-kernels"] = lambda x, w, y, **kw: nnk.cosine_cross_entropy(x, w, y, impl="cuda", **kw)
+NC_IMPLS = ["torch"] + (["cuda"] if nnk.ops.has_op("nc_class_sums", "cpu") else [])
 
 
 @pytest.fixture(autouse=True)
@@ -73,3 +78,13 @@ def test_row_normalize(benchmark):
     x = torch.randn(8192, 512)
     y, norm = benchmark(nnk.ops.row_normalize, x, 1e-12)
     assert torch.isfinite(y).all() and norm.shape == (8192,)
+
+
+@pytest.mark.parametrize("impl", NC_IMPLS)
+def test_nc_stats(benchmark, impl):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 100, (20000,), generator=g)
+    h = torch.randn(100, 256, generator=g)[y] + 0.5 * torch.randn(20000, 256, generator=g)
+    stats = benchmark(nnk.nc_stats, h, y, 100, impl=impl)
+    assert torch.isfinite(stats.sigma_w).all() and stats.n == 20000
+
