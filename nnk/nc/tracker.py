@@ -67,7 +67,7 @@ class NCTracker:
         self.dim = check_dim(dim)
         if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
             raise ValueError(f"batch must be None or an int >= 1, got {batch!r}")
-        self.batch, self._batch_given = batch, batch is not None
+        self.batch = batch
         self.device = torch.device("cpu" if device is None else device)
         self.impl = _choice("impl", impl, IMPLS)
         self.reset()
@@ -247,7 +247,7 @@ class NCTracker:
         phase = 0 if not self._merged and p is None else 1 if self._merged and p is not None and not p.merged else 2
         # B of a tracker built without batch= that saw no sample: -1, any B
         # (it adopts the others': an empty data-parallel rank).
-        open_batch = self.batch is None and self._batch_given is False and phase == 0 and self.n == 0
+        open_batch = self.batch is None and phase == 0 and self.n == 0
         meta = torch.tensor([self.num_classes, self.dim, -1 if open_batch else self.batch or 0, phase],
                             device=self.device)
         metas = [torch.empty_like(meta) for _ in range(world)]
