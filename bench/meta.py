@@ -31,7 +31,7 @@ def device_name(device: torch.device) -> str:
 
 
 def device_slug(device: torch.device) -> str:
-    """A file-name-safe device name: ``nvidia-h100-80gb-hbm3``, ``cpu-intel-xeon-2core-1thread``."""
+    """A file-name-safe device name: ``nvidia-h100-80gb-hbm3``, ``cpu-intel-r-xeon-r-processor-2core-1thread``."""
     if device.type == "cuda":
         base = torch.cuda.get_device_name(device)
     else:

@@ -105,8 +105,9 @@ class NCTracker:
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> NCTracker:
-        """Add a batch: features (N, D) (or (B, N, D) with ``batch=B``), float
-        16/32/64, on the tracker's device; labels (N,) integer in [0, K).
+        """Add a batch: features (N, D) (or (B, N, D): with ``batch=B``, or
+        fixing B on a tracker built without it that holds no sample yet),
+        float 16/32/64, on the tracker's device; labels (N,) integer in [0, K).
         An empty batch (N = 0) adds nothing."""
         if self._merged or self._nc4 is not None:
             raise RuntimeError(
