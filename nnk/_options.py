@@ -249,14 +249,18 @@ def _check_scale(scale, c: int, dev: torch.device, *, float32: bool = True):
     if isinstance(scale, torch.Tensor):
         if scale.dim() > 1 or (scale.dim() == 1 and scale.shape[0] != c):
             raise ValueError(f"scale must be a float, a 0-d tensor or a ({c},) tensor, got shape {tuple(scale.shape)}")
-        if not scale.is_floating_point():
-            raise TypeError(f"scale must be floating point, got {scale.dtype}")
+        if scale.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"scale must be float16, bfloat16, float32 or float64, got {scale.dtype}")
         if scale.device != dev:
             raise ValueError(f"scale is on {scale.device} but x is on {dev}")
         if scale.numel() > 0:
+            # Judged in float32 when the kernels compute in it: a float64 1e39
+            # is finite but becomes inf there (and 1e-50 becomes 0).
+            used = scale.detach().to(torch.float32) if float32 else scale.detach()
             # One check (one device sync); which condition failed is worked out only then.
-            _value_check((torch.isfinite(scale) & (scale > 0)).all(), ValueError, "scale must be > 0 and finite",
-                         lambda: "scale must be finite, got a non-finite value" if not bool(torch.isfinite(scale).all())
-                         else "scale must be > 0, got a non-positive value")
+            _value_check((torch.isfinite(used) & (used > 0)).all(), ValueError, "scale must be > 0 and finite",
+                         lambda: (f"scale must be finite{' in float32' if float32 else ''}, got a non-finite value"
+                                  if not bool(torch.isfinite(used).all())
+                                  else f"scale must be > 0{' in float32' if float32 else ''}, got a non-positive value"))
         return scale.to(torch.float32) if scale.dtype != torch.float64 else scale
     return _finite_float("scale", scale, lo=0.0, lo_open=True, float32=float32)

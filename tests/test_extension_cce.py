@@ -327,38 +327,6 @@ def test_forward_op_gradients_are_the_exact_derivative():
         torch.autograd.grad(loss.sum(), inputs[0], create_graph=True)
 
 
-def test_op_rejects_bad_input():
-    x, w, t, s, b = _op_args("cpu", torch.float32, False, True)
-    fwd = (True, True, 0.0, 0.0, -100, 0.0, 0.0, 1e-12, 0)
-    op = torch.ops.nnk.cosine_cross_entropy_fwd
-    # A meta tensor among CPU ones dispatched to the fake kernel, which
-    # returned unwritten CPU tensors.
-    with pytest.raises(RuntimeError, match="tensors on cpu and meta"):
-        op(x, w.to("meta"), t, s, b, *fwd)
-    with pytest.raises(RuntimeError, match="weight must have D=6"):
-        op(x, w[:, :5], t, s, b, *fwd)
-    with pytest.raises(RuntimeError, match="weight dtype"):
-        op(x, w.double(), t, s, b, *fwd)
-    with pytest.raises(RuntimeError, match="target must be int64"):
-        op(x, w, t.int(), s, b, *fwd)
-    with pytest.raises(RuntimeError, match="scale must have shape"):
-        op(x, w, t, torch.ones(3), b, *fwd)
-    with pytest.raises(RuntimeError, match="bias must have shape"):
-        op(x, w, t, s, b[:4], *fwd)
-    bad = t.clone()
-    bad[4] = 11
-    with pytest.raises(RuntimeError, match=r"target values must be in \[0, 11\) or ignore_index=-100, got 11 at row 4"):
-        op(x, w, bad, s, b, *fwd)
-    # The backward op too: a target >= C was read as an ignored row (zero gradients).
-    _, lse, lse_lo = op(x, w, t, s, b, *fwd)
-    bwd = (True, True, 0.0, 0.0, True, -100, 0.0, 0.0, 1e-12, 0)
-    with pytest.raises(RuntimeError, match=r"cosine_cross_entropy_bwd: target values must be in \[0, 11\)"):
-        torch.ops.nnk.cosine_cross_entropy_bwd(torch.ones(9), None, x, w, bad, s, b, lse, lse_lo, *bwd,
-                                               [True, True, False, False])
-    with pytest.raises(RuntimeError, match="angular_margin needs"):
-        op(x, w, t, s, b, False, True, 0.0, 0.5, -100, 0.0, 0.0, 1e-12, 0)
-
-
 def test_torch_compile_fullgraph_cpu():
     opts = {"scale": "per_class", "bias": True, "angular_margin": 0.3, "label_smoothing": 0.1, "ignore": True}
     x, w, t, kw, leaves = make_inputs(33, 17, 101, opts, dtype=torch.float32)
@@ -378,6 +346,20 @@ def test_torch_compile_fullgraph_cpu():
 
 
 # --- GPU only ---------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_cuda_float16_gradients_of_a_mean_over_many_classes(scale):
+    """d cos = g s (p - y) is rounded to fp16 for the d x / d W GEMMs: with a
+    mean's g = 1 / N and p ~ 1 / C most entries were subnormal or 0 (d x 36x
+    the reference's error in an emulation) until the upstream gradients were
+    scaled by a power of two (cce_driver.h grad_scale)."""
+    errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw), {"scale": scale}, 1024, 64, 20_000,
+                       torch.float16, device=torch.device("cuda"))
+    u = 2.0 ** -11
+    for k, e in errs["impl"].items():
+        assert e <= 2 * errs["ref"][k] + 8 * u * errs["mag"][k], (k, e, errs["ref"][k], errs["mag"][k])
 
 
 @pytest.mark.gpu

@@ -402,6 +402,9 @@ def _bad_calls():
          ValueError, "bias contains NaN"),
         ("no feature sets", lambda: nnk.nc_stats(torch.randn(0, 10, 4), y, 3), ValueError, "B >= 1"),
         ("float64 overflow", lambda: nnk.nc_stats(h.double() * 1e160, y, 3, impl="torch"), ValueError, "overflowed"),
+        ("features meta", lambda: nnk.nc_stats(h.to("meta"), y.to("meta"), 3), ValueError, "meta tensor"),
+        ("tracker meta", lambda: nnk.NCTracker(3, 4, device="meta").update(h.to("meta"), y.to("meta")),
+         ValueError, "meta tensor"),
     ]
 
 

@@ -120,6 +120,10 @@ def _compiled_impls():
 
 
 @pytest.mark.parametrize("impl", ["cuda", "triton"])
+# The Triton interpreter evaluates masked-off lanes in numpy too (exp of
+# garbage logits overflows there, then inf * 0): warnings, not results.
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
 @given(p=problems())

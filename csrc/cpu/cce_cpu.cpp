@@ -46,8 +46,9 @@ struct CpuBackend {
   }
 
   // Checked eagerly: on the CPU this costs no device synchronization.
-  static void check_targets(const char* op, const at::Tensor& target, int64_t classes,
-                            int64_t ignore_index) {
+  static void check_values(const char* op, const at::Tensor& target, int64_t classes,
+                           int64_t ignore_index, const at::Tensor& scale, at::ScalarType acc) {
+    TORCH_CHECK(cce::scale_ok(scale, acc).item<bool>(), op, ": scale must be finite and > 0 in ", acc);
     const at::Tensor t = target.contiguous();
     const int64_t* p = t.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < t.numel(); ++i) {
@@ -68,22 +69,22 @@ struct CpuBackend {
         // across blocks. A single running sum over C = 1e6 classes loses
         // ~sqrt(C) ulps (measured 6x the reference's lse error at N=1,
         // C=1e6); the GPU kernel gets the same effect from its thread tree.
-        A run_max = -INFINITY, run_sum = 0, sum_z = 0, z_t = 0;
+        A run_max = -INFINITY, run_rest = 0, sum_z = 0, z_t = 0;
         for (int64_t c0 = 0; c0 < ch.classes; c0 += kSumBlock) {
           const int64_t c1 = std::min(ch.classes, c0 + kSumBlock);
-          A blk_max = -INFINITY, blk_sum = 0, blk_z = 0;
+          A blk_max = -INFINITY, blk_rest = 0, blk_z = 0;
           for (int64_t c = c0; c < c1; ++c) {
             A cos_prime;
             const A z = cce::logit(ch, r, c, c == t, &cos_prime);
-            math::lse_merge(blk_max, blk_sum, z, A(1));
+            math::lse_merge(blk_max, blk_rest, z, A(0));
             blk_z += z;
             if (c == t) z_t = z;
           }
-          math::lse_merge(run_max, run_sum, blk_max, blk_sum);
+          math::lse_merge(run_max, run_rest, blk_max, blk_rest);
           sum_z += blk_z;
         }
         A lo;
-        const A l = math::lse_finish(run_max, run_sum, &lo);
+        const A l = math::lse_finish(run_max, run_rest, &lo);
         lse[r] = l;
         lse_lo[r] = lo;
         loss[r] = t < 0 ? A(0)

@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> row_normalize_cpu(const at::Tensor& x_in,
               ss += v * v;
             }
             const acc_t nr = static_cast<acc_t>(std::sqrt(ss));
-            const acc_t denom = nr > acc_t(eps) ? nr : acc_t(eps);
+            const acc_t denom = math::norm_divisor(nr, acc_t(eps));
             np[r] = nr;
             for (int64_t j = 0; j < d; ++j) {
               yp[r * d + j] = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) / denom);

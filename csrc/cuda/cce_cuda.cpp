@@ -86,13 +86,15 @@ struct CudaBackend {
     }
   }
 
-  // On the device without a host synchronization: an asynchronous assert
-  // (a device-side assert at the next synchronization, as PyTorch's own
+  // On the device without a host synchronization: asynchronous asserts (a
+  // device-side assert at the next synchronization, as PyTorch's own
   // indexing kernels). The epilogues never index memory by a target, so a bad
   // one cannot read out of bounds before the assert fires. nnk.functional
-  // checks the range eagerly (with a sync) outside torch.compile.
-  static void check_targets(const char* op, const at::Tensor& target, int64_t classes,
-                            int64_t ignore_index) {
+  // checks both eagerly (with a sync) outside torch.compile.
+  static void check_values(const char* op, const at::Tensor& target, int64_t classes,
+                           int64_t ignore_index, const at::Tensor& scale, at::ScalarType acc) {
+    at::_assert_async(cce::scale_ok(scale, acc),
+                      (std::string(op) + ": scale must be finite and > 0").c_str());
     if (target.numel() == 0) return;
     const at::Tensor ok = ((target >= 0) & (target < classes)) | (target == ignore_index);
     at::_assert_async(ok.all(), (std::string(op) + ": target values out of range").c_str());

@@ -24,7 +24,7 @@ constexpr int kMaxThreads = 1024;
 constexpr int kColumnsPerBlock = 256;  // backward: columns per block
 
 // Forward: one block per row. Each thread runs an online log-sum-exp over its
-// strided columns (one exp per entry), then the (max, sum) pairs merge across
+// strided columns (one exp per entry), then the (max, rest) pairs merge across
 // the warp and the block with the same lse_merge. The row's loss needs z at
 // the target column, recomputed by thread 0 from the same element function.
 template <typename A>
@@ -33,44 +33,44 @@ __global__ void __launch_bounds__(kMaxThreads) cce_forward_kernel(const cce::Chu
   const int64_t r = blockIdx.x;
   const int64_t t = cce::target_column(ch, r);
   // 1. Per-thread online lse and sum of logits over columns c = tid + k * blockDim.
-  A run_max = -INFINITY, run_sum = 0, sum_z = 0;
+  A run_max = -INFINITY, run_rest = 0, sum_z = 0;
   for (int64_t c = threadIdx.x; c < ch.classes; c += blockDim.x) {
     A cos_prime;
     const A z = cce::logit(ch, r, c, c == t, &cos_prime);
-    math::lse_merge(run_max, run_sum, z, A(1));
+    math::lse_merge(run_max, run_rest, z, A(0));
     sum_z += z;
   }
   // 2. Warp merge (butterfly: every lane ends with the warp's pair).
   for (int off = 16; off > 0; off >>= 1) {
     const A o_max = __shfl_xor_sync(0xffffffffu, run_max, off);
-    const A o_sum = __shfl_xor_sync(0xffffffffu, run_sum, off);
-    math::lse_merge(run_max, run_sum, o_max, o_sum);
+    const A o_rest = __shfl_xor_sync(0xffffffffu, run_rest, off);
+    math::lse_merge(run_max, run_rest, o_max, o_rest);
     sum_z += __shfl_xor_sync(0xffffffffu, sum_z, off);
   }
   // 3. Block merge through shared memory, in warp 0.
-  __shared__ A s_max[kMaxThreads / 32], s_sum[kMaxThreads / 32], s_z[kMaxThreads / 32];
+  __shared__ A s_max[kMaxThreads / 32], s_rest[kMaxThreads / 32], s_z[kMaxThreads / 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int n_warps = blockDim.x / 32;
   if (lane == 0) {
     s_max[warp] = run_max;
-    s_sum[warp] = run_sum;
+    s_rest[warp] = run_rest;
     s_z[warp] = sum_z;
   }
   __syncthreads();
   if (warp != 0) return;
   run_max = lane < n_warps ? s_max[lane] : A(-INFINITY);
-  run_sum = lane < n_warps ? s_sum[lane] : A(0);
+  run_rest = lane < n_warps ? s_rest[lane] : A(0);
   sum_z = lane < n_warps ? s_z[lane] : A(0);
   for (int off = 16; off > 0; off >>= 1) {
     const A o_max = __shfl_xor_sync(0xffffffffu, run_max, off);
-    const A o_sum = __shfl_xor_sync(0xffffffffu, run_sum, off);
-    math::lse_merge(run_max, run_sum, o_max, o_sum);
+    const A o_rest = __shfl_xor_sync(0xffffffffu, run_rest, off);
+    math::lse_merge(run_max, run_rest, o_max, o_rest);
     sum_z += __shfl_xor_sync(0xffffffffu, sum_z, off);
   }
   // 4. The row's lse (and its rounding residue) and loss (0 on ignored rows).
   if (lane != 0) return;
   A lo;
-  const A l = math::lse_finish(run_max, run_sum, &lo);
+  const A l = math::lse_finish(run_max, run_rest, &lo);
   lse[r] = l;
   lse_lo[r] = lo;
   if (t < 0) {
@@ -118,6 +118,7 @@ cudaError_t forward(const cce::Chunk<A>& ch, A* loss, A* lse, A* lse_lo, cudaStr
   if (ch.rows == 0) return cudaSuccess;
   // Enough warps to cover C once, at most kMaxThreads.
   int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (ch.classes + 31) / 32 * 32));
+  if (!grid_fits(ch.rows)) return cudaErrorInvalidConfiguration;
   cce_forward_kernel<A><<<static_cast<unsigned>(ch.rows), threads, 0, s>>>(ch, loss, lse, lse_lo);
   return cudaGetLastError();
 }
@@ -127,6 +128,7 @@ cudaError_t backward(const cce::Chunk<A>& ch, const cce::ChunkGrad<A>& gr, void*
                      cudaStream_t s) {
   if (ch.rows == 0) return cudaSuccess;
   const int64_t tiles = (ch.classes + kColumnsPerBlock - 1) / kColumnsPerBlock;
+  if (!grid_fits(cce::num_parts(ch.rows))) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(cce::num_parts(ch.rows)),
                   static_cast<unsigned>(std::min<int64_t>(tiles, 65535)));
   cce_backward_kernel<A, O><<<grid, kColumnsPerBlock, 0, s>>>(ch, gr, static_cast<O*>(dcos));

@@ -13,6 +13,15 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
+// Whether a grid fits the hardware (x < 2^31, y and z < 2^16). The launchers
+// return cudaErrorInvalidConfiguration before launching one that does not:
+// the casts to unsigned would otherwise wrap and leave rows or classes
+// unwritten. Reached only at sizes far beyond the ones nnk is built for
+// (e.g. 2^31 classes in nc_class_sums).
+inline bool grid_fits(int64_t x, int64_t y = 1, int64_t z = 1) {
+  return x <= 2147483647 && y <= 65535 && z <= 65535;
+}
+
 // x, y: (n, d) row-major of `dtype`; norm: (n,) float64 for kFloat64, else float32.
 // y == nullptr computes the norms only.
 cudaError_t launch_row_normalize_fwd(DType dtype, const void* x, void* y, void* norm,

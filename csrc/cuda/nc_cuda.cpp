@@ -25,8 +25,9 @@ std::tuple<at::Tensor, at::Tensor> nc_class_sums_cuda(const at::Tensor& features
                                                       const at::Tensor& labels,
                                                       int64_t num_classes) {
   constexpr const char* op = "nnk::nc_class_sums";
-  const c10::cuda::CUDAGuard guard(features.device());
+  // Checked first: the guard would reject a CPU tensor with a less clear message.
   const nc::Batched f = nc::check_features(op, features, labels);
+  const c10::cuda::CUDAGuard guard(features.device());
   TORCH_CHECK(num_classes >= 0, op, ": num_classes must be >= 0, got ", num_classes);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType acc = nc::sums_dtype(features);
@@ -59,8 +60,9 @@ std::tuple<at::Tensor, at::Tensor> nc_class_sums_cuda(const at::Tensor& features
 at::Tensor nc_centered_gram_cuda(const at::Tensor& features, const at::Tensor& labels,
                                  const at::Tensor& shifts) {
   constexpr const char* op = "nnk::nc_centered_gram";
-  const c10::cuda::CUDAGuard guard(features.device());
+  // Checked first: the guard would reject a CPU tensor with a less clear message.
   const nc::Batched f = nc::check_features(op, features, labels);
+  const c10::cuda::CUDAGuard guard(features.device());
   const at::ScalarType acc = nc::gram_dtype(features, shifts);
   const at::Tensor c = nc::check_shifts(op, shifts, f, acc);
   const int64_t classes = c.size(1);

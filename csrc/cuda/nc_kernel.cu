@@ -155,6 +155,9 @@ cudaError_t class_sums(const void* features, const int64_t* perm, const int64_t*
                        const int64_t* counts, int64_t batches, int64_t n, int64_t d,
                        int64_t classes, int64_t splits, void* partial, cudaStream_t s) {
   if (classes == 0 || d == 0 || batches == 0) return cudaSuccess;
+  if (!grid_fits(classes, (d + kSumThreads - 1) / kSumThreads, batches * splits)) {
+    return cudaErrorInvalidConfiguration;
+  }
   const dim3 grid(static_cast<unsigned>(classes),
                   static_cast<unsigned>((d + kSumThreads - 1) / kSumThreads),
                   static_cast<unsigned>(batches * splits));
@@ -170,6 +173,7 @@ cudaError_t gram(const void* features, const int64_t* labels, const void* shifts
                  int64_t splits, void* partial, cudaStream_t s) {
   if (d == 0 || batches == 0) return cudaSuccess;
   const int64_t t = (d + kTile - 1) / kTile;
+  if (!grid_fits(t * (t + 1) / 2, splits, batches)) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(t * (t + 1) / 2), static_cast<unsigned>(splits),
                   static_cast<unsigned>(batches));
   nc_gram_kernel<T, A><<<grid, kGramThreads, 0, s>>>(

@@ -31,7 +31,7 @@ __global__ void row_normalize_fwd_kernel(const T* __restrict__ x, T* __restrict_
   }
   ss = warp_sum(ss);
   const A nr = static_cast<A>(sqrt(ss));
-  const A denom = nr > A(eps) ? nr : A(eps);
+  const A denom = math::norm_divisor(nr, A(eps));
   if (lane == 0) norm[row] = nr;
   if (y == nullptr) return;  // norms only
   T* yr = y + row * d;
@@ -61,15 +61,14 @@ __global__ void row_normalize_bwd_kernel(const G* __restrict__ g, const T* __res
   }
 }
 
-dim3 grid_for(int64_t n) {
-  return dim3(static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock));
-}
+int64_t blocks_for(int64_t n) { return (n + kWarpsPerBlock - 1) / kWarpsPerBlock; }
 
 template <typename T>
 cudaError_t fwd(const void* x, void* y, void* norm, int64_t n, int64_t d, double eps,
                 cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  row_normalize_fwd_kernel<T><<<grid_for(n), kWarpsPerBlock * 32, 0, s>>>(
+  if (!grid_fits(blocks_for(n))) return cudaErrorInvalidConfiguration;
+  row_normalize_fwd_kernel<T><<<static_cast<unsigned>(blocks_for(n)), kWarpsPerBlock * 32, 0, s>>>(
       static_cast<const T*>(x), static_cast<T*>(y),
       static_cast<typename Acc<T>::type*>(norm), n, d, eps);
   return cudaGetLastError();
@@ -79,7 +78,8 @@ template <typename T, typename G = T>
 cudaError_t bwd(const void* g, const void* y, const void* norm, void* dx, int64_t n,
                 int64_t d, double eps, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
-  row_normalize_bwd_kernel<T, G><<<grid_for(n), kWarpsPerBlock * 32, 0, s>>>(
+  if (!grid_fits(blocks_for(n))) return cudaErrorInvalidConfiguration;
+  row_normalize_bwd_kernel<T, G><<<static_cast<unsigned>(blocks_for(n)), kWarpsPerBlock * 32, 0, s>>>(
       static_cast<const G*>(g), static_cast<const T*>(y),
       static_cast<const typename Acc<T>::type*>(norm), static_cast<T*>(dx), n, d, eps);
   return cudaGetLastError();

@@ -6,14 +6,19 @@ Forward, per row (rank r's terms, see partials.py):
 1. ``M = max_r lse_r`` -- an all-reduce(MAX) of N floats, outside autograd:
    ``lse = M + log sum_r exp(lse_r - M)`` does not depend on M, so M needs no
    gradient.
-2. one all-reduce(SUM) of the stacked ``[exp(lse_r - M), g_r (, sum_z_r)]``:
-   2N floats (3N with label smoothing), where ``g_r = M - z_t`` on the rank
-   that holds the row's target (from its backend's row loss ``lse_r - z_t``:
-   ``g_r = row_loss_r - (lse_r - M)``), else 0.
+2. one all-reduce(SUM) of the stacked ``[e_r, [lse_r = M], g_r (, sum_z_r)]``:
+   3N floats (4N with label smoothing). ``e_r = exp(lse_r - M)``, but
+   ``expm1(lse_r - M) = 0`` on a rank holding the max, whose 1 the count
+   ``[lse_r = M]`` adds back: ``sum_r exp(lse_r - M) = 1 + rest`` with
+   ``rest = sum_r e_r + count - 1``, and ``log1p(rest)`` keeps a confident
+   row's small rest exact instead of rounding it against 1 (as the backends'
+   own log-sum-exp does, csrc/include/nnk/math.h lse_merge). ``g_r = M - z_t``
+   on the rank that holds the row's target (from its backend's row loss
+   ``lse_r - z_t``: ``g_r = row_loss_r - (lse_r - M)``), else 0.
 3. every rank then holds the full row loss
    ``lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2`` (0 on ignored rows),
-   computed as ``log sum + g + ls (z_t - sum_z / C) + ...`` so that M cancels
-   exactly, and reduces it as ``F.cross_entropy``.
+   computed as ``log1p(rest) + g + ls (z_t - sum_z / C) + ...`` so that M
+   cancels exactly, and reduces it as ``F.cross_entropy``.
 
 Backward: none of these collectives communicates (see collectives.py): the
 gradient of ``lse_r`` is ``exp(lse_r - lse)``, which is local, and the local
@@ -50,17 +55,19 @@ def _combine(lse, target_term, owner, sum_logits, valid, *, num_classes, label_s
         # max (a confident row), and its gradient reaches the backend as the
         # per-row coefficients of softmax and onehot (see partials.py).
         gap = torch.where(owner, target_term - (lse - m), torch.zeros_like(lse))
-    cols = [(lse - m).exp(), gap]
+    # expm1 on the max: 0, with the derivative exp(lse_r - m) = 1 all the same.
+    at_max = lse == m
+    cols = [torch.where(at_max, (lse - m).expm1(), (lse - m).exp()), at_max.to(lse.dtype), gap]
     if label_smoothing:
         cols.append(sum_logits)
     total = sum_over_group(torch.stack(cols), group)
-    log_sum = total[0].log()
-    gap = total[1] if owner is not None else m - total[1]
+    log_sum = (total[0] + (total[1] - 1)).log1p()
+    gap = total[2] if owner is not None else m - total[2]
     # lse - (1 - ls) z_t - (ls / C) sum_z with lse = m + log_sum and z_t = m - gap,
     # written so that m cancels before rounding.
     row = log_sum + gap
     if label_smoothing:
-        row = row + label_smoothing * ((m - gap) - total[2] / num_classes)
+        row = row + label_smoothing * ((m - gap) - total[3] / num_classes)
     lse_all = m + log_sum
     if z_loss:
         row = row + z_loss * lse_all.square()
@@ -71,7 +78,7 @@ def _combine(lse, target_term, owner, sum_logits, valid, *, num_classes, label_s
 def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes: int,
                      label_smoothing: float, z_loss: float, reduction: str, group=None):
     """The exact loss from every rank's :class:`CCEPartials` (two all-reduces:
-    MAX of N floats, SUM of 2N or 3N floats, after a small all-gather that
+    MAX of N floats, SUM of 3N or 4N floats, after a small all-gather that
     checks the ranks agree).
 
     Args:
@@ -109,7 +116,7 @@ def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes:
         return None, {"N": n, "dtype": str(partials.lse.dtype), "num_classes": num_classes,
                       "label_smoothing": ls, "z_loss": zl, "reduction": reduction}
 
-    # A rank with other options would send other sizes (3N vs 2N floats) or reduce differently.
+    # A rank with other options would send other sizes (4N vs 3N floats) or reduce differently.
     agree("nnk.distributed.combine_partials", group, describe,
           ("N", "dtype", "num_classes", "label_smoothing", "z_loss", "reduction"))
     return _combine(partials.lse, partials.target_logit, None, partials.sum_logits, valid,
@@ -166,8 +173,8 @@ def cosine_cross_entropy(
         nnk.cosine_cross_entropy(x, weight, target, scale=..., bias=cat(bias shards), ...)
 
     returning exactly that loss on every rank, while exchanging only O(N)
-    numbers (an all-reduce MAX of N floats and an all-reduce SUM of 2N floats,
-    3N with label smoothing) and never gathering the weights.
+    numbers (an all-reduce MAX of N floats and an all-reduce SUM of 3N floats,
+    4N with label smoothing) and never gathering the weights.
 
     Every rank must pass the same x, target, options and shared scale, and
     call ``backward()`` on the returned loss with the same upstream gradient

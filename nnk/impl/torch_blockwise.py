@@ -121,10 +121,12 @@ class _BlockwiseCCE(torch.autograd.Function):
 
         ls = opts.label_smoothing
         g = torch.where(valid, g_row.to(acc), torch.zeros_like(lse))
-        # d lse / dz = softmax: the lse output's gradient joins the softmax term.
-        coef_p = g * (1.0 + 2.0 * opts.z_loss * lse)
+        # dz = (g p - shift - [c == y] hit) + coef_z p (math.h dlogit): the
+        # z-loss term and the lse output's (d lse / dz = softmax) apart from
+        # g p, which on a confident row's target nearly cancels with hit.
+        coef_z = 2.0 * opts.z_loss * lse * g if opts.z_loss else None
         if g_lse is not None:
-            coef_p = coef_p + g_lse.to(acc)
+            coef_z = g_lse.to(acc) if coef_z is None else coef_z + g_lse.to(acc)
         # Rows without a finite logit (lse = -inf: a -inf bias on every class
         # of a class-parallel shard) and without upstream gradient (the
         # combined loss gives such a shard's terms zero weight) get p = 0, not
@@ -133,7 +135,8 @@ class _BlockwiseCCE(torch.autograd.Function):
         empty = (run_max == float("-inf")) & (g == 0)
         if g_lse is not None:
             empty &= g_lse == 0
-        coef_p = torch.where(empty, 0.0, coef_p)
+        if coef_z is not None:
+            coef_z = torch.where(empty, 0.0, coef_z)
         run_max = torch.where(empty, float("inf"), run_max)
         log_sum = torch.where(empty, 0.0, log_sum)
         shift = g * (ls / c)
@@ -150,11 +153,14 @@ class _BlockwiseCCE(torch.autograd.Function):
                 c1 = min(c, c0 + c_blk)
                 # 1. Recompute the tile exactly as the forward did.
                 z, cos = _tile(xn[rows], wn, s, b, t[rows], valid[rows], z_t[rows], psi[rows], c0, c1)
-                # 2. dz = coef_p * softmax - ls/C * g, minus (1 - ls) g on the target.
-                dz = (z - run_max[rows, None]).sub_(log_sum[rows, None]).exp_()
-                dz = dz.mul_(coef_p[rows, None]).sub_(shift[rows, None])
+                # 2. dz = g * softmax - ls/C * g, minus (1 - ls) g on the target,
+                #    then + coef_z * softmax.
+                p = (z - run_max[rows, None]).sub_(log_sum[rows, None]).exp_()
+                dz = (p.mul_ if coef_z is None else p.mul)(g[rows, None]).sub_(shift[rows, None])
                 col, inside = _target_slots(t[rows], valid[rows], c0, c1)
                 _update_targets(dz, col, inside, lambda old: old - hit[rows])
+                if coef_z is not None:
+                    dz.addcmul_(p, coef_z[rows, None])
                 if db is not None:
                     db[c0:c1] += dz.sum(dim=0)
                 if ds is not None:

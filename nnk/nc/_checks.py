@@ -26,6 +26,9 @@ def check_features(features, *, batch: int | None | bool = False, dim: int | Non
         raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
     if features.dtype not in FLOAT_DTYPES:
         raise TypeError(f"features must be float16, bfloat16, float32 or float64, got {features.dtype}")
+    if features.device.type == "meta":
+        # The value checks (finiteness, label range) read data a meta tensor does not have.
+        raise ValueError("features are a meta tensor: the NC statistics need data")
     want = {None: (2,), False: (2, 3)}.get(batch, (3,))
     if features.dim() not in want:
         shape = {2: "(N, D)", 3: f"({'B' if batch is False else batch}, N, D)"}

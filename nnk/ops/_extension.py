@@ -80,13 +80,3 @@ def has_op(name: str, device_type: str = "cpu") -> bool:
         _KERNELS[(name, key)] = _has_kernel(name, key)
     return _KERNELS[(name, key)]
 
-
-def same_device(op: str, x: torch.Tensor, *tensors) -> None:
-    """For the fake kernels: the tensor arguments (None skipped) are on x's
-    device. A direct call that mixes devices dispatches to the one of highest
-    priority (meta before cpu), whose fake kernel would otherwise allocate
-    outputs on x's device and return them unwritten."""
-    for t in tensors:
-        if t is not None:
-            torch._check(t.device == x.device, lambda: f"nnk::{op}: tensors on {x.device} and {t.device}")
-

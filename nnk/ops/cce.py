@@ -12,7 +12,8 @@ import torch
 
 from .._options import CCEOptions
 from ..impl import first_order
-from ._extension import has_op, same_device
+from ._extension import has_op
+from .fake_checks import check_cce_inputs, check_output_mask, check_row_vector
 
 
 def fwd_options(opts: CCEOptions, chunk_rows: int) -> tuple:
@@ -51,9 +52,10 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
     def _cce_fwd_fake(x, weight, target, scale, bias, normalize_input, normalize_weight,
                       additive_margin, angular_margin, ignore_index, label_smoothing, z_loss, eps,
                       chunk_rows):
-        torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "x and weight must be 2-D")
-        torch._check(weight.shape[1] == x.shape[1], lambda: "weight and x must have the same D")
-        same_device("cosine_cross_entropy_fwd", x, weight, target, scale, bias)
+        check_cce_inputs("cosine_cross_entropy_fwd", x, weight, target, scale, bias,
+                         normalize_input=normalize_input, normalize_weight=normalize_weight,
+                         additive_margin=additive_margin, angular_margin=angular_margin,
+                         label_smoothing=label_smoothing, z_loss=z_loss, eps=eps)
         n = x.shape[0]
         acc = _acc(x.dtype)
         return tuple(x.new_empty((n,), dtype=acc) for _ in range(3))  # loss, lse, lse_lo
@@ -86,7 +88,14 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
     def _cce_bwd_fake(grad_loss, grad_lse, x, weight, target, scale, bias, lse, lse_lo, normalize_input,
                       normalize_weight, additive_margin, angular_margin, exact_margin, ignore_index,
                       label_smoothing, z_loss, eps, chunk_rows, output_mask):
-        same_device("cosine_cross_entropy_bwd", x, grad_loss, grad_lse, weight, target, scale, bias, lse, lse_lo)
+        op = "cosine_cross_entropy_bwd"
+        check_cce_inputs(op, x, weight, target, scale, bias, normalize_input=normalize_input,
+                         normalize_weight=normalize_weight, additive_margin=additive_margin,
+                         angular_margin=angular_margin, label_smoothing=label_smoothing, z_loss=z_loss, eps=eps)
+        for name, v in (("lse", lse), ("lse_lo", lse_lo), ("grad_loss", grad_loss), ("grad_lse", grad_lse)):
+            if v is not None:
+                check_row_vector(op, name, v, x)
+        check_output_mask(op, output_mask, bias)
         return tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
 
     # Builds older than the fused training op lack it.
@@ -96,9 +105,13 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
         def _cce_fwd_bwd_fake(x, weight, target, scale, bias, grad_loss, normalize_input,
                               normalize_weight, additive_margin, angular_margin, exact_margin,
                               ignore_index, label_smoothing, z_loss, eps, chunk_rows, output_mask):
-            same_device("cosine_cross_entropy_fwd_bwd", x, grad_loss)
-            loss, lse, _lse_lo = _cce_fwd_fake(x, weight, target, scale, bias, normalize_input, normalize_weight,
-                                      additive_margin, angular_margin, ignore_index, label_smoothing,
-                                      z_loss, eps, chunk_rows)
+            op = "cosine_cross_entropy_fwd_bwd"
+            check_cce_inputs(op, x, weight, target, scale, bias, normalize_input=normalize_input,
+                             normalize_weight=normalize_weight, additive_margin=additive_margin,
+                             angular_margin=angular_margin, label_smoothing=label_smoothing, z_loss=z_loss,
+                             eps=eps)
+            check_row_vector(op, "grad_loss", grad_loss, x)
+            check_output_mask(op, output_mask, bias)
+            loss, lse = (x.new_empty((x.shape[0],), dtype=_acc(x.dtype)) for _ in range(2))
             grads = tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
             return (loss, lse, *grads)

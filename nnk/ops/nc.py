@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 
 from ..reference import nc_centered_gram_ref, nc_class_sums_ref
-from ._extension import has_op, same_device
+from ._extension import has_op
+from .fake_checks import check_nc_features, check_nc_shifts
 
 
 def _acc(*dtypes: torch.dtype) -> torch.dtype:
@@ -23,19 +24,16 @@ if has_op("nc_class_sums", "cpu") and has_op("nc_centered_gram", "cpu"):
 
     @torch.library.register_fake("nnk::nc_class_sums")
     def _nc_class_sums_fake(features, labels, num_classes):
-        same_device("nc_class_sums", features, labels)
-        torch._check(features.dim() in (2, 3), lambda: "features must be (N, D) or (B, N, D)")
-        torch._check(labels.dim() == 1 and labels.shape[0] == features.shape[-2],
-                     lambda: "labels must have one entry per row of features")
+        check_nc_features("nc_class_sums", features, labels)
+        torch._check(num_classes >= 0, lambda: f"nnk::nc_class_sums: num_classes must be >= 0, got {num_classes}")
         counts = labels.new_empty((num_classes,), dtype=torch.int64)
         shape = (*features.shape[:-2], num_classes, features.shape[-1])
         return counts, features.new_empty(shape, dtype=torch.float64)
 
     @torch.library.register_fake("nnk::nc_centered_gram")
     def _nc_centered_gram_fake(features, labels, shifts):
-        same_device("nc_centered_gram", features, labels, shifts)
-        torch._check(features.dim() in (2, 3), lambda: "features must be (N, D) or (B, N, D)")
-        torch._check(shifts.shape[-1] == features.shape[-1], lambda: "shifts must have D columns")
+        check_nc_features("nc_centered_gram", features, labels)
+        check_nc_shifts("nc_centered_gram", shifts, features)
         d = features.shape[-1]
         return features.new_empty((*features.shape[:-2], d, d), dtype=_acc(features.dtype, shifts.dtype))
 

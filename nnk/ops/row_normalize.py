@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..reference import row_normalize_backward_ref, row_normalize_ref
-from ._extension import has_extension, has_op, same_device
+from ._extension import has_extension, has_op
+from .fake_checks import check_row_normalize, check_row_normalize_backward
 
 
 def _setup_context(ctx, inputs, output):
@@ -51,7 +52,7 @@ if has_extension():
 
     @torch.library.register_fake("nnk::row_normalize")
     def _row_normalize_fake(x, eps):
-        torch._check(x.dim() == 2, lambda: "nnk::row_normalize: x must be 2-D")
+        check_row_normalize(x, eps)
         norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
             (x.shape[0],), dtype=norm_dtype
@@ -59,7 +60,7 @@ if has_extension():
 
     @torch.library.register_fake("nnk::row_normalize_backward")
     def _row_normalize_backward_fake(grad_y, y, norm, eps):
-        same_device("row_normalize_backward", y, grad_y, norm)
+        check_row_normalize_backward(grad_y, y, norm, eps)
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     torch.library.register_autograd(

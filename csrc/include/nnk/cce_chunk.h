@@ -72,8 +72,8 @@ NNK_HD int64_t target_column(const Chunk<A>& ch, int64_t r) {
 template <typename A>
 NNK_HD A cosine(const Chunk<A>& ch, int64_t r, int64_t c) {
   A dx = A(1), dw = A(1);
-  if (ch.x_norm != nullptr) dx = ch.x_norm[r] > ch.eps ? ch.x_norm[r] : ch.eps;
-  if (ch.w_norm != nullptr) dw = ch.w_norm[c] > ch.eps ? ch.w_norm[c] : ch.eps;
+  if (ch.x_norm != nullptr) dx = math::norm_divisor(ch.x_norm[r], ch.eps);
+  if (ch.w_norm != nullptr) dw = math::norm_divisor(ch.w_norm[c], ch.eps);
   return math::cosine_of(ch.block[r * ch.classes + c], dx, dw);
 }
 

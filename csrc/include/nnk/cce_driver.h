@@ -8,7 +8,8 @@
 //   K::row_normalize_backward(g, y, norm, eps)   g in the accumulation dtype,
 //                                    result in y's dtype
 //   K::gemm(out, a, b, accumulate)   out (accumulation dtype) (+)= a @ b
-//   K::check_targets(op, t, C, ignore)   target range check (see the backends)
+//   K::check_values(op, t, C, ignore, scale, acc)   target range and scale > 0,
+//                                    finite (eagerly or asynchronously: the backends)
 //   K::forward_epilogue<A>(chunk, loss, lse, lse_lo)
 //   K::backward_epilogue<A>(chunk, grad, dcos)
 //
@@ -34,10 +35,12 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <optional>
 #include <tuple>
 
 #include "nnk/cce_chunk.h"
+#include "nnk/dtypes.h"
 
 namespace nnk {
 namespace cce {
@@ -46,6 +49,12 @@ namespace cce {
 // times (each chunk's GEMMs stream all of W); 1 GiB keeps >= 512-row chunks up
 // to C = 256k classes with half inputs.
 constexpr int64_t kChunkBytes = int64_t(1) << 30;
+
+// The largest CUDA grid x dimension (2^31 - 1), for the launches' checks.
+constexpr int64_t kMaxGridX = 2147483647;
+
+// Beyond pi every target takes ArcFace's fallback (nnk._options.MAX_ANGULAR_MARGIN).
+constexpr double kMaxAngularMargin = 3.14159265358979323846;
 
 struct Options {
   bool normalize_input = true;
@@ -68,8 +77,10 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
 // budget, rounded down to a multiple of 128 (GEMM tile height) when possible.
 // The forward and backward use the same value, so the recomputed logits come
 // from GEMMs of identical shapes and match the forward's bit for bit.
+// At most 2^31 - 1 rows: the CUDA forward epilogue launches one block per
+// row, and a grid's x dimension holds no more.
 inline int64_t chunk_rows(int64_t n, int64_t c, int64_t bytes_per_entry, int64_t requested) {
-  const int64_t cap = std::max<int64_t>(n, 1);
+  const int64_t cap = std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX);
   if (requested > 0) return std::min(requested, cap);
   int64_t r = kChunkBytes / std::max<int64_t>(c * bytes_per_entry, 1);
   if (r >= 128) r -= r % 128;
@@ -85,7 +96,7 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
               " columns like x, got shape ", w.sizes());
   TORCH_CHECK(w.size(0) >= 1, op, ": weight must have at least one class (C >= 1)");
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+  TORCH_CHECK(is_kernel_dtype(dt),
               op, ": x must be float16, bfloat16, float32 or float64, got ", dt);
   TORCH_CHECK(w.scalar_type() == dt, op, ": weight dtype ", w.scalar_type(),
               " must match x dtype ", dt);
@@ -93,8 +104,8 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
               ": target must have shape (", x.size(0), ",), got ", target.sizes());
   TORCH_CHECK(target.scalar_type() == at::kLong, op, ": target must be int64, got ",
               target.scalar_type());
-  TORCH_CHECK(at::isFloatingType(scale.scalar_type()), op,
-              ": scale must be a floating tensor, got ", scale.scalar_type());
+  TORCH_CHECK(is_kernel_dtype(scale.scalar_type()), op,
+              ": scale must be float16, bfloat16, float32 or float64, got ", scale.scalar_type());
   TORCH_CHECK(scale.dim() == 0 || (scale.dim() == 1 && scale.size(0) == w.size(0)), op,
               ": scale must have shape () or (", w.size(0), ",), got ", scale.sizes());
   const auto dev = x.device();
@@ -104,16 +115,32 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), op,
                 ": bias must have shape (", w.size(0), ",), got ", bias->sizes());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op,
-                ": bias must be floating point, got ", bias->scalar_type());
+    TORCH_CHECK(is_kernel_dtype(bias->scalar_type()), op,
+                ": bias must be float16, bfloat16, float32 or float64, got ", bias->scalar_type());
     TORCH_CHECK(bias->device() == dev, op, ": bias is on ", bias->device(),
                 " but x is on ", dev);
   }
-  TORCH_CHECK(o.eps > 0, op, ": eps must be > 0, got ", o.eps);
+  // The scalar options, as nnk.functional checks them (a direct call of the
+  // op must not turn a NaN or a negative z-loss into plausible numbers).
+  TORCH_CHECK(std::isfinite(o.eps) && o.eps > 0, op, ": eps must be finite and > 0, got ", o.eps);
   TORCH_CHECK(o.label_smoothing >= 0 && o.label_smoothing <= 1, op,
               ": label_smoothing must be in [0, 1], got ", o.label_smoothing);
+  TORCH_CHECK(std::isfinite(o.z_loss) && o.z_loss >= 0, op, ": z_loss must be finite and >= 0, got ",
+              o.z_loss);
+  TORCH_CHECK(std::isfinite(o.additive_margin), op, ": additive_margin must be finite, got ",
+              o.additive_margin);
+  TORCH_CHECK(o.angular_margin >= 0 && o.angular_margin <= kMaxAngularMargin, op,
+              ": angular_margin must be in [0, pi], got ", o.angular_margin);
   TORCH_CHECK(o.angular_margin == 0 || (o.normalize_input && o.normalize_weight), op,
               ": angular_margin needs normalize_input and normalize_weight");
+}
+
+// Whether every scale is finite and > 0 in the dtype the kernels compute in
+// (a float64 1e39 is finite but infinite in float32), as a 0-d bool tensor:
+// the backends check it eagerly (CPU) or asynchronously (CUDA).
+inline at::Tensor scale_ok(const at::Tensor& scale, at::ScalarType acc) {
+  const at::Tensor s = scale.to(acc);
+  return (s.isfinite() & (s > 0)).all();
 }
 
 // The per-row vectors of the backward (grad_loss, grad_lse, lse): shape (N,)
@@ -122,8 +149,8 @@ inline void check_row_vector(const char* op, const char* name, const at::Tensor&
                              const at::Tensor& x) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(0), op, ": ", name, " must have shape (",
               x.size(0), ",), got ", v.sizes());
-  TORCH_CHECK(at::isFloatingType(v.scalar_type()), op, ": ", name,
-              " must be floating point, got ", v.scalar_type());
+  TORCH_CHECK(is_kernel_dtype(v.scalar_type()), op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", v.scalar_type());
   TORCH_CHECK(v.device() == x.device(), op, ": ", name, " is on ", v.device(),
               " but x is on ", x.device());
 }
@@ -186,6 +213,38 @@ inline int64_t entry_bytes(at::ScalarType acc, at::ScalarType gemm) {
   return at::elementSize(acc) + (gemm == acc ? 0 : at::elementSize(gemm));
 }
 
+// A power of two 2^k, as a 0-d tensor on the device (no host sync), by which
+// the backward scales the upstream gradients so that the largest |d cos| the
+// call can produce is near kDcosTarget; the gradients are divided by it after
+// the GEMMs (exactly: powers of two). It matters for fp16 GEMMs: d cos =
+// g s (p - y) is rounded to fp16 for them, and with a mean's g = 1 / N and
+// p ~ 1 / C most entries would fall below fp16's normal range (6e-5) or to 0
+// (measured in an fp16 emulation, N = 1024, C = 20k, s = 1: d x 36x the
+// reference's error unscaled, 0.7x scaled), or, with a large upstream
+// gradient (a loss scaler's 2^16), overflow to inf. The bound, from
+// math::dlogit (p <= 1): |d z_rc| <= |g_r| (1 + |1 + 2 zl lse_r|) + |g_lse_r|,
+// times max |s_c| and the margin's derivative (math::margin_grad: at most
+// cos m + sin m / kArcSinMin). A non-finite or zero bound gives 2^0.
+constexpr double kDcosTarget = 16384.0;  // 2^14: fp16's maximum is 65504
+
+inline at::Tensor grad_scale(const at::Tensor& g_loss, const at::Tensor& g_lse, const at::Tensor& lse,
+                             const at::Tensor& scale, const Options& o) {
+  at::Tensor bound = at::zeros_like(lse);
+  if (g_loss.defined()) {
+    // With zl = 0 the factor is 2 whatever lse is (-inf included).
+    bound = o.z_loss != 0 ? g_loss.abs() * ((2 * o.z_loss * lse + 1).abs() + 1) : g_loss.abs() * 2;
+  }
+  if (g_lse.defined()) bound = bound + g_lse.abs();
+  double dpsi = 1;
+  if (o.exact_margin && o.angular_margin != 0) {
+    dpsi = std::max(1.0, std::abs(std::cos(o.angular_margin)) +
+                             std::abs(std::sin(o.angular_margin)) / math::kArcSinMin);
+  }
+  const at::Tensor b = bound.max() * scale.abs().max() * dpsi;
+  const at::Tensor k = at::floor(at::log2(kDcosTarget / b)).clamp(-64, 64);
+  return at::exp2(k.masked_fill(~(b.isfinite() & (b > 0)), 0));
+}
+
 // The gradient half of the chunk loop, shared by the backward op and the
 // forward op that also computes gradients (chunk_loop): the buffers of
 // one chunk, the accumulators, and the final normalization backward of W.
@@ -219,6 +278,10 @@ class GradPass {
   // ||w_c|| from the normalization the d W GEMM uses (undefined: not normalized).
   const at::Tensor& w_norm() const { return w_norm_; }
 
+  // The upstream gradients of the chunks were multiplied by 1 / inv (0-d,
+  // a power of two: grad_scale): every gradient is multiplied by inv.
+  void unscale_by(const at::Tensor& inv) { unscale_ = inv; }
+
   // Rows [r0, r0 + blk.size(0)): blk holds their raw products and ch sees
   // them; xn, x_norm are the chunk's normalized rows and norms (xn = the raw
   // rows when x is not normalized); lse, lse_lo, grad_loss, grad_lse point at
@@ -249,6 +312,7 @@ class GradPass {
     if (mask_[0]) {
       at::Tensor dxn = dxn_buf_.narrow(0, 0, m);
       K::gemm(dxn, dcos, wn_, false);
+      if (unscale_.defined()) dxn.mul_(unscale_);
       dx_.narrow(0, r0, m).copy_(o_.normalize_input
                                      ? K::row_normalize_backward(dxn, xn, x_norm, o_.eps)
                                      : dxn);
@@ -261,6 +325,11 @@ class GradPass {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish(
       const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
       const std::optional<at::Tensor>& bias) {
+    if (unscale_.defined()) {
+      for (at::Tensor* t : {&dw_acc_, &ds_, &db_}) {
+        if (t->defined()) t->mul_(unscale_);
+      }
+    }
     at::Tensor dw = at::empty({0}, weight.options());
     if (mask_[1]) {
       dw = (o_.normalize_weight && w_norm_.defined())
@@ -282,6 +351,7 @@ class GradPass {
   at::Tensor wn_, w_norm_;
   at::Tensor dx_, dw_acc_, ds_, db_;
   at::Tensor dcos_buf_, db_part_, ds_part_, dxn_buf_;
+  at::Tensor unscale_;
 };
 
 // Step 1 of every chunk, shared by both loops: the raw products of rows
@@ -328,19 +398,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const typename K::Guard guard(x.device());
   const int64_t n = x.size(0), c = weight.size(0);
   // A target >= C would otherwise be read as an ignored row: zero gradients.
-  K::check_targets(op, target, c, o.ignore_index);
+  K::check_values(op, target, c, o.ignore_index, scale, acc_dtype(x.scalar_type()));
   const Operands p = prepare<K>(x, weight, target, scale, bias);
 
   const at::Tensor lse_a = lse.to(p.acc).contiguous();
   const at::Tensor lse_lo_a = lse_lo.to(p.acc).contiguous();
-  const at::Tensor g_loss = grad_loss.has_value() ? grad_loss->to(p.acc).contiguous() : at::Tensor();
-  const at::Tensor g_lse = grad_lse.has_value() ? grad_lse->to(p.acc).contiguous() : at::Tensor();
+  at::Tensor g_loss = grad_loss.has_value() ? grad_loss->to(p.acc).contiguous() : at::Tensor();
+  at::Tensor g_lse = grad_lse.has_value() ? grad_lse->to(p.acc).contiguous() : at::Tensor();
   const bool any_grad = mask[0] || mask[1] || mask[2] || mask[3];
   // Without rows or upstream gradients every gradient is zero.
   const bool work = n > 0 && any_grad && (g_loss.defined() || g_lse.defined());
   const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
   GradPass<K> grads(x, scale, p, o, mask, rows, work);
   if (work) {
+    // 0. Upstream gradients scaled by a power of two (grad_scale), undone on
+    //    the gradients: d cos in fp16 neither underflows nor overflows. New
+    //    tensors: the caller's grad_loss may be g_loss itself.
+    const at::Tensor k = grad_scale(g_loss, g_lse, lse_a, p.scale, o);
+    if (g_loss.defined()) g_loss = g_loss * k;
+    if (g_lse.defined()) g_lse = g_lse * k;
+    grads.unscale_by(k.reciprocal());
     at::Tensor block = at::empty({rows, c}, x.options().dtype(p.acc));
     AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_backward", [&] {
       using A = scalar_t;
@@ -383,7 +460,7 @@ chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const 
   TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
   const typename K::Guard guard(x.device());
   const int64_t n = x.size(0), c = weight.size(0);
-  K::check_targets(op, target, c, o.ignore_index);
+  K::check_values(op, target, c, o.ignore_index, scale, acc_dtype(x.scalar_type()));
   const Operands p = prepare<K>(x, weight, target, scale, bias);
   at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));

@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include "nnk/dtypes.h"
+
 namespace nnk {
 namespace nc {
 
@@ -22,7 +24,7 @@ inline Batched check_features(const char* op, const at::Tensor& features,
   TORCH_CHECK(features.dim() == 2 || features.dim() == 3, op,
               ": features must be (N, D) or (B, N, D), got shape ", features.sizes());
   const auto dt = features.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+  TORCH_CHECK(is_kernel_dtype(dt),
               op, ": features must be float16, bfloat16, float32 or float64, got ", dt);
   const int64_t n = features.size(-2);
   TORCH_CHECK(labels.dim() == 1 && labels.size(0) == n, op, ": labels must have shape (", n,
@@ -49,8 +51,8 @@ inline at::Tensor check_shifts(const char* op, const at::Tensor& shifts, const B
               shifts.sizes(), " for ", f.batched ? "3-D" : "2-D", " features with B=", f.b);
   TORCH_CHECK(shifts.size(-1) == f.d, op, ": shifts must have D=", f.d, " columns, got ",
               shifts.sizes());
-  TORCH_CHECK(at::isFloatingType(shifts.scalar_type()), op,
-              ": shifts must be floating point, got ", shifts.scalar_type());
+  TORCH_CHECK(is_kernel_dtype(shifts.scalar_type()), op,
+              ": shifts must be float16, bfloat16, float32 or float64, got ", shifts.scalar_type());
   TORCH_CHECK(shifts.device() == f.features.device(), op, ": shifts are on ", shifts.device(),
               " but features are on ", f.features.device());
   return (shifts.dim() == 3 ? shifts : shifts.unsqueeze(0)).to(acc).contiguous();

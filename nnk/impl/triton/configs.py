@@ -78,14 +78,19 @@ if INTERPRET:
     BWD_CONFIGS = [_cfg(64, 256, 64, 4, 1)]
 else:
     # Candidates for Hopper (H100/H200) and Ampere (A100). Register pressure,
-    # not shared memory, is the limit: ptxas reports 255 registers for all of
-    # these, and BLOCK_D = 32 keeps the spills smallest (compiled for sm_90,
-    # bf16: none for forward 128x128x32 and backward 128x64x32; 0.3-1.3 KB
-    # for the other 16-bit configs; 1-2 KB for most float32 ones, 4-10 KB for
-    # float32 backward 64x128x64). Shared memory peaks at 131,072 B (forward
+    # not shared memory, is the limit: ptxas (triton's, -v) reports 255
+    # registers for nearly all of these, and BLOCK_D = 32 keeps the spills
+    # smallest. Backward, row-major, measured for sm_80/86/90: 16-bit configs
+    # 0-1.7 KB of spill stores; float32 0.4-1.8 KB, but 31-39 KB for 64x128x64
+    # (which ptxas then compiles at 32 registers), and on sm_80 12 KB for
+    # 64x64x32; the float16 upcast variant (rows below eps) 0.6-3 KB, 46-53 KB
+    # for 64x128x64 and, on sm_80 only, 11 KB for 128x64x32 = FIXED_BWD (the
+    # deterministic mode's config). The autotuner discards slow candidates;
+    # the deterministic mode cannot. Shared memory peaks at 131,072 B (forward
     # 128x128x64, float32 on sm_80), within an A100's 163 KB
-    # (test_kernels_compile_for_gpus checks every config). Untimed so far:
-    # the first GPU session tunes this list.
+    # (test_kernels_compile_for_gpus checks every config; sm_86/89's 99 KB
+    # make the autotuner skip the largest). Untimed so far: the first GPU
+    # session tunes this list.
     FWD_CONFIGS = [
         _cfg(128, 128, 32, 8, 3),
         _cfg(64, 128, 32, 4, 4),
