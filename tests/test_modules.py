@@ -110,6 +110,24 @@ def test_state_dict_with_learned_scale(per_class):
         assert torch.equal(other.log_scale, learned)
 
 
+@pytest.mark.parametrize("per_class", [False, True])
+def test_built_on_the_meta_device_then_materialized(per_class):
+    # How heads of millions of classes are built for FSDP: no memory until
+    # to_empty, then reset_parameters initializes every parameter as __init__.
+    with torch.device("meta"):
+        head = nnk.CosineLinear(6, 5, bias=True, scale=10.0, learn_scale=True, per_class_scale=per_class)
+    assert head.weight.is_meta
+    head = head.to_empty(device="cpu")
+    head.reset_parameters()
+    fresh = nnk.CosineLinear(6, 5, bias=True, scale=10.0, learn_scale=True, per_class_scale=per_class)
+    assert torch.equal(head.log_scale, fresh.log_scale)
+    bound = 1 / math.sqrt(6)  # nn.Linear's init, which CosineLinear keeps
+    for p in (head.weight, head.bias):
+        assert p.abs().max() <= bound and p.std() > 0
+    x, t = torch.randn(4, 6), torch.randint(0, 5, (4,))
+    assert torch.isfinite(head.loss(x, t))
+
+
 def test_forward_returns_its_logits_not_a_view():
     # FSDP2 warns about module outputs that are views (an in-place op on one
     # would skip its backward hook): for 2-D x, as nn.Linear, a fresh tensor.
