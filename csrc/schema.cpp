@@ -22,7 +22,7 @@ TORCH_LIBRARY(nnk, m) {
   // a memory budget). scale: () or (C,); bias: (C,) or None; target: int64,
   // ignore_index rows get loss 0. Returns the (N,) row losses, the (N,)
   // log-sum-exp and lse_lo, what rounding the lse dropped (exactly: the true
-  // m + log(sum) is lse + lse_lo), in the accumulation dtype (float32;
+  // m + log1p(rest) is lse + lse_lo, math.h lse_finish), in the accumulation dtype (float32;
   // float64 for float64). The backward takes lse_lo back so that its
   // probabilities do not inherit the rounding of lse.
   m.def(
@@ -46,7 +46,9 @@ TORCH_LIBRARY(nnk, m) {
   // before the forward (grad_loss: (N,), e.g. 1 per row for a sum, 1 / #valid
   // for a mean): each chunk's logits serve the loss and then its gradients,
   // so they are computed once instead of twice. Returns the forward's (loss,
-  // lse) and the backward's gradients for grad_lse = None.
+  // lse) and the backward's gradients for grad_lse = None. float16 inputs on
+  // CUDA may not ask for gradients: only the backward op scales the upstream
+  // gradients against fp16 underflow (cce_driver.h grad_scale).
   m.def(
       "cosine_cross_entropy_fwd_bwd(Tensor x, Tensor weight, Tensor target, Tensor scale,"
       " Tensor? bias, Tensor grad_loss, bool normalize_input, bool normalize_weight,"

@@ -363,6 +363,14 @@ def test_cuda_float16_gradients_of_a_mean_over_many_classes(scale):
 
 
 @pytest.mark.gpu
+def test_cuda_fwd_bwd_refuses_float16_gradients():
+    x, w, t, s, b = _op_args("cuda", torch.float16, False, True)
+    bwd = (True, True, 0.0, 0.0, True, -100, 0.0, 0.0, 1e-12, 0)
+    with pytest.raises(RuntimeError, match="float16 gradients on this device"):
+        torch.ops.nnk.cosine_cross_entropy_fwd_bwd(x, w, t, s, b, torch.ones(9, device="cuda"), *bwd, [True] * 4)
+
+
+@pytest.mark.gpu
 def test_cuda_gradients_are_bitwise_reproducible():
     opts = {"scale": "per_class", "bias": True, "additive_margin": 0.2, "ignore": True}
     x, w, t, kw, leaves = make_inputs(300, 64, 5000, opts, dtype=torch.bfloat16, device="cuda")

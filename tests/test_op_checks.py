@@ -142,6 +142,19 @@ def test_bad_arguments_are_rejected(case, where):
             call()
 
 
+def test_fwd_bwd_refuses_float16_gradients_on_cuda():
+    # The CUDA GEMMs take d cos in float16, and only the backward op scales
+    # the upstream gradients against its underflow (cce_driver.h grad_scale).
+    # Fake CUDA tensors reach the fake kernel on any machine.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), torch.device("cuda"):
+        half = dict(x=torch.randn(N, D, dtype=torch.float16), weight=torch.randn(C, D, dtype=torch.float16))
+        fwd_bwd(**half, output_mask=[False] * 4)  # no gradients: allowed
+        with pytest.raises(RuntimeError, match="float16 gradients on this device"):
+            fwd_bwd(**half)
+
+
 def test_mixed_devices_are_rejected():
     # A meta tensor among CPU ones dispatched to the fake kernel, which
     # returned unwritten CPU tensors.

@@ -40,7 +40,8 @@ __global__ void __launch_bounds__(kMaxThreads) cce_forward_kernel(const cce::Chu
     math::lse_merge(run_max, run_rest, z, A(0));
     sum_z += z;
   }
-  // 2. Warp merge (butterfly: every lane ends with the warp's pair).
+  // 2. Warp merge (butterfly: every lane ends with the warp's pair, up to the
+  //    last bit of rest where maxima tie; lane 0's is the one read).
   for (int off = 16; off > 0; off >>= 1) {
     const A o_max = __shfl_xor_sync(0xffffffffu, run_max, off);
     const A o_rest = __shfl_xor_sync(0xffffffffu, run_rest, off);

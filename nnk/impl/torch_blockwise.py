@@ -2,14 +2,15 @@
 online log-sum-exp, in plain PyTorch ops (any device; what "auto" picks on CPU).
 
 No N x C buffer ever exists: the forward keeps per row a running max, sum of
-exponentials, target logit and (for label smoothing) sum of logits; the
+the other exponentials (nnk/impl/lse.py), target logit and (for label
+smoothing) sum of logits; the
 backward recomputes each logit tile and turns it into its gradient on the spot.
 Extra memory is O((N + C) * D) for the normalized operands and gradient
 accumulators plus one tile of ``block_rows x block_classes`` (a few copies).
 
 Math per tile (all in float32, float64 for float64 input), with z the logits,
 ``lse`` the row log-sum-exp and g the upstream gradient of each row loss:
-``dz = g * (p * (1 + 2 zl lse) - (1 - ls) onehot - ls / C) + g_lse * p``,
+``dz = g * (p - (1 - ls) onehot - ls / C) + (2 zl lse g + g_lse) * p``,
 ``dcos = dz * scale`` (times ``dpsi/dcos`` on the target column),
 ``dxn += dcos @ wn``, ``dwn += dcos.T @ xn``, ``dscale += sum(dz * cos')``,
 ``dbias += sum_rows(dz)``, then back through the normalizations.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import first_order
+from .lse import merge_partials, tile_partial
 from .._options import CCEOptions
 from ..ops import row_normalize, row_normalize_backward
 from ..reference import acc_dtype, margin_grad_ref, margin_value_ref
@@ -61,26 +63,22 @@ class _BlockwiseCCE(torch.autograd.Function):
         s_t = s[t] if isinstance(s, torch.Tensor) and s.dim() == 1 else s
         z_t = psi * s_t + (b[t] if b is not None else 0.0)
 
-        # 3. Online log-sum-exp (and sum of logits for smoothing) over tiles.
+        # 3. Online log-sum-exp (and sum of logits for smoothing) over tiles,
+        #    as (max, rest) partials (nnk/impl/lse.py).
         r_blk, c_blk = _blocks(n, c, block_rows, block_classes)
         run_max = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
-        run_sum = torch.zeros((n,), dtype=acc, device=x.device)
+        run_rest = torch.zeros((n,), dtype=acc, device=x.device)
         sum_z = torch.zeros((n,), dtype=acc, device=x.device) if opts.label_smoothing else None
         for r0 in range(0, n, r_blk):
             rows = slice(r0, min(n, r0 + r_blk))
             for c0 in range(0, c, c_blk):
                 z, _ = _tile(xn[rows], wn, s, b, t[rows], valid[rows], z_t[rows], psi[rows], c0, min(c, c0 + c_blk))
-                blk_max = z.amax(dim=1)
-                new_max = torch.maximum(run_max[rows], blk_max)
-                # Shift by 0 while a row has seen only -inf logits (a -inf
-                # bias masking its first tiles): exp(-inf - -inf) is NaN.
-                shift = torch.where(new_max == float("-inf"), 0.0, new_max)
-                blk_sum = (z - shift[:, None]).exp_().sum(dim=1)
-                run_sum[rows] = run_sum[rows] * (run_max[rows] - shift).exp() + blk_sum
-                run_max[rows] = new_max
+                blk_max, blk_rest = tile_partial(z)
+                run_max[rows], run_rest[rows] = merge_partials(torch.stack((run_max[rows], blk_max)),
+                                                               torch.stack((run_rest[rows], blk_rest)))
                 if sum_z is not None:
                     sum_z[rows] += z.sum(dim=1)
-        log_sum = run_sum.log()
+        log_sum = run_rest.log1p()
         lse = run_max + log_sum
 
         # 4. Row loss: lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2 (0 if
@@ -123,7 +121,8 @@ class _BlockwiseCCE(torch.autograd.Function):
         g = torch.where(valid, g_row.to(acc), torch.zeros_like(lse))
         # dz = (g p - shift - [c == y] hit) + coef_z p (math.h dlogit): the
         # z-loss term and the lse output's (d lse / dz = softmax) apart from
-        # g p, which on a confident row's target nearly cancels with hit.
+        # g p, which on a confident row's target nearly cancels with hit. Off
+        # the target nothing cancels: there dz = (g + coef_z) p - shift.
         coef_z = 2.0 * opts.z_loss * lse * g if opts.z_loss else None
         if g_lse is not None:
             coef_z = g_lse.to(acc) if coef_z is None else coef_z + g_lse.to(acc)
@@ -141,6 +140,11 @@ class _BlockwiseCCE(torch.autograd.Function):
         log_sum = torch.where(empty, 0.0, log_sum)
         shift = g * (ls / c)
         hit = g * (1.0 - ls)
+        coef_p = g if coef_z is None else g + coef_z
+        if coef_z is not None:
+            # The target's dz from its own p (bitwise the tile's: same z_t).
+            p_t = ((z_t - run_max) - log_sum).exp()
+            dz_t = ((g * p_t - shift) - hit) + coef_z * p_t
         dpsi = margin_grad_ref(cos_t, opts.angular_margin, opts.exact_margin)
 
         dxn = torch.zeros_like(xn)
@@ -153,14 +157,14 @@ class _BlockwiseCCE(torch.autograd.Function):
                 c1 = min(c, c0 + c_blk)
                 # 1. Recompute the tile exactly as the forward did.
                 z, cos = _tile(xn[rows], wn, s, b, t[rows], valid[rows], z_t[rows], psi[rows], c0, c1)
-                # 2. dz = g * softmax - ls/C * g, minus (1 - ls) g on the target,
-                #    then + coef_z * softmax.
-                p = (z - run_max[rows, None]).sub_(log_sum[rows, None]).exp_()
-                dz = (p.mul_ if coef_z is None else p.mul)(g[rows, None]).sub_(shift[rows, None])
+                # 2. dz = coef_p * softmax - ls/C * g, and the target's own.
+                dz = (z - run_max[rows, None]).sub_(log_sum[rows, None]).exp_()
+                dz = dz.mul_(coef_p[rows, None]).sub_(shift[rows, None])
                 col, inside = _target_slots(t[rows], valid[rows], c0, c1)
-                _update_targets(dz, col, inside, lambda old: old - hit[rows])
-                if coef_z is not None:
-                    dz.addcmul_(p, coef_z[rows, None])
+                if coef_z is None:
+                    _update_targets(dz, col, inside, lambda old: old - hit[rows])
+                else:
+                    _update_targets(dz, col, inside, lambda old: dz_t[rows])
                 if db is not None:
                     db[c0:c1] += dz.sum(dim=0)
                 if ds is not None:

@@ -112,6 +112,10 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
                              eps=eps)
             check_row_vector(op, "grad_loss", grad_loss, x)
             check_output_mask(op, output_mask, bias)
+            # cce_driver.h chunk_loop: the CUDA kernels' float16 GEMMs.
+            torch._check(not (x.device.type == "cuda" and x.dtype == torch.float16 and any(output_mask)),
+                         lambda: f"nnk::{op}: float16 gradients on this device are the backward op's "
+                                 "(nnk::cosine_cross_entropy_bwd), which scales them against underflow")
             loss, lse = (x.new_empty((x.shape[0],), dtype=_acc(x.dtype)) for _ in range(2))
             grads = tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
             return (loss, lse, *grads)

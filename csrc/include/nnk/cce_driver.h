@@ -224,17 +224,26 @@ inline int64_t entry_bytes(at::ScalarType acc, at::ScalarType gemm) {
 // gradient (a loss scaler's 2^16), overflow to inf. The bound, from
 // math::dlogit (p <= 1): |d z_rc| <= |g_r| (1 + |1 + 2 zl lse_r|) + |g_lse_r|,
 // times max |s_c| and the margin's derivative (math::margin_grad: at most
-// cos m + sin m / kArcSinMin). A non-finite or zero bound gives 2^0.
+// cos m + sin m / kArcSinMin). g counts on the rows it reaches (not ignored
+// ones, as math::dlogit's caller zeroes it there), and a row whose bound is
+// not finite (its gradients are NaN or inf whatever the scale) is left out,
+// so that one such row does not turn the scaling off for the others. A zero
+// or non-finite bound gives 2^0. Done for float16 inputs only (bfloat16 has
+// float32's exponent range), on every backend: the CPU kernels, whose GEMMs
+// run in float32, gain nothing from it, but CI's tests of float16 inputs run
+// the scaling and its exact undoing there.
 constexpr double kDcosTarget = 16384.0;  // 2^14: fp16's maximum is 65504
 
 inline at::Tensor grad_scale(const at::Tensor& g_loss, const at::Tensor& g_lse, const at::Tensor& lse,
-                             const at::Tensor& scale, const Options& o) {
+                             const at::Tensor& target, const at::Tensor& scale, const Options& o) {
   at::Tensor bound = at::zeros_like(lse);
   if (g_loss.defined()) {
     // With zl = 0 the factor is 2 whatever lse is (-inf included).
     bound = o.z_loss != 0 ? g_loss.abs() * ((2 * o.z_loss * lse + 1).abs() + 1) : g_loss.abs() * 2;
+    bound = bound.masked_fill(target == o.ignore_index, 0);
   }
   if (g_lse.defined()) bound = bound + g_lse.abs();
+  bound = bound.masked_fill(~bound.isfinite(), 0);
   double dpsi = 1;
   if (o.exact_margin && o.angular_margin != 0) {
     dpsi = std::max(1.0, std::abs(std::cos(o.angular_margin)) +
@@ -411,13 +420,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
   GradPass<K> grads(x, scale, p, o, mask, rows, work);
   if (work) {
-    // 0. Upstream gradients scaled by a power of two (grad_scale), undone on
-    //    the gradients: d cos in fp16 neither underflows nor overflows. New
-    //    tensors: the caller's grad_loss may be g_loss itself.
-    const at::Tensor k = grad_scale(g_loss, g_lse, lse_a, p.scale, o);
-    if (g_loss.defined()) g_loss = g_loss * k;
-    if (g_lse.defined()) g_lse = g_lse * k;
-    grads.unscale_by(k.reciprocal());
+    // 0. float16: upstream gradients scaled by a power of two (grad_scale),
+    //    undone on the gradients: d cos in fp16 neither underflows nor
+    //    overflows. New tensors: the caller's grad_loss may be g_loss itself.
+    if (x.scalar_type() == at::kHalf) {
+      const at::Tensor k = grad_scale(g_loss, g_lse, lse_a, p.target, p.scale, o);
+      if (g_loss.defined()) g_loss = g_loss * k;
+      if (g_lse.defined()) g_lse = g_lse * k;
+      grads.unscale_by(k.reciprocal());
+    }
     at::Tensor block = at::empty({rows, c}, x.options().dtype(p.acc));
     AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_backward", [&] {
       using A = scalar_t;
@@ -458,6 +469,12 @@ chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const 
   check_inputs(op, x, weight, target, scale, bias, o);
   if (grad_loss.has_value()) check_row_vector(op, "grad_loss", *grad_loss, x);
   TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
+  const bool grads_asked = grad_loss.has_value() && (mask[0] || mask[1] || mask[2] || mask[3]);
+  // Its upstream gradients are not scaled (grad_scale needs every row's lse
+  // first): float16 d cos would underflow in the fp16 GEMMs.
+  TORCH_CHECK(!grads_asked || K::gemm_dtype(x.scalar_type()) != at::kHalf, op,
+              ": float16 gradients on this device are the backward op's "
+              "(nnk::cosine_cross_entropy_bwd), which scales them against underflow");
   const typename K::Guard guard(x.device());
   const int64_t n = x.size(0), c = weight.size(0);
   K::check_values(op, target, c, o.ignore_index, scale, acc_dtype(x.scalar_type()));
@@ -465,7 +482,7 @@ chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse_lo = at::empty({n}, x.options().dtype(p.acc));
-  const bool work = n > 0 && grad_loss.has_value() && (mask[0] || mask[1] || mask[2] || mask[3]);
+  const bool work = n > 0 && grads_asked;
   const at::Tensor g_loss = work ? grad_loss->to(p.acc).contiguous() : at::Tensor();
   const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
   GradPass<K> grads(x, scale, p, o, mask, rows, work);

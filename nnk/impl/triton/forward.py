@@ -5,7 +5,8 @@ One program owns BLOCK_N rows and one contiguous range of class tiles (a
 to fill the GPU). Per class tile: the raw dot ``x W^T`` on tensor cores, the
 division by the row and column norms, the margin on the target column, then an
 online max / sum-of-exponentials in float32. Per split it writes the running
-max, sum of exp and (label smoothing) sum of logits: O(N x splits) values,
+max, the sum of the other exponentials (nnk/impl/lse.py) and (label
+smoothing) sum of logits: O(N x splits) values,
 plus the target cosine and logit of each row (O(N)) from the split that
 holds the target. The N x C logits never exist.
 """
@@ -18,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..._options import CCEOptions
+from ..lse import merge_partials
 from . import configs
 from .launch import PerDeviceAutotune, dtype_args, launch, margin_args, shape_buckets
 from .norms import row_norms
@@ -27,7 +29,7 @@ from .tile import _col_terms, _cosine_tile, _logits, _row_terms, _target_logit
 @triton.jit
 def _cce_fwd_kernel(
     X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr,
-    MAX_ptr, SUMEXP_ptr, SUMZ_ptr, COST_ptr, ZT_ptr,
+    MAX_ptr, REST_ptr, SUMZ_ptr, COST_ptr, ZT_ptr,
     N, C, D,
     stride_xn, stride_xd, stride_wc, stride_wd,
     ignore_index, eps, cos_m, sin_m, arc_threshold, arc_fallback, additive,
@@ -50,12 +52,14 @@ def _cce_fwd_kernel(
     tile_lo = split * n_tiles // n_splits
     tile_hi = (split + 1) * n_tiles // n_splits
 
-    # 3. Online log-sum-exp over the tiles (math.h lse_merge). A row's tiles
-    #    can all be -inf so far (a -inf bias masking the leading classes): the
-    #    exponentials then shift by 0 instead of the -inf max, whose
-    #    exp(-inf - -inf) would be NaN.
+    # 3. Online log-sum-exp over the tiles as (max, rest), rest the sum of
+    #    exp(z - max) but for one entry at the max (math.h lse_merge,
+    #    nnk/impl/lse.py): a confident row's small rest is not rounded against
+    #    the max's 1. A row's tiles can all be -inf so far (a -inf bias
+    #    masking the leading classes): the exponentials then shift by 0
+    #    instead of the -inf max, whose exp(-inf - -inf) would be NaN.
     run_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-    run_sum = tl.zeros((BLOCK_N,), tl.float32)
+    run_rest = tl.zeros((BLOCK_N,), tl.float32)
     sum_z = tl.zeros((BLOCK_N,), tl.float32)
     cos_t = tl.zeros((BLOCK_N,), tl.float32)
     for tile in range(tile_lo, tile_hi):
@@ -74,7 +78,14 @@ def _cce_fwd_kernel(
         z = tl.where(col_mask[None, :], _logits(cos, is_t, z_t, s_c, b_c), float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(z - shift[:, None]), axis=1)
+        # The tile's entries at the new max add 1 each, but one of them when
+        # the max is new (then the old partial adds its 1 as well, scaled).
+        at_max = z == new_max[:, None]
+        ties = tl.sum(at_max.to(tl.float32), axis=1)
+        tile_rest = tl.sum(tl.where(at_max, 0.0, tl.exp(z - shift[:, None])), axis=1)
+        old = tl.where(run_max == new_max, run_rest + ties,
+                       (run_rest + 1.0) * tl.exp(run_max - shift) + (ties - 1.0))
+        run_rest = tl.where(new_max == float("-inf"), 0.0, old + tile_rest)
         run_max = new_max
         if HAS_SMOOTHING:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
@@ -85,7 +96,7 @@ def _cce_fwd_kernel(
     #    function, so bitwise the value the tile used).
     part = split.to(tl.int64) * N + rows
     tl.store(MAX_ptr + part, run_max, mask=row_mask)
-    tl.store(SUMEXP_ptr + part, run_sum, mask=row_mask)
+    tl.store(REST_ptr + part, run_rest, mask=row_mask)
     if HAS_SMOOTHING:
         tl.store(SUMZ_ptr + part, sum_z, mask=row_mask)
     t_tile = tl.where(valid, t, 0) // BLOCK_C
@@ -107,7 +118,7 @@ _cce_fwd_tuned = PerDeviceAutotune(
 class ForwardResult:
     row: torch.Tensor     # (N,) float32 row losses, 0 on ignored rows
     lse: torch.Tensor     # (N,) float32 log-sum-exp of the logits
-    lse_lo: torch.Tensor  # (N,) float32 m + log(sum) - lse, exactly (lse rounds it): see step 3
+    lse_lo: torch.Tensor  # (N,) float32 m + log1p(rest) - lse, exactly (lse rounds it): see step 3
     cos_t: torch.Tensor   # (N,) float32 target cosine before the margin (0 on ignored rows)
     xnorm: torch.Tensor | None  # (N,) float32 ||x_i|| when normalizing x
     wnorm: torch.Tensor | None  # (C,) float32 ||w_c|| when normalizing W
@@ -157,15 +168,14 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
             **dtype_args(x.dtype),
         )
 
-    # 3. Merge the splits (O(N x splits)): lse = m + log sum_k l_k exp(m_k - m),
+    # 3. Merge the splits (O(N x splits), nnk/impl/lse.py): lse = m + log1p(rest),
     #    and what rounding that sum to float32 dropped (Knuth's TwoSum, exact):
     #    the backward's p = exp((z - lse) - lse_lo) then errs as log_softmax's
     #    (z - m) - log sum does, not by half an ulp of |lse| (4e-6 at s = 64,
     #    which made gradient errors up to 7x the reference's).
     #    A row with no finite logit gets lse = -inf and lse_lo = 0 (math.h lse_finish).
-    run_max = parts[0].amax(dim=0)
-    shift = torch.where(run_max == float("-inf"), 0.0, run_max)
-    log_sum = (parts[1] * torch.exp(parts[0] - shift)).sum(dim=0).log()
+    run_max, rest = merge_partials(parts[0], parts[1])
+    log_sum = rest.log1p()
     lse = run_max + log_sum
     part = lse - run_max
     lse_lo = torch.where(lse.isfinite(), (run_max - (lse - part)) + (log_sum - part), 0.0)
