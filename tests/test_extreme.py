@@ -449,3 +449,23 @@ def test_tiny_row_losses_keep_their_relative_precision(impl, device):
     assert truth.median() < 1e-6
     rel = (got - truth).abs() / truth
     assert rel.max() < 1e-4, rel.max()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computing on NaN
+@pytest.mark.parametrize("where", ["weight", "bias"])
+def test_nan_classes_make_every_row_nan(impl, device, where):
+    # NaN in the first 256 classes: a whole leading class tile of NaN logits
+    # (the interpreter's BLOCK_C). tl.max drops NaN, and a partial (max, rest)
+    # that reset rest to 0 while its max was still -inf hid them: a finite
+    # loss and lse over NaN gradients. As in PyTorch, every row is NaN.
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(4, 8, generator=g), torch.randn(600, 8, generator=g)
+    b = torch.zeros(600)
+    (w if where == "weight" else b)[:256] = float("nan")
+    t = torch.tensor([300, 400, 500, 599])
+    dev = lambda v: v.to(device)  # noqa: E731
+    loss, lse = nnk.cosine_cross_entropy(dev(x), dev(w), dev(t), bias=dev(b), scale=8.0, reduction="none",
+                                         return_lse=True, impl=impl)
+    ref_loss, ref_lse = cosine_cross_entropy_ref(x, w, t, bias=b, scale=8.0, reduction="none", return_lse=True)
+    assert ref_loss.isnan().all() and ref_lse.isnan().all()
+    assert loss.isnan().all() and lse.isnan().all(), (loss, lse)

@@ -31,5 +31,7 @@ def merge_partials(maxes: torch.Tensor, rests: torch.Tensor) -> tuple[torch.Tens
     shift = torch.where(m == _NEG_INF, 0.0, m)
     at_max = maxes == m
     terms = torch.where(at_max, rests, (rests + 1) * (maxes - shift).exp())
-    rest = terms.sum(dim=0) + (at_max.sum(dim=0) - 1)
-    return m, torch.where(m == _NEG_INF, 0.0, rest)
+    total = terms.sum(dim=0)
+    rest = total + (at_max.sum(dim=0) - 1)
+    # No finite max: the rests' sum (0, or NaN from the kernel's NaN-dropping max).
+    return m, torch.where(m == _NEG_INF, total, rest)

@@ -85,7 +85,9 @@ def _cce_fwd_kernel(
         tile_rest = tl.sum(tl.where(at_max, 0.0, tl.exp(z - shift[:, None])), axis=1)
         old = tl.where(run_max == new_max, run_rest + ties,
                        (run_rest + 1.0) * tl.exp(run_max - shift) + (ties - 1.0))
-        run_rest = tl.where(new_max == float("-inf"), 0.0, old + tile_rest)
+        # No finite entry yet: rest stays what the non-(-inf) entries gave (0, or NaN
+        # from NaN logits, which tl.max drops).
+        run_rest = tl.where(new_max == float("-inf"), run_rest + tile_rest, old + tile_rest)
         run_max = new_max
         if HAS_SMOOTHING:
             sum_z += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
