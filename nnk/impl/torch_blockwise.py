@@ -83,7 +83,7 @@ class _BlockwiseCCE(torch.autograd.Function):
 
         # 4. Row loss: lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2 (0 if
         #    ignored), grouped as math.h's row_loss, with lse as max + log sum
-        #    unrounded (F.cross_entropy's grouping): (1 - ls)((max - z_t) +
+        #    unrounded (log sum = log1p(rest)): (1 - ls)((max - z_t) +
         #    log sum) + ls ((max - sum_z / C) + log sum), small differences
         #    where the loss is small (a confident row, C = 1).
         ls = opts.label_smoothing

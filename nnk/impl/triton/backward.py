@@ -3,7 +3,7 @@
 Each program recomputes logit tiles with the forward's device functions,
 turns them into d logits on the spot and contracts them with the raw rows:
 
-    dz   = g (p (1 + 2 zl lse) - (1 - ls) [c == y] - ls / C) + g_lse p
+    dz   = g (p - (1 - ls) [c == y] - ls / C) + (2 zl lse g + g_lse) p   (the last term added apart)
     dcos = dz s_c, on the target column dz s_y dpsi/dcos
     d xn_i += sum_j (dcos_ij / ||w_j||) w_j,   d wn_j += sum_i (dcos_ij / ||x_i||) x_i
                                     (norms clamped below at eps, raw rows w_j, x_i)
