@@ -10,6 +10,9 @@ Who does what work (the ``notes`` column of the CSV repeats it):
   ``nnk-cuda-gradfwd`` is ``nnk-cuda`` with ``NNK_GRAD_IN_FORWARD=1``: the
   gradients of the mean loss computed in its forward (3 GEMM passes for
   fwd+bwd instead of 4; its ``fwd`` rows include that work).
+  ``nnk-triton-gemmbwd`` is ``nnk-triton`` with ``NNK_TRITON_GEMM_BACKWARD=1``
+  (the extension's cuBLAS backward after the Triton forward: which backward
+  is faster at large D is for the GPU run to say).
   ``nnk-triton-sparse`` is ``nnk-triton`` with ``NNK_TRITON_GRAD_FILTER=1``
   (negligible d-logit tiles skip their d x and dW dots; on random benchmark
   inputs few tiles are negligible, so it measures the filter's overhead more
@@ -182,6 +185,8 @@ NNK_VARIANTS = {
                 "for fwd+bwd; fwd includes them)"),
     "sparse": ({"NNK_TRITON_GRAD_FILTER": "1"},
                "NNK_TRITON_GRAD_FILTER=1: d-logit tiles below 2^-12 M / C skip their d x and dW dots"),
+    "gemmbwd": ({"NNK_TRITON_GEMM_BACKWARD": "1"},
+                "NNK_TRITON_GEMM_BACKWARD=1: Triton forward, the extension's chunked-GEMM backward"),
 }
 
 
@@ -196,7 +201,13 @@ class Nnk(Provider):
         self.grads_in_forward = variant == "gradfwd"
 
     def check(self, case, device, dtype):
-        return impl_check(self.impl, self._module[self.impl], device, dtype, "cosine_cross_entropy_fwd")
+        check = impl_check(self.impl, self._module[self.impl], device, dtype, "cosine_cross_entropy_fwd")
+        if check is OK and "NNK_TRITON_GEMM_BACKWARD" in self.env:
+            from nnk.ops import has_op
+
+            if not has_op("cosine_cross_entropy_bwd", device.type):
+                return Check("unavailable", f"nnk._C has no cosine_cross_entropy_bwd for {device.type}")
+        return check
 
     def build(self, case, inputs):
         import nnk
@@ -439,6 +450,7 @@ class GemmBound(Provider):
 
 
 def ce_providers() -> list[Provider]:
-    return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", "gradfwd"), Nnk("triton", "sparse"), Reference(False), Reference(True),
+    return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", "gradfwd"), Nnk("triton", "sparse"),
+            Nnk("triton", "gemmbwd"), Reference(False), Reference(True),
             TorchHead(False), TorchHead(True), TorchLCE(), Liger(), CutCrossEntropy(False), CutCrossEntropy(True),
             PML(), GemmBound()]

@@ -20,6 +20,8 @@ import torch
 
 import nnk
 from nnk._options import check_tensors, make_options
+from nnk.ops import cce as ext_cce
+from nnk.ops import has_op
 from nnk.reference import cosine_cross_entropy_ref
 
 pytest.importorskip("triton")
@@ -285,6 +287,26 @@ def test_fast_grad_switch_is_read_at_each_backward(device, monkeypatch):
 
     split, fast = grad_x("0"), grad_x("1")
     assert torch.equal(split, grad_x("0")) and not torch.equal(split, fast)
+
+
+GEMM_BACKWARD_CASES = [c for c in CASES if c[0] in (
+    "plain-odd", "arcface-exact-s64", "cosface-exact-s64-smooth-zloss", "class-scale-bias-sum", "tensor-scale-none",
+    "zero-norm-rows", "C1")]
+
+
+@pytest.mark.skipif(not has_op("cosine_cross_entropy_bwd", "cpu"), reason="nnk._C not built")
+@pytest.mark.parametrize("shape,case_kw,loss_kw", [c[1:] for c in GEMM_BACKWARD_CASES],
+                         ids=[c[0] for c in GEMM_BACKWARD_CASES])
+def test_gemm_backward_matches_reference(device, monkeypatch, shape, case_kw, loss_kw):
+    # NNK_TRITON_GEMM_BACKWARD=1: the Triton forward, the extension's backward
+    # op (here its CPU kernels) on the forward's lse and lse_lo.
+    monkeypatch.setenv("NNK_TRITON_GEMM_BACKWARD", "1")
+    calls = []
+    backward = ext_cce.cce_backward
+    monkeypatch.setattr(ext_cce, "cce_backward", lambda *a: calls.append(1) or backward(*a))
+    x, w, t, scale, bias = _case(device, F32, *shape, **case_kw)
+    _check(_triton_fn(), x, w, t, scale, bias, loss_kw)
+    assert calls, "the extension's backward did not run"
 
 
 def test_float64_is_rejected():

@@ -31,6 +31,19 @@ def split_grad() -> bool:
     tile._grad_operand. Read at each backward, like the other run-time switches."""
     return not env_flag("NNK_TRITON_FAST_GRAD")
 
+def gemm_backward() -> bool:
+    """NNK_TRITON_GEMM_BACKWARD=1: the backward of the Triton forward by the
+    extension's chunked-GEMM op (nnk::cosine_cross_entropy_bwd: per row chunk
+    a cuBLAS GEMM recomputes the logits, one fused epilogue turns them into
+    d cos, two GEMMs give d x and d W) instead of the Triton backward kernel.
+    That kernel read-modify-writes a BLOCK_N x D float32 d x slice per
+    (row block, class tile): at D = 4096 about 80 flop per byte of it, and
+    the resident programs' slices outgrow L2, so it may be memory-bound
+    there (an estimate: untimed). A switch for the first GPU session to time
+    both. Read when the forward runs."""
+    return env_flag("NNK_TRITON_GEMM_BACKWARD")
+
+
 # Opt-in sparse backward (NNK_TRITON_GRAD_FILTER): tiles of d logits whose
 # every entry is negligible skip their d x and d W contractions (two of the
 # backward's three dots and their float32 read-modify-writes), as

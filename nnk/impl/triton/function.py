@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..._options import CCEOptions
+from ...ops import cce as ext_cce
+from ...ops import has_op
 from .. import first_order
 from . import configs
 from .backward import cce_backward
@@ -24,6 +26,9 @@ class _TritonCCE(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, target, opts: CCEOptions, tuning: dict):
         s = _scale_buffer(scale, x.device)
         b = bias.detach().to(torch.float32).contiguous() if bias is not None else None
+        if tuning["gemm_backward"] and not has_op("cosine_cross_entropy_bwd", x.device.type):
+            raise ValueError("NNK_TRITON_GEMM_BACKWARD=1 needs the compiled extension's "
+                             f"nnk::cosine_cross_entropy_bwd for {x.device.type} tensors (nnk._C)")
         with on_device(x):
             fwd = cce_forward(x, weight, target, s, b, opts, class_splits=tuning.get("class_splits"))
         ctx.save_for_backward(x, weight, target, s, b, fwd.cos_t, fwd.lse, fwd.lse_lo, fwd.xnorm, fwd.wnorm)
@@ -36,18 +41,26 @@ class _TritonCCE(torch.autograd.Function):
     @first_order
     def backward(ctx, g_row, g_lse):
         x, weight, target, s, b, cos_t, lse, lse_lo, xnorm, wnorm = ctx.saved_tensors
-        need_dx, need_dw, need_ds, need_db = ctx.needs_input_grad[:4]
-        with on_device(x):
-            grads = cce_backward(
-                x, weight, target, s, b, lse, lse_lo, cos_t, xnorm, wnorm, g_row, g_lse, ctx.opts,
-                need_dx=need_dx, need_dw=need_dw, need_ds=need_ds, need_db=need_db, **ctx.tuning,
-            )
-        ds = None
-        if grads.ds is not None:
+        need = ctx.needs_input_grad[:4]
+        tuning = dict(ctx.tuning)
+        if tuning.pop("gemm_backward"):
+            # The forward's lse and lse_lo are the op's own contract: its
+            # recomputed logits differ from the Triton tiles' by rounding only.
+            s_op = s.reshape(()) if s.numel() == 1 else s
+            dx, dw, ds, db = ext_cce.cce_backward(g_row, g_lse, x, weight, target, s_op, b, lse, lse_lo,
+                                                  ext_cce.bwd_options(ctx.opts, 0), need)
+        else:
+            with on_device(x):
+                grads = cce_backward(
+                    x, weight, target, s, b, lse, lse_lo, cos_t, xnorm, wnorm, g_row, g_lse, ctx.opts,
+                    need_dx=need[0], need_dw=need[1], need_ds=need[2], need_db=need[3], **tuning,
+                )
+            dx, dw, ds, db = grads.dx, grads.dw, grads.ds, grads.db
+        if ds is not None:
             dtype, shape = ctx.scale_meta
-            ds = (grads.ds if len(shape) == 1 else grads.ds.sum()).to(dtype).reshape(shape)
-        db = grads.db.to(ctx.bias_dtype) if grads.db is not None else None
-        return grads.dx, grads.dw, ds, db, None, None, None
+            ds = (ds if len(shape) == 1 and ds.dim() == 1 else ds.sum()).to(dtype).reshape(shape)
+        db = db.to(ctx.bias_dtype) if db is not None else None
+        return dx, dw, ds, db, None, None, None
 
 
 def cosine_cross_entropy_triton(x, weight, target, scale, bias, opts: CCEOptions, *,
@@ -70,6 +83,9 @@ def cosine_cross_entropy_triton(x, weight, target, scale, bias, opts: CCEOptions
             benchmarks); the defaults come from ``configs``.
         grad_filter: tolerance of the opt-in sparse backward (0: exact), default
             from NNK_TRITON_GRAD_FILTER as set when the forward runs.
+            NNK_TRITON_GEMM_BACKWARD=1 (also read then) takes the extension's
+            chunked-GEMM backward instead (configs.gemm_backward), which has
+            no filter.
 
     Returns:
         ``(row_loss, lse)``: (N,) float32 each, both differentiable; row_loss
@@ -77,5 +93,6 @@ def cosine_cross_entropy_triton(x, weight, target, scale, bias, opts: CCEOptions
         ``nnk.reference.cosine_cross_entropy_ref`` (see the backend contract).
     """
     tuning = dict(class_splits=class_splits, row_splits=row_splits, class_chunk=class_chunk,
-                  grad_filter=configs.grad_filter() if grad_filter is None else grad_filter)
+                  grad_filter=configs.grad_filter() if grad_filter is None else grad_filter,
+                  gemm_backward=configs.gemm_backward())
     return _TritonCCE.apply(x, weight, scale, bias, target, opts, tuning)
