@@ -3,8 +3,8 @@ online log-sum-exp, in plain PyTorch ops (any device; what "auto" picks on CPU).
 
 No N x C buffer ever exists: the forward keeps per row a running max, sum of
 the other exponentials (nnk/impl/lse.py), target logit and (for label
-smoothing) sum of logits; the
-backward recomputes each logit tile and turns it into its gradient on the spot.
+smoothing) sum of logits; the backward recomputes each logit tile and turns
+it into its gradient on the spot.
 Extra memory is O((N + C) * D) for the normalized operands and gradient
 accumulators plus one tile of ``block_rows x block_classes`` (a few copies).
 

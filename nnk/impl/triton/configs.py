@@ -31,6 +31,7 @@ def split_grad() -> bool:
     tile._grad_operand. Read at each backward, like the other run-time switches."""
     return not env_flag("NNK_TRITON_FAST_GRAD")
 
+
 def gemm_backward() -> bool:
     """NNK_TRITON_GEMM_BACKWARD=1: the backward of the Triton forward by the
     extension's chunked-GEMM op (nnk::cosine_cross_entropy_bwd: per row chunk
