@@ -19,7 +19,7 @@ to each row i three numbers, from which the ranks' sums give the exact loss:
   s=64, cuda backend: row-loss error 3e-5 and dW error 2.2e-5 against 1.5e-6
   and 7.8e-6 for the single-process op). Through ``lse - row_loss`` the gradients
   of both outputs reach the backend as per-row coefficients, which it merges
-  into ``(g softmax - onehot) + coef softmax`` in fp32 (math.h dlogit), as the
+  into ``g (softmax - onehot) + coef softmax`` in fp32 (math.h dlogit), as the
   single-process op does.
 - ``sum_z``: the sum of the shard's logits, for label smoothing, without the
   N x C_local logits: ``sum_c (s_c xn . wn_c + b_c) = xn . (sum_c s_c wn_c)

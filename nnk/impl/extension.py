@@ -32,9 +32,13 @@ fp16/bf16 GEMMs), never N x C.
 Gradients are bitwise reproducible whatever ``opts.deterministic`` says: the
 column sums (d bias, d scale) go through per-band partials summed in a fixed
 order, never float atomics. With fp16 inputs, ``d cos = d z * s * dpsi/dcos``
-is rounded to fp16 for the GEMMs; it overflows only when the upstream gradient
-exceeds ~65504 / (s * dpsi/dcos) (e.g. a large GradScaler scale), which
-GradScaler sees as an inf step and backs off from.
+is rounded to fp16 for the GEMMs: the backward op first scales the upstream
+gradients by a power of two chosen on the device (csrc/include/nnk/cce_driver.h
+grad_scale) so that d cos neither underflows (a mean's 1/N times p ~ 1/C) nor
+overflows (a large GradScaler scale), and divides the gradients by it
+afterwards (exact). ``_fwd_bwd`` cannot (it needs every row's lse first) and
+refuses fp16 gradients on CUDA; float16 never takes the gradients-in-forward
+path.
 """
 from __future__ import annotations
 

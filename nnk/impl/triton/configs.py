@@ -28,7 +28,8 @@ def split_grad() -> bool:
     within 2x of the float32-accumulating reference) unless
     NNK_TRITON_FAST_GRAD=1 (one rounding to the input dtype: 2 of 5 backward
     dots fewer, about 2x the reference's error on bf16 gradients). See
-    tile._grad_operand. Read at each backward, like the other run-time switches."""
+    tile._grad_operand. Read at each backward (NNK_TRITON_GRAD_FILTER and
+    NNK_TRITON_GEMM_BACKWARD are read when the forward runs)."""
     return not env_flag("NNK_TRITON_FAST_GRAD")
 
 

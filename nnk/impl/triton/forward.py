@@ -4,7 +4,7 @@ One program owns BLOCK_N rows and one contiguous range of class tiles (a
 "class split"; one split covers all classes unless the rows alone are too few
 to fill the GPU). Per class tile: the raw dot ``x W^T`` on tensor cores, the
 division by the row and column norms, the margin on the target column, then an
-online max / sum-of-exponentials in float32. Per split it writes the running
+online (max, rest) log-sum-exp in float32. Per split it writes the running
 max, the sum of the other exponentials (nnk/impl/lse.py) and (label
 smoothing) sum of logits: O(N x splits) values,
 plus the target cosine and logit of each row (O(N)) from the split that

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..._options import CCEOptions
+from ...functional import _cublas_accumulates_in_fp16
 from ...ops import cce as ext_cce
 from ...ops import has_op
 from .. import first_order
@@ -26,9 +27,14 @@ class _TritonCCE(torch.autograd.Function):
     def forward(ctx, x, weight, scale, bias, target, opts: CCEOptions, tuning: dict):
         s = _scale_buffer(scale, x.device)
         b = bias.detach().to(torch.float32).contiguous() if bias is not None else None
-        if tuning["gemm_backward"] and not has_op("cosine_cross_entropy_bwd", x.device.type):
-            raise ValueError("NNK_TRITON_GEMM_BACKWARD=1 needs the compiled extension's "
-                             f"nnk::cosine_cross_entropy_bwd for {x.device.type} tensors (nnk._C)")
+        if tuning["gemm_backward"]:
+            if not has_op("cosine_cross_entropy_bwd", x.device.type):
+                raise ValueError("NNK_TRITON_GEMM_BACKWARD=1 needs the compiled extension's "
+                                 f"nnk::cosine_cross_entropy_bwd for {x.device.type} tensors (nnk._C)")
+            # Its float16 GEMMs, as impl="cuda"'s (nnk.functional.resolve_impl).
+            if _cublas_accumulates_in_fp16("cosine_cross_entropy_fwd", x.device, x.dtype):
+                raise ValueError("NNK_TRITON_GEMM_BACKWARD=1: the extension's float16 GEMMs cannot run under "
+                                 "torch.backends.cuda.matmul.allow_fp16_accumulation = True")
         with on_device(x):
             fwd = cce_forward(x, weight, target, s, b, opts, class_splits=tuning.get("class_splits"))
         ctx.save_for_backward(x, weight, target, s, b, fwd.cos_t, fwd.lse, fwd.lse_lo, fwd.xnorm, fwd.wnorm)
