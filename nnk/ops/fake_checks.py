@@ -20,11 +20,12 @@ import math
 
 import torch
 
-# The dtypes every kernel takes (csrc/include/nnk/dtypes.h).
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtypes every kernel takes (csrc/include/nnk/dtypes.h) and the angular
+# margin's bound (cce_driver.h kMaxAngularMargin), as nnk.functional checks them.
+from .._options import FLOAT_DTYPES as KERNEL_DTYPES
+from .._options import MAX_ANGULAR_MARGIN
+
 _DTYPE_NAMES = "float16, bfloat16, float32 or float64"
-# csrc/include/nnk/cce_driver.h kMaxAngularMargin (nnk._options.MAX_ANGULAR_MARGIN).
-_MAX_ANGULAR_MARGIN = math.pi
 
 
 def _scalar_ok(v, ok) -> bool:
@@ -34,13 +35,14 @@ def _scalar_ok(v, ok) -> bool:
 
 
 def same_device(op: str, x: torch.Tensor, *tensors) -> None:
-    """The tensor arguments (None skipped) are on x's device. A direct call
-    that mixes devices dispatches to the one of highest priority (meta before
-    cpu), whose fake kernel would otherwise allocate outputs on x's device and
+    """The tensor arguments (None skipped) are on x's device; ``op`` is the
+    qualified name (``nnk::...``) the message gives. A direct call that mixes
+    devices dispatches to the one of highest priority (meta before cpu),
+    whose fake kernel would otherwise allocate outputs on x's device and
     return them unwritten."""
     for t in tensors:
         if t is not None:
-            torch._check(t.device == x.device, lambda: f"nnk::{op}: tensors on {x.device} and {t.device}")
+            torch._check(t.device == x.device, lambda: f"{op}: tensors on {x.device} and {t.device}")
 
 
 def check_cce_inputs(op: str, x, weight, target, scale, bias, *, normalize_input, normalize_weight,
@@ -60,7 +62,7 @@ def check_cce_inputs(op: str, x, weight, target, scale, bias, *, normalize_input
     torch._check(scale.dtype in KERNEL_DTYPES, lambda: f"{op}: scale must be {_DTYPE_NAMES}, got {scale.dtype}")
     torch._check(scale.dim() == 0 or (scale.dim() == 1 and scale.shape[0] == weight.shape[0]),
                  lambda: f"{op}: scale must have shape () or ({weight.shape[0]},), got {tuple(scale.shape)}")
-    same_device(op[5:], x, weight, target, scale, bias)
+    same_device(op, x, weight, target, scale, bias)
     if bias is not None:
         torch._check(bias.dim() == 1 and bias.shape[0] == weight.shape[0],
                      lambda: f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
@@ -73,7 +75,7 @@ def check_cce_inputs(op: str, x, weight, target, scale, bias, *, normalize_input
                  lambda: f"{op}: z_loss must be finite and >= 0, got {z_loss}")
     torch._check(_scalar_ok(additive_margin, math.isfinite),
                  lambda: f"{op}: additive_margin must be finite, got {additive_margin}")
-    torch._check(_scalar_ok(angular_margin, lambda v: 0 <= v <= _MAX_ANGULAR_MARGIN),
+    torch._check(_scalar_ok(angular_margin, lambda v: 0 <= v <= MAX_ANGULAR_MARGIN),
                  lambda: f"{op}: angular_margin must be in [0, pi], got {angular_margin}")
     torch._check(_scalar_ok(angular_margin, lambda v: v == 0) or (normalize_input and normalize_weight),
                  lambda: f"{op}: angular_margin needs normalize_input and normalize_weight")
@@ -84,7 +86,7 @@ def check_row_vector(op: str, name: str, v, x) -> None:
     torch._check(v.dim() == 1 and v.shape[0] == x.shape[0],
                  lambda: f"nnk::{op}: {name} must have shape ({x.shape[0]},), got {tuple(v.shape)}")
     torch._check(v.dtype in KERNEL_DTYPES, lambda: f"nnk::{op}: {name} must be {_DTYPE_NAMES}, got {v.dtype}")
-    same_device(op, x, v)
+    same_device(f"nnk::{op}", x, v)
 
 
 def check_output_mask(op: str, output_mask, bias) -> None:
@@ -111,7 +113,7 @@ def check_row_normalize_backward(grad_y, y, norm, eps) -> None:
                  lambda: f"{op}: norm must have shape ({y.shape[0]},), got {tuple(norm.shape)}")
     norm_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
     torch._check(norm.dtype == norm_dtype, lambda: f"{op}: norm must be {norm_dtype}, got {norm.dtype}")
-    same_device("row_normalize_backward", y, grad_y, norm)
+    same_device(op, y, grad_y, norm)
 
 
 def check_nc_features(op: str, features, labels) -> None:
@@ -125,7 +127,7 @@ def check_nc_features(op: str, features, labels) -> None:
                  lambda: f"{op}: labels must have shape ({n},) like the rows of features, got {tuple(labels.shape)}")
     torch._check(labels.dtype in (torch.int64, torch.int32),
                  lambda: f"{op}: labels must be int64 or int32, got {labels.dtype}")
-    same_device(op[5:], features, labels)
+    same_device(op, features, labels)
 
 
 def check_nc_shifts(op: str, shifts, features) -> None:
@@ -138,4 +140,4 @@ def check_nc_shifts(op: str, shifts, features) -> None:
     torch._check(shifts.shape[-1] == features.shape[-1],
                  lambda: f"{op}: shifts must have D={features.shape[-1]} columns, got {tuple(shifts.shape)}")
     torch._check(shifts.dtype in KERNEL_DTYPES, lambda: f"{op}: shifts must be {_DTYPE_NAMES}, got {shifts.dtype}")
-    same_device(op[5:], features, shifts)
+    same_device(op, features, shifts)
