@@ -80,7 +80,9 @@ def _cce_fwd_kernel(
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         # The tile's entries at the new max add 1 each, but one of them when
         # the max is new (then the old partial adds its 1 as well, scaled).
-        at_max = z == new_max[:, None]
+        # A +inf max is none of them: exp(inf - inf) makes the row NaN, as
+        # F.cross_entropy's (lse.py tile_partial).
+        at_max = (z == new_max[:, None]) & (new_max[:, None] != float("inf"))
         ties = tl.sum(at_max.to(tl.float32), axis=1)
         tile_rest = tl.sum(tl.where(at_max, 0.0, tl.exp(z - shift[:, None])), axis=1)
         old = tl.where(run_max == new_max, run_rest + ties,
