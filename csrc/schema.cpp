@@ -59,8 +59,8 @@ TORCH_LIBRARY(nnk, m) {
 
   // Neural-collapse statistics (the contracts of nnk.reference.nc_class_sums_ref
   // and nc_centered_gram_ref). features: (N, D) or (B, N, D); labels: (N,)
-  // int32/int64 in [0, K). counts (K,) int64; sums (K, D) / (B, K, D) in the
-  // accumulation dtype.
+  // int32/int64 in [0, K). counts (K,) int64; sums (K, D) / (B, K, D) float64
+  // for every input dtype.
   m.def("nc_class_sums(Tensor features, Tensor labels, int num_classes)"
         " -> (Tensor counts, Tensor sums)");
   // sum_i (h_i - shifts[y_i]) (h_i - shifts[y_i])^T per batch, the centering

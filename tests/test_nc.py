@@ -467,6 +467,41 @@ def test_nc4_scales_each_row_on_its_own():
     assert nnk.nc_metrics(h, y, w).nc4 == 0.0
 
 
+def test_float64_metrics_are_shift_and_scale_invariant():
+    """Each metric depends on neither a common offset of the features nor
+    their scale, nor the weight's scale. In float64: a rounded global mean
+    left a false eigenvalue of Sigma_B behind at an offset of 1e6 (nc1 1.6e5
+    against 2.3e-7); nc1's fourth powers under/overflowed for features of
+    1e-100 / 1e80 with fewer classes than dimensions (NaN); W W^T overflowed
+    for a weight of 1e160 (NaN) and a weight of 1e-170 was "all zero"; nc4
+    rounded a float64 weight of 1e-50 to float32 zeros."""
+    g = torch.Generator().manual_seed(2)
+    n, d, k = 97, 59, 13
+    y = torch.randint(0, k, (n,), generator=g)
+    y[:k] = torch.arange(k)
+    m = 1e-3 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    h = 1e6 + m[y] + 1e-6 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    hs = h - h[0]  # exact (Sterbenz): the same features without the offset
+    assert nnk.nc_metrics(h, y, num_classes=k).nc1 == pytest.approx(nnk.nc_metrics(hs, y, num_classes=k).nc1,
+                                                                    rel=1e-6)
+    h, y, w, b = clustered(200, 6, 4, spread=0.5, dtype=torch.float64)
+    want = nnk.nc_metrics(h, y, w, b).as_dict()
+    for mag in (1e-100, 1e80):
+        assert_metrics_close(nnk.nc_metrics(h * mag, y, w, b * mag), want, rtol=1e-12)
+    for mag in (1e-170, 1e-50, 1e50, 1e160):
+        assert_metrics_close(nnk.nc_metrics(h, y, w * mag, b * mag), want, rtol=1e-12)
+        assert nnk.nc_metrics(h.float(), y, w * mag, b * mag).nc4 == nnk.nc_metrics(h.float(), y, w, b).nc4
+
+
+def test_float64_class_means_equal_up_to_rounding_are_a_clear_error():
+    # Bitwise-equal means sat 1 ulp from their separately rounded global mean:
+    # no error, and nc1 = 1.4e29.
+    h = torch.tensor([[0.6450241201227648], [0.7911478921803037]] * 3, dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(ValueError, match="all class means are equal"):
+        nnk.nc_metrics(h, y, num_classes=3)
+
+
 def test_one_class_is_a_clear_error_and_one_sample_per_class_is_zero_nc1():
     h = torch.randn(6, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="at least 2 classes"):
@@ -508,6 +543,9 @@ def test_gram_reference_rejects_batched_shifts_of_unbatched_features():
     # It returned the Gram around the first shift set, where the op raises.
     with pytest.raises(ValueError, match=r"must be \(K, D\)"):
         nc_centered_gram_ref(torch.randn(5, 3), torch.zeros(5, dtype=torch.long), torch.randn(2, 1, 3))
+    # Nor shifts of another B (it broadcast (1, K, D), where the op and Triton raise).
+    with pytest.raises(ValueError, match=r"with the B of 3-D features"):
+        nc_centered_gram_ref(torch.randn(3, 5, 3), torch.zeros(5, dtype=torch.long), torch.randn(1, 1, 3))
 
 
 def test_features_that_require_grad_give_plain_tensors():
@@ -530,6 +568,9 @@ def test_tracker_state_machine():
         t.metrics()  # was nc4 of 25 of the 40 samples, without a word
     t.update_nc4(h[25:])
     assert t.metrics().nc4 == pytest.approx(nnk.nc_metrics(h, y, w).nc4, abs=0)
+    assert t.metrics(w.clone()).nc4 == t.metrics().nc4
+    with pytest.raises(ValueError, match="NC4 pass ran with another weight"):
+        t.metrics(w + 1)  # was nc2, nc3 of w + 1 beside the nc4 of w
     with pytest.raises(RuntimeError, match="process group"):
         t.all_reduce()
     t.reset()

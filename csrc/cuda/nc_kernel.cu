@@ -1,6 +1,7 @@
 // Neural-collapse statistics: per-class counts and feature sums, and the Gram
-// of features centered on per-class shifts. Both accumulate in fp32 (fp64 for
-// fp64) in a fixed order (no float atomics), so results are reproducible.
+// of features centered on per-class shifts. The sums accumulate in fp64, the
+// Gram in fp32 (fp64 for fp64), in a fixed order (no float atomics), so
+// results are reproducible.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

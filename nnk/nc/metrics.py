@@ -104,21 +104,38 @@ def _metrics_one(stats: NCStats, weight: torch.Tensor | None) -> NCMetrics:
         )
     means = stats.means[present]
     centered = means - stats.global_mean
+    # sum_k n_k (mu_k - mu_G) = 0, but mu_G is a rounded sum: the residual,
+    # ~eps |mu|, would be a false eigenvalue of Sigma_B that passes the pinv
+    # cut once |mu| / sigma_B exceeds ~sqrt(D / eps) (nc1 of 1e5 instead of
+    # 2e-7 for float64 features offset by 1e6); nc1 is shift-invariant.
+    w_n = stats.counts[present].to(F64)
+    centered = centered - (w_n @ centered) / w_n.sum()
     norms = torch.linalg.vector_norm(centered, dim=1)
-    if not bool((norms > 0).any()):
+    # Means equal up to their float64 rounding (of ~eps |mu| per entry) have
+    # no between-class direction; the rounding would pass for one.
+    noise = 4.0 * math.sqrt(stats.dim) * torch.finfo(F64).eps * means.abs().amax()
+    if not bool(norms.amax() > noise):
         raise ValueError("all class means are equal (Sigma_B = 0): the NC metrics are undefined")
+    # The metrics are scale-invariant; a power of two that brings the centred
+    # means near 1 keeps nc1's fourth powers (kp lam^2, M~ Sigma_W M~^T)
+    # within float64's range for features of 1e-100 or 1e80.
+    e = -int(torch.frexp(centered.abs().amax())[1])
+    centered, norms = _backend.times_pow2(centered, e), _backend.times_pow2(norms, e)
+    sigma_w = _backend.times_pow2(stats.sigma_w, 2 * e)
     # A class whose mean is the global mean has no direction: its cosines count as 0.
     unit = centered / norms.clamp_min(torch.finfo(F64).tiny)[:, None]
     iu = torch.triu_indices(kp, kp, 1, device=unit.device)
     cos = (unit @ unit.T)[iu[0], iu[1]]
     out = dict(
-        nc1=_nc1(stats.sigma_w, centered),
+        nc1=_nc1(sigma_w, centered),
         nc2_equinorm=float(norms.std(correction=0) / norms.mean()),
         nc2_equiangular=float((cos + 1.0 / (kp - 1)).abs().mean()),
         num_classes=k, num_present=kp, missing_classes=stats.missing_classes, n=stats.n,
     )
     if weight is not None:
+        # Scale-invariant too: W W^T of a float64 W of 1e160 would overflow.
         w = weight.to(F64)
+        w = _backend.times_pow2(w, -int(torch.frexp(w.abs().amax())[1]))
         wp = w[present]
         wp_norm = torch.linalg.matrix_norm(wp)
         if wp_norm == 0:
@@ -163,14 +180,15 @@ def nc_metrics_from_stats(stats: NCStats, weight: torch.Tensor | None = None) ->
 def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor, bias: torch.Tensor | None):
     """(B,) int64 (B = 1 for unbatched): per feature set, the number of rows
     whose nearest class mean (present classes) differs from ``argmax(h W^T + b)``.
-    Computed in blocks of rows in float32 (float64 for float64 features), with
+    Computed in blocks of rows in float32 (float64 when the features, weight
+    or bias are float64: a float64 weight may lie beyond float32's range), with
     the features and means taken relative to the global mean (smaller numbers,
     same nearest mean: ``argmin_k |h - mu_k|^2 = argmax_k 2 h'.m_k - |m_k|^2``)
     and scaled by the power of two that brings the largest |m_k| near 1, so
     that these products neither underflow (features of size 1e-25) nor
     overflow float32; the logits of each row beyond 2^30 likewise (argmax is
     unchanged by a positive factor on a row's h and b)."""
-    acc = F64 if features.dtype == F64 else torch.float32
+    acc = F64 if F64 in (features.dtype, weight.dtype, getattr(bias, "dtype", None)) else torch.float32
     h3 = features[None] if features.dim() == 2 else features
     idx = torch.nonzero(stats.present).flatten()
     out = torch.zeros(h3.shape[0], dtype=torch.int64, device=features.device)

@@ -35,7 +35,10 @@ class NCTracker:
     ``Sigma_W = (G_c - sum_k n_k (mu_k - c_k)(mu_k - c_k)^T) / N``, which has no
     catastrophic cancellation even on collapsed features (see
     :mod:`nnk.nc.stats`). The result equals :func:`nnk.nc_stats` on the
-    concatenated batches up to float32 rounding of the per-batch kernels.
+    concatenated batches up to float32 rounding of the per-batch kernels
+    (float64 features with a scatter sigma below ~1e-8 |mu|: plus the rounding
+    of the running float64 sums, which ``mu_k - c_k ~ sigma`` carries into
+    Sigma_W to first order; measured in the README's NC section).
 
     Args:
         num_classes: K.
@@ -73,7 +76,9 @@ class NCTracker:
         self.reset()
 
     def reset(self) -> None:
-        """Forget every sample (and any merge or NC4 pass)."""
+        """Forget every sample (and any merge or NC4 pass). B, once fixed by
+        ``batch=`` or a first (B, N, D) batch, stays: the tracker then takes
+        only (B, N, D) batches."""
         nb, k, d = self.batch or 1, self.num_classes, self.dim
         self.counts = torch.zeros(k, dtype=torch.int64, device=self.device)
         self.sums = torch.zeros(nb, k, d, dtype=F64, device=self.device)
@@ -199,11 +204,17 @@ class NCTracker:
 
     def metrics(self, weight: torch.Tensor | None = None) -> NCMetrics | list[NCMetrics]:
         """:func:`nnk.nc_metrics_from_stats` of :meth:`compute`, with ``nc4``
-        filled in when an NC4 pass ran (weight then defaults to its weight).
-        A list of B NCMetrics for batched features."""
+        filled in when an NC4 pass ran (weight then defaults to its weight;
+        another weight is a ValueError: nc2, nc3 of one classifier beside the
+        nc4 of another). A list of B NCMetrics for batched features."""
         p = self._nc4
         if p is not None and weight is None:
             weight = p.weight
+        if p is not None and p.n > 0 and weight is not p.weight and not (
+                isinstance(weight, torch.Tensor) and weight.shape == p.weight.shape
+                and torch.equal(weight.to(p.weight), p.weight)):
+            raise ValueError("NCTracker.metrics(weight): the NC4 pass ran with another weight (begin_nc4's); "
+                             "call metrics() without weight, or reset() and begin again")
         m = nc_metrics_from_stats(self.compute() if p is None else p.stats, weight)
         if p is None or p.n == 0:
             return m

@@ -2,7 +2,7 @@
 
 Same contract as :func:`nnk.reference.nc_class_sums_ref` and
 :func:`nnk.reference.nc_centered_gram_ref` (features (N, D) or (B, N, D) in
-float16 / bfloat16 / float32, any strides; results in float32):
+float16 / bfloat16 / float32, any strides; float64 sums, a float32 Gram):
 
 - ``nc_class_sums_triton``: per-class counts and sums. The rows are visited in
   label-sorted order (a stable argsort of the labels, O(N) int work), so each
