@@ -231,6 +231,9 @@ class CosineLinear(nn.Linear):
         device=None,
         dtype=None,
     ):
+        # First: the default scale below is computed from out_features.
+        in_features = int_option("in_features", in_features, lo=1)
+        out_features = int_option("out_features", out_features, lo=1)
         f32 = float32_options(dtype)
         opts = make_options(
             normalize_input=normalize_input, normalize_weight=normalize_weight,
@@ -243,8 +246,6 @@ class CosineLinear(nn.Linear):
                                   angular_margin=opts.angular_margin)
         else:
             scale = _finite_float("scale", scale, lo=0.0, lo_open=True, float32=f32)
-        in_features = int_option("in_features", in_features, lo=1)
-        out_features = int_option("out_features", out_features, lo=1)
         bias = flag("bias", bias)
         per_class_scale = flag("per_class_scale", per_class_scale)
         learn_scale = flag("learn_scale", learn_scale)

@@ -276,6 +276,10 @@ def test_bad_sizes_and_integer_features_are_clear_errors():
     for args in ((-1, 5), (3, 0)):
         with pytest.raises(ValueError, match="features must be >= 1"):
             nnk.CosineLinear(*args)
+    # Checked before the default scale, which is computed from out_features.
+    for args, name in (((8, "6"), "out_features"), ((8, 6.0), "out_features"), (("8", 6), "in_features")):
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            nnk.CosineLinear(*args)
     head = nnk.CosineLinear(3, 5)
     for call in (head, lambda v: head.predict(v, 2)):
         with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
