@@ -442,8 +442,10 @@ def replace_head(model: nn.Module, path: str, **kwargs) -> CosineLinear:
     ``model.get_submodule``: ``"fc"``, ``"heads.head"``, ``"classifier.6"``)
     with ``CosineLinear.from_linear(old, **kwargs)``, in place. It keeps the
     old Parameter objects (see from_linear). Returns the new head."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"path must be a non-empty dotted module path, got {path!r}")
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str (a dotted module path such as \"fc\"), got {type(path).__name__}")
+    if not path:
+        raise ValueError("path must be a non-empty dotted module path, got ''")
     parent_path, _, name = path.rpartition(".")
     try:
         parent = model.get_submodule(parent_path) if parent_path else model

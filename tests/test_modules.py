@@ -215,6 +215,10 @@ def test_replace_head_dotted_path_keeps_the_optimizer_working():
     assert net(x).shape == (10, 3)
     with pytest.raises(ValueError, match="heads.nope"):
         nnk.replace_head(net, "heads.nope")
+    with pytest.raises(ValueError, match="non-empty"):
+        nnk.replace_head(net, "")
+    with pytest.raises(TypeError, match="path must be a str"):
+        nnk.replace_head(net, 3)
     with pytest.raises(TypeError, match="nn.Linear"):
         nnk.replace_head(net, "body.1")
     with pytest.raises(TypeError, match="nn.Linear"):
