@@ -209,8 +209,11 @@ class CosineLinear(nn.Linear):
     same shape and takes one's, both strictly. The fixed scale and the margins
     are constructor arguments, not state. A learnable scale adds the key
     ``log_scale``; such a module still loads an nn.Linear state_dict strictly
-    (``log_scale`` missing keeps its current value), while an nn.Linear loads
-    its state_dict only with ``strict=False`` (``log_scale`` is unexpected there).
+    (a missing ``log_scale`` takes the initial scale, as ``reset_parameters``,
+    on the weight's device and dtype: also after ``to_empty`` or with
+    ``assign=True`` on a module built on the meta device), while an nn.Linear
+    loads its state_dict only with ``strict=False`` (``log_scale`` is
+    unexpected there).
     """
 
     def __init__(
@@ -432,9 +435,18 @@ class CosineLinear(nn.Linear):
             state_dict[prefix + "log_scale"] = old.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
-        # An nn.Linear state_dict has no log_scale: keep the current value.
+        # A state without log_scale (nn.Linear's, a fixed-scale head's): the
+        # initial scale, as reset_parameters sets it. The current value may be
+        # uninitialized memory (to_empty) or none at all (a meta tensor, which
+        # assign=True would otherwise keep beside the assigned weight).
         if prefix + "log_scale" in missing_keys:
             missing_keys.remove(prefix + "log_scale")
+            w = self.weight
+            if self.log_scale.device == w.device and self.log_scale.dtype == w.dtype:
+                with torch.no_grad():  # in place: an optimizer holding the parameter keeps it
+                    self.log_scale.fill_(math.log(self.init_scale))
+            else:
+                self.log_scale = self._new_log_scale(w.device, w.dtype)
 
 
 def replace_head(model: nn.Module, path: str, **kwargs) -> CosineLinear:

@@ -1,5 +1,6 @@
 """nnk.CosineLinear, replace_head, project_after_step and CosineCrossEntropyLoss,
 checked against nn.Linear, nnk.cosine_cross_entropy and the reference."""
+import copy
 import json
 import math
 import os
@@ -94,8 +95,11 @@ def test_state_dict_with_learned_scale(per_class):
         head.log_scale.add_(torch.linspace(0.1, 0.4, 4) if per_class else torch.tensor(0.3))
     learned = head.log_scale.detach().clone()
     lin = nn.Linear(6, 4)
-    head.load_state_dict(lin.state_dict())  # strict: log_scale keeps its value
-    assert torch.equal(head.weight, lin.weight) and torch.equal(head.log_scale, learned)
+    other = copy.deepcopy(head)
+    param = other.log_scale
+    other.load_state_dict(lin.state_dict())  # strict: log_scale starts at the initial scale
+    assert torch.equal(other.weight, lin.weight) and other.log_scale is param
+    assert torch.allclose(other.log_scale, torch.full_like(learned, math.log(10.0)))
     with pytest.raises(RuntimeError, match="log_scale"):
         nn.Linear(6, 4).load_state_dict(head.state_dict())
     res = lin.load_state_dict(head.state_dict(), strict=False)
@@ -126,6 +130,28 @@ def test_built_on_the_meta_device_then_materialized(per_class):
         assert p.abs().max() <= bound and p.std() > 0
     x, t = torch.randn(4, 6), torch.randint(0, 5, (4,))
     assert torch.isfinite(head.loss(x, t))
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+@pytest.mark.parametrize("assign", [False, True])
+def test_meta_head_loads_a_linear_state(per_class, assign):
+    # A learnable-scale head built on the meta device takes an nn.Linear
+    # checkpoint: log_scale, absent from it, must get the initial scale, not
+    # to_empty's uninitialized memory nor stay on meta (assign=True).
+    lin = nn.Linear(6, 5, bias=True, dtype=torch.float64)
+    with torch.device("meta"):
+        head = nnk.CosineLinear(6, 5, bias=True, scale=10.0, learn_scale=True, per_class_scale=per_class)
+    if not assign:
+        head = head.to_empty(device="cpu").double()
+        with torch.no_grad():
+            head.log_scale.fill_(float("nan"))  # stands for to_empty's arbitrary memory
+    head.load_state_dict(lin.state_dict(), assign=assign)
+    assert head.log_scale.device == head.weight.device == torch.device("cpu")
+    assert head.log_scale.dtype == torch.float64 and head.log_scale.requires_grad
+    torch.testing.assert_close(head.log_scale, torch.full((5 if per_class else 1,), math.log(10.0),
+                                                          dtype=torch.float64))
+    assert torch.equal(head.weight, lin.weight)
+    assert torch.isfinite(head.loss(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 5, (4,))))
 
 
 def test_forward_returns_its_logits_not_a_view():
