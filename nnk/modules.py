@@ -276,10 +276,17 @@ class CosineLinear(nn.Linear):
 
     @property
     def scale(self) -> float | torch.Tensor:
-        """s: the fixed float, or ``log_scale.exp()`` (shape () or (C,))."""
+        """s: the fixed float, or ``log_scale.exp()`` (shape () or (C,)), float32
+        (float64 for a float64 ``log_scale``) whatever the parameter's dtype."""
         if self.log_scale is None:
             return self.init_scale
-        return self.log_scale.exp() if self.per_class_scale else self.log_scale.exp().reshape(())
+        # exp in the accumulation dtype: rounded to a 16-bit parameter's dtype,
+        # s would be off by up to 2^-9 relative (bfloat16), a loss error of
+        # ~1e-2 at s = 30. Its gradient still comes back in log_scale's dtype.
+        # (promote_types, not a comparison: under torch.fx.symbolic_trace the
+        # dtype is a proxy, which cannot be branched on.)
+        s = self.log_scale.to(torch.promote_types(self.log_scale.dtype, torch.float32)).exp()
+        return s if self.per_class_scale else s.reshape(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., C) = ``scale * cos + bias`` for x (..., D), without

@@ -411,6 +411,28 @@ def test_loss_module_equals_functional():
         nnk.CosineCrossEntropyLoss(bias=b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_half_head_scale_is_exp_of_log_scale_in_float32(dtype, per_class):
+    # The scale a 16-bit log_scale encodes, exp'd in float32: not rounded to
+    # 16 bits (bfloat16 at s = 30: a loss error of ~1e-2 against ~3e-7).
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(32, 50, scale=30.0, per_class_scale=per_class, learn_scale=True).to(dtype)
+    x, t = torch.randn(40, 32).to(dtype), torch.randint(0, 50, (40,))
+    assert head.scale.dtype == torch.float32
+    log_s = head.log_scale.detach().double().requires_grad_()
+    s = log_s.exp() if per_class else log_s.exp().reshape(())
+    want = cosine_cross_entropy_ref(x.double(), head.weight.double(), t, scale=s)
+    (g_want,) = torch.autograd.grad(want, [log_s])
+    got = head.loss(x, t)
+    got.backward()
+    assert abs(got.item() - want.item()) < 1e-5
+    assert head.log_scale.grad.dtype == dtype
+    torch.testing.assert_close(head.log_scale.grad.double(), g_want, rtol=8e-3, atol=1e-5)  # 16-bit grad
+    logits_want = s.detach() * _cos(x, head.weight)
+    torch.testing.assert_close(head(x).double(), logits_want, rtol=1e-5, atol=1e-4)
+
+
 # --- projection --------------------------------------------------------------------
 
 
