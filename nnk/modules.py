@@ -117,7 +117,10 @@ def _loss_any_dims(x, weight, target, **kwargs):
     are flattened into rows, and ``reduction="none"`` / the lse get them back."""
     if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("x and target must be torch.Tensors")
-    if x.dim() < 1 or target.shape != x.shape[:-1]:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., D) with D >= 1 features (a row of none has no direction, "
+                         f"hence no cosine), got {tuple(x.shape)}")
+    if target.shape != x.shape[:-1]:
         raise ValueError(
             f"target must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}"
         )
@@ -308,10 +311,25 @@ class CosineLinear(nn.Linear):
         label_smoothing, reduction, z_loss, return_lse, impl, deterministic),
         and the margins to override the module's for this call (a margin
         schedule). ``reduction="none"`` and the lse have target's shape.
+
+        Raises a TypeError for x of another dtype than the weight outside
+        torch.autocast (no silent cast), and a ValueError for x not of shape
+        (..., in_features).
         """
+        if "weight" in kwargs:
+            raise TypeError("CosineLinear.loss: weight is the module's own, not an argument; for class "
+                            "weights held elsewhere use nnk.CosineCrossEntropyLoss or nnk.cosine_cross_entropy")
         for name in _MODULE_OWNED:  # the functional checks the rest
             if name in kwargs:
                 raise TypeError(f"CosineLinear.loss: {name} is set by the module, not per call")
+        # x first: the functional would blame the weight for x's width.
+        _check_features(x, self.in_features)
+        dev = x.device.type
+        if x.dtype != self.weight.dtype and (dev == "meta" or not torch.is_autocast_enabled(dev)):
+            raise TypeError(
+                f"CosineLinear.loss: x is {x.dtype} but the head's weight is {self.weight.dtype}; cast x "
+                f"(x.to({self.weight.dtype})) or call the loss under torch.autocast, which casts both"
+            )
         opts = dict(
             normalize_input=self.normalize_input, normalize_weight=self.normalize_weight,
             additive_margin=self.additive_margin, angular_margin=self.angular_margin,

@@ -359,6 +359,26 @@ def test_loss_equals_functional_and_reference(kw):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
 
 
+def test_loss_input_errors_name_x():
+    head = nnk.CosineLinear(7, 6)
+    t = torch.zeros(4, dtype=torch.long)
+    for x in (torch.randn(4, 5), torch.randn(4, 0), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 7\), got"):
+            head.loss(x, t[:len(x)] if x.dim() else torch.tensor(0))
+    loss = nnk.CosineCrossEntropyLoss()
+    for x in (torch.randn(4, 0), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., D\) with D >= 1"):
+            loss(x, torch.randn(6, 0), t[:len(x)] if x.dim() else torch.tensor(0))
+    x = torch.randn(4, 7)
+    with pytest.raises(TypeError, match="weight is the module's own"):
+        head.loss(x, t, weight=torch.randn(6, 7))
+    with pytest.raises(TypeError, match=r"CosineLinear.loss: x is torch.bfloat16 but the head's weight is "
+                                        r"torch.float32; cast x .*torch.autocast"):
+        head.loss(x.bfloat16(), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # casts both
+        assert torch.isfinite(head.loss(x.bfloat16(), t))
+
+
 def test_loss_leading_dims_and_reductions():
     torch.manual_seed(0)
     head = nnk.CosineLinear(8, 13, scale=6.0, additive_margin=0.1)
