@@ -12,6 +12,9 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, float32_options, int_option, make_options
 from .functional import cosine_cross_entropy
@@ -152,6 +155,25 @@ def _check_features(x, in_features: int) -> None:
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+
+
+def _check_parameter(module: nn.Module, name: str, caller: str, what: str, why: str) -> None:
+    """A TypeError when ``module.<name>`` is computed rather than a Parameter:
+    by a parametrization (torch.nn.utils.parametrizations.weight_norm, ...) or
+    the forward pre-hook of the older torch.nn.utils.weight_norm /
+    spectral_norm. ``what`` names the module in the remedy, ``why`` says what
+    ``caller`` needs the Parameter itself for."""
+    how = None
+    if parametrize.is_parametrized(module, name):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+        how = (f"a parametrization ({kinds})", f"torch.nn.utils.parametrize.remove_parametrizations({what}, {name!r})")
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == name:
+            fn = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            how = (f"torch.nn.utils.{fn}'s hook", f"torch.nn.utils.remove_{fn}({what}, {name!r})")
+    if how is not None:
+        raise TypeError(f"{caller}: {what}.{name} is computed by {how[0]}, not a Parameter ({why}); remove it "
+                        f"first with {how[1]}, which keeps its current value")
 
 
 @torch.fx.wrap
@@ -419,6 +441,8 @@ class CosineLinear(nn.Linear):
         for name in ("device", "dtype"):
             if name in kwargs:
                 raise TypeError(f"from_linear: {name} comes from linear's weight")
+        for name in ("weight", "bias"):
+            _check_parameter(linear, name, "from_linear", "linear", "the head takes linear's Parameters themselves")
         want_bias = kwargs.pop("bias", linear.bias is not None)
         w = linear.weight
         head = cls(linear.in_features, linear.out_features, bias=want_bias,

@@ -215,6 +215,28 @@ def test_from_linear_shares_parameters_and_keeps_cosine_argmax():
         nnk.CosineLinear.from_linear(nn.Conv1d(3, 3, 1))
 
 
+def test_from_linear_refuses_a_weight_normed_linear():
+    # The head takes linear's Parameters; a weight-normed linear's weight is
+    # computed from others (assigning it was "cannot assign 'torch.FloatTensor'").
+    from torch.nn.utils import parametrizations, parametrize
+
+    lin = parametrizations.weight_norm(nn.Linear(5, 3))
+    with pytest.raises(TypeError, match=r"linear.weight is computed by a parametrization \(_WeightNorm\).*"
+                                        r"remove_parametrizations\(linear, 'weight'\)"):
+        nnk.CosineLinear.from_linear(lin)
+    with pytest.raises(TypeError, match="remove_parametrizations"):
+        nnk.replace_head(nn.Sequential(lin), "0")
+    parametrize.remove_parametrizations(lin, "weight")
+    assert nnk.CosineLinear.from_linear(lin).weight is lin.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the older weight_norm is deprecated
+        old_style = torch.nn.utils.weight_norm(nn.Linear(5, 3))
+    with pytest.raises(TypeError, match=r"weight_norm's hook.*remove_weight_norm\(linear, 'weight'\)"):
+        nnk.CosineLinear.from_linear(old_style)
+    torch.nn.utils.remove_weight_norm(old_style)
+    assert nnk.CosineLinear.from_linear(old_style).weight is old_style.weight
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
