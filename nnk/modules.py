@@ -176,6 +176,10 @@ def _check_parameter(module: nn.Module, name: str, caller: str, what: str, why: 
                         f"first with {how[1]}, which keeps its current value")
 
 
+# Why project_weight_ needs the weight Parameter itself.
+_COMPUTED_WEIGHT = "renormalizing the computed tensor would not change what it is computed from"
+
+
 @torch.fx.wrap
 def _head_logits(x, weight, scale, bias, normalize_input: bool, normalize_weight: bool, eps: float):
     """CosineLinear.forward's computation. A leaf of torch.fx.symbolic_trace
@@ -415,7 +419,11 @@ class CosineLinear(nn.Linear):
     def project_weight_(self) -> "CosineLinear":
         """Renormalize the weight rows to unit L2 norm, in place (the retraction
         applied after each optimizer step by the normalized neural-collapse
-        paper's code and by nGPT). Zero rows stay zero. Returns self."""
+        paper's code and by nGPT). Zero rows stay zero. Returns self.
+
+        Raises a TypeError when the weight is computed (a parametrization
+        such as weight_norm): renormalizing that tensor would change nothing."""
+        _check_parameter(self, "weight", "project_weight_", "head", _COMPUTED_WEIGHT)
         step = max(1, TILE_ELEMENTS // self.in_features)  # bounded temporary
         for c0 in range(0, self.out_features, step):
             rows = self.weight[c0:c0 + step]
@@ -528,6 +536,8 @@ def project_after_step(optimizer: torch.optim.Optimizer, model: nn.Module):
     heads = [m for m in model.modules() if isinstance(m, CosineLinear)]
     if not heads:
         raise ValueError(f"model ({type(model).__name__}) holds no CosineLinear")
+    for head in heads:  # now rather than after the first step
+        _check_parameter(head, "weight", "project_after_step", "head", _COMPUTED_WEIGHT)
 
     def _project(opt, args, kwargs):
         for head in heads:

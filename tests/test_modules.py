@@ -517,6 +517,17 @@ def test_project_weight_and_the_optimizer_hook():
         nnk.project_after_step(opt, nn.Linear(2, 2))
 
 
+def test_project_weight_refuses_a_parametrized_weight():
+    # Renormalizing the tensor a parametrization computes changed nothing, silently.
+    from torch.nn.utils import parametrizations
+
+    head = parametrizations.weight_norm(nnk.CosineLinear(6, 4))
+    with pytest.raises(TypeError, match=r"project_weight_: head.weight is computed by a parametrization"):
+        head.project_weight_()
+    with pytest.raises(TypeError, match="project_after_step: .*remove_parametrizations"):
+        nnk.project_after_step(torch.optim.SGD(head.parameters(), lr=0.1), nn.Sequential(head))
+
+
 # --- torch.compile -----------------------------------------------------------------
 
 
