@@ -64,8 +64,8 @@ def resolve_impl(
 ) -> str:
     """The backend that ``impl`` means for tensors on ``device``.
 
-    ``"auto"`` takes ``NNK_IMPL`` when set (float64 excepted: always the
-    PyTorch path), else: on CUDA devices of compute
+    ``"auto"`` takes ``NNK_IMPL`` when set and not empty (float64 excepted:
+    always the PyTorch path), else: on CUDA devices of compute
     capability 8.0 or newer the Triton kernels when triton is installed (the
     compiled extension instead while torch.compile traces, when it is built,
     for bfloat16 and float32), else the compiled extension (not for float16
@@ -77,8 +77,12 @@ def resolve_impl(
     ``op`` is the extension operator whose presence means "cuda" is
     available, ``arg`` the argument named in the dtype error."""
     _choice("impl", impl, IMPLS)
+    # The errors below name where an impl that cannot run came from.
+    given = f"impl={impl!r}"
     if impl == "auto":
-        impl = _choice("NNK_IMPL", os.environ.get("NNK_IMPL", "auto"), IMPLS)
+        # Unset or empty: "auto", as the on/off switches read unset or empty as 0.
+        impl = _choice("NNK_IMPL", os.environ.get("NNK_IMPL") or "auto", IMPLS)
+        given = f"impl={impl!r} (from the environment variable NNK_IMPL, what impl='auto' means for the process)"
         # Only the torch path takes float64, whatever the process default says
         # (a float64 gradcheck must not fail on NNK_IMPL=cuda).
         if dtype == torch.float64:
@@ -98,16 +102,16 @@ def resolve_impl(
         return "torch"
     if impl == "triton" and not _triton_usable(device):
         raise ValueError(
-            f"impl='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); got tensors on {device}"
+            f"{given} needs triton and CUDA tensors (or TRITON_INTERPRET=1 on CPU); got tensors on {device}"
         )
     if impl == "cuda" and not has_op(op, device.type):
         raise ValueError(
-            f"impl='cuda' needs the compiled extension nnk._C with kernels for {device.type} "
+            f"{given} needs the compiled extension nnk._C with kernels for {device.type} "
             "(see nnk.ops.build_info())"
         )
     if impl == "cuda" and _cublas_accumulates_in_fp16(op, device, dtype) is True:
         raise ValueError(
-            "impl='cuda' multiplies float16 operands into float32 with cuBLAS, which "
+            f"{given} multiplies float16 operands into float32 with cuBLAS, which "
             "torch.backends.cuda.matmul.allow_fp16_accumulation = True switches to float16 "
             "accumulation (not supported with a float32 output); use impl='triton' or 'torch', "
             "or turn the setting off"

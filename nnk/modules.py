@@ -12,6 +12,9 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, float32_options, int_option, make_options
 from .functional import cosine_cross_entropy
@@ -117,7 +120,10 @@ def _loss_any_dims(x, weight, target, **kwargs):
     are flattened into rows, and ``reduction="none"`` / the lse get them back."""
     if not isinstance(x, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("x and target must be torch.Tensors")
-    if x.dim() < 1 or target.shape != x.shape[:-1]:
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must have shape (..., D) with D >= 1 features (a row of none has no direction, "
+                         f"hence no cosine), got {tuple(x.shape)}")
+    if target.shape != x.shape[:-1]:
         raise ValueError(
             f"target must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}"
         )
@@ -149,6 +155,29 @@ def _check_features(x, in_features: int) -> None:
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+
+
+def _check_parameter(module: nn.Module, name: str, caller: str, what: str, why: str) -> None:
+    """A TypeError when ``module.<name>`` is computed rather than a Parameter:
+    by a parametrization (torch.nn.utils.parametrizations.weight_norm, ...) or
+    the forward pre-hook of the older torch.nn.utils.weight_norm /
+    spectral_norm. ``what`` names the module in the remedy, ``why`` says what
+    ``caller`` needs the Parameter itself for."""
+    how = None
+    if parametrize.is_parametrized(module, name):
+        kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
+        how = (f"a parametrization ({kinds})", f"torch.nn.utils.parametrize.remove_parametrizations({what}, {name!r})")
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == name:
+            fn = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
+            how = (f"torch.nn.utils.{fn}'s hook", f"torch.nn.utils.remove_{fn}({what}, {name!r})")
+    if how is not None:
+        raise TypeError(f"{caller}: {what}.{name} is computed by {how[0]}, not a Parameter ({why}); remove it "
+                        f"first with {how[1]}, which keeps its current value")
+
+
+# Why project_weight_ needs the weight Parameter itself.
+_COMPUTED_WEIGHT = "renormalizing the computed tensor would not change what it is computed from"
 
 
 @torch.fx.wrap
@@ -209,8 +238,11 @@ class CosineLinear(nn.Linear):
     same shape and takes one's, both strictly. The fixed scale and the margins
     are constructor arguments, not state. A learnable scale adds the key
     ``log_scale``; such a module still loads an nn.Linear state_dict strictly
-    (``log_scale`` missing keeps its current value), while an nn.Linear loads
-    its state_dict only with ``strict=False`` (``log_scale`` is unexpected there).
+    (a missing ``log_scale`` takes the initial scale, as ``reset_parameters``,
+    on the weight's device and dtype: also after ``to_empty`` or with
+    ``assign=True`` on a module built on the meta device), while an nn.Linear
+    loads its state_dict only with ``strict=False`` (``log_scale`` is
+    unexpected there).
     """
 
     def __init__(
@@ -231,6 +263,9 @@ class CosineLinear(nn.Linear):
         device=None,
         dtype=None,
     ):
+        # First: the default scale below is computed from out_features.
+        in_features = int_option("in_features", in_features, lo=1)
+        out_features = int_option("out_features", out_features, lo=1)
         f32 = float32_options(dtype)
         opts = make_options(
             normalize_input=normalize_input, normalize_weight=normalize_weight,
@@ -243,8 +278,6 @@ class CosineLinear(nn.Linear):
                                   angular_margin=opts.angular_margin)
         else:
             scale = _finite_float("scale", scale, lo=0.0, lo_open=True, float32=f32)
-        in_features = int_option("in_features", in_features, lo=1)
-        out_features = int_option("out_features", out_features, lo=1)
         bias = flag("bias", bias)
         per_class_scale = flag("per_class_scale", per_class_scale)
         learn_scale = flag("learn_scale", learn_scale)
@@ -272,10 +305,17 @@ class CosineLinear(nn.Linear):
 
     @property
     def scale(self) -> float | torch.Tensor:
-        """s: the fixed float, or ``log_scale.exp()`` (shape () or (C,))."""
+        """s: the fixed float, or ``log_scale.exp()`` (shape () or (C,)), float32
+        (float64 for a float64 ``log_scale``) whatever the parameter's dtype."""
         if self.log_scale is None:
             return self.init_scale
-        return self.log_scale.exp() if self.per_class_scale else self.log_scale.exp().reshape(())
+        # exp in the accumulation dtype: rounded to a 16-bit parameter's dtype,
+        # s would be off by up to 2^-9 relative (bfloat16), a loss error of
+        # ~1e-2 at s = 30. Its gradient still comes back in log_scale's dtype.
+        # (promote_types, not a comparison: under torch.fx.symbolic_trace the
+        # dtype is a proxy, which cannot be branched on.)
+        s = self.log_scale.to(torch.promote_types(self.log_scale.dtype, torch.float32)).exp()
+        return s if self.per_class_scale else s.reshape(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (..., C) = ``scale * cos + bias`` for x (..., D), without
@@ -297,10 +337,25 @@ class CosineLinear(nn.Linear):
         label_smoothing, reduction, z_loss, return_lse, impl, deterministic),
         and the margins to override the module's for this call (a margin
         schedule). ``reduction="none"`` and the lse have target's shape.
+
+        Raises a TypeError for x of another dtype than the weight outside
+        torch.autocast (no silent cast), and a ValueError for x not of shape
+        (..., in_features).
         """
+        if "weight" in kwargs:
+            raise TypeError("CosineLinear.loss: weight is the module's own, not an argument; for class "
+                            "weights held elsewhere use nnk.CosineCrossEntropyLoss or nnk.cosine_cross_entropy")
         for name in _MODULE_OWNED:  # the functional checks the rest
             if name in kwargs:
                 raise TypeError(f"CosineLinear.loss: {name} is set by the module, not per call")
+        # x first: the functional would blame the weight for x's width.
+        _check_features(x, self.in_features)
+        dev = x.device.type
+        if x.dtype != self.weight.dtype and (dev == "meta" or not torch.is_autocast_enabled(dev)):
+            raise TypeError(
+                f"CosineLinear.loss: x is {x.dtype} but the head's weight is {self.weight.dtype}; cast x "
+                f"(x.to({self.weight.dtype})) or call the loss under torch.autocast, which casts both"
+            )
         opts = dict(
             normalize_input=self.normalize_input, normalize_weight=self.normalize_weight,
             additive_margin=self.additive_margin, angular_margin=self.angular_margin,
@@ -364,7 +419,11 @@ class CosineLinear(nn.Linear):
     def project_weight_(self) -> "CosineLinear":
         """Renormalize the weight rows to unit L2 norm, in place (the retraction
         applied after each optimizer step by the normalized neural-collapse
-        paper's code and by nGPT). Zero rows stay zero. Returns self."""
+        paper's code and by nGPT). Zero rows stay zero. Returns self.
+
+        Raises a TypeError when the weight is computed (a parametrization
+        such as weight_norm): renormalizing that tensor would change nothing."""
+        _check_parameter(self, "weight", "project_weight_", "head", _COMPUTED_WEIGHT)
         step = max(1, TILE_ELEMENTS // self.in_features)  # bounded temporary
         for c0 in range(0, self.out_features, step):
             rows = self.weight[c0:c0 + step]
@@ -390,6 +449,8 @@ class CosineLinear(nn.Linear):
         for name in ("device", "dtype"):
             if name in kwargs:
                 raise TypeError(f"from_linear: {name} comes from linear's weight")
+        for name in ("weight", "bias"):
+            _check_parameter(linear, name, "from_linear", "linear", "the head takes linear's Parameters themselves")
         want_bias = kwargs.pop("bias", linear.bias is not None)
         w = linear.weight
         head = cls(linear.in_features, linear.out_features, bias=want_bias,
@@ -431,9 +492,18 @@ class CosineLinear(nn.Linear):
             state_dict[prefix + "log_scale"] = old.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
-        # An nn.Linear state_dict has no log_scale: keep the current value.
+        # A state without log_scale (nn.Linear's, a fixed-scale head's): the
+        # initial scale, as reset_parameters sets it. The current value may be
+        # uninitialized memory (to_empty) or none at all (a meta tensor, which
+        # assign=True would otherwise keep beside the assigned weight).
         if prefix + "log_scale" in missing_keys:
             missing_keys.remove(prefix + "log_scale")
+            w = self.weight
+            if self.log_scale.device == w.device and self.log_scale.dtype == w.dtype:
+                with torch.no_grad():  # in place: an optimizer holding the parameter keeps it
+                    self.log_scale.fill_(math.log(self.init_scale))
+            else:
+                self.log_scale = self._new_log_scale(w.device, w.dtype)
 
 
 def replace_head(model: nn.Module, path: str, **kwargs) -> CosineLinear:
@@ -441,8 +511,10 @@ def replace_head(model: nn.Module, path: str, **kwargs) -> CosineLinear:
     ``model.get_submodule``: ``"fc"``, ``"heads.head"``, ``"classifier.6"``)
     with ``CosineLinear.from_linear(old, **kwargs)``, in place. It keeps the
     old Parameter objects (see from_linear). Returns the new head."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"path must be a non-empty dotted module path, got {path!r}")
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a str (a dotted module path such as \"fc\"), got {type(path).__name__}")
+    if not path:
+        raise ValueError("path must be a non-empty dotted module path, got ''")
     parent_path, _, name = path.rpartition(".")
     try:
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -464,6 +536,8 @@ def project_after_step(optimizer: torch.optim.Optimizer, model: nn.Module):
     heads = [m for m in model.modules() if isinstance(m, CosineLinear)]
     if not heads:
         raise ValueError(f"model ({type(model).__name__}) holds no CosineLinear")
+    for head in heads:  # now rather than after the first step
+        _check_parameter(head, "weight", "project_after_step", "head", _COMPUTED_WEIGHT)
 
     def _project(opt, args, kwargs):
         for head in heads:

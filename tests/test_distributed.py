@@ -724,6 +724,36 @@ class _Net(torch.nn.Module):
         return self.head.loss(self.body(u), y, reduction="sum")
 
 
+def _check_ddp_loss_forward(rec, rank, world, tag):
+    """The README's DDP pattern for CosineLinear.loss: a module whose forward
+    returns the head's loss, wrapped in DDP. DDP all-reduces the gradients of
+    forwards run through the wrapper only (features = model[:-1](x) and then
+    head.loss would train each rank on its own batch). Trains as one process
+    on the global batch."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    din = 4
+    torch.manual_seed(6)
+    net = _Net(din)
+    ref = copy.deepcopy(net)
+    ddp = DistributedDataParallel(net)
+    opt, opt_ref = (MomentumSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (net, ref))
+    sizes = SPLITS[world]
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    for step in range(3):
+        u, y = _batch(step, din)
+        loss = ddp(u[lo:hi], y[lo:hi])
+        loss_ref = ref(u, y) / world  # DDP averages the ranks' gradients of their summed losses
+        opt.zero_grad(), opt_ref.zero_grad()
+        loss.backward(), loss_ref.backward()
+        if step == 0:
+            for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
+                rec.close(f"{tag}:ddp_loss:grad:{name}", p.grad, p_ref.grad)
+        opt.step(), opt_ref.step()
+    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
+        rec.close(f"{tag}:ddp_loss:trained:{name}", p, p_ref)
+
+
 def _check_fsdp(rec, rank, world, tag):
     """CosineLinear under FSDP2 (issue 6: "FSDP ... treat it like one"): the
     head and the whole net sharded with fully_shard, the head's loss method
@@ -864,7 +894,8 @@ def _worker(rank, world, port, tmp):
         _check_module_sampling(rec, rank, world, tag)
         if world == 3:
             _check_reshard(rec, rank, world, tmp, tag)
-        else:  # (fully_shard imports torch._dynamo: seconds per process)
+        else:  # (DDP and fully_shard import torch._dynamo: seconds per process)
+            _check_ddp_loss_forward(rec, rank, world, tag)
             _check_fsdp(rec, rank, world, tag)
         rec.seen.append(f"{tag}:seconds:{time.perf_counter() - t0:.1f}")
         dist.barrier()
@@ -928,6 +959,12 @@ def test_cosine_linear_trains_under_fsdp2(ranks):
     if ranks[0] != 2:
         pytest.skip("run on 2 ranks only (FSDP2's imports cost seconds per process)")
     _assert_checks(ranks, "fsdp", 5)
+
+
+def test_cosine_linear_loss_in_a_ddp_wrapped_forward(ranks):
+    if ranks[0] != 2:
+        pytest.skip("run on 2 ranks only (DDP's imports cost seconds per process)")
+    _assert_checks(ranks, "ddp_loss", 10)
 
 
 def test_module_negative_sampling(ranks):

@@ -1,5 +1,6 @@
 """nnk.CosineLinear, replace_head, project_after_step and CosineCrossEntropyLoss,
 checked against nn.Linear, nnk.cosine_cross_entropy and the reference."""
+import copy
 import json
 import math
 import os
@@ -94,8 +95,11 @@ def test_state_dict_with_learned_scale(per_class):
         head.log_scale.add_(torch.linspace(0.1, 0.4, 4) if per_class else torch.tensor(0.3))
     learned = head.log_scale.detach().clone()
     lin = nn.Linear(6, 4)
-    head.load_state_dict(lin.state_dict())  # strict: log_scale keeps its value
-    assert torch.equal(head.weight, lin.weight) and torch.equal(head.log_scale, learned)
+    other = copy.deepcopy(head)
+    param = other.log_scale
+    other.load_state_dict(lin.state_dict())  # strict: log_scale starts at the initial scale
+    assert torch.equal(other.weight, lin.weight) and other.log_scale is param
+    assert torch.allclose(other.log_scale, torch.full_like(learned, math.log(10.0)))
     with pytest.raises(RuntimeError, match="log_scale"):
         nn.Linear(6, 4).load_state_dict(head.state_dict())
     res = lin.load_state_dict(head.state_dict(), strict=False)
@@ -126,6 +130,28 @@ def test_built_on_the_meta_device_then_materialized(per_class):
         assert p.abs().max() <= bound and p.std() > 0
     x, t = torch.randn(4, 6), torch.randint(0, 5, (4,))
     assert torch.isfinite(head.loss(x, t))
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+@pytest.mark.parametrize("assign", [False, True])
+def test_meta_head_loads_a_linear_state(per_class, assign):
+    # A learnable-scale head built on the meta device takes an nn.Linear
+    # checkpoint: log_scale, absent from it, must get the initial scale, not
+    # to_empty's uninitialized memory nor stay on meta (assign=True).
+    lin = nn.Linear(6, 5, bias=True, dtype=torch.float64)
+    with torch.device("meta"):
+        head = nnk.CosineLinear(6, 5, bias=True, scale=10.0, learn_scale=True, per_class_scale=per_class)
+    if not assign:
+        head = head.to_empty(device="cpu").double()
+        with torch.no_grad():
+            head.log_scale.fill_(float("nan"))  # stands for to_empty's arbitrary memory
+    head.load_state_dict(lin.state_dict(), assign=assign)
+    assert head.log_scale.device == head.weight.device == torch.device("cpu")
+    assert head.log_scale.dtype == torch.float64 and head.log_scale.requires_grad
+    torch.testing.assert_close(head.log_scale, torch.full((5 if per_class else 1,), math.log(10.0),
+                                                          dtype=torch.float64))
+    assert torch.equal(head.weight, lin.weight)
+    assert torch.isfinite(head.loss(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 5, (4,))))
 
 
 def test_forward_returns_its_logits_not_a_view():
@@ -189,6 +215,28 @@ def test_from_linear_shares_parameters_and_keeps_cosine_argmax():
         nnk.CosineLinear.from_linear(nn.Conv1d(3, 3, 1))
 
 
+def test_from_linear_refuses_a_weight_normed_linear():
+    # The head takes linear's Parameters; a weight-normed linear's weight is
+    # computed from others (assigning it was "cannot assign 'torch.FloatTensor'").
+    from torch.nn.utils import parametrizations, parametrize
+
+    lin = parametrizations.weight_norm(nn.Linear(5, 3))
+    with pytest.raises(TypeError, match=r"linear.weight is computed by a parametrization \(_WeightNorm\).*"
+                                        r"remove_parametrizations\(linear, 'weight'\)"):
+        nnk.CosineLinear.from_linear(lin)
+    with pytest.raises(TypeError, match="remove_parametrizations"):
+        nnk.replace_head(nn.Sequential(lin), "0")
+    parametrize.remove_parametrizations(lin, "weight")
+    assert nnk.CosineLinear.from_linear(lin).weight is lin.weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the older weight_norm is deprecated
+        old_style = torch.nn.utils.weight_norm(nn.Linear(5, 3))
+    with pytest.raises(TypeError, match=r"weight_norm's hook.*remove_weight_norm\(linear, 'weight'\)"):
+        nnk.CosineLinear.from_linear(old_style)
+    torch.nn.utils.remove_weight_norm(old_style)
+    assert nnk.CosineLinear.from_linear(old_style).weight is old_style.weight
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -215,6 +263,10 @@ def test_replace_head_dotted_path_keeps_the_optimizer_working():
     assert net(x).shape == (10, 3)
     with pytest.raises(ValueError, match="heads.nope"):
         nnk.replace_head(net, "heads.nope")
+    with pytest.raises(ValueError, match="non-empty"):
+        nnk.replace_head(net, "")
+    with pytest.raises(TypeError, match="path must be a str"):
+        nnk.replace_head(net, 3)
     with pytest.raises(TypeError, match="nn.Linear"):
         nnk.replace_head(net, "body.1")
     with pytest.raises(TypeError, match="nn.Linear"):
@@ -276,6 +328,10 @@ def test_bad_sizes_and_integer_features_are_clear_errors():
     for args in ((-1, 5), (3, 0)):
         with pytest.raises(ValueError, match="features must be >= 1"):
             nnk.CosineLinear(*args)
+    # Checked before the default scale, which is computed from out_features.
+    for args, name in (((8, "6"), "out_features"), ((8, 6.0), "out_features"), (("8", 6), "in_features")):
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            nnk.CosineLinear(*args)
     head = nnk.CosineLinear(3, 5)
     for call in (head, lambda v: head.predict(v, 2)):
         with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
@@ -323,6 +379,26 @@ def test_loss_equals_functional_and_reference(kw):
     for a, b, r in zip(g_got, g_hand, g_ref):
         assert torch.equal(a, b)
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_input_errors_name_x():
+    head = nnk.CosineLinear(7, 6)
+    t = torch.zeros(4, dtype=torch.long)
+    for x in (torch.randn(4, 5), torch.randn(4, 0), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 7\), got"):
+            head.loss(x, t[:len(x)] if x.dim() else torch.tensor(0))
+    loss = nnk.CosineCrossEntropyLoss()
+    for x in (torch.randn(4, 0), torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., D\) with D >= 1"):
+            loss(x, torch.randn(6, 0), t[:len(x)] if x.dim() else torch.tensor(0))
+    x = torch.randn(4, 7)
+    with pytest.raises(TypeError, match="weight is the module's own"):
+        head.loss(x, t, weight=torch.randn(6, 7))
+    with pytest.raises(TypeError, match=r"CosineLinear.loss: x is torch.bfloat16 but the head's weight is "
+                                        r"torch.float32; cast x .*torch.autocast"):
+        head.loss(x.bfloat16(), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # casts both
+        assert torch.isfinite(head.loss(x.bfloat16(), t))
 
 
 def test_loss_leading_dims_and_reductions():
@@ -377,6 +453,28 @@ def test_loss_module_equals_functional():
         nnk.CosineCrossEntropyLoss(bias=b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_class", [False, True])
+def test_half_head_scale_is_exp_of_log_scale_in_float32(dtype, per_class):
+    # The scale a 16-bit log_scale encodes, exp'd in float32: not rounded to
+    # 16 bits (bfloat16 at s = 30: a loss error of ~1e-2 against ~3e-7).
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(32, 50, scale=30.0, per_class_scale=per_class, learn_scale=True).to(dtype)
+    x, t = torch.randn(40, 32).to(dtype), torch.randint(0, 50, (40,))
+    assert head.scale.dtype == torch.float32
+    log_s = head.log_scale.detach().double().requires_grad_()
+    s = log_s.exp() if per_class else log_s.exp().reshape(())
+    want = cosine_cross_entropy_ref(x.double(), head.weight.double(), t, scale=s)
+    (g_want,) = torch.autograd.grad(want, [log_s])
+    got = head.loss(x, t)
+    got.backward()
+    assert abs(got.item() - want.item()) < 1e-5
+    assert head.log_scale.grad.dtype == dtype
+    torch.testing.assert_close(head.log_scale.grad.double(), g_want, rtol=8e-3, atol=1e-5)  # 16-bit grad
+    logits_want = s.detach() * _cos(x, head.weight)
+    torch.testing.assert_close(head(x).double(), logits_want, rtol=1e-5, atol=1e-4)
+
+
 # --- projection --------------------------------------------------------------------
 
 
@@ -417,6 +515,17 @@ def test_project_weight_and_the_optimizer_hook():
     assert head.weight.norm(dim=1)[0] > 2.0  # the hook is gone
     with pytest.raises(ValueError, match="no CosineLinear"):
         nnk.project_after_step(opt, nn.Linear(2, 2))
+
+
+def test_project_weight_refuses_a_parametrized_weight():
+    # Renormalizing the tensor a parametrization computes changed nothing, silently.
+    from torch.nn.utils import parametrizations
+
+    head = parametrizations.weight_norm(nnk.CosineLinear(6, 4))
+    with pytest.raises(TypeError, match=r"project_weight_: head.weight is computed by a parametrization"):
+        head.project_weight_()
+    with pytest.raises(TypeError, match="project_after_step: .*remove_parametrizations"):
+        nnk.project_after_step(torch.optim.SGD(head.parameters(), lr=0.1), nn.Sequential(head))
 
 
 # --- torch.compile -----------------------------------------------------------------

@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nnk
 from cce_cases import OPTION_CASES, assert_within_bound, error_table, grads, make_inputs, max_err
@@ -153,3 +154,54 @@ def test_minus_inf_bias_over_whole_tiles():
     assert max_err(got[0], want[0]) < 1e-5 and max_err(got[1], want[1]) < 1e-5
     for k in leaves:
         assert torch.isfinite(g_got[k]).all() and max_err(g_got[k], g_want[k]) < 1e-5, k
+
+
+class _CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.aten.mm.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("frozen", [("x",), ("weight",), ("x", "weight")], ids=["x", "weight", "both"])
+@pytest.mark.parametrize("normalized", [True, False])
+def test_backward_skips_the_gradient_of_a_frozen_operand(frozen, normalized, monkeypatch):
+    # Linear probing on a frozen backbone needs no d x, a frozen head's weight
+    # no d W: neither their GEMM per tile nor their normalization backward
+    # (with both frozen, the scale and bias gradients need neither).
+    import nnk.impl.torch_blockwise as tb
+
+    normalized_rows = []
+    real = tb.row_normalize_backward
+
+    def spy(grad, rows, norms, eps):
+        normalized_rows.append(tuple(rows.shape))
+        return real(grad, rows, norms, eps)
+
+    monkeypatch.setattr(tb, "row_normalize_backward", spy)
+    kw = {"scale": "per_class", "bias": True, "additive_margin": 0.2, "label_smoothing": 0.1, "z_loss": 1e-3,
+          "normalize_input": normalized, "normalize_weight": normalized}
+    got, matmuls, rows_seen = {}, {}, {}
+    for which in ((), frozen):
+        x, w, t, kw_in, leaves = make_inputs(37, 9, 113, kw, dtype=torch.float32)
+        for name in which:
+            leaves[name].requires_grad_(False)
+        opts = make_options(**{**DEFAULTS, **{k: v for k, v in kw_in.items() if k in DEFAULTS}})
+        row, lse = cosine_cross_entropy_torch(x, w, t, kw_in["scale"], kw_in["bias"], opts,
+                                              block_rows=16, block_classes=40)
+        g = torch.Generator().manual_seed(1)
+        normalized_rows.clear()
+        with torch.no_grad(), _CountMatmuls() as count:  # the backward itself, with its None entries
+            got[which] = row.grad_fn.apply(torch.rand(37, generator=g), torch.rand(37, generator=g))
+        matmuls[which], rows_seen[which] = count.calls, list(normalized_rows)
+    shapes = {"x": (37, 9), "weight": (113, 9)}
+    for i, name in enumerate(("x", "weight")):
+        assert got[frozen][i] is None if name in frozen else torch.equal(got[frozen][i], got[()][i])
+    for a, b in zip(got[frozen][2:4], got[()][2:4]):  # d scale, d bias
+        assert torch.equal(a, b)
+    tiles = 3 * 3  # 37 rows in blocks of 16, 113 classes in blocks of 40
+    assert matmuls[()] - matmuls[frozen] == tiles * len(frozen)
+    assert rows_seen[frozen] == ([shapes[n] for n in ("x", "weight") if n not in frozen] if normalized else [])

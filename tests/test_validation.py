@@ -130,6 +130,24 @@ def test_nnk_impl_env_sets_the_default(monkeypatch):
         nnk.cosine_cross_entropy(x, w, t)
     monkeypatch.setenv("NNK_IMPL", "torch")
     assert torch.isfinite(nnk.cosine_cross_entropy(x, w, t))
+    monkeypatch.setenv("NNK_IMPL", "")  # set but empty: "auto", as the on/off switches read it as 0
+    assert torch.equal(nnk.cosine_cross_entropy(x, w, t), nnk.cosine_cross_entropy(x, w, t, impl="auto"))
+
+
+def test_an_impl_from_nnk_impl_that_cannot_run_says_so(monkeypatch):
+    import nnk.functional as fn
+
+    x, w, t = _ok()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("NNK_IMPL", "triton")
+    with pytest.raises(ValueError, match=r"impl='triton' \(from the environment variable NNK_IMPL.*\) needs"):
+        nnk.cosine_cross_entropy(x, w, t)
+    monkeypatch.setenv("NNK_IMPL", "cuda")
+    monkeypatch.setattr(fn, "has_op", lambda op, device_type: False)  # a build without the extension
+    with pytest.raises(ValueError, match=r"impl='cuda' \(from the environment variable NNK_IMPL.*\) needs"):
+        nnk.cosine_cross_entropy(x, w, t)
+    with pytest.raises(ValueError, match=r"^impl='cuda' needs"):  # an explicit impl names itself only
+        nnk.cosine_cross_entropy(x, w, t, impl="cuda")
 
 
 def test_boolean_env_vars_take_0_or_1(monkeypatch):

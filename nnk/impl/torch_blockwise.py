@@ -114,6 +114,9 @@ class _BlockwiseCCE(torch.autograd.Function):
         s = scale.to(acc) if scale is not None else ctx.py_scale
         b = bias.to(acc) if bias is not None else None
         per_class = isinstance(s, torch.Tensor) and s.dim() == 1
+        # Only the contractions some input needs (linear probing on a frozen
+        # backbone needs no d x; a frozen head's weight no d W).
+        need_x, need_w = ctx.needs_input_grad[:2]
         need_s = scale is not None and ctx.needs_input_grad[2]
         need_b = bias is not None and ctx.needs_input_grad[3]
 
@@ -147,8 +150,8 @@ class _BlockwiseCCE(torch.autograd.Function):
             dz_t = ((g * p_t - shift) - hit) + coef_z * p_t
         dpsi = margin_grad_ref(cos_t, opts.angular_margin, opts.exact_margin)
 
-        dxn = torch.zeros_like(xn)
-        dwn = torch.zeros_like(wn)
+        dxn = torch.zeros_like(xn) if need_x else None
+        dwn = torch.zeros_like(wn) if need_w else None
         ds = torch.zeros(c if per_class else (), dtype=acc, device=xn.device) if need_s else None
         db = torch.zeros(c, dtype=acc, device=xn.device) if need_b else None
         for r0 in range(0, n, r_blk):
@@ -173,19 +176,26 @@ class _BlockwiseCCE(torch.autograd.Function):
                         ds[c0:c1] += contrib
                     else:
                         ds += contrib.sum()
+                if not (need_x or need_w):
+                    continue
                 # 3. dcos = dz * scale, with d psi / d cos on the target column.
                 dcos = dz.mul_(s[c0:c1] if per_class else s)
                 _update_targets(dcos, col, inside, lambda old: old * dpsi[rows])
-                dxn[rows] += dcos @ wn[c0:c1]
-                dwn[c0:c1] += dcos.T @ xn[rows]
+                if need_x:
+                    dxn[rows] += dcos @ wn[c0:c1]
+                if need_w:
+                    dwn[c0:c1] += dcos.T @ xn[rows]
 
         # 4. Through the normalizations (or straight through when off).
-        dx = row_normalize_backward(dxn, xn, xnorm, opts.eps) if xnorm is not None else dxn
-        dw = row_normalize_backward(dwn, wn, wnorm, opts.eps) if wnorm is not None else dwn
         x_dtype, w_dtype = ctx.dtypes
+        dx = dw = None
+        if need_x:
+            dx = (row_normalize_backward(dxn, xn, xnorm, opts.eps) if xnorm is not None else dxn).to(x_dtype)
+        if need_w:
+            dw = (row_normalize_backward(dwn, wn, wnorm, opts.eps) if wnorm is not None else dwn).to(w_dtype)
         return (
-            dx.to(x_dtype) if ctx.needs_input_grad[0] else None,
-            dw.to(w_dtype) if ctx.needs_input_grad[1] else None,
+            dx,
+            dw,
             ds.to(scale.dtype) if ds is not None else None,
             db.to(bias.dtype) if db is not None else None,
             None, None, None, None,
