@@ -184,6 +184,15 @@ def test_a_row_without_finite_logits_is_nan_as_in_pytorch(impl, device):
         assert loss.isnan() and want.isnan()
         for name, a, b in zip(leaves, got_g, want_g):
             assert b.isnan().all() and a.isnan().all(), (opts, name)
+    # Through the lse output alone (no gradient of the loss): d lse / d z is
+    # the softmax, NaN here too; only a row without any upstream gradient
+    # (a masked class-parallel shard's) gets p = 0.
+    _, lse = nnk.cosine_cross_entropy(x, w, t, impl=impl, return_lse=True, **kw)
+    _, want = cosine_cross_entropy_ref(x, w, t, return_lse=True, **kw)
+    got_g = torch.autograd.grad(lse.sum(), list(leaves.values()))
+    want_g = torch.autograd.grad(want.sum(), list(leaves.values()))
+    for name, a, b in zip(leaves, got_g, want_g):
+        assert b.isnan().all() and a.isnan().all(), ("lse", name)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computing on NaN
@@ -322,6 +331,12 @@ def test_arcface_one_feature_dimension(impl, device):
     # 1 - 1 ulp: loss error 1e-2 against the reference's 1e-6).
     opts = {"scale": 64.0, "angular_margin": 0.5}
     errs = error_table(_fn(impl), opts, 17, 1, 9, torch.float32, device=device)
+    assert_within_bound(errs, atol=1e-5)
+    # m = pi puts ArcFace's threshold -cos(m) at exactly 1, where D = 1 puts
+    # the target cosines: the branch test must be cos >= threshold, as the
+    # reference's theta + m <= pi (a strict > was a loss error of 7.7).
+    errs = error_table(_fn(impl), {"scale": 4.0, "angular_margin": math.pi}, 16, 1, 5, torch.float32,
+                       device=device)
     assert_within_bound(errs, atol=1e-5)
 
 

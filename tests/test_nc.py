@@ -493,6 +493,22 @@ def test_float64_metrics_are_shift_and_scale_invariant():
         assert nnk.nc_metrics(h.float(), y, w * mag, b * mag).nc4 == nnk.nc_metrics(h.float(), y, w, b).nc4
 
 
+def test_nc1_pinv_cut_is_that_of_the_d_by_d_sigma_b():
+    """Sigma_B's second eigenvalue at 100 eps x the first: below pinv's
+    default cut for the D x D matrix (D eps, D = 2048), above a K' eps one.
+    A cut of K' eps kept it and gave nc1 = 2.3e7 where the formula gives 0."""
+    d, eps = 2048, torch.finfo(torch.float64).eps
+    a = (100 * eps / 3) ** 0.5
+    means = torch.zeros(3, d, dtype=torch.float64)
+    means[:, :2] = torch.tensor([[1.0, a], [-1.0, a], [0.0, -2 * a]], dtype=torch.float64)
+    delta = torch.zeros(d, dtype=torch.float64)
+    delta[1:3] = 1e-3
+    h = torch.cat([means + delta, means - delta])  # two samples per class: exact means
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    want = F.metrics64(h.numpy(), y.numpy(), 3)["nc1"]
+    assert abs(nnk.nc_metrics(h, y).nc1 - want) <= 1e-12
+
+
 def test_float64_class_means_equal_up_to_rounding_are_a_clear_error():
     # Bitwise-equal means sat 1 ulp from their separately rounded global mean:
     # no error, and nc1 = 1.4e29.

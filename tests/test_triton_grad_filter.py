@@ -18,8 +18,8 @@ TOL = 2.0**-12
 
 
 def _dcos_l1(x, w, target, g_loss, g_lse, s, loss_kw):
-    """||d cos_i||_1 per row in float64 for the objective g_loss * loss +
-    <g_lse, lse>: the reference applied to the cosine matrix itself
+    """||d cos_i||_1 per row in float64 for the objective <g_loss, loss> +
+    <g_lse, lse> (g_loss 0-d for a reduced loss): the reference applied to the cosine matrix itself
     (unnormalized, against the identity), differentiated."""
     x64, w64 = x.double(), w.double()
     cos = (torch.nn.functional.normalize(x64, dim=1) @ torch.nn.functional.normalize(w64, dim=1).T)
@@ -27,7 +27,7 @@ def _dcos_l1(x, w, target, g_loss, g_lse, s, loss_kw):
     eye = torch.eye(w.shape[0], dtype=torch.float64)
     loss, lse = cosine_cross_entropy_ref(cos, eye, target.cpu(), scale=s, normalize_input=False,
                                          normalize_weight=False, return_lse=True, **loss_kw)
-    obj = loss * g_loss.item() + (lse * g_lse.cpu().double()).sum()
+    obj = (loss * g_loss.cpu().double()).sum() + (lse * g_lse.cpu().double()).sum()
     (dcos,) = torch.autograd.grad(obj, cos)
     return dcos.abs().sum(dim=1)
 
@@ -68,11 +68,17 @@ def test_filter_skips_negligible_tiles_within_bound(device, deterministic, with_
     # exact kernel gives them (tiny, non-zero).
     assert exact["dw"][256:].abs().amax(dim=1).gt(0).all()
     assert torch.equal(sparse["dw"][256:], torch.zeros_like(sparse["dw"][256:]))
-    # The bound (cce_backward, step 0): with M = max_i ||d cos_i||_1 (at least
-    # the kernel's lower bound of it), ||d dx_i|| <= tol M / ||x_i|| (W
-    # normalized) and ||d dw_j|| <= tol M N / C / ||w_j||; plus float32
-    # rounding of the sums that skipping reorders.
-    m = _dcos_l1(x, w, t, g_loss, g_lse, s, loss_kw).max()
+    _check_bound(exact, sparse, x, w, _dcos_l1(x, w, t, g_loss, g_lse, s, loss_kw).max())
+    # Bias and scale gradients are reduced before the filter: exact.
+    torch.testing.assert_close(sparse.get("dscale"), exact.get("dscale"), rtol=1e-6, atol=0.0)
+
+
+def _check_bound(exact, sparse, x, w, m):
+    """The bound (cce_backward, step 0): with M = max_i ||d cos_i||_1 (at least
+    the kernel's lower bound of it), ||d dx_i|| <= tol M / ||x_i|| (W
+    normalized) and ||d dw_j|| <= tol M N / C / ||w_j||; plus float32
+    rounding of the sums that skipping reorders."""
+    n, c = x.shape[0], w.shape[0]
     xn = x.double().norm(dim=1).cpu()
     wn = w.double().norm(dim=1).cpu()
     dx_bound = TOL * m / xn + 1e-6 * exact["dx"].norm(dim=1)
@@ -81,8 +87,26 @@ def test_filter_skips_negligible_tiles_within_bound(device, deterministic, with_
     dw_err = (sparse["dw"] - exact["dw"]).norm(dim=1)
     assert (dx_err <= dx_bound).all(), (dx_err / dx_bound).max()
     assert (dw_err <= dw_bound).all(), (dw_err / dw_bound).max()
-    # Bias and scale gradients are reduced before the filter: exact.
-    torch.testing.assert_close(sparse.get("dscale"), exact.get("dscale"), rtol=1e-6, atol=0.0)
+
+
+def test_filter_bound_holds_where_the_target_derivative_exceeds_one(device):
+    """The threshold's M must not exceed max_i ||d cos_i||_1. Row 0 lies on
+    its class (ArcFace's d psi / d cos clamps near 480) while a duplicate of
+    that class takes its softmax, and only its lse carries a gradient: a mass
+    estimate s |sum_c dz_c| d psi, without min(1, d psi), overstated its norm
+    480x and skipped tiles the bound does not allow (dW error 4.8x the bound)."""
+    n, d, c, s = 65, 59, 1031, 64.0
+    x, w, t, _, _ = _case(device, torch.float32, n, d, c)
+    w[(int(t[0]) + 1) % c] = w[t[0]]
+    x[0] = w[t[0]]
+    kw = dict(angular_margin=0.5, reduction="none")
+    g_loss = torch.full((n,), 1e-3, device=device)
+    g_loss[0] = 0.0
+    g_lse = torch.zeros(n, device=device)
+    g_lse[0] = 1.0
+    exact = _evaluate(_triton_fn(True, grad_filter=0.0), x, w, t, s, None, kw, g_loss, g_lse)
+    sparse = _evaluate(_triton_fn(True, grad_filter=TOL), x, w, t, s, None, kw, g_loss, g_lse)
+    _check_bound(exact, sparse, x, w, _dcos_l1(x, w, t, g_loss, g_lse, s, kw).max())
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's numpy max

@@ -34,8 +34,11 @@ using std::sqrt;
 // (0 / 0). Each divisor is split into a mantissa and a power of two (exact);
 // the powers scale the dot, the product of the mantissas (in [0.25, 1))
 // divides it: one rounding of that product and one of the quotient, as a
-// single division by dx dw, so parallel rows still give exactly +-1 (which
-// ArcFace's sqrt(1 - c^2) needs). The Triton kernels do the same (tile.py).
+// single division by dx dw, so a dot equal to dx dw gives exactly +-1, as
+// parallel rows at D = 1 do (ArcFace's sqrt(1 - c^2) needs it; for D > 1 the
+// dot and the norms round apart, and the cosine of parallel rows may lie an
+// ulp beyond 1, as the float32 reference's). The Triton kernels do the same
+// (tile.py).
 template <typename T>
 NNK_HD T cosine_of(T dot, T dx, T dw) {
   int ex = 0, ew = 0;

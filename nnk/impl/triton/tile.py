@@ -123,10 +123,12 @@ def _cosine_tile(X_ptr, W_ptr, rows, cols, row_mask, col_mask, den_x, den_w, D,
 
     As math.h's cosine_of: the dot is scaled by the powers of two of both
     divisors (exact) and divided once by the product of their mantissas, so
-    parallel rows give exactly +-1 (a product of two rounded reciprocals gave
-    1 - 1 ulp, which ArcFace's sqrt(1 - c^2) turned into a loss error of 1e-2
-    at s = 64, D = 1) and den_x den_w never overflows (norms above ~1.8e19)
-    or underflows (zero rows under a tiny eps: 0 / 0)."""
+    a dot equal to den_x den_w gives exactly +-1, as parallel rows at D = 1
+    do (a product of two rounded reciprocals gave 1 - 1 ulp, which ArcFace's
+    sqrt(1 - c^2) turned into a loss error of 1e-2 at s = 64; for D > 1 the
+    dot and the norms round apart, as in the float32 reference), and
+    den_x den_w never overflows (norms above ~1.8e19) or underflows (zero
+    rows under a tiny eps: 0 / 0)."""
     acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     for k in range(0, D, BLOCK_D):
         ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
