@@ -262,6 +262,32 @@ def test_shards_must_cover_every_class(one_rank_group):
         cosine_cross_entropy(x, w, t, class_start=0, num_classes=8)
 
 
+@pytest.mark.parametrize("learn", ["fixed", "shared", "per_class"])
+def test_to_cosine_linear_is_the_same_head(one_rank_group, learn):
+    """The sharded head as one CosineLinear: the same logits and loss, its
+    learnt scale as log_scale (a strict load of full_state_dict() into a
+    CosineLinear fails on the keys "scale" and "_extra_state")."""
+    torch.manual_seed(0)
+    kw = dict(scale=7.5, bias=True, additive_margin=0.1, angular_margin=0.3, margin_grad="detached", eps=1e-6,
+              dtype=torch.float64)
+    kw.update({"fixed": {}, "shared": {"learn_scale": True}, "per_class": {"per_class_scale": True}}[learn])
+    src = ShardedCosineLinear(5, 9, **kw)
+    with torch.no_grad():
+        src.bias.normal_()
+        if learn != "fixed":
+            src.scale.mul_(torch.linspace(0.5, 2.0, src.scale.numel(), dtype=torch.float64).reshape(src.scale.shape))
+    head = src.to_cosine_linear()
+    assert isinstance(head, nnk.CosineLinear) and head.weight.dtype == torch.float64
+    assert (head.log_scale is None) == (learn == "fixed")
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 3, 8, 2, 2, 5])
+    s = src.scale if learn != "fixed" else 7.5
+    logits = s * (torch.nn.functional.normalize(x, eps=1e-6) @ torch.nn.functional.normalize(src.weight, eps=1e-6).T)
+    torch.testing.assert_close(head(x), logits + src.bias, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(head.loss(x, y), src(x, y), rtol=1e-12, atol=1e-12)
+    for p, q in zip(head.parameters(), src.parameters()):
+        assert p.data_ptr() != q.data_ptr()
+
+
 def test_load_resharded_checks_the_states_agree(one_rank_group):
     # Two shards of one head load as the whole; shards whose shared scale
     # differs (other runs or steps) or whose rows do not match their class

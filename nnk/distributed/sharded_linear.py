@@ -22,7 +22,7 @@ from .._options import (
     make_options,
 )
 from ..functional import autocast_dtype, resolve_impl
-from ..modules import default_scale
+from ..modules import CosineLinear, default_scale
 from .collectives import gather_rows, replicated
 from .loss import combine_terms
 from .partials import LOCAL_IGNORE, local_targets, shard_partials
@@ -317,6 +317,34 @@ class ShardedCosineLinear(nn.Module):
         full["_extra_state"] = {"class_start": 0, "class_count": self.num_classes, "num_classes": self.num_classes,
                                 "in_features": self.in_features}
         return full
+
+    def to_cosine_linear(self) -> CosineLinear:
+        """The whole head as one :class:`nnk.CosineLinear` of all C classes (for
+        evaluation, ``predict``, export or single-device fine-tuning), on every
+        rank: a collective, as :meth:`full_state_dict`, whose tensors it
+        takes. Same normalizations, margins, ``margin_grad`` and ``eps``; a
+        learnt scale becomes ``log_scale`` (one per class with
+        ``per_class_scale``), a fixed one the head's fixed scale. The loss
+        options a CosineLinear takes per call (``ignore_index``,
+        ``label_smoothing``, ``z_loss``, ``reduction``) are for its
+        ``loss()`` calls. New Parameters on the weight's device and dtype;
+        holds C x D on every rank."""
+        full = self.full_state_dict()
+        learn = isinstance(self.scale, torch.Tensor)
+        o = self.opts
+        head = CosineLinear(
+            self.in_features, self.num_classes, bias=self.bias is not None, scale=self._scale_init,
+            learn_scale=learn, per_class_scale="scale" in self._per_class,
+            normalize_input=o.normalize_input, normalize_weight=o.normalize_weight,
+            additive_margin=o.additive_margin, angular_margin=o.angular_margin, margin_grad=o.margin_grad,
+            eps=o.eps, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            head.weight.copy_(full["weight"])
+            if head.bias is not None:
+                head.bias.copy_(full["bias"])
+            if learn:
+                head.log_scale.copy_(full["scale"].log().reshape(head.log_scale.shape))
+        return head
 
     def load_resharded(self, states: Sequence[Mapping]) -> None:
         """Load this rank's classes from the ``state_dict()`` of every rank of
