@@ -354,7 +354,8 @@ class CosineLinear(nn.Linear):
         if x.dtype != self.weight.dtype and (dev == "meta" or not torch.is_autocast_enabled(dev)):
             raise TypeError(
                 f"CosineLinear.loss: x is {x.dtype} but the head's weight is {self.weight.dtype}; cast x "
-                f"(x.to({self.weight.dtype})) or call the loss under torch.autocast, which casts both"
+                f"(x.to({self.weight.dtype})) or, for 16/32-bit x and weight, call the loss under "
+                "torch.autocast, which casts both to its dtype"
             )
         opts = dict(
             normalize_input=self.normalize_input, normalize_weight=self.normalize_weight,
@@ -449,9 +450,9 @@ class CosineLinear(nn.Linear):
         for name in ("device", "dtype"):
             if name in kwargs:
                 raise TypeError(f"from_linear: {name} comes from linear's weight")
-        for name in ("weight", "bias"):
-            _check_parameter(linear, name, "from_linear", "linear", "the head takes linear's Parameters themselves")
         want_bias = kwargs.pop("bias", linear.bias is not None)
+        for name in ("weight", "bias") if want_bias else ("weight",):
+            _check_parameter(linear, name, "from_linear", "linear", "the head takes linear's Parameters themselves")
         w = linear.weight
         head = cls(linear.in_features, linear.out_features, bias=want_bias,
                    device="meta", dtype=w.dtype, **kwargs)
@@ -472,7 +473,7 @@ class CosineLinear(nn.Linear):
         elif self.log_scale.device.type == "meta":  # no value yet (deferred initialization)
             s += f", scale=learned (init {self.init_scale:.4g})"
         else:  # the current value: a loaded or trained scale, not the constructor's
-            s += f", scale={float(self.log_scale.detach().exp()):.4g} (learned, init {self.init_scale:.4g})"
+            s += f", scale={float(self.scale.detach()):.4g} (learned, init {self.init_scale:.4g})"
         if not self.normalize_input:
             s += ", normalize_input=False"
         if not self.normalize_weight:
@@ -492,11 +493,13 @@ class CosineLinear(nn.Linear):
             state_dict[prefix + "log_scale"] = old.reshape(1)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
-        # A state without log_scale (nn.Linear's, a fixed-scale head's): the
-        # initial scale, as reset_parameters sets it. The current value may be
-        # uninitialized memory (to_empty) or none at all (a meta tensor, which
-        # assign=True would otherwise keep beside the assigned weight).
-        if prefix + "log_scale" in missing_keys:
+        # A state of this head without log_scale (nn.Linear's, a fixed-scale
+        # head's): the initial scale, as reset_parameters sets it. The current
+        # value may be uninitialized memory (to_empty) or none at all (a meta
+        # tensor, which assign=True would otherwise keep beside the assigned
+        # weight). A state without this head at all (a backbone's, loaded with
+        # strict=False) leaves the scale alone and reports it missing.
+        if prefix + "log_scale" in missing_keys and prefix + "weight" in state_dict:
             missing_keys.remove(prefix + "log_scale")
             w = self.weight
             if self.log_scale.device == w.device and self.log_scale.dtype == w.dtype:

@@ -154,6 +154,20 @@ def test_meta_head_loads_a_linear_state(per_class, assign):
     assert torch.isfinite(head.loss(torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 5, (4,))))
 
 
+def test_a_state_without_the_head_leaves_its_learnt_scale():
+    # Only a state of this head (its weight present) resets a missing
+    # log_scale: a backbone-only checkpoint loaded with strict=False reset the
+    # trained scale of 20.1 to its initial 10 and hid log_scale from the
+    # missing keys.
+    model = nn.Sequential(nn.Linear(4, 6), nnk.CosineLinear(6, 5, scale=10.0, learn_scale=True))
+    with torch.no_grad():
+        model[1].log_scale.fill_(3.0)
+    res = model.load_state_dict({"0.weight": torch.randn(6, 4), "0.bias": torch.randn(6)}, strict=False)
+    assert sorted(res.missing_keys) == ["1.log_scale", "1.weight"]
+    assert model[1].log_scale.item() == 3.0
+    assert "scale=20.09 (learned" in repr(model[1])
+
+
 def test_forward_returns_its_logits_not_a_view():
     # FSDP2 warns about module outputs that are views (an in-place op on one
     # would skip its backward hook): for 2-D x, as nn.Linear, a fresh tensor.

@@ -516,6 +516,14 @@ def test_float64_class_means_equal_up_to_rounding_are_a_clear_error():
     y = torch.tensor([0, 0, 1, 1, 2, 2])
     with pytest.raises(ValueError, match="all class means are equal"):
         nnk.nc_metrics(h, y, num_classes=3)
+    # Rounding is per coordinate: a large constant feature does not hide a
+    # separation that another coordinate resolves (a threshold taken from
+    # the largest |mu| raised here).
+    h = torch.tensor([[1e6, 0.0], [1e6, 1e-10], [1e6, 0.3e-10], [1e6, 1.3e-10]], dtype=torch.float64)
+    h = h + torch.tensor([[0.0, 1e-11], [0.0, -1e-11]], dtype=torch.float64).repeat(2, 1)
+    y = torch.tensor([0, 1, 0, 1])
+    want = F.metrics64(h.numpy(), y.numpy(), 2)["nc1"]
+    assert nnk.nc_metrics(h, y).nc1 == pytest.approx(want, rel=1e-6)
 
 
 def test_one_class_is_a_clear_error_and_one_sample_per_class_is_zero_nc1():

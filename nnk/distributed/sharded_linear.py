@@ -327,8 +327,9 @@ class ShardedCosineLinear(nn.Module):
         ``per_class_scale``), a fixed one the head's fixed scale. The loss
         options a CosineLinear takes per call (``ignore_index``,
         ``label_smoothing``, ``z_loss``, ``reduction``) are for its
-        ``loss()`` calls. New Parameters on the weight's device and dtype;
-        holds C x D on every rank."""
+        ``loss()`` calls. New Parameters on the weight's device and dtype
+        (``log_scale`` in float32 for a 16-bit weight, as the sharded head
+        keeps s); holds C x D on every rank."""
         full = self.full_state_dict()
         learn = isinstance(self.scale, torch.Tensor)
         o = self.opts
@@ -342,8 +343,11 @@ class ShardedCosineLinear(nn.Module):
             head.weight.copy_(full["weight"])
             if head.bias is not None:
                 head.bias.copy_(full["bias"])
-            if learn:
-                head.log_scale.copy_(full["scale"].log().reshape(head.log_scale.shape))
+        if learn:
+            # The sharded head keeps s in float32 (float64); a log in a 16-bit
+            # weight's dtype would move it by up to 2^-9 relative (bfloat16).
+            log_s = full["scale"].to(torch.promote_types(self.weight.dtype, torch.float32)).log()
+            head.log_scale = nn.Parameter(log_s.reshape(head.log_scale.shape))
         return head
 
     def load_resharded(self, states: Sequence[Mapping]) -> None:

@@ -17,6 +17,8 @@ Math per tile (all in float32, float64 for float64 input), with z the logits,
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import first_order
@@ -101,7 +103,9 @@ class _BlockwiseCCE(torch.autograd.Function):
                               scale if isinstance(scale, torch.Tensor) else None, bias)
         ctx.opts, ctx.blocks, ctx.py_scale = opts, (r_blk, c_blk), scale
         ctx.dtypes = (x.dtype, weight.dtype)
-        return row, lse
+        # A row holding +inf: lse = +inf, as torch.logsumexp (the NaN kept for
+        # the backward makes its gradients NaN, as F.cross_entropy's).
+        return row, torch.where(run_max == math.inf, run_max, lse)
 
     @staticmethod
     @first_order

@@ -61,6 +61,11 @@ class NCMetrics:
         return d
 
 
+def _to_unit_exponent(t: torch.Tensor) -> int:
+    """k such that t * 2^k has its largest magnitude in [0.5, 1) (0 for t = 0)."""
+    return -int(torch.frexp(t.abs().amax())[1])
+
+
 def _nc1(sigma_w: torch.Tensor, centered: torch.Tensor) -> float:
     """``tr(Sigma_W pinv(Sigma_B)) / K'`` with ``Sigma_B = M~^T M~ / K'``.
 
@@ -111,15 +116,17 @@ def _metrics_one(stats: NCStats, weight: torch.Tensor | None) -> NCMetrics:
     w_n = stats.counts[present].to(F64)
     centered = centered - (w_n @ centered) / w_n.sum()
     norms = torch.linalg.vector_norm(centered, dim=1)
-    # Means equal up to their float64 rounding (of ~eps |mu| per entry) have
-    # no between-class direction; the rounding would pass for one.
-    noise = 4.0 * math.sqrt(stats.dim) * torch.finfo(F64).eps * means.abs().amax()
-    if not bool(norms.amax() > noise):
+    # Means equal up to their float64 rounding (of ~eps |mu_j| in coordinate
+    # j) have no between-class direction; the rounding would pass for one.
+    # Per coordinate: a large constant feature must not hide a separation
+    # that the other coordinates resolve.
+    noise = 4.0 * torch.finfo(F64).eps * means.abs().amax(dim=0)
+    if not bool((centered.abs() > noise).any()):
         raise ValueError("all class means are equal (Sigma_B = 0): the NC metrics are undefined")
     # The metrics are scale-invariant; a power of two that brings the centred
     # means near 1 keeps nc1's fourth powers (kp lam^2, M~ Sigma_W M~^T)
     # within float64's range for features of 1e-100 or 1e80.
-    e = -int(torch.frexp(centered.abs().amax())[1])
+    e = _to_unit_exponent(centered)
     centered, norms = _backend.times_pow2(centered, e), _backend.times_pow2(norms, e)
     sigma_w = _backend.times_pow2(stats.sigma_w, 2 * e)
     # A class whose mean is the global mean has no direction: its cosines count as 0.
@@ -135,7 +142,7 @@ def _metrics_one(stats: NCStats, weight: torch.Tensor | None) -> NCMetrics:
     if weight is not None:
         # Scale-invariant too: W W^T of a float64 W of 1e160 would overflow.
         w = weight.to(F64)
-        w = _backend.times_pow2(w, -int(torch.frexp(w.abs().amax())[1]))
+        w = _backend.times_pow2(w, _to_unit_exponent(w))
         wp = w[present]
         wp_norm = torch.linalg.matrix_norm(wp)
         if wp_norm == 0:

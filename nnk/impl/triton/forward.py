@@ -178,11 +178,15 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
     #    (z - m) - log sum does, not by half an ulp of |lse| (4e-6 at s = 64,
     #    which made gradient errors up to 7x the reference's).
     #    A row with no finite logit gets lse = -inf and lse_lo = 0 (math.h lse_finish).
+    #    A row holding +inf gets lse = +inf, as torch.logsumexp, and its NaN rest
+    #    (lse.py) in lse_lo: the loss and every p = exp((z - lse) - lse_lo) of the
+    #    row are then NaN, as F.cross_entropy's.
     run_max, rest = merge_partials(parts[0], parts[1])
     log_sum = rest.log1p()
-    lse = run_max + log_sum
+    lse = torch.where(run_max == float("inf"), run_max, run_max + log_sum)
     part = lse - run_max
-    lse_lo = torch.where(lse.isfinite(), (run_max - (lse - part)) + (log_sum - part), 0.0)
+    lse_lo = torch.where(lse.isfinite(), (run_max - (lse - part)) + (log_sum - part),
+                         torch.where(rest.isnan(), rest, 0.0))
 
     # 4. Row loss = lse - (1 - ls) z_t - (ls / C) sum_c z_c + zl lse^2, 0 if ignored,
     #    grouped as math.h's row_loss: (1 - ls)((lse - z_t) + lse_lo) + ls ((lse - sum_z / C)
