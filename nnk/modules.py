@@ -502,7 +502,7 @@ class CosineLinear(nn.Linear):
         if prefix + "log_scale" in missing_keys and prefix + "weight" in state_dict:
             missing_keys.remove(prefix + "log_scale")
             w = self.weight
-            if self.log_scale.device == w.device and self.log_scale.dtype == w.dtype:
+            if self.log_scale.device == w.device:
                 with torch.no_grad():  # in place: an optimizer holding the parameter keeps it
                     self.log_scale.fill_(math.log(self.init_scale))
             else:

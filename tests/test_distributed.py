@@ -287,13 +287,17 @@ def test_to_cosine_linear_is_the_same_head(one_rank_group, learn):
     torch.testing.assert_close(head.loss(x, y), src(x, y), rtol=1e-12, atol=1e-12)
     for p, q in zip(head.parameters(), src.parameters()):
         assert p.data_ptr() != q.data_ptr()
-    if learn != "fixed":  # a 16-bit head keeps its float32 scale (a bfloat16 log moved it by 3.5e-3)
+    if learn != "fixed":  # a 16-bit head's log_scale has the weight's dtype, as any CosineLinear's
         src16 = ShardedCosineLinear(5, 9, **{**kw, "dtype": torch.bfloat16})
         with torch.no_grad():
             src16.scale.copy_(src.scale)
         head16 = src16.to_cosine_linear()
-        assert head16.weight.dtype == torch.bfloat16
-        torch.testing.assert_close(head16.scale, src.scale.float(), rtol=2e-7, atol=0)
+        assert head16.log_scale.dtype == head16.weight.dtype == torch.bfloat16
+        assert torch.equal(head16.log_scale.reshape(src.scale.shape), src16.scale.log().bfloat16())
+        with torch.no_grad():
+            src.scale.view(-1)[0] = 0.0
+        with pytest.raises(ValueError, match="scale"):
+            src.to_cosine_linear()  # log(0): a NaN log_scale, silently
 
 
 def test_load_resharded_checks_the_states_agree(one_rank_group):
@@ -732,6 +736,14 @@ def _check_module_training(rec, rank, world, tag):
     rec.close(f"{tag}:module:trained_bias", head.bias, b_ref[a:a + n])
     for (name, p), p_ref in zip(backbone.named_parameters(), backbone_ref.parameters()):
         rec.close(f"{tag}:module:trained_backbone:{name}", p, p_ref)
+    # The trained head as one CosineLinear: a collective over the uneven shards.
+    whole = head.to_cosine_linear()
+    rec.close(f"{tag}:module:to_cosine_linear_own_rows", whole.weight[a:a + n], head.weight, rtol=0, atol=0)
+    rec.close(f"{tag}:module:to_cosine_linear_weight", whole.weight, w_ref)
+    u, y = _batch(4, D)
+    rec.close(f"{tag}:module:to_cosine_linear_loss",
+              whole.loss(u, y, label_smoothing=HEAD_OPTS["label_smoothing"], z_loss=HEAD_OPTS["z_loss"]),
+              cosine_cross_entropy_ref(u, w_ref, y, scale=s_ref, bias=b_ref, **ref_opts))
 
     # Without DDP averaging (ddp_average=False) the feature gradient is the plain one.
     plain = ShardedCosineLinear(D, C, ddp_average=False, dtype=torch.float64, **HEAD_OPTS)
@@ -912,6 +924,7 @@ def _worker(rank, world, port, tmp):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     rec = Recorder()
+    crashed = "the worker did not finish"  # until it does (BaseExceptions pass both handlers below)
     try:
         tag = f"w{world}"
         # Shards in a rotated rank order for 3 ranks: the tiling need not follow the ranks.

@@ -328,10 +328,14 @@ class ShardedCosineLinear(nn.Module):
         options a CosineLinear takes per call (``ignore_index``,
         ``label_smoothing``, ``z_loss``, ``reduction``) are for its
         ``loss()`` calls. New Parameters on the weight's device and dtype
-        (``log_scale`` in float32 for a 16-bit weight, as the sharded head
-        keeps s); holds C x D on every rank."""
+        (``log_scale`` too, as in any CosineLinear: rounded to a 16-bit
+        weight's dtype, the learnt s moves by up to 2^-9 relative in
+        bfloat16), requiring grad as the sharded head's; holds C x D on
+        every rank."""
         full = self.full_state_dict()
         learn = isinstance(self.scale, torch.Tensor)
+        if learn:  # log(s) of s <= 0 would be a NaN log_scale, silently
+            _check_scale(full["scale"], self.num_classes, self.weight.device)
         o = self.opts
         head = CosineLinear(
             self.in_features, self.num_classes, bias=self.bias is not None, scale=self._scale_init,
@@ -343,11 +347,10 @@ class ShardedCosineLinear(nn.Module):
             head.weight.copy_(full["weight"])
             if head.bias is not None:
                 head.bias.copy_(full["bias"])
-        if learn:
-            # The sharded head keeps s in float32 (float64); a log in a 16-bit
-            # weight's dtype would move it by up to 2^-9 relative (bfloat16).
-            log_s = full["scale"].to(torch.promote_types(self.weight.dtype, torch.float32)).log()
-            head.log_scale = nn.Parameter(log_s.reshape(head.log_scale.shape))
+            if learn:
+                head.log_scale.copy_(full["scale"].log().reshape(head.log_scale.shape))
+        for name, p in head.named_parameters():
+            p.requires_grad_(getattr(self, name if name != "log_scale" else "scale").requires_grad)
         return head
 
     def load_resharded(self, states: Sequence[Mapping]) -> None:

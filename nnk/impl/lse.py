@@ -9,18 +9,15 @@ from __future__ import annotations
 import torch
 
 _NEG_INF = float("-inf")
-_POS_INF = float("inf")
 
 
 def tile_partial(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, rest) of each row of z (rows, cols); rows of -inf only give
-    (-inf, 0), rows holding +inf (inf, NaN), as F.cross_entropy's NaN. Ties
-    at the max add 1 each beyond the first."""
+    (-inf, 0). Ties at the max add 1 each beyond the first."""
     m = z.amax(dim=1)
     # Shift by 0 where a row has only -inf logits: exp(-inf - -inf) is NaN.
     shift = torch.where(m == _NEG_INF, 0.0, m)
-    # A +inf max is no entry to keep out: its exp(inf - inf) makes rest NaN.
-    at_max = (z == m[:, None]) & (m[:, None] != _POS_INF)
+    at_max = z == m[:, None]
     e = (z - shift[:, None]).exp_().masked_fill_(at_max, 0.0)
     rest = e.sum(dim=1) + (at_max.sum(dim=1) - 1)
     return m, torch.where(m == _NEG_INF, 0.0, rest)

@@ -82,6 +82,10 @@ class _BlockwiseCCE(torch.autograd.Function):
                     sum_z[rows] += z.sum(dim=1)
         log_sum = run_rest.log1p()
         lse = run_max + log_sum
+        # A row holding +inf: lse = +inf, as torch.logsumexp; a NaN log sum
+        # makes its loss and probabilities NaN, as F.cross_entropy's
+        # (math.h lse_finish).
+        log_sum = torch.where(lse == math.inf, math.nan, log_sum)
 
         # 4. Row loss: lse - (1 - ls) z_t - (ls / C) sum_z + zl lse^2 (0 if
         #    ignored), grouped as math.h's row_loss, with lse as max + log sum
@@ -103,9 +107,7 @@ class _BlockwiseCCE(torch.autograd.Function):
                               scale if isinstance(scale, torch.Tensor) else None, bias)
         ctx.opts, ctx.blocks, ctx.py_scale = opts, (r_blk, c_blk), scale
         ctx.dtypes = (x.dtype, weight.dtype)
-        # A row holding +inf: lse = +inf, as torch.logsumexp (the NaN kept for
-        # the backward makes its gradients NaN, as F.cross_entropy's).
-        return row, torch.where(run_max == math.inf, run_max, lse)
+        return row, lse
 
     @staticmethod
     @first_order

@@ -116,11 +116,13 @@ def _metrics_one(stats: NCStats, weight: torch.Tensor | None) -> NCMetrics:
     w_n = stats.counts[present].to(F64)
     centered = centered - (w_n @ centered) / w_n.sum()
     norms = torch.linalg.vector_norm(centered, dim=1)
-    # Means equal up to their float64 rounding (of ~eps |mu_j| in coordinate
-    # j) have no between-class direction; the rounding would pass for one.
-    # Per coordinate: a large constant feature must not hide a separation
-    # that the other coordinates resolve.
-    noise = 4.0 * torch.finfo(F64).eps * means.abs().amax(dim=0)
+    # Means equal up to their float64 rounding have no between-class
+    # direction; the rounding would pass for one. A class sum's rounding in
+    # coordinate j is of the order of eps times the mean |h_ij|, at most
+    # |mu_j| + sqrt(Sigma_W,jj) (cancelling samples). Per coordinate: a large
+    # constant feature must not hide a separation the others resolve.
+    spread = stats.sigma_w.diagonal().clamp_min(0.0).sqrt()
+    noise = 4.0 * torch.finfo(F64).eps * (means.abs().amax(dim=0) + spread)
     if not bool((centered.abs() > noise).any()):
         raise ValueError("all class means are equal (Sigma_B = 0): the NC metrics are undefined")
     # The metrics are scale-invariant; a power of two that brings the centred

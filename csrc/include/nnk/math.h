@@ -118,7 +118,9 @@ NNK_HD T margin_grad(T c, const ArcMargin<T>& a, bool exact) {
 // small exp was rounded to an ulp of 1, and C of those roundings made the
 // loss log(1 + rest) of such a row err by 1.3% (C = 200, measured).
 // A single entry z is the partial (z, 0). -inf maxima (nothing seen yet)
-// merge to the other side without producing exp(-inf - -inf) = NaN.
+// merge to the other side without producing exp(-inf - -inf) = NaN; equal
+// maxima add their 1 exactly, without exp(inf - inf) = NaN for two +inf
+// entries (such a row's lse is +inf, as torch.logsumexp's; lse_finish).
 template <typename T>
 NNK_HD void lse_merge(T& run_max, T& run_rest, T blk_max, T blk_rest) {
   if (blk_max == -INFINITY) return;
@@ -127,7 +129,9 @@ NNK_HD void lse_merge(T& run_max, T& run_rest, T blk_max, T blk_rest) {
     run_rest = blk_rest;
     return;
   }
-  if (blk_max > run_max) {
+  if (blk_max == run_max) {
+    run_rest = run_rest + (blk_rest + T(1));
+  } else if (blk_max > run_max) {
     run_rest = (run_rest + T(1)) * exp(run_max - blk_max) + blk_rest;
     run_max = blk_max;
   } else {
@@ -141,13 +145,16 @@ NNK_HD void lse_merge(T& run_max, T& run_rest, T blk_max, T blk_rest) {
 // near the top of the row (Sterbenz), so p errs as log_softmax's (z - m) -
 // log(sum) does, not by half
 // an ulp of |lse| in every entry (a bias shift of 2000 made d x 3.4x the
-// reference's error). Non-finite maxima (no finite logit) give lo = 0.
+// reference's error). A row without a finite logit gives lse = -inf and
+// lo = 0; a row holding +inf lse = +inf (as torch.logsumexp) and lo = NaN,
+// which makes its loss (row_loss) and every p (dlogit) NaN, as
+// F.cross_entropy's; a NaN lse gives lo = 0.
 template <typename T>
 NNK_HD T lse_finish(T run_max, T run_rest, T* lo) {
   const T log_sum = log1p(run_rest);
   const T lse = run_max + log_sum;
   if (!(lse - lse == T(0))) {
-    *lo = T(0);
+    *lo = lse == T(INFINITY) ? T(NAN) : T(0);
     return lse;
   }
   const T part = lse - run_max;

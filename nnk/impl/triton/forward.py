@@ -80,9 +80,7 @@ def _cce_fwd_kernel(
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         # The tile's entries at the new max add 1 each, but one of them when
         # the max is new (then the old partial adds its 1 as well, scaled).
-        # A +inf max is none of them: exp(inf - inf) makes the row NaN, as
-        # F.cross_entropy's (lse.py tile_partial).
-        at_max = (z == new_max[:, None]) & (new_max[:, None] != float("inf"))
+        at_max = z == new_max[:, None]
         ties = tl.sum(at_max.to(tl.float32), axis=1)
         tile_rest = tl.sum(tl.where(at_max, 0.0, tl.exp(z - shift[:, None])), axis=1)
         old = tl.where(run_max == new_max, run_rest + ties,
@@ -177,16 +175,16 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
     #    the backward's p = exp((z - lse) - lse_lo) then errs as log_softmax's
     #    (z - m) - log sum does, not by half an ulp of |lse| (4e-6 at s = 64,
     #    which made gradient errors up to 7x the reference's).
-    #    A row with no finite logit gets lse = -inf and lse_lo = 0 (math.h lse_finish).
-    #    A row holding +inf gets lse = +inf, as torch.logsumexp, and its NaN rest
-    #    (lse.py) in lse_lo: the loss and every p = exp((z - lse) - lse_lo) of the
-    #    row are then NaN, as F.cross_entropy's.
+    #    A row with no finite logit gets lse = -inf and lse_lo = 0, a row holding
+    #    +inf lse = +inf (as torch.logsumexp) and lse_lo = NaN, which makes its loss
+    #    and every p = exp((z - lse) - lse_lo) NaN, as F.cross_entropy's (math.h
+    #    lse_finish).
     run_max, rest = merge_partials(parts[0], parts[1])
     log_sum = rest.log1p()
-    lse = torch.where(run_max == float("inf"), run_max, run_max + log_sum)
+    lse = run_max + log_sum
     part = lse - run_max
     lse_lo = torch.where(lse.isfinite(), (run_max - (lse - part)) + (log_sum - part),
-                         torch.where(rest.isnan(), rest, 0.0))
+                         torch.where(lse == float("inf"), float("nan"), 0.0))
 
     # 4. Row loss = lse - (1 - ls) z_t - (ls / C) sum_c z_c + zl lse^2, 0 if ignored,
     #    grouped as math.h's row_loss: (1 - ls)((lse - z_t) + lse_lo) + ls ((lse - sum_z / C)
