@@ -524,6 +524,13 @@ def test_float64_class_means_equal_up_to_rounding_are_a_clear_error():
     y = torch.tensor([0, 1, 0, 1])
     want = F.metrics64(h.numpy(), y.numpy(), 2)["nc1"]
     assert nnk.nc_metrics(h, y).nc1 == pytest.approx(want, rel=1e-6)
+    # Equal means whose float64 sums round apart through cancelling samples
+    # (1 + 2^-60 - 1 in two orders): their difference, 2.9e-19, is noise of
+    # the samples' magnitude, not of the means' (it gave nc1 = 1.6e37).
+    t = 2.0**-60
+    h = torch.tensor([[1e6, 1.0], [1e6, t], [1e6, -1.0], [1e6, 1.0], [1e6, -1.0], [1e6, t]])
+    with pytest.raises(ValueError, match="all class means are equal"):
+        nnk.nc_metrics(h, torch.tensor([0, 0, 0, 1, 1, 1]), num_classes=2)
 
 
 def test_one_class_is_a_clear_error_and_one_sample_per_class_is_zero_nc1():
