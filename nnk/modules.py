@@ -238,9 +238,10 @@ class CosineLinear(nn.Linear):
     same shape and takes one's, both strictly. The fixed scale and the margins
     are constructor arguments, not state. A learnable scale adds the key
     ``log_scale``; such a module still loads an nn.Linear state_dict strictly
-    (a missing ``log_scale`` takes the initial scale, as ``reset_parameters``,
-    on the weight's device and dtype: also after ``to_empty`` or with
-    ``assign=True`` on a module built on the meta device), while an nn.Linear
+    (a state holding this head's weight but no ``log_scale`` gives it the
+    initial scale, as ``reset_parameters``, on the weight's device: also after
+    ``to_empty`` or with ``assign=True`` on a module built on the meta device;
+    a state without the head leaves the scale alone), while an nn.Linear
     loads its state_dict only with ``strict=False`` (``log_scale`` is
     unexpected there).
     """
