@@ -263,7 +263,7 @@ def nc_centered_gram_ref(features: torch.Tensor, labels: torch.Tensor, shifts: t
     (float32; float64 for float64 features or shifts)."""
     h, squeeze = _batched(features)
     c, _ = _batched(shifts)
-    if (squeeze and shifts.dim() == 3) or (shifts.dim() == 3 and shifts.shape[0] != h.shape[0]):
+    if shifts.dim() == 3 and (squeeze or shifts.shape[0] != h.shape[0]):
         raise ValueError(f"shifts must be (K, D), or (B, K, D) with the B of 3-D features; "
                          f"got shape {tuple(shifts.shape)} for features {tuple(features.shape)}")
     acc = torch.float64 if torch.float64 in (h.dtype, c.dtype) else torch.float32

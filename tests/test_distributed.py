@@ -757,6 +757,9 @@ def _check_module_training(rec, rank, world, tag):
     rec.close(f"{tag}:module:feature_grad_without_ddp", f.grad, f_ref.grad[lo:hi])
 
 
+_NET_DIN = 4  # input features of _Net's body in the wrapper checks
+
+
 class _Net(torch.nn.Module):
     """A backbone and a CosineLinear head whose forward is the head's loss."""
 
@@ -778,26 +781,34 @@ def _check_ddp_loss_forward(rec, rank, world, tag):
     on the global batch."""
     from torch.nn.parallel import DistributedDataParallel
 
-    din = 4
     torch.manual_seed(6)
-    net = _Net(din)
+    net = _Net(_NET_DIN)
     ref = copy.deepcopy(net)
-    ddp = DistributedDataParallel(net)
+    _train_as_one_process(rec, rank, world, f"{tag}:ddp_loss", DistributedDataParallel(net), net, ref,
+                          check_grads=True)
+
+
+def _train_as_one_process(rec, rank, world, prefix, wrapped, net, ref, full=lambda p: p, check_grads=False):
+    """Three steps of ``wrapped`` (net under a data-parallel wrapper, which
+    averages the ranks' gradients) on this rank's rows against ``ref`` on the
+    global batch, whose summed loss is divided by the world size; the
+    gradients after the first step (``check_grads``) and the trained
+    parameters (``full`` gathers a sharded one) are recorded."""
     opt, opt_ref = (MomentumSGD(m.parameters(), lr=0.05, momentum=0.9) for m in (net, ref))
     sizes = SPLITS[world]
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
     for step in range(3):
-        u, y = _batch(step, din)
-        loss = ddp(u[lo:hi], y[lo:hi])
-        loss_ref = ref(u, y) / world  # DDP averages the ranks' gradients of their summed losses
+        u, y = _batch(step, _NET_DIN)
+        loss = wrapped(u[lo:hi], y[lo:hi])
+        loss_ref = ref(u, y) / world
         opt.zero_grad(), opt_ref.zero_grad()
         loss.backward(), loss_ref.backward()
-        if step == 0:
+        if step == 0 and check_grads:
             for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
-                rec.close(f"{tag}:ddp_loss:grad:{name}", p.grad, p_ref.grad)
+                rec.close(f"{prefix}:grad:{name}", p.grad, p_ref.grad)
         opt.step(), opt_ref.step()
     for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
-        rec.close(f"{tag}:ddp_loss:trained:{name}", p, p_ref)
+        rec.close(f"{prefix}:trained:{name}", full(p), p_ref)
 
 
 def _check_fsdp(rec, rank, world, tag):
@@ -807,27 +818,13 @@ def _check_fsdp(rec, rank, world, tag):
     fully_shard refuses 0-d ones). Trains as one process on the global batch."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    din = 4
     torch.manual_seed(5)
-    net = _Net(din)
+    net = _Net(_NET_DIN)
     ref = copy.deepcopy(net)
     fully_shard(net.head)
     fully_shard(net)
     register_fsdp_forward_method(net.head, "loss")
-    opt, opt_ref = MomentumSGD(net.parameters(), lr=0.05, momentum=0.9), MomentumSGD(ref.parameters(), lr=0.05,
-                                                                                   momentum=0.9)
-    sizes = SPLITS[world]
-    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-    for step in range(3):
-        u, y = _batch(step, din)
-        loss = net(u[lo:hi], y[lo:hi])
-        # FSDP averages the ranks' gradients: of the summed loss over the world.
-        loss_ref = ref(u, y) / world
-        opt.zero_grad(), opt_ref.zero_grad()
-        loss.backward(), loss_ref.backward()
-        opt.step(), opt_ref.step()
-    for (name, p), p_ref in zip(net.named_parameters(), ref.parameters()):
-        rec.close(f"{tag}:fsdp:trained:{name}", p.full_tensor(), p_ref)
+    _train_as_one_process(rec, rank, world, f"{tag}:fsdp", net, net, ref, full=lambda p: p.full_tensor())
 
 
 def _check_module_sampling(rec, rank, world, tag):
