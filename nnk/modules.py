@@ -18,9 +18,10 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, float32_options, int_option, make_options
 from .functional import cosine_cross_entropy
-from .impl.torch_blockwise import TILE_ELEMENTS, _blocks  # the blockwise path's tile sizes
+from .impl.torch_blockwise import TILE_ELEMENTS  # the blockwise path's tile size
 from .ops import row_normalize
 from .reference import acc_dtype, cosine_logits_ref, row_normalize_ref
+from .topk import logits_topk
 
 __all__ = [
     "CosineCrossEntropyLoss",
@@ -383,38 +384,12 @@ class CosineLinear(nn.Linear):
         if block_classes is not None:
             block_classes = int_option("block_classes", block_classes, lo=1)
         _check_features(x, self.in_features)
+        _, classes, cosines = logits_topk(
+            x.reshape(-1, self.in_features), self.weight, k, scale=self.scale, bias=self.bias,
+            normalize_input=self.normalize_input, normalize_weight=self.normalize_weight, eps=self.eps,
+            normalize=_normalize_rows, block_classes=block_classes,
+        )
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        n, c = x2.shape[0], self.out_features
-        s = self.scale
-        per_class = isinstance(s, torch.Tensor) and s.dim() == 1
-        r_blk, c_blk = _blocks(n, c, None, block_classes)
-        if block_classes is None:  # the weight tile (normalized per tile) is bounded too
-            c_blk = min(c_blk, max(1, TILE_ELEMENTS // self.in_features))
-        classes = torch.empty(n, k, dtype=torch.int64, device=x.device)
-        cosines = torch.empty(n, k, dtype=acc_dtype(x.dtype), device=x.device)
-        for r0 in range(0, n, r_blk):
-            xr = x2[r0:r0 + r_blk]
-            best_key = best_cos = best_idx = None
-            for c0 in range(0, c, c_blk):
-                c1 = min(c, c0 + c_blk)
-                cos = cosine_logits_ref(
-                    xr, self.weight[c0:c1], normalize_input=self.normalize_input,
-                    normalize_weight=self.normalize_weight, eps=self.eps, normalize=_normalize_rows,
-                )
-                key = cos * (s[c0:c1].to(cos.dtype) if per_class else s)
-                if self.bias is not None:
-                    key = key + self.bias[c0:c1].to(cos.dtype)
-                top = key.topk(min(k, c1 - c0), dim=1)
-                idx = top.indices + c0
-                tcos = cos.gather(1, top.indices)
-                if best_key is not None:  # merge with the running top-k
-                    top_key, idx, tcos = (torch.cat(p, dim=1) for p in
-                                          ((best_key, top.values), (best_idx, idx), (best_cos, tcos)))
-                    top = top_key.topk(min(k, top_key.shape[1]), dim=1)
-                    idx, tcos = idx.gather(1, top.indices), tcos.gather(1, top.indices)
-                best_key, best_idx, best_cos = top.values, idx, tcos
-            classes[r0:r0 + r_blk], cosines[r0:r0 + r_blk] = best_idx, best_cos
         return classes.reshape(*lead, k), cosines.reshape(*lead, k)
 
     @torch.no_grad()

@@ -873,6 +873,50 @@ def _check_module_sampling(rec, rank, world, tag):
                                        angular_margin=0.2))
 
 
+def _check_predict(rec, rank, world, tag):
+    """ShardedCosineLinear.predict against the top k of the whole head's
+    materialized logits (every rank computes them from the same full state),
+    with uneven row counts, (B, T, D) rows and k above a shard's class count;
+    the loss of (B, T, D) features; bad k raises on every rank."""
+    full = _full_head_state(40, per_class=True)
+    head = ShardedCosineLinear(D, C, dtype=torch.float64, scale=5.0, learn_scale=True, per_class_scale=True,
+                               bias=True)
+    head.load_resharded([full])
+    u, y = _batch(41, D)
+    sizes = SPLITS[world]
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    logits = cosine_logits_ref(u[lo:hi], full["weight"], scale=full["scale"], bias=full["bias"])
+    cos = cosine_logits_ref(u[lo:hi], full["weight"])
+    for k, rows, blk in ((1, u[lo:hi], None), (3, u[lo:hi].view(1, -1, D), 2), (C, u[lo:hi], None)):
+        classes, cosines = head.predict(rows, k, block_classes=blk)
+        want = logits.topk(k).indices.view(*rows.shape[:-1], k)
+        rec.close(f"{tag}:predict:classes_k{k}", classes, want, rtol=0, atol=0)
+        rec.close(f"{tag}:predict:cosines_k{k}", cosines, cos.gather(1, want.view(-1, k)).view_as(want))
+
+    xm = u[lo:hi].view(1, -1, D).clone().requires_grad_()
+    loss = head(xm, y[lo:hi].view(1, -1))
+    loss.backward()
+    u_ref = u.clone().requires_grad_()
+    ref = cosine_cross_entropy_ref(u_ref, full["weight"], y, scale=full["scale"], bias=full["bias"])
+    ref.backward()
+    rec.close(f"{tag}:predict:loss_of_btd_features", loss, ref)
+    rec.close(f"{tag}:predict:grad_of_btd_features", xm.grad, u_ref.grad[lo:hi].view(1, -1, D) * world)
+
+    # A class of logit -inf still ranks before the padding of a shard with fewer than k classes.
+    full["bias"][3] = -math.inf
+    head.load_resharded([full])
+    classes, _ = head.predict(u[lo:hi], C)
+    want = cosine_logits_ref(u[lo:hi], full["weight"], scale=full["scale"], bias=full["bias"]).topk(C).indices
+    rec.close(f"{tag}:predict:classes_of_logit_minus_inf", classes, want, rtol=0, atol=0)
+
+    rec.expect_raise(f"{tag}:predict:k_differs", lambda: head.predict(u[lo:hi], 2 if rank == 0 else 3),
+                     ValueError, "ranks disagree on k")
+    rec.expect_raise(f"{tag}:predict:k_above_C", lambda: head.predict(u[lo:hi], C + 1), ValueError, "k must")
+    rec.expect_raise(f"{tag}:predict:bad_features_on_one_rank",
+                     lambda: head.predict(u[lo:hi, :-1] if rank == world - 1 else u[lo:hi], 2), ValueError,
+                     "in_features")
+
+
 def _check_reshard(rec, rank, world, tmp, tag):
     """Train a head on ranks {0, 1} (a sub-group), save its shards, load them on 3 ranks."""
     import torch.distributed as dist
@@ -936,6 +980,7 @@ def _worker(rank, world, port, tmp):
         _check_mismatches(rec, rank, world, span, tag)
         _check_module_training(rec, rank, world, tag)
         _check_module_sampling(rec, rank, world, tag)
+        _check_predict(rec, rank, world, tag)
         if world == 3:
             _check_reshard(rec, rank, world, tmp, tag)
         else:  # (DDP and fully_shard import torch._dynamo: seconds per process)
@@ -1023,6 +1068,10 @@ def test_cosine_linear_loss_in_a_ddp_wrapped_forward(ranks):
 
 def test_module_negative_sampling(ranks):
     _assert_checks(ranks, "sampling", 6)
+
+
+def test_sharded_predict_and_btd_features(ranks):
+    _assert_checks(ranks, "predict", 12)
 
 
 @pytest.mark.parametrize("ranks", [3], ids=["3ranks"], indirect=True)

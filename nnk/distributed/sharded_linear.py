@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .._options import (
@@ -22,7 +23,8 @@ from .._options import (
     make_options,
 )
 from ..functional import autocast_dtype, resolve_impl
-from ..modules import CosineLinear, default_scale
+from ..modules import CosineLinear, _normalize_rows, default_scale
+from ..topk import logits_topk
 from .collectives import gather_rows, replicated
 from .loss import combine_terms
 from .partials import LOCAL_IGNORE, local_targets, shard_partials
@@ -78,7 +80,8 @@ class ShardedCosineLinear(nn.Module):
     ``shard_range(num_classes, r, world_size)`` (uneven when C is not divisible).
 
     ``loss = module(features, labels)`` with this rank's (n_r, in_features)
-    features and (n_r,) labels (n_r may differ between ranks) replaces, on every
+    features and (n_r,) labels (n_r may differ between ranks; (..., in_features)
+    features and labels of their leading shape are flattened) replaces, on every
     rank::
 
         X = torch.cat(all ranks' features); Y = torch.cat(all ranks' labels)
@@ -90,6 +93,8 @@ class ShardedCosineLinear(nn.Module):
     gradient of the global-batch loss, as a single process with the whole batch
     would compute). The head's parameters get exact gradients of their own
     rows; keep this module out of DDP (its parameters differ per rank).
+    ``predict(features, k)`` gives each rank the top k of all C classes for
+    its rows (a collective too), without gathering the weight.
 
     Args:
         in_features: D.
@@ -193,37 +198,43 @@ class ShardedCosineLinear(nn.Module):
 
     # --- loss -------------------------------------------------------------
 
-    def _describe(self, features, labels):
-        for name, t in (("features", features), ("labels", labels)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        n, d = features.shape if features.dim() == 2 else (None, None)
-        if d != self.in_features:
-            raise ValueError(f"features must have shape (n, in_features={self.in_features}), "
+    def _check_features(self, features) -> int:
+        """Local checks of ``features`` (..., in_features); returns its row count."""
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        if features.dim() < 1 or features.shape[-1] != self.in_features:
+            raise ValueError(f"features must have shape (..., in_features={self.in_features}), "
                              f"got {tuple(features.shape)}")
         if features.dtype not in FLOAT_DTYPES:
             raise TypeError(f"features must be float16, bfloat16, float32 or float64, got {features.dtype}")
         if features.device != self.weight.device:
             raise ValueError(f"features are on {features.device} but the weight is on {self.weight.device}")
+        if isinstance(self.scale, torch.Tensor):
+            # A learnt s is stored as it is (not as a log): an optimizer step can
+            # take it to <= 0 or NaN, which the loss must refuse as the functional does.
+            _check_scale(self.scale.detach(), self.num_local, self.weight.device)
+        return math.prod(features.shape[:-1])
+
+    def _describe(self, features, labels):
+        n = self._check_features(features)
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
         if labels.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
-        if labels.shape != (n,) or labels.device != features.device:
-            raise ValueError(f"labels must have shape ({n},) on {features.device} like features, "
-                             f"got {tuple(labels.shape)} on {labels.device}")
+        lead = tuple(features.shape[:-1])
+        if labels.shape != lead or labels.device != features.device:
+            raise ValueError(f"labels must have shape {lead} on {features.device} like features' leading "
+                             f"dimensions, got {tuple(labels.shape)} on {labels.device}")
         ii = self.opts.ignore_index
         bad = invalid_targets(labels, self.num_classes, ii)
         if labels.numel() and bool(bad.any()):
             raise ValueError(f"labels must be in [0, {self.num_classes}) or ignore_index={ii}, "
                              f"got {int(labels[bad][0])}")
-        if isinstance(self.scale, torch.Tensor):
-            # A learnt s is stored as it is (not as a log): an optimizer step can
-            # take it to <= 0 or NaN, which the loss must refuse as the functional does.
-            _check_scale(self.scale.detach(), self.num_local, self.weight.device)
         shared = not (isinstance(self.scale, torch.Tensor) and self.scale.dim() == 1)
         scalar = isinstance(self.scale, torch.Tensor) and shared
         deterministic = deterministic_flag(self.deterministic)  # NNK_DETERMINISTIC may be bad on one rank
         return deterministic, {
-            "in_features": features.shape[1], "features.dtype": str(features.dtype),
+            "in_features": features.shape[-1], "features.dtype": str(features.dtype),
             "features.requires_grad": features.requires_grad, "num_classes": self.num_classes,
             # The backward reduce-scatters the features' gradient: every rank must record autograd.
             "grad mode": torch.is_grad_enabled(), "training": self.training,
@@ -234,12 +245,15 @@ class ShardedCosineLinear(nn.Module):
             # Its gradient is all-reduced in the head's dtype: ranks must send the same bytes.
             "shared scale dtype": str(self.scale.dtype) if scalar else None,
             "autocast": autocast_dtype(features.device), "deterministic": deterministic,
-            "rows": features.shape[0], "class_start": self.class_start, "C_local": self.num_local,
+            "rows": n, "class_start": self.class_start, "C_local": self.num_local,
         }
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The loss of the gathered batch (see the class docstring); the same
-        value on every rank. features (n_r, in_features) float, labels (n_r,) int."""
+        value on every rank. features (..., in_features) float, labels (...)
+        int of features' leading shape (a rank's rows are its flattened
+        leading dimensions). With ``reduction="none"``: (N,) over the
+        gathered rows, in rank order."""
         group = self.group
         _, world = group_rank(group, CALLER)
         same = ("in_features", "features.dtype", "features.requires_grad", "grad mode", "training",
@@ -250,8 +264,9 @@ class ShardedCosineLinear(nn.Module):
         check_partition(CALLER, got["class_start"], got["C_local"], self.num_classes)
 
         # 1. The global batch on every rank (the backward reduce-scatters).
-        x = gather_rows(features, got["rows"], group, grad_scale=world if self.ddp_average else 1.0)
-        target = gather_rows(labels.long(), got["rows"], group)
+        x = gather_rows(features.reshape(-1, self.in_features), got["rows"], group,
+                        grad_scale=world if self.ddp_average else 1.0)
+        target = gather_rows(labels.reshape(-1).long(), got["rows"], group)
 
         # 2. This rank's classes: all of them, or Partial FC's sample.
         weight, scale, bias = self.weight, self.scale, self.bias
@@ -277,6 +292,68 @@ class ShardedCosineLinear(nn.Module):
             reduction=self.reduction, group=group,
         )
         return loss
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor, k: int = 1, *, block_classes: int | None = None):
+        """The k best of all C classes for each row of this rank's features
+        (..., in_features) and their cosines, as the whole head's
+        ``nnk.CosineLinear.predict`` gives them (``to_cosine_linear()``'s,
+        without gathering C x D): a collective over the group, every rank
+        calling it with its own rows (any count) and the same k.
+
+        The ranks all-gather the features; each ranks the gathered rows
+        against its own classes (in tiles, ``block_classes`` columns if given:
+        no (N, C_local) logits); an all-gather of each rank's top k (logit,
+        class, cosine) per row, O(N k world) numbers, and a merge give every
+        rank the top k of its own rows. Classes are ranked by the logits
+        ``s_c cos + b_c`` (ties may be ordered differently), over all classes
+        whatever ``sample_rate``. Returns ``(classes, cosines)``: (..., k) int64 and
+        (..., k) float32 (float64 for float64 features), best first."""
+        caller = CALLER + ".predict"
+        group = self.group
+        _, world = group_rank(group, caller)
+
+        def describe():
+            k_ = int_option("k", k, lo=1, hi=self.num_classes)
+            blk = None if block_classes is None else int_option("block_classes", block_classes, lo=1)
+            n = self._check_features(features)
+            return (k_, blk), {"k": k_, "in_features": features.shape[-1], "features.dtype": str(features.dtype),
+                               "num_classes": self.num_classes, "rows": n, "class_start": self.class_start,
+                               "C_local": self.num_local}
+
+        (k, blk), got = agree(caller, group, describe, ("k", "in_features", "features.dtype", "num_classes"),
+                              info=("rows", "class_start", "C_local"))
+        check_partition(caller, got["class_start"], got["C_local"], self.num_classes)
+        rank = dist.get_rank(group)
+        lead, rows = features.shape[:-1], got["rows"]
+
+        # 1. Every rank's rows against this rank's classes.
+        x = gather_rows(features.reshape(-1, self.in_features), rows, group)
+        o = self.opts
+        logits, classes, cosines = logits_topk(
+            x, self.weight, k, scale=self.scale, bias=self.bias, normalize_input=o.normalize_input,
+            normalize_weight=o.normalize_weight, eps=o.eps, normalize=_normalize_rows, block_classes=blk,
+        )
+        # 2. One float64 block per row (exact for the float32 / float64 logits
+        # and cosines and for class indices below 2^53), padded to k with
+        # -inf logits of class C, which rank after every class.
+        kl, n_all = classes.shape[1], x.shape[0]
+        packed = x.new_empty((n_all, 3, k), dtype=torch.float64)
+        packed[:, 0].fill_(-math.inf)
+        packed[:, 1].fill_(self.num_classes)
+        packed[:, 2].fill_(math.nan)
+        packed[:, 0, :kl], packed[:, 1, :kl], packed[:, 2, :kl] = logits, classes + self.class_start, cosines
+        table = gather_rows(packed.view(n_all, 3 * k), [n_all] * world, group).view(world, n_all, 3, k)
+        # 3. This rank's rows: the ranks' candidates merged, by logit
+        # (descending; NaN first, as topk) then class, by two stable sorts.
+        start = sum(rows[:rank])
+        cand = table[:, start:start + rows[rank]].permute(1, 2, 0, 3).reshape(rows[rank], 3, world * k)
+        by_class = cand[:, 1].argsort(dim=1, stable=True)
+        by_logit = cand[:, 0].gather(1, by_class).argsort(dim=1, descending=True, stable=True)
+        best = by_class.gather(1, by_logit)[:, :k]
+        out_classes = cand[:, 1].gather(1, best).long()
+        out_cosines = cand[:, 2].gather(1, best).to(cosines.dtype)
+        return out_classes.reshape(*lead, k), out_cosines.reshape(*lead, k)
 
     # --- state ------------------------------------------------------------
 
