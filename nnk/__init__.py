@@ -7,7 +7,7 @@ import torch  # noqa: F401  (loads libtorch before the extension nnk._C)
 
 from . import distributed, ops, reference
 from ._version import __version__
-from .functional import cosine_cross_entropy
+from .functional import cosine_cross_entropy, cosine_logits, cosine_topk
 from .modules import CosineCrossEntropyLoss, CosineLinear, default_scale, project_after_step, replace_head
 from .nc import NCMetrics, NCStats, NCTracker, nc_metrics, nc_metrics_from_stats, nc_stats
 
@@ -19,6 +19,8 @@ __all__ = [
     "NCTracker",
     "__version__",
     "cosine_cross_entropy",
+    "cosine_logits",
+    "cosine_topk",
     "default_scale",
     "distributed",
     "nc_metrics",

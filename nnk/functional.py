@@ -8,12 +8,14 @@ import os
 import torch
 
 from ._options import (
-    IMPLS, REDUCTIONS, CCEOptions, _choice, check_tensors, deterministic_flag, flag, float32_options, make_options,
+    FLOAT_DTYPES, IMPLS, REDUCTIONS, CCEOptions, _choice, _finite_float, check_tensors, deterministic_flag, flag,
+    float32_options, int_option, make_options,
 )
+from .inference import logits_topk, normalized_rows
 from .ops import has_op
-from .reference import reduce_rows
+from .reference import cosine_logits_ref, reduce_rows
 
-__all__ = ["cosine_cross_entropy", "resolve_impl"]
+__all__ = ["cosine_cross_entropy", "cosine_logits", "cosine_topk", "resolve_impl"]
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -290,3 +292,134 @@ def cosine_cross_entropy(
     row, lse = _backend(backend)(x, weight, target, scale, bias, opts)
     loss = reduce_rows(row, target != opts.ignore_index, reduction)
     return (loss, lse) if return_lse else loss
+
+
+# --- inference: the logits, and their top k without them ----------------------
+
+
+def _check_head(x, weight, scale, bias, eps) -> None:
+    """Shapes, dtypes and devices of :func:`cosine_logits`' arguments. No
+    value checks (they would synchronize with the device at every forward of
+    a head; any scale gives well-defined logits)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"weight must be a (C, D) float tensor, got "
+                        f"{(weight.dtype, tuple(weight.shape)) if isinstance(weight, torch.Tensor) else weight}")
+    c, d = weight.shape
+    if x.dim() < 1 or x.shape[-1] != d:
+        raise ValueError(f"x must have shape (..., {d}), got {tuple(x.shape)}")
+    for name, t, shapes in (("scale", scale, ((), (c,))), ("bias", bias, ((c,),))):
+        if not isinstance(t, torch.Tensor):
+            continue
+        if tuple(t.shape) not in shapes or t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a float tensor of shape {' or '.join(map(str, shapes))}, "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("weight", weight), ("scale", scale), ("bias", bias)):
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not isinstance(scale, torch.Tensor) and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or a tensor, got {type(scale).__name__}")
+    _finite_float("eps", eps, lo=0.0)
+
+
+def cosine_logits(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    scale: float | torch.Tensor = 1.0,
+    bias: torch.Tensor | None = None,
+    normalize_input: bool = True,
+    normalize_weight: bool = True,
+    eps: float = 1e-12,
+) -> torch.Tensor:
+    """The logits of a cosine head, without margins (they are a training
+    device): what ``nnk.CosineLinear`` returns. Replaces::
+
+        scale * (F.normalize(x, dim=-1, eps=eps) @ F.normalize(weight, dim=1, eps=eps).T) + bias
+
+    formed in float32 (float64 for float64 x) whatever the input dtypes.
+    Differentiable; the normalizations go through nnk::row_normalize when the
+    extension is built (autograd then keeps no float64 copy of the weight).
+    Materializes the (..., C) logits: for the top classes of a large head use
+    :func:`cosine_topk`, for the loss :func:`cosine_cross_entropy`.
+
+    Args:
+        x: (..., D) floating-point features.
+        weight: (C, D) floating-point class weights (another dtype than x's
+            computes in x's accumulation dtype).
+        scale: a Python float, a 0-d or a (C,) float tensor (not checked to be > 0).
+        bias: (C,) float tensor or None.
+        normalize_input, normalize_weight, eps: as :func:`cosine_cross_entropy`.
+
+    Under ``torch.autocast`` the cosine GEMM runs in the autocast dtype (the
+    cosines then carry its rounding, about 2^-9 relative in bfloat16); the
+    result is float32 all the same.
+
+    Returns:
+        (..., C) float32 (float64 for float64 x) logits; for 2-D x the
+        logits tensor itself, not a view.
+    """
+    _check_head(x, weight, scale, bias, eps)
+    normalize_input, normalize_weight = flag("normalize_input", normalize_input), flag("normalize_weight",
+                                                                                      normalize_weight)
+    d = weight.shape[1]
+    logits = cosine_logits_ref(
+        x.reshape(-1, d), weight, scale=scale, bias=bias, normalize_input=normalize_input,
+        normalize_weight=normalize_weight, eps=eps, normalize=normalized_rows,
+    )
+    # (FSDP2 warns about module outputs that are views: an in-place op on one skips its hooks.)
+    return logits if x.dim() == 2 else logits.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@torch.no_grad()
+def cosine_topk(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int = 1,
+    *,
+    scale: float | torch.Tensor = 1.0,
+    bias: torch.Tensor | None = None,
+    normalize_input: bool = True,
+    normalize_weight: bool = True,
+    eps: float = 1e-12,
+    block_classes: int | None = None,
+):
+    """The k best classes of each row of x and their cosines, without the
+    (N, C) logits: what ``nnk.CosineLinear.predict`` returns. Replaces::
+
+        logits = nnk.cosine_logits(x, weight, scale=scale, bias=bias, ...)
+        classes = logits.topk(k).indices
+        cosines = nnk.cosine_logits(x, weight, ...).gather(-1, classes)   # scale 1, no bias
+
+    Rows x classes are scored in tiles of about 2^21 logits and 2^21 weight
+    entries (up to 1024 rows; ``block_classes`` columns if given), each tile's
+    top k merged into a running top k per row: extra memory O(tile + N k),
+    whatever C. Not differentiable (inference).
+
+    Args:
+        x: (..., D) floating-point features.
+        weight: (C, D) floating-point class weights.
+        k: 1 <= k <= C.
+        scale, bias, normalize_input, normalize_weight, eps: as :func:`cosine_logits`;
+            they set the ranking (with a scalar scale and no bias: by cosine).
+        block_classes: classes per tile (None: the memory bound above).
+
+    Returns:
+        ``(classes, cosines)``: (..., k) int64 and (..., k) float32 (float64
+        for float64 x), best first. Ties may be ordered differently from topk.
+    """
+    _check_head(x, weight, scale, bias, eps)
+    k = int_option("k", k, lo=1, hi=weight.shape[0])
+    if block_classes is not None:
+        block_classes = int_option("block_classes", block_classes, lo=1)
+    d = weight.shape[1]
+    _, classes, cosines = logits_topk(
+        x.reshape(-1, d), weight, k, scale=scale, bias=bias, normalize_input=flag("normalize_input", normalize_input),
+        normalize_weight=flag("normalize_weight", normalize_weight), eps=eps, block_classes=block_classes,
+    )
+    lead = x.shape[:-1]
+    return classes.reshape(*lead, k), cosines.reshape(*lead, k)

@@ -2,8 +2,8 @@
 at the end of a network, and a loss module for weights owned elsewhere.
 
 The modules hold parameters and options only; the math is
-:func:`nnk.cosine_cross_entropy` (training loss, fused) and
-:func:`nnk.reference.cosine_logits_ref` (logits for inference).
+:func:`nnk.cosine_cross_entropy` (training loss, fused), :func:`nnk.cosine_logits`
+(forward) and :func:`nnk.cosine_topk` (predict).
 """
 from __future__ import annotations
 
@@ -17,11 +17,9 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, float32_options, int_option, make_options
-from .functional import cosine_cross_entropy
+from .functional import cosine_cross_entropy, cosine_logits, cosine_topk
 from .impl.torch_blockwise import TILE_ELEMENTS  # the blockwise path's tile size
-from .ops import row_normalize
-from .reference import acc_dtype, cosine_logits_ref, row_normalize_ref
-from .topk import logits_topk
+from .reference import row_normalize_ref
 
 __all__ = [
     "CosineCrossEntropyLoss",
@@ -142,14 +140,6 @@ def _loss_any_dims(x, weight, target, **kwargs):
 _MODULE_OWNED = ("scale", "bias", "normalize_input", "normalize_weight", "eps")
 
 
-def _normalize_rows(t: torch.Tensor, eps: float) -> torch.Tensor:
-    # nnk::row_normalize (fused, float64 sums of squares) when nnk._C is built:
-    # autograd saves the normalized rows and norms only, where the reference's
-    # float64 norms would keep a float64 copy of the weight (measured for the
-    # forward at C=400k, D=64: 1.0x the weight's size extra instead of 3.2x).
-    return row_normalize(t.to(acc_dtype(t.dtype)), eps)[0]
-
-
 def _check_features(x, in_features: int) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got "
@@ -181,21 +171,10 @@ def _check_parameter(module: nn.Module, name: str, caller: str, what: str, why: 
 _COMPUTED_WEIGHT = "renormalizing the computed tensor would not change what it is computed from"
 
 
-@torch.fx.wrap
-def _head_logits(x, weight, scale, bias, normalize_input: bool, normalize_weight: bool, eps: float):
-    """CosineLinear.forward's computation. A leaf of torch.fx.symbolic_trace
-    (one node of the traced graph): tools such as torchvision's feature
-    extraction trace through user modules, and the checks and the reshape to
-    x's leading dimensions need real tensors, not fx proxies."""
-    d = weight.shape[1]
-    _check_features(x, d)
-    logits = cosine_logits_ref(
-        x.reshape(-1, d), weight, scale=scale, bias=bias, normalize_input=normalize_input,
-        normalize_weight=normalize_weight, eps=eps, normalize=_normalize_rows,
-    )
-    # For 2-D x the logits themselves, not a view of them (FSDP2 warns about
-    # module outputs that are views: an in-place op on one skips its hooks).
-    return logits if x.dim() == 2 else logits.reshape(*x.shape[:-1], weight.shape[0])
+# One leaf of torch.fx.symbolic_trace (tools such as torchvision's feature
+# extraction trace through user modules): its checks and the reshape to x's
+# leading dimensions need real tensors, not fx proxies.
+torch.fx.wrap("cosine_logits")
 
 
 class CosineLinear(nn.Linear):
@@ -203,7 +182,7 @@ class CosineLinear(nn.Linear):
     ``bias`` (C,), with logits ``scale * cos(x, weight_c) + bias_c``.
 
     Replaces ``nn.Linear(in_features, out_features)``; ``forward`` computes
-    ``scale * F.normalize(x, dim=-1) @ F.normalize(weight, dim=-1).T + bias``
+    ``scale * (F.normalize(x, dim=-1) @ F.normalize(weight, dim=-1).T) + bias``
     (either normalization can be switched off), in float32 (float64 for
     float64 input) whatever the parameters' dtype, for x of shape (..., D).
     Train with :meth:`loss`, the fused cross-entropy with the margins, which
@@ -324,8 +303,8 @@ class CosineLinear(nn.Linear):
         margins; float32 (float64 for float64 x), with or without bias, also
         under torch.autocast (whose dtype the cosine GEMM then runs in, so the
         cosines carry its rounding: about 2^-9 relative in bfloat16)."""
-        return _head_logits(x, self.weight, self.scale, self.bias, self.normalize_input, self.normalize_weight,
-                            self.eps)
+        return cosine_logits(x, self.weight, scale=self.scale, bias=self.bias, normalize_input=self.normalize_input,
+                             normalize_weight=self.normalize_weight, eps=self.eps)
 
     def loss(self, x: torch.Tensor, target: torch.Tensor, **kwargs):
         """The fused cross-entropy of this head on x (..., D) and target (...):
@@ -380,17 +359,8 @@ class CosineLinear(nn.Linear):
         ``(classes, cosines)``: (..., k) int64 and (..., k) float32 (float64
         for float64 x), best first. Ties may be ordered differently from topk.
         """
-        k = int_option("k", k, lo=1, hi=self.out_features)
-        if block_classes is not None:
-            block_classes = int_option("block_classes", block_classes, lo=1)
-        _check_features(x, self.in_features)
-        _, classes, cosines = logits_topk(
-            x.reshape(-1, self.in_features), self.weight, k, scale=self.scale, bias=self.bias,
-            normalize_input=self.normalize_input, normalize_weight=self.normalize_weight, eps=self.eps,
-            normalize=_normalize_rows, block_classes=block_classes,
-        )
-        lead = x.shape[:-1]
-        return classes.reshape(*lead, k), cosines.reshape(*lead, k)
+        return cosine_topk(x, self.weight, k, scale=self.scale, bias=self.bias, normalize_input=self.normalize_input,
+                           normalize_weight=self.normalize_weight, eps=self.eps, block_classes=block_classes)
 
     @torch.no_grad()
     def project_weight_(self) -> "CosineLinear":

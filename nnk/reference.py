@@ -138,7 +138,7 @@ def cosine_logits_ref(
     eps: float = 1e-12,
     normalize=normalize_ref,
 ) -> torch.Tensor:
-    """``scale * normalize(x) @ normalize(weight).T + bias`` in float32 (float64),
+    """``scale * (normalize(x) @ normalize(weight).T) + bias`` in float32 (float64),
     without margins: the logits a cosine head predicts with. x (N, D), weight
     (C, D), scale a float, 0-d or (C,) tensor, bias (C,) or None; returns (N, C).
     ``normalize(t, eps)``: the row normalization, returning t's rows in the

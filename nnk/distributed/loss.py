@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .._options import (
-    REDUCTIONS, _choice, _finite_float, deterministic_flag, flag, float32_options, int_option, make_options,
+    REDUCTIONS, CCEOptions, _choice, _finite_float, deterministic_flag, flag, float32_options, int_option, make_options,
 )
 from ..functional import autocast_dtype, resolve_impl
 from ..reference import reduce_rows
@@ -134,6 +134,34 @@ def combine_terms(terms: ShardTerms, valid: torch.Tensor, *, num_classes: int,
                     reduction=reduction, group=group)
 
 
+def scale_signature(s) -> dict:
+    """The values of a scale (float, 0-d or (C_local,) tensor) the ranks
+    must agree on; a per-class scale is each rank's own."""
+    shared = not (isinstance(s, torch.Tensor) and s.dim() == 1)
+    tensor = shared and isinstance(s, torch.Tensor)
+    return {
+        "shared scale value": (float(s.detach()) if tensor else s) if shared else None,
+        "shared scale requires_grad": tensor and s.requires_grad,
+        # Its gradient is all-reduced in this dtype: ranks must send the same bytes.
+        "shared scale dtype": str(s.dtype) if tensor else None,
+    }
+
+
+def shard_loss(x, weight_shard, target, local, scale, bias, opts: CCEOptions, *, num_classes: int,
+               reduction: str, impl: str, deterministic: bool, group):
+    """``(loss, lse)`` of the whole head on x from this rank's shard, after
+    the ranks have agreed on the arguments: the shard's partials for the
+    shard-local targets ``local`` (see :func:`local_targets`), combined over
+    ``group``. A 0-d scale that requires grad gets the sum of the ranks'
+    gradients; x's gradient is this shard's part (the caller sums it)."""
+    if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.requires_grad:
+        scale = replicated(scale, group)
+    terms = shard_partials(x, weight_shard, local, scale, bias, opts, impl=impl, deterministic=deterministic,
+                           with_sum_logits=opts.label_smoothing > 0)
+    return combine_terms(terms, target != opts.ignore_index, num_classes=num_classes,
+                         label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, reduction=reduction, group=group)
+
+
 def _target_checksum(target: torch.Tensor) -> int:
     # Cheap evidence that every rank got the same labels (int64 wraps, deterministically).
     w = torch.arange(1, 2 * target.numel() + 1, 2, device=target.device)
@@ -227,7 +255,6 @@ def cosine_cross_entropy(
         )
         local, s = check_shard(x, weight_shard, target, scale, bias, opts, class_start, num_classes,
                                check_finite=flag("check_finite", check_finite))
-        shared_scale = not (isinstance(s, torch.Tensor) and s.dim() == 1)
         values = {
             "N (x.shape[0])": x.shape[0], "D (x.shape[1])": x.shape[1], "x.dtype": str(x.dtype),
             "device type": x.device.type, "num_classes": num_classes, "options": repr(opts),
@@ -237,11 +264,8 @@ def cosine_cross_entropy(
             # The backward all-reduces x's gradient: a rank without autograd would leave the others waiting.
             "grad mode": torch.is_grad_enabled(),
             "impl (resolved)": resolve_impl(impl, x.device, x.dtype),
-            "scale kind": "per-class" if not shared_scale else type(s).__name__,
-            "shared scale value": (float(s.detach()) if isinstance(s, torch.Tensor) else s) if shared_scale else None,
-            "shared scale requires_grad": shared_scale and isinstance(s, torch.Tensor) and s.requires_grad,
-            # Its gradient is all-reduced in this dtype: ranks must send the same bytes.
-            "shared scale dtype": str(s.dtype) if shared_scale and isinstance(s, torch.Tensor) else None,
+            "scale kind": "per-class" if isinstance(s, torch.Tensor) and s.dim() == 1 else type(s).__name__,
+            **scale_signature(s),
             "autocast": autocast_dtype(x.device),
             "bias given": bias is not None,
             "class_start": class_start, "C_local": weight_shard.shape[0],
@@ -257,12 +281,6 @@ def cosine_cross_entropy(
 
     if x.requires_grad:
         x = replicated(x, group)
-    if isinstance(s, torch.Tensor) and s.dim() == 0 and s.requires_grad:
-        s = replicated(s, group)
-    terms = shard_partials(x, weight_shard, local, s, bias, opts, impl=impl,
-                           deterministic=opts.deterministic, with_sum_logits=label_smoothing > 0)
-    loss, lse = combine_terms(
-        terms, target != ignore_index, num_classes=num_classes, label_smoothing=opts.label_smoothing,
-        z_loss=opts.z_loss, reduction=reduction, group=group,
-    )
+    loss, lse = shard_loss(x, weight_shard, target, local, s, bias, opts, num_classes=num_classes,
+                           reduction=reduction, impl=impl, deterministic=opts.deterministic, group=group)
     return (loss, lse) if return_lse else loss

@@ -14,7 +14,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .._options import (
@@ -23,11 +22,11 @@ from .._options import (
     make_options,
 )
 from ..functional import autocast_dtype, resolve_impl
-from ..modules import CosineLinear, _normalize_rows, default_scale
-from ..topk import logits_topk
-from .collectives import gather_rows, replicated
-from .loss import combine_terms
-from .partials import LOCAL_IGNORE, local_targets, shard_partials
+from ..inference import logits_topk
+from ..modules import CosineLinear, default_scale
+from .collectives import gather_rows
+from .loss import scale_signature, shard_loss
+from .partials import LOCAL_IGNORE, local_targets
 from .rank_checks import agree, check_partition, group_rank
 
 CALLER = "nnk.distributed.ShardedCosineLinear"
@@ -230,8 +229,6 @@ class ShardedCosineLinear(nn.Module):
         if labels.numel() and bool(bad.any()):
             raise ValueError(f"labels must be in [0, {self.num_classes}) or ignore_index={ii}, "
                              f"got {int(labels[bad][0])}")
-        shared = not (isinstance(self.scale, torch.Tensor) and self.scale.dim() == 1)
-        scalar = isinstance(self.scale, torch.Tensor) and shared
         deterministic = deterministic_flag(self.deterministic)  # NNK_DETERMINISTIC may be bad on one rank
         return deterministic, {
             "in_features": features.shape[-1], "features.dtype": str(features.dtype),
@@ -240,10 +237,7 @@ class ShardedCosineLinear(nn.Module):
             "grad mode": torch.is_grad_enabled(), "training": self.training,
             "impl (resolved)": resolve_impl(self.impl, features.device, features.dtype),
             "options": repr((self.opts, self.reduction, self.sample_rate, self.ddp_average)),
-            "shared scale value": (float(self.scale.detach()) if scalar else self.scale) if shared else None,
-            "shared scale requires_grad": scalar and self.scale.requires_grad,
-            # Its gradient is all-reduced in the head's dtype: ranks must send the same bytes.
-            "shared scale dtype": str(self.scale.dtype) if scalar else None,
+            **scale_signature(self.scale),
             "autocast": autocast_dtype(features.device), "deterministic": deterministic,
             "rows": n, "class_start": self.class_start, "C_local": self.num_local,
         }
@@ -279,18 +273,11 @@ class ShardedCosineLinear(nn.Module):
                 scale = scale[classes]
         else:
             local = local_targets(target, self.class_start, self.num_local, self.opts.ignore_index)
-        if isinstance(scale, torch.Tensor) and scale.dim() == 0 and scale.requires_grad:
-            scale = replicated(scale, group)
 
         # 3. Partials of the shard, combined over the ranks.
-        terms = shard_partials(x, weight.to(x.dtype), local, scale, bias, self.opts, impl=self.impl,
-                               deterministic=deterministic,
-                               with_sum_logits=self.opts.label_smoothing > 0)
-        loss, _ = combine_terms(
-            terms, target != self.opts.ignore_index, num_classes=self.num_classes,
-            label_smoothing=self.opts.label_smoothing, z_loss=self.opts.z_loss,
-            reduction=self.reduction, group=group,
-        )
+        loss, _ = shard_loss(x, weight.to(x.dtype), target, local, scale, bias, self.opts,
+                             num_classes=self.num_classes, reduction=self.reduction, impl=self.impl,
+                             deterministic=deterministic, group=group)
         return loss
 
     @torch.no_grad()
@@ -311,7 +298,7 @@ class ShardedCosineLinear(nn.Module):
         (..., k) float32 (float64 for float64 features), best first."""
         caller = CALLER + ".predict"
         group = self.group
-        _, world = group_rank(group, caller)
+        rank, world = group_rank(group, caller)
 
         def describe():
             k_ = int_option("k", k, lo=1, hi=self.num_classes)
@@ -324,7 +311,6 @@ class ShardedCosineLinear(nn.Module):
         (k, blk), got = agree(caller, group, describe, ("k", "in_features", "features.dtype", "num_classes"),
                               info=("rows", "class_start", "C_local"))
         check_partition(caller, got["class_start"], got["C_local"], self.num_classes)
-        rank = dist.get_rank(group)
         lead, rows = features.shape[:-1], got["rows"]
 
         # 1. Every rank's rows against this rank's classes.
@@ -332,7 +318,7 @@ class ShardedCosineLinear(nn.Module):
         o = self.opts
         logits, classes, cosines = logits_topk(
             x, self.weight, k, scale=self.scale, bias=self.bias, normalize_input=o.normalize_input,
-            normalize_weight=o.normalize_weight, eps=o.eps, normalize=_normalize_rows, block_classes=blk,
+            normalize_weight=o.normalize_weight, eps=o.eps, block_classes=blk,
         )
         # 2. One float64 block per row (exact for the float32 / float64 logits
         # and cosines and for class indices below 2^53), padded to k with
