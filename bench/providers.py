@@ -160,15 +160,13 @@ class Provider:
         return ""
 
 
-def impl_check(impl: str, module: str, device: torch.device, dtype: torch.dtype, op: str) -> Check:
-    """Whether nnk's ``impl`` can run here: its module is in this nnk,
-    ``nnk.functional.resolve_impl`` accepts it for the device and dtype
-    (``op``: the extension operator that stands for "cuda"), and Triton only
-    on CUDA devices (the CPU interpreter is not worth timing)."""
+def impl_check(impl: str, device: torch.device, dtype: torch.dtype, op: str) -> Check:
+    """Whether nnk's ``impl`` can run here: ``nnk.functional.resolve_impl``
+    accepts it for the device and dtype (``op``: the extension operator that
+    stands for "cuda"), and Triton only on CUDA devices (the CPU interpreter
+    is not worth timing)."""
     from nnk.functional import resolve_impl
 
-    if importlib.util.find_spec(module) is None:
-        return Check("unavailable", f"{module} is not in this nnk")
     if impl == "triton" and device.type != "cuda":
         return Check("unavailable", "Triton kernels are timed on CUDA devices only (not the CPU interpreter)")
     try:
@@ -192,7 +190,6 @@ NNK_VARIANTS = {
 
 class Nnk(Provider):
     kind = "nnk"
-    _module = {"torch": "nnk.impl.torch_blockwise", "triton": "nnk.impl.triton", "cuda": "nnk.impl.extension"}
 
     def __init__(self, impl: str, variant: str | None = None):
         self.impl = impl
@@ -201,7 +198,7 @@ class Nnk(Provider):
         self.grads_in_forward = variant == "gradfwd"
 
     def check(self, case, device, dtype):
-        check = impl_check(self.impl, self._module[self.impl], device, dtype, "cosine_cross_entropy_fwd")
+        check = impl_check(self.impl, device, dtype, "cosine_cross_entropy_fwd")
         if check is OK and "NNK_TRITON_GEMM_BACKWARD" in self.env:
             from nnk.ops import has_op
 

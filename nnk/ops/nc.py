@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import nc_centered_gram_ref, nc_class_sums_ref
-from ._extension import has_op
+from ._extension import has_extension, has_op
 from .fake_checks import check_nc_features, check_nc_shifts
 
 
@@ -19,8 +19,7 @@ def _acc(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-# Only ops this build registered: an older nnk._C must not break `import nnk`.
-if has_op("nc_class_sums", "cpu") and has_op("nc_centered_gram", "cpu"):
+if has_extension():
 
     @torch.library.register_fake("nnk::nc_class_sums")
     def _nc_class_sums_fake(features, labels, num_classes):
