@@ -38,6 +38,7 @@ Who does what work (the ``notes`` column of the CSV repeats it):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -80,6 +81,22 @@ def installed(dist: str, module: str) -> str | None:
         return f"{dist} {importlib.metadata.version(dist)}"
     except importlib.metadata.PackageNotFoundError:
         return dist
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """The environment variables ``values`` set for the body of the ``with``,
+    then restored: set back to their earlier values, or unset again."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def loss_run(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Run:
@@ -213,16 +230,8 @@ class Nnk(Provider):
 
         def loss():
             # The variants' switches are read when the forward runs.
-            previous = {k: os.environ.get(k) for k in self.env}
-            os.environ.update(self.env)
-            try:
+            with environment(self.env):
                 return nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw)
-            finally:
-                for k, v in previous.items():
-                    if v is None:
-                        del os.environ[k]
-                    else:
-                        os.environ[k] = v
 
         return loss_run(loss, [inputs.x, inputs.w])
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .reference import acc_dtype
+
 IMPLS = ("auto", "cuda", "triton", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "detached")
@@ -262,5 +264,5 @@ def _check_scale(scale, c: int, dev: torch.device, *, float32: bool = True):
                          lambda: (f"scale must be finite{' in float32' if float32 else ''}, got a non-finite value"
                                   if not bool(torch.isfinite(used).all())
                                   else f"scale must be > 0{' in float32' if float32 else ''}, got a non-positive value"))
-        return scale.to(torch.float32) if scale.dtype != torch.float64 else scale
+        return scale.to(acc_dtype(scale.dtype))
     return _finite_float("scale", scale, lo=0.0, lo_open=True, float32=float32)

@@ -9,7 +9,7 @@ import torch
 from .._options import IMPLS, _choice
 from . import _backend
 from ._checks import check_classifier, check_dim, check_features, check_labels, check_num_classes
-from .metrics import NCMetrics, nc4_mismatches, nc_metrics_from_stats
+from .metrics import NCMetrics, nc4_mismatches, nc_metrics_from_stats, with_nc4
 from .stats import F64, NCStats, assemble_stats, recenter_gram
 
 
@@ -223,10 +223,7 @@ class NCTracker:
             raise ValueError(
                 f"the NC4 pass saw {p.n} samples, the statistics {p.stats.n}: give update_nc4 every "
                 "sample of the first pass (and all_reduce() after it in a data-parallel run)")
-        frac = (p.mismatches.to(F64) / p.n).tolist()
-        if self.batch is None:
-            return dataclasses.replace(m, nc4=frac[0])
-        return [dataclasses.replace(mb, nc4=f) for mb, f in zip(m, frac)]
+        return with_nc4(m, p.mismatches, p.n)
 
     # --- data parallelism -----------------------------------------------------
 

@@ -12,6 +12,7 @@ import torch
 
 from .._options import CCEOptions
 from ..impl import first_order
+from ..reference import acc_dtype
 from ._extension import has_extension
 from .fake_checks import check_cce_inputs, check_output_mask, check_row_vector
 
@@ -41,10 +42,6 @@ def cce_backward(g_row, g_lse, x, weight, target, scale, bias, lse, lse_lo, bwd_
     return tuple(g if on else None for g, on in zip(grads, mask))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 if has_extension():
 
     @torch.library.register_fake("nnk::cosine_cross_entropy_fwd")
@@ -56,7 +53,7 @@ if has_extension():
                          additive_margin=additive_margin, angular_margin=angular_margin,
                          label_smoothing=label_smoothing, z_loss=z_loss, eps=eps)
         n = x.shape[0]
-        acc = _acc(x.dtype)
+        acc = acc_dtype(x.dtype)
         return tuple(x.new_empty((n,), dtype=acc) for _ in range(3))  # loss, lse, lse_lo
 
     def _fwd_setup_context(ctx, inputs, output):
@@ -111,6 +108,6 @@ if has_extension():
         torch._check(not (x.device.type == "cuda" and x.dtype == torch.float16 and any(output_mask)),
                      lambda: f"nnk::{op}: float16 gradients on this device are the backward op's "
                              "(nnk::cosine_cross_entropy_bwd), which scales them against underflow")
-        loss, lse = (x.new_empty((x.shape[0],), dtype=_acc(x.dtype)) for _ in range(2))
+        loss, lse = (x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype)) for _ in range(2))
         grads = tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
         return (loss, lse, *grads)

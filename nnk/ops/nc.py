@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import nc_centered_gram_ref, nc_class_sums_ref
+from ..reference import acc_dtype, nc_centered_gram_ref, nc_class_sums_ref
 from ._extension import has_extension, has_op
 from .fake_checks import check_nc_features, check_nc_shifts
-
-
-def _acc(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 if has_extension():
@@ -34,7 +30,8 @@ if has_extension():
         check_nc_features("nc_centered_gram", features, labels)
         check_nc_shifts("nc_centered_gram", shifts, features)
         d = features.shape[-1]
-        return features.new_empty((*features.shape[:-2], d, d), dtype=_acc(features.dtype, shifts.dtype))
+        acc = acc_dtype(torch.promote_types(features.dtype, shifts.dtype))
+        return features.new_empty((*features.shape[:-2], d, d), dtype=acc)
 
 
 def nc_class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int):
