@@ -188,9 +188,11 @@ def invalid_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -
 
 def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_finite: bool = False):
     """Check shapes, dtypes, devices and values; return ``(target, scale)`` with
-    target as int64 and scale as a Python float or a float32 tensor of shape
-    () or (C,) (keeping its autograd history). ``check_finite`` also rejects
-    NaN/Inf in x, weight and bias (otherwise they propagate, as in PyTorch)."""
+    target as int64 and scale as a Python float or a tensor of shape () or
+    (C,) (keeping its autograd history): float32, or float64 if it was given
+    as float64, whatever x's dtype (each backend casts it as it computes).
+    ``check_finite`` also rejects NaN/Inf in x, weight and bias (otherwise
+    they propagate, as in PyTorch)."""
     for name, t in (("x", x), ("weight", weight), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

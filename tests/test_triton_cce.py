@@ -1,9 +1,9 @@
 """impl="triton" of nnk.cosine_cross_entropy against the reference.
 
-Criterion (issue 3): for the loss, the lse and every gradient, the kernel's
-error against a float64 ground truth (the reference run in float64 on the
-same rounded inputs) is at most 2x the error of the reference run in the
-input dtype, plus a small atol. Errors are max-abs, relative to the largest
+Criterion: for the loss, the lse and every gradient, the kernel's error
+against a float64 ground truth (the reference run in float64 on the same
+rounded inputs) is at most 2x the error of the reference run in the input
+dtype, plus a small atol. Errors are max-abs, relative to the largest
 true value of the tensor, or of each row for matrices (see ``_error``).
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), in

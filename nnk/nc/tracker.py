@@ -49,19 +49,21 @@ class NCTracker:
             batch has that shape (B is then fixed, as if given).
         impl: ``"auto" | "triton" | "torch" | "cuda"``, resolved per batch.
 
-    State: O(K D + D^2) float64 (two (K, D) and one (D, D) buffer per B).
+    State: O(K D + D^2): per B, two float64 (K, D) buffers (class sums and
+    shifts), a float32 (K, D) copy of the shifts (what the kernels center
+    16- and 32-bit features on) and one float64 (D, D) Gram.
 
     Usage::
 
         tracker = NCTracker(K, D, device="cuda")
         for x, y in loader:
             tracker.update(features_of(x), y)
-        tracker.all_reduce()            # data-parallel ranks, if any
+        tracker.all_reduce()            # data-parallel only: raises without a process group
         stats = tracker.compute()       # NCStats
         tracker.begin_nc4(W, b)         # optional second pass for nc4
         for x, y in loader:
             tracker.update_nc4(features_of(x))
-        tracker.all_reduce()            # merges the nc4 counts
+        tracker.all_reduce()            # data-parallel only: merges the nc4 counts
         metrics = tracker.metrics()     # NCMetrics with nc4
     """
 
