@@ -38,26 +38,14 @@ class NCInputs:
         self.h = (centers[self.y] + noise).to(dtype)
 
 
-def _nnk_has_nc() -> Check:
-    import nnk
-
-    if not hasattr(nnk, "nc_stats"):
-        return Check("unavailable", "nnk.nc_stats not available in this nnk (issue 5)")
-    return OK
-
-
 class NncStats(Provider):
     kind, op = "nnk", NC_OP
-    _module = {"torch": "nnk.nc.stats", "triton": "nnk.nc.triton_kernels", "cuda": "nnk.ops.nc"}
 
     def __init__(self, impl: str):
         self.impl, self.name = impl, f"nnk-nc_stats-{impl}"
 
     def check(self, case, device, dtype):
-        has = _nnk_has_nc()
-        if has.status != "ok":
-            return has
-        return impl_check(self.impl, self._module[self.impl], device, dtype, "nc_class_sums")
+        return impl_check(self.impl, device, dtype, "nc_class_sums")
 
     def build(self, case, inputs):
         import nnk
@@ -67,9 +55,6 @@ class NncStats(Provider):
 
 class NncMetrics(Provider):
     name, kind, op = "nnk-nc_metrics", "nnk", NC_OP
-
-    def check(self, case, device, dtype):
-        return _nnk_has_nc()
 
     def build(self, case, inputs):
         import nnk

@@ -1,5 +1,5 @@
-"""The paper-style neural-collapse baseline for issue 5's speed comparison,
-and a CPU measurement of it against nnk and one ``H^T H``.
+"""The paper-style neural-collapse baseline that nnk's NC statistics are
+timed against, and a CPU measurement of it against nnk and one ``H^T H``.
 
 :func:`nc_paper_baseline` does what the normalized-neural-collapse paper's code
 does (written here from the formulas, not copied): two passes over the data

@@ -38,6 +38,7 @@ Who does what work (the ``notes`` column of the CSV repeats it):
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import importlib.util
@@ -80,6 +81,22 @@ def installed(dist: str, module: str) -> str | None:
         return f"{dist} {importlib.metadata.version(dist)}"
     except importlib.metadata.PackageNotFoundError:
         return dist
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """The environment variables ``values`` set for the body of the ``with``,
+    then restored: set back to their earlier values, or unset again."""
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in previous.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def loss_run(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Run:
@@ -160,15 +177,13 @@ class Provider:
         return ""
 
 
-def impl_check(impl: str, module: str, device: torch.device, dtype: torch.dtype, op: str) -> Check:
-    """Whether nnk's ``impl`` can run here: its module is in this nnk,
-    ``nnk.functional.resolve_impl`` accepts it for the device and dtype
-    (``op``: the extension operator that stands for "cuda"), and Triton only
-    on CUDA devices (the CPU interpreter is not worth timing)."""
+def impl_check(impl: str, device: torch.device, dtype: torch.dtype, op: str) -> Check:
+    """Whether nnk's ``impl`` can run here: ``nnk.functional.resolve_impl``
+    accepts it for the device and dtype (``op``: the extension operator that
+    stands for "cuda"), and Triton only on CUDA devices (the CPU interpreter
+    is not worth timing)."""
     from nnk.functional import resolve_impl
 
-    if importlib.util.find_spec(module) is None:
-        return Check("unavailable", f"{module} is not in this nnk")
     if impl == "triton" and device.type != "cuda":
         return Check("unavailable", "Triton kernels are timed on CUDA devices only (not the CPU interpreter)")
     try:
@@ -192,7 +207,6 @@ NNK_VARIANTS = {
 
 class Nnk(Provider):
     kind = "nnk"
-    _module = {"torch": "nnk.impl.torch_blockwise", "triton": "nnk.impl.triton", "cuda": "nnk.impl.extension"}
 
     def __init__(self, impl: str, variant: str | None = None):
         self.impl = impl
@@ -201,7 +215,7 @@ class Nnk(Provider):
         self.grads_in_forward = variant == "gradfwd"
 
     def check(self, case, device, dtype):
-        check = impl_check(self.impl, self._module[self.impl], device, dtype, "cosine_cross_entropy_fwd")
+        check = impl_check(self.impl, device, dtype, "cosine_cross_entropy_fwd")
         if check is OK and "NNK_TRITON_GEMM_BACKWARD" in self.env:
             from nnk.ops import has_op
 
@@ -216,16 +230,8 @@ class Nnk(Provider):
 
         def loss():
             # The variants' switches are read when the forward runs.
-            previous = {k: os.environ.get(k) for k in self.env}
-            os.environ.update(self.env)
-            try:
+            with environment(self.env):
                 return nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw)
-            finally:
-                for k, v in previous.items():
-                    if v is None:
-                        del os.environ[k]
-                    else:
-                        os.environ[k] = v
 
         return loss_run(loss, [inputs.x, inputs.w])
 

@@ -138,7 +138,7 @@ def summary_markdown(rows: list[dict]) -> str:
         if logits and main != "fwd":
             out += ["", f"peak − grads: the peak beyond the gradients of x and W that the step returns "
                         f"((N + C)·D in {dtype}: {grads_mb(n, c, rs[0]['D'], dtype, main):.4g} MB), the "
-                        "memory that issue 3's target (< 5% of the fp32 logits) is about."]
+                        "memory that the target of < 5% of the fp32 logits is about."]
         missing = [(p, cell.get((p, main)) or next(r for r in rs if r["provider"] == p)) for p in providers if p not in measured]
         if missing:
             out += ["", "Not measured: " + "; ".join(f"{p} ({r['status']}: {r['notes']})" for p, r in missing) + "."]

@@ -39,8 +39,8 @@ def logits_mb(n: int, c: int) -> float:
 def grads_mb(n: int, c: int, d: int, dtype: str, mode: str) -> float:
     """Size of the gradients of x and W, (N + C) D in the input dtype, MiB: what
     a step with a backward (or a forward that computes them) returns, and
-    counts in its peak. Issue 3's memory target (< 5% of the fp32 logits) is
-    on the peak beyond them; 0 for a forward alone."""
+    counts in its peak. The memory target (a peak below 5% of the fp32
+    logits) is on the peak beyond them; 0 for a forward alone."""
     if mode == "fwd":
         return 0.0
     itemsize = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]

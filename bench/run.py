@@ -286,7 +286,9 @@ class Bench:
                       f"  {r['tflops']:8.3g} TFLOP/s  peak {peak:9.4g} MiB", flush=True)
             _free(args.device)
 
-        del runs, inputs
+        # Emptied rather than deleted: the on_error closures above refer to the name.
+        runs.clear()
+        del inputs
         gc.unfreeze()   # so that cycles holding this case's tensors are collected now
         _free(args.device)
         for mode in modes:

@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from .providers import environment
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (N, D, C): tails in every tile dimension; C > 1024 so that the CUDA forward
 # epilogue's 32-warp merge runs. The extension's chunk loop runs in
@@ -86,26 +88,19 @@ def run_cce(impl, device, dtypes, failures):
     from nnk.reference import cosine_cross_entropy_ref
 
     settings = ["0"] + (["1"] if impl == "cuda" else [])  # NNK_GRAD_IN_FORWARD: both extension paths
-    previous = os.environ.get("NNK_GRAD_IN_FORWARD")
-    try:
-        for dtype in dtypes:
-            for n, d, c in SHAPES:
-                for i, case in enumerate(CASES):
-                    for env in settings:
-                        os.environ["NNK_GRAD_IN_FORWARD"] = env
-                        ours, ref, t, kw = _inputs(n, d, c, case, dtype, device, seed=i)
+    for dtype in dtypes:
+        for n, d, c in SHAPES:
+            for i, case in enumerate(CASES):
+                for env in settings:
+                    ours, ref, t, kw = _inputs(n, d, c, case, dtype, device, seed=i)
+                    with environment({"NNK_GRAD_IN_FORWARD": env}):
                         got = _loss_and_grads(lambda *a, **k: nnk.cosine_cross_entropy(*a, impl=impl, **k),
                                               ours, t.to(device), kw)
-                        want = _loss_and_grads(cosine_cross_entropy_ref, ref, t,
-                                               {k: v for k, v in kw.items() if k != "deterministic"})
-                        for j, (a, b) in enumerate(zip(got, want)):
-                            _close(f"cce {impl} NNK_GRAD_IN_FORWARD={env} {dtype} {(n, d, c)} case {i} output {j}",
-                                   a, b, TOL[dtype], failures)
-    finally:
-        if previous is None:
-            os.environ.pop("NNK_GRAD_IN_FORWARD", None)
-        else:
-            os.environ["NNK_GRAD_IN_FORWARD"] = previous
+                    want = _loss_and_grads(cosine_cross_entropy_ref, ref, t,
+                                           {k: v for k, v in kw.items() if k != "deterministic"})
+                    for j, (a, b) in enumerate(zip(got, want)):
+                        _close(f"cce {impl} NNK_GRAD_IN_FORWARD={env} {dtype} {(n, d, c)} case {i} output {j}",
+                               a, b, TOL[dtype], failures)
     print(f"cce {impl}: {len(dtypes) * len(SHAPES) * len(CASES) * len(settings)} fwd+bwd runs", flush=True)
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .reference import acc_dtype
+
 IMPLS = ("auto", "cuda", "triton", "torch")
 REDUCTIONS = ("mean", "sum", "none")
 MARGIN_GRADS = ("exact", "detached")
@@ -186,9 +188,11 @@ def invalid_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -
 
 def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_finite: bool = False):
     """Check shapes, dtypes, devices and values; return ``(target, scale)`` with
-    target as int64 and scale as a Python float or a float32 tensor of shape
-    () or (C,) (keeping its autograd history). ``check_finite`` also rejects
-    NaN/Inf in x, weight and bias (otherwise they propagate, as in PyTorch)."""
+    target as int64 and scale as a Python float or a tensor of shape () or
+    (C,) (keeping its autograd history): float32, or float64 if it was given
+    as float64, whatever x's dtype (each backend casts it as it computes).
+    ``check_finite`` also rejects NaN/Inf in x, weight and bias (otherwise
+    they propagate, as in PyTorch)."""
     for name, t in (("x", x), ("weight", weight), ("target", target)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -262,5 +266,5 @@ def _check_scale(scale, c: int, dev: torch.device, *, float32: bool = True):
                          lambda: (f"scale must be finite{' in float32' if float32 else ''}, got a non-finite value"
                                   if not bool(torch.isfinite(used).all())
                                   else f"scale must be > 0{' in float32' if float32 else ''}, got a non-positive value"))
-        return scale.to(torch.float32) if scale.dtype != torch.float64 else scale
+        return scale.to(acc_dtype(scale.dtype))
     return _finite_float("scale", scale, lo=0.0, lo_open=True, float32=float32)

@@ -266,7 +266,7 @@ def nc_centered_gram_ref(features: torch.Tensor, labels: torch.Tensor, shifts: t
     if shifts.dim() == 3 and (squeeze or shifts.shape[0] != h.shape[0]):
         raise ValueError(f"shifts must be (K, D), or (B, K, D) with the B of 3-D features; "
                          f"got shape {tuple(shifts.shape)} for features {tuple(features.shape)}")
-    acc = torch.float64 if torch.float64 in (h.dtype, c.dtype) else torch.float32
+    acc = acc_dtype(torch.promote_types(h.dtype, c.dtype))
     centered = h.to(acc) - c.to(acc)[:, labels.long()]
     gram = centered.transpose(1, 2) @ centered
     return gram[0] if squeeze else gram

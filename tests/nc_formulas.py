@@ -1,5 +1,5 @@
-"""Independent float64 (numpy / scipy) implementations of the NC formulas of
-issue 5, for the tests: per-class loops, scipy's pinv of the D x D Sigma_B."""
+"""Independent float64 (numpy / scipy) implementations of the NC1-NC4
+formulas, for the tests: per-class loops, scipy's pinv of the D x D Sigma_B."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Neural-collapse statistics and metrics (issue 5): against independent float64
+"""Neural-collapse statistics and metrics (NC1-NC4): against independent float64
 formulas (tests/nc_formulas.py, scipy pinv of the D x D Sigma_B), streaming
 against two passes, batched against separate calls, the Triton kernels (CPU
 interpreter or --device cuda) against the reference, bad input, the CLI and

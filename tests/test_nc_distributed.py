@@ -1,4 +1,4 @@
-"""NCTracker.all_reduce across data-parallel ranks (issue 8): gloo on
+"""NCTracker.all_reduce across data-parallel ranks: gloo on
 127.0.0.1, 2 spawned ranks, bounded timeouts. The merged statistics, NC4
 counts and DataLoader-helper metrics must equal the single-process ones on
 the union of the ranks' samples; a rank with a mismatched tracker makes every

@@ -1,9 +1,9 @@
 """impl="triton" of nnk.cosine_cross_entropy against the reference.
 
-Criterion (issue 3): for the loss, the lse and every gradient, the kernel's
-error against a float64 ground truth (the reference run in float64 on the
-same rounded inputs) is at most 2x the error of the reference run in the
-input dtype, plus a small atol. Errors are max-abs, relative to the largest
+Criterion: for the loss, the lse and every gradient, the kernel's error
+against a float64 ground truth (the reference run in float64 on the same
+rounded inputs) is at most 2x the error of the reference run in the input
+dtype, plus a small atol. Errors are max-abs, relative to the largest
 true value of the tensor, or of each row for matrices (see ``_error``).
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), in
@@ -11,6 +11,7 @@ float32 and float16; bfloat16 numerics need a GPU (``--device cuda``).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -359,6 +360,115 @@ def test_float64_is_rejected():
     with pytest.raises(TypeError, match="float64 runs on impl='torch'"):
         nnk.cosine_cross_entropy(x, torch.randn(5, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long),
                                  impl="triton")
+
+
+@pytest.fixture(scope="module")
+def launcher_args(device):
+    """Valid arguments of cce_forward, and of cce_backward (the forward's results)."""
+    from nnk.impl.triton.forward import cce_forward
+
+    opts = make_options(**OPTION_DEFAULTS)
+    x, w = torch.randn(5, 4, device=device), torch.randn(7, 4, device=device)
+    fwd = dict(x=x, weight=w, target=torch.tensor([0, 3, 6, -100, 2], device=device),
+               scale=torch.full((1,), 8.0, device=device), bias=torch.zeros(7, device=device), opts=opts)
+    out = cce_forward(**fwd)
+    bwd = dict(fwd, lse=out.lse, lse_lo=out.lse_lo, cos_t=out.cos_t, xnorm=out.xnorm, wnorm=out.wnorm,
+               g_row=torch.ones(5, device=device), g_lse=torch.zeros(5, device=device))
+    return fwd, bwd
+
+
+def _other(t):
+    """t's shape and dtype on the meta device, where no test's tensors are."""
+    return t.to("meta")
+
+
+def _strided(t):
+    return torch.stack([t, t], dim=-1)[..., 0]
+
+
+# (id, replacement of valid arguments, exception, message) for cce_forward and cce_backward.
+BAD_LAUNCH_INPUTS = [
+    ("x_1d", lambda a: dict(x=a["x"].flatten()), ValueError, "x must be 2-D"),
+    ("x_not_tensor", lambda a: dict(x=a["x"].tolist()), TypeError, "x must be a torch.Tensor"),
+    ("weight_3d", lambda a: dict(weight=a["weight"][None]), ValueError, "weight must be 2-D"),
+    ("weight_columns", lambda a: dict(weight=a["weight"][:, :3]), ValueError, "D=4 columns"),
+    ("no_class", lambda a: dict(weight=a["weight"][:0]), ValueError, "at least one class"),
+    ("float64", lambda a: dict(x=a["x"].double(), weight=a["weight"].double()), TypeError,
+     "float16, bfloat16 or float32"),
+    ("weight_dtype", lambda a: dict(weight=a["weight"].half()), TypeError, "must match x dtype"),
+    ("weight_device", lambda a: dict(weight=_other(a["weight"])), ValueError, "weight is on meta"),
+    ("target_int32", lambda a: dict(target=a["target"].int()), TypeError, "target must be torch.int64"),
+    ("target_shape", lambda a: dict(target=a["target"][:4]), ValueError, r"target must have shape \(5,\)"),
+    ("target_2d", lambda a: dict(target=a["target"][:, None]), ValueError, r"target must have shape \(5,\)"),
+    ("target_strided", lambda a: dict(target=_strided(a["target"])), ValueError, "target must be contiguous"),
+    ("target_device", lambda a: dict(target=_other(a["target"])), ValueError, "target is on meta"),
+    ("scale_float", lambda a: dict(scale=8.0), TypeError, "scale must be a torch.Tensor"),
+    ("scale_0d", lambda a: dict(scale=a["scale"][0]), ValueError, r"scale must have shape \(1,\) or \(7,\)"),
+    ("scale_shape", lambda a: dict(scale=a["scale"].expand(6).contiguous()), ValueError, "scale must have shape"),
+    ("scale_float64", lambda a: dict(scale=a["scale"].double()), TypeError, "scale must be torch.float32"),
+    ("scale_strided", lambda a: dict(scale=_strided(a["scale"].expand(7))), ValueError, "scale must be contiguous"),
+    ("bias_shape", lambda a: dict(bias=a["bias"][:6]), ValueError, r"bias must have shape \(7,\)"),
+    ("bias_dtype", lambda a: dict(bias=a["bias"].half()), TypeError, "bias must be torch.float32"),
+    ("bias_strided", lambda a: dict(bias=_strided(a["bias"])), ValueError, "bias must be contiguous"),
+    ("bias_device", lambda a: dict(bias=_other(a["bias"])), ValueError, "bias is on meta"),
+]
+BAD_BACKWARD_INPUTS = [
+    ("lse_shape", lambda a: dict(lse=a["lse"][:4]), ValueError, r"lse must have shape \(5,\)"),
+    ("lse_lo_dtype", lambda a: dict(lse_lo=a["lse_lo"].double()), TypeError, "lse_lo must be torch.float32"),
+    ("cos_t_strided", lambda a: dict(cos_t=_strided(a["cos_t"])), ValueError, "cos_t must be contiguous"),
+    ("xnorm_missing", lambda a: dict(xnorm=None), ValueError, "xnorm must be the forward's norms"),
+    ("wnorm_unasked", lambda a: dict(opts=dataclasses.replace(a["opts"], normalize_weight=False)), ValueError,
+     "wnorm must be the forward's norms"),
+    ("wnorm_shape", lambda a: dict(wnorm=a["wnorm"][:6]), ValueError, r"wnorm must have shape \(7,\)"),
+    ("g_row_int", lambda a: dict(g_row=a["g_row"].long()), TypeError, "g_row must be floating point"),
+    ("g_lse_shape", lambda a: dict(g_lse=a["g_lse"][:, None]), ValueError, r"g_lse must have shape \(5,\)"),
+    ("g_lse_device", lambda a: dict(g_lse=_other(a["g_lse"])), ValueError, "g_lse is on meta"),
+]
+_NEEDS = dict(need_dx=True, need_dw=True, need_ds=True, need_db=True)
+
+
+@pytest.mark.parametrize("launcher", ["cce_forward", "cce_backward"])
+@pytest.mark.parametrize("case,replace,exc,match", BAD_LAUNCH_INPUTS, ids=[c[0] for c in BAD_LAUNCH_INPUTS])
+def test_launchers_reject_bad_inputs(launcher_args, launcher, case, replace, exc, match):
+    """The host launchers check what they give the kernels (shapes, dtypes,
+    devices, layouts; not values) before anything runs."""
+    from nnk.impl.triton import backward, forward
+
+    fwd, bwd = launcher_args
+    with pytest.raises(exc, match=f"{launcher}: .*{match}"):
+        if launcher == "cce_forward":
+            forward.cce_forward(**{**fwd, **replace(fwd)})
+        else:
+            backward.cce_backward(**{**bwd, **replace(bwd)}, **_NEEDS)
+
+
+@pytest.mark.parametrize("case,replace,exc,match", BAD_BACKWARD_INPUTS, ids=[c[0] for c in BAD_BACKWARD_INPUTS])
+def test_backward_launcher_rejects_bad_saved_tensors(launcher_args, case, replace, exc, match):
+    from nnk.impl.triton.backward import cce_backward
+
+    _, bwd = launcher_args
+    with pytest.raises(exc, match=f"cce_backward: .*{match}"):
+        cce_backward(**{**bwd, **replace(bwd)}, **_NEEDS)
+
+
+def test_backward_launcher_takes_the_valid_arguments(launcher_args):
+    from nnk.impl.triton.backward import cce_backward
+
+    _, bwd = launcher_args
+    grads = cce_backward(**bwd, **_NEEDS)
+    assert grads.dx.shape == (5, 4) and grads.dw.shape == (7, 4) and grads.ds.shape == grads.db.shape == (7,)
+
+
+def test_launchers_refuse_cpu_tensors_without_the_interpreter(launcher_args, monkeypatch):
+    from nnk.impl.triton import configs
+    from nnk.impl.triton.forward import cce_forward
+
+    fwd, _ = launcher_args
+    if fwd["x"].device.type != "cpu":
+        pytest.skip("CPU tensors")
+    monkeypatch.setattr(configs, "INTERPRET", False)
+    with pytest.raises(ValueError, match="cce_forward: the Triton kernels need CUDA tensors"):
+        cce_forward(**fwd)
 
 
 @pytest.mark.slow

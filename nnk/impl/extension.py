@@ -48,7 +48,7 @@ import torch
 from . import first_order
 from .._options import CCEOptions, env_flag
 from ..ops.cce import bwd_options, cce_backward, fwd_options
-from ..reference import reduce_rows
+from ..reference import acc_dtype, reduce_rows
 
 
 class _ExtensionCCE(torch.autograd.Function):
@@ -87,7 +87,7 @@ class _ExtensionCCEReduced(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale, bias, target, reduction, opts, rows):
         valid = target != opts.ignore_index
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         # d loss / d row_i for an upstream gradient of 1, as reduce_rows
         # differentiates (inf for "mean" without valid rows: every row is then
         # ignored and gets no gradient).

@@ -224,6 +224,16 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
     return out
 
 
+def with_nc4(metrics: NCMetrics | list[NCMetrics], mismatches: torch.Tensor, n: int):
+    """``metrics`` (one NCMetrics, or a list of B) with ``nc4`` filled in:
+    the fraction of the ``n`` samples counted in ``mismatches`` ((B,), from
+    :func:`nc4_mismatches`; B = 1 unbatched)."""
+    frac = (mismatches.to(F64) / n).tolist()
+    if isinstance(metrics, list):
+        return [dataclasses.replace(m, nc4=f) for m, f in zip(metrics, frac)]
+    return dataclasses.replace(metrics, nc4=frac[0])
+
+
 def nc_metrics(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -264,7 +274,4 @@ def nc_metrics(
     metrics = nc_metrics_from_stats(stats, weight)
     if weight is None:
         return metrics
-    frac = (nc4_mismatches(features, stats, weight, bias).to(F64) / stats.n).tolist()
-    if nb is None:
-        return dataclasses.replace(metrics, nc4=frac[0])
-    return [dataclasses.replace(m, nc4=f) for m, f in zip(metrics, frac)]
+    return with_nc4(metrics, nc4_mismatches(features, stats, weight, bias), stats.n)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..reference import acc_dtype
 from . import _backend
 from ._checks import check_features, check_labels, check_num_classes
 
@@ -139,7 +140,7 @@ def two_pass_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: in
     # for that rounding with the float64 means.
     counts, sums = _backend.class_sums(impl, h, labels, num_classes)
     means = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
-    shifts = means.to(torch.float64 if h.dtype == torch.float64 else torch.float32)
+    shifts = means.to(acc_dtype(h.dtype))
     gram = _backend.centered_gram(impl, h, labels, shifts)
     return assemble_stats(counts, sums, shifts, gram, squeeze=features.dim() == 2)
 

@@ -9,7 +9,7 @@ import torch
 from .._options import IMPLS, _choice
 from . import _backend
 from ._checks import check_classifier, check_dim, check_features, check_labels, check_num_classes
-from .metrics import NCMetrics, nc4_mismatches, nc_metrics_from_stats
+from .metrics import NCMetrics, nc4_mismatches, nc_metrics_from_stats, with_nc4
 from .stats import F64, NCStats, assemble_stats, recenter_gram
 
 
@@ -49,19 +49,21 @@ class NCTracker:
             batch has that shape (B is then fixed, as if given).
         impl: ``"auto" | "triton" | "torch" | "cuda"``, resolved per batch.
 
-    State: O(K D + D^2) float64 (two (K, D) and one (D, D) buffer per B).
+    State: O(K D + D^2): per B, two float64 (K, D) buffers (class sums and
+    shifts), a float32 (K, D) copy of the shifts (what the kernels center
+    16- and 32-bit features on) and one float64 (D, D) Gram.
 
     Usage::
 
         tracker = NCTracker(K, D, device="cuda")
         for x, y in loader:
             tracker.update(features_of(x), y)
-        tracker.all_reduce()            # data-parallel ranks, if any
+        tracker.all_reduce()            # data-parallel only: raises without a process group
         stats = tracker.compute()       # NCStats
         tracker.begin_nc4(W, b)         # optional second pass for nc4
         for x, y in loader:
             tracker.update_nc4(features_of(x))
-        tracker.all_reduce()            # merges the nc4 counts
+        tracker.all_reduce()            # data-parallel only: merges the nc4 counts
         metrics = tracker.metrics()     # NCMetrics with nc4
     """
 
@@ -223,10 +225,7 @@ class NCTracker:
             raise ValueError(
                 f"the NC4 pass saw {p.n} samples, the statistics {p.stats.n}: give update_nc4 every "
                 "sample of the first pass (and all_reduce() after it in a data-parallel run)")
-        frac = (p.mismatches.to(F64) / p.n).tolist()
-        if self.batch is None:
-            return dataclasses.replace(m, nc4=frac[0])
-        return [dataclasses.replace(mb, nc4=f) for mb, f in zip(m, frac)]
+        return with_nc4(m, p.mismatches, p.n)
 
     # --- data parallelism -----------------------------------------------------
 

@@ -26,23 +26,21 @@ produced the features, so exactness wins over tensor-core speed here.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ..impl.triton.configs import INTERPRET
 from ..impl.triton.launch import on_device
 from ..reference import _batched
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # One configuration each (autotune with several configs fails in the
 # interpreter). Not tuned on a GPU yet: see bench/.
 SUMS_BLOCK_N, SUMS_BLOCK_D = 32, 128
-GRAM_BLOCK_D = 64 if _INTERPRET else 128
-GRAM_BLOCK_N = 64 if _INTERPRET else 32
+GRAM_BLOCK_D = 64 if INTERPRET else 128
+GRAM_BLOCK_N = 64 if INTERPRET else 32
 GRAM_WARPS = 8
 
 
@@ -178,6 +176,8 @@ def nc_class_sums_triton(features: torch.Tensor, labels: torch.Tensor, num_class
 def _default_splits(n: int, tiles: int, device: torch.device) -> int:
     # Enough programs to fill the GPU about twice when D is small, but at
     # least 8 row blocks per program. One split in the interpreter (serial).
+    # configs.num_splits is this rule with one row tile per split at least;
+    # here every split adds a D x D float32 partial Gram to write and sum.
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count

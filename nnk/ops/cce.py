@@ -12,7 +12,8 @@ import torch
 
 from .._options import CCEOptions
 from ..impl import first_order
-from ._extension import has_op
+from ..reference import acc_dtype
+from ._extension import has_extension
 from .fake_checks import check_cce_inputs, check_output_mask, check_row_vector
 
 
@@ -41,12 +42,7 @@ def cce_backward(g_row, g_lse, x, weight, target, scale, bias, lse, lse_lo, bwd_
     return tuple(g if on else None for g, on in zip(grads, mask))
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# Only ops this build registered: an older nnk._C must not break `import nnk`.
-if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bwd", "cpu"):
+if has_extension():
 
     @torch.library.register_fake("nnk::cosine_cross_entropy_fwd")
     def _cce_fwd_fake(x, weight, target, scale, bias, normalize_input, normalize_weight,
@@ -57,7 +53,7 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
                          additive_margin=additive_margin, angular_margin=angular_margin,
                          label_smoothing=label_smoothing, z_loss=z_loss, eps=eps)
         n = x.shape[0]
-        acc = _acc(x.dtype)
+        acc = acc_dtype(x.dtype)
         return tuple(x.new_empty((n,), dtype=acc) for _ in range(3))  # loss, lse, lse_lo
 
     def _fwd_setup_context(ctx, inputs, output):
@@ -98,24 +94,20 @@ if has_op("cosine_cross_entropy_fwd", "cpu") and has_op("cosine_cross_entropy_bw
         check_output_mask(op, output_mask, bias)
         return tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
 
-    # Builds older than the fused training op lack it.
-    if has_op("cosine_cross_entropy_fwd_bwd", "cpu"):
-
-        @torch.library.register_fake("nnk::cosine_cross_entropy_fwd_bwd")
-        def _cce_fwd_bwd_fake(x, weight, target, scale, bias, grad_loss, normalize_input,
-                              normalize_weight, additive_margin, angular_margin, exact_margin,
-                              ignore_index, label_smoothing, z_loss, eps, chunk_rows, output_mask):
-            op = "cosine_cross_entropy_fwd_bwd"
-            check_cce_inputs(op, x, weight, target, scale, bias, normalize_input=normalize_input,
-                             normalize_weight=normalize_weight, additive_margin=additive_margin,
-                             angular_margin=angular_margin, label_smoothing=label_smoothing, z_loss=z_loss,
-                             eps=eps)
-            check_row_vector(op, "grad_loss", grad_loss, x)
-            check_output_mask(op, output_mask, bias)
-            # cce_driver.h chunk_loop: the CUDA kernels' float16 GEMMs.
-            torch._check(not (x.device.type == "cuda" and x.dtype == torch.float16 and any(output_mask)),
-                         lambda: f"nnk::{op}: float16 gradients on this device are the backward op's "
-                                 "(nnk::cosine_cross_entropy_bwd), which scales them against underflow")
-            loss, lse = (x.new_empty((x.shape[0],), dtype=_acc(x.dtype)) for _ in range(2))
-            grads = tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
-            return (loss, lse, *grads)
+    @torch.library.register_fake("nnk::cosine_cross_entropy_fwd_bwd")
+    def _cce_fwd_bwd_fake(x, weight, target, scale, bias, grad_loss, normalize_input,
+                          normalize_weight, additive_margin, angular_margin, exact_margin,
+                          ignore_index, label_smoothing, z_loss, eps, chunk_rows, output_mask):
+        op = "cosine_cross_entropy_fwd_bwd"
+        check_cce_inputs(op, x, weight, target, scale, bias, normalize_input=normalize_input,
+                         normalize_weight=normalize_weight, additive_margin=additive_margin,
+                         angular_margin=angular_margin, label_smoothing=label_smoothing, z_loss=z_loss, eps=eps)
+        check_row_vector(op, "grad_loss", grad_loss, x)
+        check_output_mask(op, output_mask, bias)
+        # cce_driver.h chunk_loop: the CUDA kernels' float16 GEMMs.
+        torch._check(not (x.device.type == "cuda" and x.dtype == torch.float16 and any(output_mask)),
+                     lambda: f"nnk::{op}: float16 gradients on this device are the backward op's "
+                             "(nnk::cosine_cross_entropy_bwd), which scales them against underflow")
+        loss, lse = (x.new_empty((x.shape[0],), dtype=acc_dtype(x.dtype)) for _ in range(2))
+        grads = tuple(_grad_like(t, x, on) for t, on in zip((x, weight, scale, bias), output_mask))
+        return (loss, lse, *grads)

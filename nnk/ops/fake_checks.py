@@ -24,6 +24,7 @@ import torch
 # margin's bound (cce_driver.h kMaxAngularMargin), as nnk.functional checks them.
 from .._options import FLOAT_DTYPES as KERNEL_DTYPES
 from .._options import MAX_ANGULAR_MARGIN
+from ..reference import acc_dtype
 
 _DTYPE_NAMES = "float16, bfloat16, float32 or float64"
 
@@ -111,7 +112,7 @@ def check_row_normalize_backward(grad_y, y, norm, eps) -> None:
     torch._check(grad_y.dtype in KERNEL_DTYPES, lambda: f"{op}: grad_y must be {_DTYPE_NAMES}, got {grad_y.dtype}")
     torch._check(norm.dim() == 1 and norm.shape[0] == y.shape[0],
                  lambda: f"{op}: norm must have shape ({y.shape[0]},), got {tuple(norm.shape)}")
-    norm_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    norm_dtype = acc_dtype(y.dtype)
     torch._check(norm.dtype == norm_dtype, lambda: f"{op}: norm must be {norm_dtype}, got {norm.dtype}")
     same_device(op, y, grad_y, norm)
 

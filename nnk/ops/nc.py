@@ -10,17 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import nc_centered_gram_ref, nc_class_sums_ref
-from ._extension import has_op
+from ..reference import acc_dtype, nc_centered_gram_ref, nc_class_sums_ref
+from ._extension import has_extension, has_op
 from .fake_checks import check_nc_features, check_nc_shifts
 
 
-def _acc(*dtypes: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-# Only ops this build registered: an older nnk._C must not break `import nnk`.
-if has_op("nc_class_sums", "cpu") and has_op("nc_centered_gram", "cpu"):
+if has_extension():
 
     @torch.library.register_fake("nnk::nc_class_sums")
     def _nc_class_sums_fake(features, labels, num_classes):
@@ -35,7 +30,8 @@ if has_op("nc_class_sums", "cpu") and has_op("nc_centered_gram", "cpu"):
         check_nc_features("nc_centered_gram", features, labels)
         check_nc_shifts("nc_centered_gram", shifts, features)
         d = features.shape[-1]
-        return features.new_empty((*features.shape[:-2], d, d), dtype=_acc(features.dtype, shifts.dtype))
+        acc = acc_dtype(torch.promote_types(features.dtype, shifts.dtype))
+        return features.new_empty((*features.shape[:-2], d, d), dtype=acc)
 
 
 def nc_class_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int):

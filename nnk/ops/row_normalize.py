@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import row_normalize_backward_ref, row_normalize_ref
+from ..reference import acc_dtype, row_normalize_backward_ref, row_normalize_ref
 from ._extension import has_extension, has_op
 from .fake_checks import check_row_normalize, check_row_normalize_backward
 
@@ -53,9 +53,8 @@ if has_extension():
     @torch.library.register_fake("nnk::row_normalize")
     def _row_normalize_fake(x, eps):
         check_row_normalize(x, eps)
-        norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-            (x.shape[0],), dtype=norm_dtype
+            (x.shape[0],), dtype=acc_dtype(x.dtype)
         )
 
     @torch.library.register_fake("nnk::row_normalize_backward")

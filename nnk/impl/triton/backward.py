@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..._options import CCEOptions
 from . import configs
-from .launch import PerDeviceAutotune, dtype_args, launch, margin_args, shape_buckets
+from .launch import PerDeviceAutotune, check_inputs, check_vector, dtype_args, launch, margin_args, shape_buckets
 from .norms import normalize_backward
 from .tile import (
     _accumulate, _col_terms, _cosine_tile, _grad_dot, _grad_operand, _load_tile, _logits, _margin_grad,
@@ -278,12 +278,35 @@ def cce_backward(
         grad_filter: tolerance of the sparse backward, 0 for the exact one
             (default: ``configs.grad_filter()``, from NNK_TRITON_GRAD_FILTER).
 
+    Raises:
+        TypeError, ValueError: as ``cce_forward`` for the forward's arguments
+            (without a host sync, values unchecked); also for lse, lse_lo,
+            cos_t other than (N,) float32 contiguous, xnorm / wnorm other than
+            (N,) / (C,) float32 contiguous when ``opts`` normalizes x / W and
+            None otherwise, g_row, g_lse other than (N,) floating.
+
     Replaces ``torch.autograd.grad((row, lse), (x, weight, scale, bias), (g_row, g_lse))``
     through ``nnk.reference.cosine_cross_entropy_ref`` without the N x C logits.
     """
+    op = "cce_backward"
+    check_inputs(op, x, weight, target, scale, bias)
     n, d = x.shape
     c = weight.shape[0]
     dev = x.device
+    for name, t in (("lse", lse), ("lse_lo", lse_lo), ("cos_t", cos_t)):
+        check_vector(op, name, t, n, torch.float32, dev)
+    # The kernels read a norm only when normalizing, and normalize_backward
+    # normalizes whenever it gets one: a norm without the option (or the
+    # option without its norm) would silently change the gradient.
+    for name, norm, length, flag in (("xnorm", xnorm, n, "normalize_input"), ("wnorm", wnorm, c, "normalize_weight")):
+        on = getattr(opts, flag)
+        if (norm is not None) != on:
+            raise ValueError(f"{op}: {name} must be the forward's norms when opts.{flag} is True and None "
+                             f"otherwise, got {'None' if norm is None else 'a tensor'} with {flag}={on}")
+        if on:
+            check_vector(op, name, norm, length, torch.float32, dev)
+    for name, g in (("g_row", g_row), ("g_lse", g_lse)):
+        check_vector(op, name, g, n, None, dev, contiguous=False)  # made contiguous float32 below
     f32 = dict(dtype=torch.float32, device=dev)
     atomic = not opts.deterministic
     tol = configs.grad_filter() if grad_filter is None else grad_filter

@@ -5,9 +5,12 @@ Under ``TRITON_INTERPRET=1`` (CPU) every kernel gets exactly one config: the
 interpreter cannot autotune over several, and its cost is mostly per op and
 per device-function call, not per element, so 64 x 256 tiles (few of them)
 run fastest there. On GPUs ``@triton.autotune`` picks among the candidates
-below per (C, D, dtype, mode). In deterministic mode the first candidate is
-used without autotuning, so that a fresh process cannot pick other block
-sizes (and hence another summation order) than the last one.
+below per GPU model (launch.PerDeviceAutotune) and per key: N and C rounded
+up to powers of two (launch.shape_buckets), D, the kernel's constexpr flags
+(options, loop order, gradients asked for) and the tensors' dtypes. In
+deterministic mode the first candidate is used without autotuning, so that
+a fresh process cannot pick other block sizes (and hence another summation
+order) than the last one.
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ def grad_filter() -> float:
 # d xn partials of the class splits (at least one (N, D) buffer) and the d wn
 # of one class chunk.
 # Above it the classes are processed in chunks, so peak memory does not grow
-# with C * D (issue 3 asks for < 5% of the N x C float32 logits: 215 MB at
+# with C * D: it must stay below 5% of the N x C float32 logits (215 MB at
 # N = 8192, C = 131072).
 SCRATCH_BYTES = 64 << 20
 

@@ -21,7 +21,7 @@ import triton.language as tl
 from ..._options import CCEOptions
 from ..lse import merge_partials
 from . import configs
-from .launch import PerDeviceAutotune, dtype_args, launch, margin_args, shape_buckets
+from .launch import PerDeviceAutotune, check_inputs, dtype_args, launch, margin_args, shape_buckets
 from .norms import row_norms
 from .tile import _col_terms, _cosine_tile, _logits, _row_terms, _target_logit
 
@@ -133,15 +133,23 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
     Args:
         x: (N, D) float16 / bfloat16 / float32, any strides.
         weight: (C, D), x's dtype, any strides.
-        target: (N,) int64, in [0, C) or ``opts.ignore_index``.
+        target: (N,) int64 contiguous, in [0, C) or ``opts.ignore_index``.
         scale: (1,) or (C,) float32, contiguous (the scalar or per-class s).
         bias: (C,) float32 contiguous, or None.
         opts: the checked options.
         class_splits: programs per row block (default: :func:`configs.num_splits`).
 
+    Raises:
+        TypeError, ValueError: for tensors of another type, dtype, shape,
+            device or layout (``launch.check_inputs``, without a host sync).
+            The values are not checked here: a target outside [0, C) (and
+            not ``ignore_index``) or a scale that is not finite and > 0 is
+            rejected by ``nnk._options.check_tensors`` before the backends run.
+
     Replaces ``nnk.reference.cosine_cross_entropy_ref(..., reduction="none",
     return_lse=True)`` (the row losses, before reduction) without the N x C logits.
     """
+    check_inputs("cce_forward", x, weight, target, scale, bias)
     n, d = x.shape
     c = weight.shape[0]
     dev = x.device

@@ -10,6 +10,70 @@ import triton
 from ..._options import CCEOptions
 from . import configs
 
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_vector(op: str, name: str, t, lengths: int | tuple[int, ...], dtype: torch.dtype | None,
+                 device: torch.device, *, contiguous: bool = True) -> None:
+    """``t`` is a 1-D tensor of one of ``lengths`` entries, of ``dtype`` (None:
+    any floating dtype), on ``device`` and, unless ``contiguous=False``,
+    contiguous: the kernels index such vectors as ``ptr + i``, so a strided
+    view would be read as if it were dense."""
+    lengths = tuple(dict.fromkeys((lengths,) if isinstance(lengths, int) else lengths))
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] not in lengths:
+        shapes = " or ".join(f"({k},)" for k in lengths)
+        raise ValueError(f"{op}: {name} must have shape {shapes}, got {tuple(t.shape)}")
+    if dtype is None and not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {device}")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous, got stride {t.stride()}")
+
+
+def check_inputs(op: str, x, weight, target, scale, bias) -> None:
+    """The tensors that ``cce_forward`` / ``cce_backward`` (``op``) give the
+    kernels, as the kernels read them: x (N, D) and weight (C, D), C >= 1, of
+    one dtype among KERNEL_DTYPES, any strides; target (N,) int64, scale (1,)
+    or (C,) float32, bias (C,) float32 or None, each contiguous; all on x's
+    device, a CUDA one unless TRITON_INTERPRET=1. A TypeError for a type or
+    dtype, else a ValueError, before anything is allocated or launched (the
+    kernels would read a wrong layout out of bounds or misread it, not refuse
+    it). Metadata only, no host sync: the values (targets in [0, C) or
+    ignore_index, a finite positive scale) are checked by
+    ``nnk._options.check_tensors``, which syncs once for them."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
+    n, d = x.shape
+    c = weight.shape[0]
+    if weight.shape[1] != d:
+        raise ValueError(f"{op}: weight must have D={d} columns like x, got shape {tuple(weight.shape)}")
+    if c == 0:
+        raise ValueError(f"{op}: weight must have at least one class (C >= 1)")
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    dev = x.device
+    if dev.type != "cuda" and not configs.INTERPRET:
+        raise ValueError(f"{op}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {dev}")
+    if weight.device != dev:
+        raise ValueError(f"{op}: weight is on {weight.device} but x is on {dev}")
+    check_vector(op, "target", target, n, torch.int64, dev)
+    # The kernels tell one scale for all classes from per-class ones by its size.
+    check_vector(op, "scale", scale, (1, c), torch.float32, dev)
+    if bias is not None:
+        check_vector(op, "bias", bias, c, torch.float32, dev)
+
 
 def margin_args(opts: CCEOptions) -> dict:
     """Kernel arguments of the margins: the constants of math.h's ArcMargin

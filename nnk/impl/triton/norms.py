@@ -62,8 +62,8 @@ def _sum_parts(G_ptr, rows, ks, mask, D, n_parts, part_stride):
 
 @triton.jit
 def _normalize_backward_kernel(
-    G_ptr, Y_ptr, NORM_ptr, OUT_ptr, R, D, n_parts, part_stride,
-    stride_yr, stride_yd, stride_or, stride_od, eps,
+    G_ptr, RAW_ptr, NORM_ptr, OUT_ptr, R, D, n_parts, part_stride,
+    stride_rr, stride_rd, stride_or, stride_od, eps,
     NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -81,8 +81,8 @@ def _normalize_backward_kernel(
             ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
             m = row_mask[:, None] & (ks < D)[None, :]
             g = _sum_parts(G_ptr, rows, ks, m, D, n_parts, part_stride)
-            y = tl.load(Y_ptr + rows[:, None] * stride_yr + ks[None, :] * stride_yd, mask=m, other=0.0)
-            dot += tl.sum(tl.div_rn(y.to(tl.float32), den[:, None]) * g, axis=1)
+            raw = tl.load(RAW_ptr + rows[:, None] * stride_rr + ks[None, :] * stride_rd, mask=m, other=0.0)
+            dot += tl.sum(tl.div_rn(raw.to(tl.float32), den[:, None]) * g, axis=1)
         # 2. (g - y <y, g>) / ||x|| where ||x|| > eps, else g / eps (math.h normalize_grad;
         #    F.normalize is linear, x / eps, below eps): both are (g - y c) / max(||x||, eps).
         proj = tl.where(norm > eps, dot, 0.0)
@@ -91,8 +91,8 @@ def _normalize_backward_kernel(
         m = row_mask[:, None] & (ks < D)[None, :]
         g = _sum_parts(G_ptr, rows, ks, m, D, n_parts, part_stride)
         if NORMALIZE:
-            y = tl.load(Y_ptr + rows[:, None] * stride_yr + ks[None, :] * stride_yd, mask=m, other=0.0)
-            g = tl.div_rn(g - tl.div_rn(y.to(tl.float32), den[:, None]) * proj[:, None], den[:, None])
+            raw = tl.load(RAW_ptr + rows[:, None] * stride_rr + ks[None, :] * stride_rd, mask=m, other=0.0)
+            g = tl.div_rn(g - tl.div_rn(raw.to(tl.float32), den[:, None]) * proj[:, None], den[:, None])
         tl.store(OUT_ptr + rows[:, None] * stride_or + ks[None, :] * stride_od,
                  g.to(OUT_ptr.dtype.element_ty), mask=m)
 
