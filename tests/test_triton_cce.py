@@ -344,12 +344,12 @@ def test_gemm_backward_matches_reference(device, monkeypatch, shape, case_kw, lo
 
 def test_gemm_backward_refuses_float16_under_fp16_accumulation(device, monkeypatch):
     # As impl="cuda": cuBLAS has no float16 compute with the float32 outputs
-    # of the extension's GEMMs (nnk.functional._cublas_accumulates_in_fp16,
+    # of the extension's GEMMs (nnk._dispatch.cublas_accumulates_in_fp16,
     # mocked: the setting only matters on CUDA).
     from nnk.impl.triton import function
 
     monkeypatch.setenv("NNK_TRITON_GEMM_BACKWARD", "1")
-    monkeypatch.setattr(function, "_cublas_accumulates_in_fp16", lambda op, dev, dtype: dtype == torch.float16)
+    monkeypatch.setattr(function, "cublas_accumulates_in_fp16", lambda op, dev, dtype: dtype == torch.float16)
     x, w, t, scale, bias = _case(device, torch.float16, 9, 16, 33, scale=8.0, bias=False, ignore=())
     with pytest.raises(ValueError, match="allow_fp16_accumulation"):
         nnk.cosine_cross_entropy(x, w, t, scale=scale, impl="triton")

@@ -81,9 +81,9 @@ def test_bad_input_raises_before_compute(case, impl, monkeypatch):
     def boom(*a, **k):  # any backend call means validation came too late
         raise AssertionError("a backend ran before validation failed")
 
-    import nnk.functional as fn
+    import nnk._dispatch as dispatch
 
-    monkeypatch.setattr(fn, "_backend", lambda impl: boom)
+    monkeypatch.setattr(dispatch, "backend", lambda impl: boom)
     with pytest.raises(exc, match=msg):
         nnk.cosine_cross_entropy(*args, **kwargs)
 
@@ -135,7 +135,7 @@ def test_nnk_impl_env_sets_the_default(monkeypatch):
 
 
 def test_an_impl_from_nnk_impl_that_cannot_run_says_so(monkeypatch):
-    import nnk.functional as fn
+    import nnk._dispatch as dispatch
 
     x, w, t = _ok()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -143,7 +143,7 @@ def test_an_impl_from_nnk_impl_that_cannot_run_says_so(monkeypatch):
     with pytest.raises(ValueError, match=r"impl='triton' \(from the environment variable NNK_IMPL.*\) needs"):
         nnk.cosine_cross_entropy(x, w, t)
     monkeypatch.setenv("NNK_IMPL", "cuda")
-    monkeypatch.setattr(fn, "has_op", lambda op, device_type: False)  # a build without the extension
+    monkeypatch.setattr(dispatch, "has_op", lambda op, device_type: False)  # a build without the extension
     with pytest.raises(ValueError, match=r"impl='cuda' \(from the environment variable NNK_IMPL.*\) needs"):
         nnk.cosine_cross_entropy(x, w, t)
     with pytest.raises(ValueError, match=r"^impl='cuda' needs"):  # an explicit impl names itself only
@@ -212,33 +212,33 @@ def test_auto_takes_the_torch_path_on_gpus_older_than_sm80(monkeypatch):
     # nnk's GPU kernels target sm_80+ (bf16 dots; the extension's SASS/PTX):
     # "auto" must not send a Turing GPU to them. No GPU needed: the capability
     # cache is filled by hand.
-    import nnk.functional as fn
+    import nnk._dispatch as dispatch
 
     cuda0 = torch.device("cuda", 0)
     monkeypatch.delenv("NNK_IMPL", raising=False)
-    monkeypatch.setattr(fn, "_CAPABILITY", {0: (7, 5)})
-    assert fn.resolve_impl("auto", cuda0, torch.float16) == "torch"
+    monkeypatch.setattr(dispatch, "_CAPABILITY", {0: (7, 5)})
+    assert dispatch.resolve_impl("auto", cuda0, torch.float16) == "torch"
 
     @torch.compile(fullgraph=True, backend="eager")
     def picked(x):  # the choice while torch.compile traces, as a number
-        return x + len(fn.resolve_impl("auto", cuda0, torch.float16))
+        return x + len(dispatch.resolve_impl("auto", cuda0, torch.float16))
 
     assert int(picked(torch.zeros(()))) == len("torch")
-    monkeypatch.setattr(fn, "_CAPABILITY", {0: (9, 0)})
-    monkeypatch.setattr(fn, "_triton_usable", lambda device: True)
-    assert fn.resolve_impl("auto", cuda0, torch.bfloat16) == "triton"
+    monkeypatch.setattr(dispatch, "_CAPABILITY", {0: (9, 0)})
+    monkeypatch.setattr(dispatch, "_triton_usable", lambda device: True)
+    assert dispatch.resolve_impl("auto", cuda0, torch.bfloat16) == "triton"
     # While torch.compile traces: the extension's ops (opaque nodes with fake
     # kernels), not the Triton launchers; triton when the extension is absent,
     # and for float16 (see the fp16-accumulation test below).
     @torch.compile(fullgraph=True, backend="eager")
     def picked_bf16(x):
-        return x + len(fn.resolve_impl("auto", cuda0, torch.bfloat16))
+        return x + len(dispatch.resolve_impl("auto", cuda0, torch.bfloat16))
 
-    monkeypatch.setattr(fn, "has_op", lambda op, device_type: True)
+    monkeypatch.setattr(dispatch, "has_op", lambda op, device_type: True)
     torch._dynamo.reset()
     assert int(picked_bf16(torch.zeros(()))) == len("cuda")
     assert int(picked(torch.zeros(()))) == len("triton")
-    monkeypatch.setattr(fn, "has_op", lambda op, device_type: False)
+    monkeypatch.setattr(dispatch, "has_op", lambda op, device_type: False)
     torch._dynamo.reset()
     assert int(picked_bf16(torch.zeros(()))) == len("triton")
 
@@ -248,26 +248,26 @@ def test_cuda_impl_refuses_float16_under_fp16_accumulation(monkeypatch):
     # every float16 GEMM, which cuBLAS lacks for the extension's float32
     # outputs: a clear error before any launch (explicit "cuda"), the torch
     # path instead ("auto" without triton). No GPU needed to resolve.
-    import nnk.functional as fn
+    import nnk._dispatch as dispatch
 
     cuda0 = torch.device("cuda", 0)
     monkeypatch.delenv("NNK_IMPL", raising=False)
-    monkeypatch.setattr(fn, "_CAPABILITY", {0: (9, 0)})
-    monkeypatch.setattr(fn, "_triton_usable", lambda device: False)
-    monkeypatch.setattr(fn, "has_op", lambda op, device_type: True)  # a CUDA build or not
+    monkeypatch.setattr(dispatch, "_CAPABILITY", {0: (9, 0)})
+    monkeypatch.setattr(dispatch, "_triton_usable", lambda device: False)
+    monkeypatch.setattr(dispatch, "has_op", lambda op, device_type: True)  # a CUDA build or not
     matmul = torch.backends.cuda.matmul  # a global flag, not monkeypatch-able
     matmul.allow_fp16_accumulation = True
     try:
         with pytest.raises(ValueError, match="allow_fp16_accumulation"):
-            fn.resolve_impl("cuda", cuda0, torch.float16)
-        assert fn.resolve_impl("auto", cuda0, torch.float16) == "torch"
-        assert fn.resolve_impl("cuda", cuda0, torch.bfloat16) == "cuda"
-        assert fn.resolve_impl("cuda", cuda0, torch.float16, op="nc_class_sums", arg="features") == "cuda"
-        monkeypatch.setattr(fn, "_triton_usable", lambda device: True)
+            dispatch.resolve_impl("cuda", cuda0, torch.float16)
+        assert dispatch.resolve_impl("auto", cuda0, torch.float16) == "torch"
+        assert dispatch.resolve_impl("cuda", cuda0, torch.bfloat16) == "cuda"
+        assert dispatch.resolve_impl("cuda", cuda0, torch.float16, op="nc_class_sums", arg="features") == "cuda"
+        monkeypatch.setattr(dispatch, "_triton_usable", lambda device: True)
 
         @torch.compile(fullgraph=True, backend="eager")
         def picked(x):  # while tracing, "auto" prefers the extension, but not for float16 (flag unread)
-            return x + len(fn.resolve_impl("auto", cuda0, torch.float16))
+            return x + len(dispatch.resolve_impl("auto", cuda0, torch.float16))
 
         torch._dynamo.reset()
         assert int(picked(torch.zeros(()))) == len("triton")
@@ -275,8 +275,8 @@ def test_cuda_impl_refuses_float16_under_fp16_accumulation(monkeypatch):
         matmul.allow_fp16_accumulation = False
     torch._dynamo.reset()
     assert int(picked(torch.zeros(()))) == len("triton")  # flag off: the same while tracing
-    monkeypatch.setattr(fn, "_triton_usable", lambda device: False)
-    assert fn.resolve_impl("auto", cuda0, torch.float16) == "cuda"
+    monkeypatch.setattr(dispatch, "_triton_usable", lambda device: False)
+    assert dispatch.resolve_impl("auto", cuda0, torch.float16) == "cuda"
     torch._dynamo.reset()  # without triton, tracing float16 (flag unread) takes the torch path
     assert int(picked(torch.zeros(()))) == len("torch")
 

@@ -33,7 +33,7 @@ import torch
 from .._options import (
     REDUCTIONS, CCEOptions, _choice, _finite_float, deterministic_flag, flag, float32_options, int_option, make_options,
 )
-from ..functional import autocast_dtype, resolve_impl
+from .._dispatch import autocast_dtype, resolve_impl
 from ..reference import reduce_rows
 from .collectives import all_reduce_max, replicated, sum_over_group
 from .partials import CCEPartials, ShardTerms, check_shard, shard_partials

@@ -40,7 +40,7 @@ from .._options import (
     CCEOptions, _value_check, check_tensors, deterministic_flag, float32_options, int_option, invalid_targets,
     make_options,
 )
-from ..functional import _autocast_operands, run_backend
+from .._dispatch import autocast_operands, run_backend
 from ..ops import row_normalize
 from ..reference import acc_dtype, scale_tensor_ref, target_margin_ref
 
@@ -109,7 +109,7 @@ def check_shard(x, weight_shard, target, scale, bias, opts: CCEOptions, class_st
     return local, scale
 
 
-@_autocast_operands  # x and the shard in the autocast dtype, as nnk.cosine_cross_entropy casts them
+@autocast_operands  # x and the shard in the autocast dtype, as nnk.cosine_cross_entropy casts them
 def shard_partials(x, weight_shard, local_target, scale, bias, opts: CCEOptions, *,
                    impl: str = "auto", deterministic: bool | None = None,
                    with_sum_logits: bool = True) -> ShardTerms:

@@ -21,9 +21,10 @@ from .._options import (
     int_option, invalid_targets,
     make_options,
 )
-from ..functional import autocast_dtype, resolve_impl
+from .._dispatch import autocast_dtype, resolve_impl
 from ..inference import logits_topk
 from ..modules import CosineLinear, default_scale
+from ..reference import acc_dtype
 from .collectives import gather_rows
 from .loss import scale_signature, shard_loss
 from .partials import LOCAL_IGNORE, local_targets
@@ -167,8 +168,7 @@ class ShardedCosineLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_local, self.in_features, **factory))
         scale_shape = (self.num_local,) if per_class_scale else ()
         # float32 like nnk's scales (float64 heads keep a float64 scale for gradcheck-grade tests).
-        scale_t = torch.empty(scale_shape, device=device,
-                              dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        scale_t = torch.empty(scale_shape, device=device, dtype=acc_dtype(dtype))
         self.scale = nn.Parameter(scale_t) if learn_scale else self._scale_init
         self.bias = nn.Parameter(torch.empty(self.num_local, **factory)) if bias else None
         # The state entries that hold one row per class (sharded like the weight).

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..functional import resolve_impl
+from .._dispatch import resolve_impl
 from ..reference import nc_centered_gram_ref, nc_class_sums_ref
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..._options import CCEOptions
-from ...functional import _cublas_accumulates_in_fp16
+from ..._dispatch import cublas_accumulates_in_fp16
 from ...ops import cce as ext_cce
 from ...ops import has_op
 from .. import first_order
@@ -32,7 +32,7 @@ class _TritonCCE(torch.autograd.Function):
                 raise ValueError("NNK_TRITON_GEMM_BACKWARD=1 needs the compiled extension's "
                                  f"nnk::cosine_cross_entropy_bwd for {x.device.type} tensors (nnk._C)")
             # Its float16 GEMMs, as impl="cuda"'s (nnk.functional.resolve_impl).
-            if _cublas_accumulates_in_fp16("cosine_cross_entropy_fwd", x.device, x.dtype):
+            if cublas_accumulates_in_fp16("cosine_cross_entropy_fwd", x.device, x.dtype):
                 raise ValueError("NNK_TRITON_GEMM_BACKWARD=1: the extension's float16 GEMMs cannot run under "
                                  "torch.backends.cuda.matmul.allow_fp16_accumulation = True")
         with on_device(x):
