@@ -6,7 +6,7 @@ import torch
 from . import _dispatch
 from ._dispatch import autocast_operands, resolve_impl
 from ._options import (
-    FLOAT_DTYPES, REDUCTIONS, CCEOptions, _choice, _finite_float, check_tensors, deterministic_flag, flag,
+    FLOAT_DTYPES, REDUCTIONS, CCEOptions, _choice, _finite_float, _is_real, check_tensors, deterministic_flag, flag,
     float32_options, int_option, make_options,
 )
 from .inference import logits_topk, normalized_rows
@@ -140,9 +140,10 @@ def cosine_cross_entropy(
 
 
 def _check_head(x, weight, scale, bias, eps) -> None:
-    """Shapes, dtypes and devices of :func:`cosine_logits`' arguments. No
-    value checks (they would synchronize with the device at every forward of
-    a head; any scale gives well-defined logits)."""
+    """Shapes, dtypes and devices of :func:`cosine_logits`' arguments, and eps
+    as :func:`cosine_cross_entropy` takes it. No value checks of tensors (they
+    would synchronize with the device at every forward of a head; any scale
+    gives well-defined logits)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got "
                         f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -152,20 +153,22 @@ def _check_head(x, weight, scale, bias, eps) -> None:
     c, d = weight.shape
     if x.dim() < 1 or x.shape[-1] != d:
         raise ValueError(f"x must have shape (..., {d}), got {tuple(x.shape)}")
+    if d == 0:
+        raise ValueError("x and weight must have D >= 1 features, got D=0")
     for name, t, shapes in (("scale", scale, ((), (c,))), ("bias", bias, ((c,),))):
-        if not isinstance(t, torch.Tensor):
+        if t is None or (name == "scale" and _is_real(t)):
             continue
-        if tuple(t.shape) not in shapes or t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be a float tensor of shape {' or '.join(map(str, shapes))}, "
-                             f"got {t.dtype} {tuple(t.shape)}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be {'a real number' if name == 'scale' else 'None'} or a tensor, "
+                            f"got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if tuple(t.shape) not in shapes:
+            raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(t.shape)}")
     for name, t in (("weight", weight), ("scale", scale), ("bias", bias)):
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if bias is not None and not isinstance(bias, torch.Tensor):
-        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if not isinstance(scale, torch.Tensor) and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or a tensor, got {type(scale).__name__}")
-    _finite_float("eps", eps, lo=0.0)
+    _finite_float("eps", eps, lo=0.0, lo_open=True, float32=float32_options(x.dtype))
 
 
 def cosine_logits(
@@ -193,13 +196,18 @@ def cosine_logits(
         x: (..., D) floating-point features.
         weight: (C, D) floating-point class weights (another dtype than x's
             computes in x's accumulation dtype).
-        scale: a Python float, a 0-d or a (C,) float tensor (not checked to be > 0).
+        scale: a real number, a 0-d or a (C,) float tensor (not checked to be > 0).
         bias: (C,) float tensor or None.
-        normalize_input, normalize_weight, eps: as :func:`cosine_cross_entropy`.
+        normalize_input, normalize_weight, eps: as :func:`cosine_cross_entropy`
+            (eps > 0, a normal float32 unless x is float64).
 
     Under ``torch.autocast`` the cosine GEMM runs in the autocast dtype (the
     cosines then carry its rounding, about 2^-9 relative in bfloat16); the
-    result is float32 all the same.
+    result is float32 all the same. ``torch.fx.symbolic_trace`` keeps it as
+    one node inside ``CosineLinear``; a module of your own that calls it gets
+    the same with ``from nnk import cosine_logits`` and
+    ``torch.fx.wrap("cosine_logits")`` at its top level (fx then cannot
+    trace into its checks).
 
     Returns:
         (..., C) float32 (float64 for float64 x) logits; for 2-D x the

@@ -911,6 +911,9 @@ def _check_predict(rec, rank, world, tag):
 
     rec.expect_raise(f"{tag}:predict:k_differs", lambda: head.predict(u[lo:hi], 2 if rank == 0 else 3),
                      ValueError, "ranks disagree on k")
+    odd = ShardedCosineLinear(D, C, dtype=torch.float64, scale=5.0, normalize_input=rank != 0)
+    rec.expect_raise(f"{tag}:predict:options_differ", lambda: odd.predict(u[lo:hi], 2), ValueError,
+                     "ranks disagree on options")
     rec.expect_raise(f"{tag}:predict:k_above_C", lambda: head.predict(u[lo:hi], C + 1), ValueError, "k must")
     rec.expect_raise(f"{tag}:predict:bad_features_on_one_rank",
                      lambda: head.predict(u[lo:hi, :-1] if rank == world - 1 else u[lo:hi], 2), ValueError,
@@ -1071,7 +1074,7 @@ def test_module_negative_sampling(ranks):
 
 
 def test_sharded_predict_and_btd_features(ranks):
-    _assert_checks(ranks, "predict", 12)
+    _assert_checks(ranks, "predict", 13)
 
 
 @pytest.mark.parametrize("ranks", [3], ids=["3ranks"], indirect=True)

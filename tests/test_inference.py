@@ -2,6 +2,7 @@
 forward and predict) against the PyTorch expressions their docstrings give."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,14 +70,18 @@ def test_bad_arguments_are_clear_errors():
     bad = [
         (dict(x=x.long()), TypeError, "x must be a floating-point tensor"),
         (dict(x=x[:, :-1]), ValueError, r"x must have shape \(\.\.\., 7\)"),
+        (dict(x=x[:, :0], weight=w[:, :0]), ValueError, "D >= 1"),
         (dict(weight=w[0]), TypeError, r"weight must be a \(C, D\) float tensor"),
         (dict(weight=w.long()), TypeError, r"weight must be a \(C, D\) float tensor"),
-        (dict(scale=scale[:-1]), ValueError, r"scale must be a float tensor of shape \(\) or \(23,\)"),
-        (dict(scale="2"), TypeError, "scale must be a float or a tensor"),
-        (dict(bias=bias[None]), ValueError, r"bias must be a float tensor of shape \(23,\)"),
-        (dict(bias=[0.0] * 23), TypeError, "bias must be a torch.Tensor or None"),
+        (dict(scale=scale[:-1]), ValueError, r"scale must have shape \(\) or \(23,\)"),
+        (dict(scale=scale.long()), TypeError, "scale must be float16, bfloat16, float32 or float64"),
+        (dict(scale="2"), TypeError, "scale must be a real number or a tensor"),
+        (dict(bias=bias[None]), ValueError, r"bias must have shape \(23,\)"),
+        (dict(bias=bias.long()), TypeError, "bias must be float16"),
+        (dict(bias=[0.0] * 23), TypeError, "bias must be None or a tensor"),
         (dict(weight=w.to("meta")), ValueError, "weight is on meta but x is on cpu"),
-        (dict(eps=-1.0), ValueError, "eps"),
+        (dict(eps=0.0), ValueError, "eps must be > 0"),
+        (dict(x=x.float(), weight=w.float(), scale=2.0, bias=None, eps=1e-300), ValueError, "not a normal float32"),
     ]
     for change, exc, msg in bad:
         args = dict(x=x, weight=w, scale=scale, bias=bias) | change
@@ -84,6 +89,9 @@ def test_bad_arguments_are_clear_errors():
             a = dict(args)
             with pytest.raises(exc, match=msg):
                 fn(a.pop("x"), a.pop("weight"), **a)
+    # What cosine_cross_entropy takes too: a numpy scale, a float64 eps below float32's range.
+    torch.testing.assert_close(nnk.cosine_logits(x, w, scale=np.float32(2.0), eps=1e-300),
+                               2.0 * _spelled_out(x, w, 1.0, 0.0))
     for k, exc in ((0, ValueError), (24, ValueError), (1.0, TypeError)):
         with pytest.raises(exc, match="k must"):
             nnk.cosine_topk(x, w, k)

@@ -305,11 +305,13 @@ class ShardedCosineLinear(nn.Module):
             blk = None if block_classes is None else int_option("block_classes", block_classes, lo=1)
             n = self._check_features(features)
             return (k_, blk), {"k": k_, "in_features": features.shape[-1], "features.dtype": str(features.dtype),
-                               "num_classes": self.num_classes, "rows": n, "class_start": self.class_start,
-                               "C_local": self.num_local}
+                               "num_classes": self.num_classes, "options": repr(self.opts),
+                               "autocast": autocast_dtype(features.device), "rows": n,
+                               "class_start": self.class_start, "C_local": self.num_local}
 
-        (k, blk), got = agree(caller, group, describe, ("k", "in_features", "features.dtype", "num_classes"),
-                              info=("rows", "class_start", "C_local"))
+        # The ranks' candidates are compared: they must score alike.
+        same = ("k", "in_features", "features.dtype", "num_classes", "options", "autocast")
+        (k, blk), got = agree(caller, group, describe, same, info=("rows", "class_start", "C_local"))
         check_partition(caller, got["class_start"], got["C_local"], self.num_classes)
         lead, rows = features.shape[:-1], got["rows"]
 
