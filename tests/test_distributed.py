@@ -893,6 +893,11 @@ def _check_predict(rec, rank, world, tag):
         rec.close(f"{tag}:predict:classes_k{k}", classes, want, rtol=0, atol=0)
         rec.close(f"{tag}:predict:cosines_k{k}", cosines, cos.gather(1, want.view(-1, k)).view_as(want))
 
+    none_here = u[lo:lo] if rank == 1 else u[lo:hi]  # a rank without rows still takes part
+    classes, _ = head.predict(none_here, 2)
+    rec.close(f"{tag}:predict:classes_with_a_rank_of_0_rows", classes, logits[:len(none_here)].topk(2).indices,
+              rtol=0, atol=0)
+
     xm = u[lo:hi].view(1, -1, D).clone().requires_grad_()
     loss = head(xm, y[lo:hi].view(1, -1))
     loss.backward()
@@ -1074,7 +1079,7 @@ def test_module_negative_sampling(ranks):
 
 
 def test_sharded_predict_and_btd_features(ranks):
-    _assert_checks(ranks, "predict", 13)
+    _assert_checks(ranks, "predict", 14)
 
 
 @pytest.mark.parametrize("ranks", [3], ids=["3ranks"], indirect=True)

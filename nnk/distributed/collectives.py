@@ -135,3 +135,18 @@ def gather_rows(t: torch.Tensor, sizes: Sequence[int], group=None, grad_scale: f
     if not (t.is_floating_point() and torch.is_grad_enabled() and t.requires_grad):
         return _gather(t.detach(), sizes, group)
     return _GatherRows.apply(t, sizes, group, float(grad_scale))
+
+
+def exchange_rows(t: torch.Tensor, sizes: Sequence[int], group=None) -> torch.Tensor:
+    """The inverse pattern of :func:`gather_rows`: every rank holds a value for
+    every rank's rows (``t``: ``sum(sizes)`` rows in rank order, ``sizes[r]``
+    of them rank r's) and sends rank r its block; returns this rank's blocks
+    from all ranks, ``(world, sizes[rank], ...)`` in source-rank order (an
+    all-to-all; no autograd)."""
+    sizes = [int(n) for n in sizes]
+    rank, world = dist.get_rank(group), len(sizes)
+    rest = t.shape[1:]
+    out = t.new_empty((world * sizes[rank],) + rest)
+    dist.all_to_all_single(out, t.detach().contiguous(), output_split_sizes=[sizes[rank]] * world,
+                           input_split_sizes=sizes, group=group)
+    return out.view((world, sizes[rank]) + rest)

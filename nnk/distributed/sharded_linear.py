@@ -25,7 +25,7 @@ from .._dispatch import autocast_dtype, resolve_impl
 from ..inference import logits_topk
 from ..modules import CosineLinear, default_scale
 from ..reference import acc_dtype
-from .collectives import gather_rows
+from .collectives import exchange_rows, gather_rows
 from .loss import scale_signature, shard_loss
 from .partials import LOCAL_IGNORE, local_targets
 from .rank_checks import agree, check_partition, group_rank
@@ -290,9 +290,9 @@ class ShardedCosineLinear(nn.Module):
 
         The ranks all-gather the features; each ranks the gathered rows
         against its own classes (in tiles, ``block_classes`` columns if given:
-        no (N, C_local) logits); an all-gather of each rank's top k (logit,
-        class, cosine) per row, O(N k world) numbers, and a merge give every
-        rank the top k of its own rows. Classes are ranked by the logits
+        no (N, C_local) logits); an all-to-all sends each rank every rank's
+        top k (logit, class, cosine) for its rows, 3 k numbers per row and
+        peer, and a merge gives it the top k of its own rows. Classes are ranked by the logits
         ``s_c cos + b_c`` (ties may be ordered differently), over all classes
         whatever ``sample_rate``. Returns ``(classes, cosines)``: (..., k) int64 and
         (..., k) float32 (float64 for float64 features), best first."""
@@ -331,11 +331,11 @@ class ShardedCosineLinear(nn.Module):
         packed[:, 1].fill_(self.num_classes)
         packed[:, 2].fill_(math.nan)
         packed[:, 0, :kl], packed[:, 1, :kl], packed[:, 2, :kl] = logits, classes + self.class_start, cosines
-        table = gather_rows(packed.view(n_all, 3 * k), [n_all] * world, group).view(world, n_all, 3, k)
-        # 3. This rank's rows: the ranks' candidates merged, by logit
-        # (descending; NaN first, as topk) then class, by two stable sorts.
-        start = sum(rows[:rank])
-        cand = table[:, start:start + rows[rank]].permute(1, 2, 0, 3).reshape(rows[rank], 3, world * k)
+        # 3. This rank's rows, with every rank's candidates (an all-to-all:
+        # O(n k) numbers per rank and peer), merged by logit (descending; NaN
+        # first, as topk) then class, by two stable sorts.
+        mine = exchange_rows(packed, rows, group)
+        cand = mine.permute(1, 2, 0, 3).reshape(rows[rank], 3, world * k)
         by_class = cand[:, 1].argsort(dim=1, stable=True)
         by_logit = cand[:, 0].gather(1, by_class).argsort(dim=1, descending=True, stable=True)
         best = by_class.gather(1, by_logit)[:, :k]
