@@ -6,7 +6,8 @@ Per case and dtype: the inputs are made on the device; each provider is
 checked (missing ones get a row saying why) and built; then per mode each is
 warmed up (first call timed apart: compilation, autotuning) and sampled in
 interleaved rounds; then one more step per provider measures its peak memory.
-Rows are appended to the CSV as each case finishes.
+Rows are appended to the CSV as each case finishes; a SIGINT inside a case
+keeps the rows of its finished modes, and the rest is written as skipped.
 """
 from __future__ import annotations
 
@@ -127,6 +128,9 @@ _STICKY = ("illegal memory access", "device-side assert", "unspecified launch fa
            "an illegal instruction")
 
 
+INTERRUPTED = "not run: the run was interrupted (SIGINT)"
+
+
 def sticky_cuda_error(e: BaseException) -> bool:
     return any(s in str(e) for s in _STICKY)
 
@@ -160,6 +164,7 @@ class Bench:
         self.deadline = time.monotonic() + args.time_budget if args.time_budget else None
         self.case_ids: set[str] = set()   # the run's cases (main sets them)
         self.sticky: str | None = None    # why the rest is not run, after a sticky CUDA error
+        self.interrupted = False          # a SIGINT arrived inside a case: stop after writing it
 
     def row(self, case: Case, dtype, provider: Provider, mode: str, status: str, notes: str = "", **vals) -> dict:
         r = {"suite": self.args.suite, "op": case.op, "case": case.id, "family": case.family,
@@ -206,85 +211,96 @@ class Bench:
         def stop_reason() -> str:
             return self.sticky or f"time budget of {args.time_budget or 0:g} s used up"
         runs, losses, notes = {}, {}, {}
-        for p in providers:
-            chk = p.check(case, args.device, dtype)
-            if chk.status == "ok" and p.margin_blind and twin in self.case_ids:
-                chk = Check("skipped", same_as_twin)
-            if chk.status == "ok" and out_of_time():
-                # Builds (a cold torch.compile, Triton autotuning) are unbounded:
-                # the rest of the case is skipped, and its finished rows kept.
-                chk = Check("skipped", stop_reason())
-            if chk.status != "ok":
-                for m in modes:
-                    rows[(p.name, m)] = self.row(case, dtype, p, m, chk.status, chk.reason)
-                continue
-            try:
-                runs[p.name] = p.build(case, inputs)
-                losses[p.name] = runs[p.name].loss() if runs[p.name].loss else math.nan
-                notes[p.name] = p.notes(case)
-            except Exception as e:  # noqa: BLE001
-                runs.pop(p.name, None)
-                fail(p, e)
-                _free(args.device)
-        by_name = {p.name: p for p in providers}
-        # Everything alive now (modules imported by the builds, the inputs) is
-        # left out of later collections: the gc.collect() before each memory
-        # measurement then costs milliseconds, not a scan of torch's heap.
-        gc.collect()
-        gc.freeze()
-
-        for mode in modes:
-            steps, iters, extra = {}, {}, {}
-            for name, run in list(runs.items()):
-                if mode not in run.steps:
+        try:
+            for p in providers:
+                chk = p.check(case, args.device, dtype)
+                if chk.status == "ok" and p.margin_blind and twin in self.case_ids:
+                    chk = Check("skipped", same_as_twin)
+                if chk.status == "ok" and out_of_time():
+                    # Builds (a cold torch.compile, Triton autotuning) are unbounded:
+                    # the rest of the case is skipped, and its finished rows kept.
+                    chk = Check("skipped", stop_reason())
+                if chk.status != "ok":
+                    for m in modes:
+                        rows[(p.name, m)] = self.row(case, dtype, p, m, chk.status, chk.reason)
                     continue
-                if out_of_time():
-                    rows[(name, mode)] = self.row(case, dtype, by_name[name], mode, "skipped", stop_reason())
-                    continue
-                slow = by_name[name].slow
                 try:
-                    w = warm_up(run.steps[mode], self.clock, warmup=0 if slow else args.warmup,
-                                min_sample_ms=args.min_sample_ms, max_iters=1 if slow else args.max_iters)
+                    runs[p.name] = p.build(case, inputs)
+                    losses[p.name] = runs[p.name].loss() if runs[p.name].loss else math.nan
+                    notes[p.name] = p.notes(case)
                 except Exception as e:  # noqa: BLE001
-                    fail(by_name[name], e, mode)
-                    run.steps[mode].teardown()
+                    runs.pop(p.name, None)
+                    fail(p, e)
                     _free(args.device)
-                    continue
-                steps[name], iters[name] = run.steps[mode], w.iters
-                extra[name] = [f"first call {w.first_ms / 1e3:.3g} s"] if w.first_ms > 1000 else []
-                extra[name] += w.warnings
+            by_name = {p.name: p for p in providers}
+            # Everything alive now (modules imported by the builds, the inputs) is
+            # left out of later collections: the gc.collect() before each memory
+            # measurement then costs milliseconds, not a scan of torch's heap.
+            gc.collect()
+            gc.freeze()
 
-            def on_error(name, e, mode=mode):
-                fail(by_name[name], e, mode)
-                runs[name].steps[mode].teardown()
-                steps.pop(name, None)
+            for mode in modes:
+                steps, iters, extra = {}, {}, {}
+                for name, run in list(runs.items()):
+                    if mode not in run.steps:
+                        continue
+                    if out_of_time():
+                        rows[(name, mode)] = self.row(case, dtype, by_name[name], mode, "skipped", stop_reason())
+                        continue
+                    slow = by_name[name].slow
+                    try:
+                        w = warm_up(run.steps[mode], self.clock, warmup=0 if slow else args.warmup,
+                                    min_sample_ms=args.min_sample_ms, max_iters=1 if slow else args.max_iters)
+                    except Exception as e:  # noqa: BLE001
+                        fail(by_name[name], e, mode)
+                        run.steps[mode].teardown()
+                        _free(args.device)
+                        continue
+                    steps[name], iters[name] = run.steps[mode], w.iters
+                    extra[name] = [f"first call {w.first_ms / 1e3:.3g} s"] if w.first_ms > 1000 else []
+                    extra[name] += w.warnings
+
+                def on_error(name, e, mode=mode):
+                    fail(by_name[name], e, mode)
+                    runs[name].steps[mode].teardown()
+                    steps.pop(name, None)
+                    _free(args.device)
+
+                mode_deadline = time.monotonic() + args.case_budget / len(modes)
+                if self.deadline is not None:
+                    mode_deadline = min(mode_deadline, self.deadline)
+                samples = interleaved(dict(steps), iters, self.clock, rounds=args.reps, min_rounds=args.min_rounds,
+                                      deadline=mode_deadline, on_error=on_error,
+                                      max_rounds={n: args.min_rounds for n in steps if by_name[n].slow})
+                for name in list(steps):
+                    try:
+                        peak = self.mem.measure(steps[name])
+                    except Exception as e:  # noqa: BLE001
+                        on_error(name, e)
+                        continue
+                    med, p20, p80 = summarize(samples[name])
+                    note = "; ".join(x for x in [notes[name], *extra[name]] if x)
+                    rows[(name, mode)] = self.row(
+                        case, dtype, by_name[name], mode, "ok", note, median_ms=med, p20_ms=p20, p80_ms=p80,
+                        rounds=len(samples[name]), iters=iters[name], peak_mb=peak, tflops=tflops(case, mode, med),
+                        loss=losses[name])
+                    r = rows[(name, mode)]
+                    if mode == "bwd" and by_name[name].grads_in_forward:
+                        r["tflops"] = math.nan
+                        r["notes"] += "; bwd only scales the gradients its forward computed: no TFLOP/s or bound ratio"
+                    print(f"    {mode:6s} {name:20s} {med:10.4g} ms  [{p20:.4g}, {p80:.4g}]  x{len(samples[name])}"
+                          f"  {r['tflops']:8.3g} TFLOP/s  peak {peak:9.4g} MiB", flush=True)
                 _free(args.device)
-
-            mode_deadline = time.monotonic() + args.case_budget / len(modes)
-            if self.deadline is not None:
-                mode_deadline = min(mode_deadline, self.deadline)
-            samples = interleaved(dict(steps), iters, self.clock, rounds=args.reps, min_rounds=args.min_rounds,
-                                  deadline=mode_deadline, on_error=on_error,
-                                  max_rounds={n: args.min_rounds for n in steps if by_name[n].slow})
-            for name in list(steps):
-                try:
-                    peak = self.mem.measure(steps[name])
-                except Exception as e:  # noqa: BLE001
-                    on_error(name, e)
-                    continue
-                med, p20, p80 = summarize(samples[name])
-                note = "; ".join(x for x in [notes[name], *extra[name]] if x)
-                rows[(name, mode)] = self.row(
-                    case, dtype, by_name[name], mode, "ok", note, median_ms=med, p20_ms=p20, p80_ms=p80,
-                    rounds=len(samples[name]), iters=iters[name], peak_mb=peak, tflops=tflops(case, mode, med),
-                    loss=losses[name])
-                r = rows[(name, mode)]
-                if mode == "bwd" and by_name[name].grads_in_forward:
-                    r["tflops"] = math.nan
-                    r["notes"] += "; bwd only scales the gradients its forward computed: no TFLOP/s or bound ratio"
-                print(f"    {mode:6s} {name:20s} {med:10.4g} ms  [{p20:.4g}, {p80:.4g}]  x{len(samples[name])}"
-                      f"  {r['tflops']:8.3g} TFLOP/s  peak {peak:9.4g} MiB", flush=True)
-            _free(args.device)
+        except KeyboardInterrupt:
+            # SIGINT at an outer time limit (bench/gpu_session.sh): the rows
+            # of the finished modes are kept, the rest of the case is skipped,
+            # and main writes the case and stops.
+            self.interrupted = True
+            print(f"    interrupted: {case.id} keeps its finished rows", flush=True)
+            for p in providers:
+                for m in modes:
+                    if (p.name, m) not in rows and not (p.name in runs and m not in runs[p.name].steps):
+                        rows[(p.name, m)] = self.row(case, dtype, p, m, "skipped", INTERRUPTED)
 
         # Emptied rather than deleted: the on_error closures above refer to the name.
         runs.clear()
@@ -346,13 +362,19 @@ def main(argv=None) -> int:
                 if bench.deadline is not None and time.monotonic() > bench.deadline:
                     log.write(bench.skipped(case, dtype, providers, f"time budget of {args.time_budget:g} s used up"))
                     continue
+                if bench.interrupted:
+                    log.write(bench.skipped(case, dtype, providers, INTERRUPTED))
+                    continue
                 print(f"  {case.id} {_dtype_name(dtype)}", flush=True)
                 t0 = time.monotonic()
                 log.write(bench.run_case(case, dtype, providers))
                 print(f"  {case.id} {_dtype_name(dtype)}: {time.monotonic() - t0:.1f} s", flush=True)
     except KeyboardInterrupt:
-        # SIGINT at a hard time limit: the finished cases are in the CSV; the
-        # summary and plots are still written from them.
+        # SIGINT at a hard time limit between two cases: the finished cases
+        # are in the CSV (one inside a case is handled by run_case).
+        bench.interrupted = True
+    if bench.interrupted:
+        # The summary and plots are still written from the finished rows.
         print("bench: interrupted; summarizing the finished cases", flush=True)
 
     info["wall_s"] = round(time.monotonic() - started, 1)

@@ -5,6 +5,11 @@ default is the CPU, where Triton kernels run under TRITON_INTERPRET=1. The
 interpreter flag must be set before any @triton.jit function is defined, so
 this file sets it at configure time and imports nothing from nnk at module
 level. No CUDA query happens at import or collection time on the CPU.
+
+``--gpu-only`` keeps the tests that run on the GPU under ``--device cuda``
+(those taking the ``device`` fixture or marked ``gpu``): about a third of the
+suite. The rest runs the same on any machine and is left to the CPU runs,
+so that a short GPU session spends its time on the kernels.
 """
 import os
 
@@ -15,6 +20,11 @@ def pytest_addoption(parser):
     parser.addoption(
         "--device", default=os.environ.get("NNK_TEST_DEVICE", "cpu"), choices=("cpu", "cuda"),
         help="device of the kernel tests (cpu: Triton under TRITON_INTERPRET=1)",
+    )
+    parser.addoption(
+        "--gpu-only", action="store_true",
+        help="deselect the tests that take neither the device fixture nor the gpu marker "
+             "(with --device cuda: only what runs on the GPU)",
     )
 
 
@@ -33,6 +43,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu-only"):
+        keep, drop = [], []
+        for item in items:
+            on_gpu = "device" in item.fixturenames or item.get_closest_marker("gpu") is not None
+            (keep if on_gpu else drop).append(item)
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = keep
     if config.getoption("--device") == "cuda":
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: run with --device cuda on a GPU machine")

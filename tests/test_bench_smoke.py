@@ -211,6 +211,45 @@ def test_time_budget_stops_inside_a_case(tmp_path):
     assert all(r["status"] in ("ok", "skipped", "unavailable") for r in rows)
 
 
+def test_an_interrupt_inside_a_case_keeps_its_finished_rows(tmp_path, monkeypatch):
+    """SIGINT (bench/gpu_session.sh's hard limit) during a case's second mode:
+    the first mode's rows are written, the rest of that case and the later
+    cases are `skipped` with the reason, and the summary is still written
+    (the cut case lost all its rows before)."""
+    from bench import run
+    from bench.providers import GemmBound, Nnk, Provider
+    from bench.report import read_csv
+    from bench.timing import Step
+
+    class InterruptedInFwd(Provider):
+        name, kind = "interrupted", "peer"
+
+        def build(self, case, inputs):
+            r = GemmBound().build(case, inputs)
+
+            def interrupt():
+                raise KeyboardInterrupt
+
+            r.steps["fwd"] = Step(interrupt)
+            return r
+
+    monkeypatch.setattr(run, "ce_providers", lambda: [Nnk("torch"), InterruptedInFwd(), GemmBound()])
+    shapes = "vision-plain-N256-D512-C10,vision-plain-N256-D512-C100"
+    assert run.main(["--suite", "quick", "--device", "cpu", "--shapes", shapes, "--reps", "2", "--warmup", "0",
+                     "--min-sample-ms", "0.1", "--no-plots", "--out", str(tmp_path), "--tag", "cut"]) == 0
+    rows = read_csv(tmp_path / "cut.csv")
+    status = {(r["case"], r["provider"], r["mode"]): (r["status"], r["notes"]) for r in rows}
+    assert len(status) == len(rows) == 2 * 3 * 3
+    first, second = shapes.split(",")
+    for p in ("nnk-torch", "interrupted", "bound-gemm"):
+        assert status[(first, p, "fwdbwd")][0] == "ok"
+        for case, mode in [(first, "fwd"), (first, "bwd"), *((second, m) for m in ("fwdbwd", "fwd", "bwd"))]:
+            assert status[(case, p, mode)] == ("skipped", run.INTERRUPTED), (case, p, mode)
+    done = next(r for r in rows if (r["case"], r["provider"], r["mode"]) == (first, "nnk-torch", "fwdbwd"))
+    assert math.isfinite(done["median_ms"]) and math.isfinite(done["vs_bound"])
+    assert (tmp_path / "cut_summary.md").exists()
+
+
 def test_margin_blind_providers_run_once_per_shape(tmp_path):
     """Peers without margins compute the same on a shape's ArcFace case as on
     its CosFace case: the second is skipped with a reason (time on a GPU

@@ -331,15 +331,18 @@ def test_load_resharded_checks_the_states_agree(one_rank_group):
 
 
 @pytest.mark.parametrize("impl", ["torch", "cuda", "triton"])
-def test_confident_rows_as_exact_as_single_process(one_rank_group, impl):
+def test_confident_rows_as_exact_as_single_process(one_rank_group, device, impl):
     # The target logit must come from the backend that computed the lse:
     # recomputed on the side, its fp32 rounding times s was the whole loss of
     # these rows (measured before that design: nnk/distributed/partials.py).
-    if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", "cpu"):
-        pytest.skip("the extension nnk._C is not built")
+    # On the test device, each backend's own kernels (triton on CPU tensors
+    # needs the interpreter, which --device cuda leaves off); gloo all-reduces
+    # CUDA tensors too.
+    if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", device.type):
+        pytest.skip(f"the extension nnk._C is not built with {device.type} kernels")
     if impl == "triton":
         pytest.importorskip("triton")
-    x, w, t = _confident_data()
+    x, w, t = (v.to(device) for v in _confident_data())
     single = _confident_errors(x, w, t, lambda a, b: nnk.cosine_cross_entropy(a, b, t, impl=impl, **CONFIDENT))
     sharded = _confident_errors(x, w, t, lambda a, b: cosine_cross_entropy(
         a, b, t, class_start=0, num_classes=C, impl=impl, **CONFIDENT))

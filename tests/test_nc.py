@@ -346,15 +346,17 @@ def test_kernel_impls_equal_torch_impl(device, impl):
 # --- backends ---------------------------------------------------------------------------
 
 
-def test_auto_impl_falls_back_without_the_extension_ops():
+def test_auto_impl_falls_back_without_the_extension_ops(device):
     from nnk.nc._backend import resolve
 
     cpu = torch.device("cpu")
     if os.environ.get("NNK_IMPL") is None:
         assert resolve("auto", cpu, torch.float32) == "torch"
     assert resolve("torch", cpu, torch.float64) == "torch"
+    # On the test device: on CPU tensors triton needs the interpreter, which
+    # --device cuda leaves off (a ValueError before the dtype is looked at).
     with pytest.raises(TypeError, match="features"):
-        resolve("triton", cpu, torch.float64)
+        resolve("triton", device, torch.float64)
     with pytest.raises(ValueError, match="impl"):
         resolve("fast", cpu, torch.float32)
     if not nnk.ops.has_op("nc_class_sums", "cpu"):
@@ -675,24 +677,26 @@ def test_collect_nc_metrics_on_a_tiny_model():
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton", "cuda"])
-def test_empty_batches_add_nothing(impl):
+def test_empty_batches_add_nothing(device, impl):
     # A loader can yield an empty batch (token features filtered by a padding
-    # mask): the tracker and collect_nc_metrics skip it, in both passes.
+    # mask): the tracker and collect_nc_metrics skip it, in both passes. On
+    # the test device (the kernels' empty launches; triton on CPU tensors
+    # needs the interpreter, which --device cuda leaves off).
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    x, y = torch.randn(70, 6), torch.randint(0, 4, (70,))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(device)
+    x, y = torch.randn(70, 6).to(device), torch.randint(0, 4, (70,)).to(device)
     batches = [(x[:30], y[:30]), (x[:0], y[:0]), (x[30:], y[30:])]
     got = collect_nc_metrics(model, batches, 4, impl=impl, progress=False)
     want = collect_nc_metrics(model, [batches[0], batches[2]], 4, impl=impl, progress=False)
     assert got.as_dict() == want.as_dict() and got.nc4 is not None
-    tracker = nnk.NCTracker(4, 6, impl=impl)
+    tracker = nnk.NCTracker(4, 6, device, impl=impl)
     tracker.update(x[:0], y[:0])
     assert tracker.counts.sum() == 0
     with pytest.raises(ValueError, match="labels must have shape"):
         tracker.update(x[:0], y[:1])
     with pytest.raises(ValueError, match="features must"):
-        tracker.update(torch.zeros(0, 5), y[:0])
-    tracker.update(torch.zeros(2, 0, 6), y[:0])  # an empty (B, N, D) batch: B not fixed yet
+        tracker.update(torch.zeros(0, 5, device=device), y[:0])
+    tracker.update(torch.zeros(2, 0, 6, device=device), y[:0])  # an empty (B, N, D) batch: B not fixed yet
     assert tracker.counts.sum() == 0 and tracker.batch is None
 
 

@@ -355,11 +355,13 @@ def test_gemm_backward_refuses_float16_under_fp16_accumulation(device, monkeypat
         nnk.cosine_cross_entropy(x, w, t, scale=scale, impl="triton")
 
 
-def test_float64_is_rejected():
-    x = torch.randn(4, 3, dtype=torch.float64)
+def test_float64_is_rejected(device):
+    # On the test device: under --device cuda the interpreter is off, and
+    # triton on CPU tensors is then a ValueError before the dtype is looked at.
+    x = torch.randn(4, 3, dtype=torch.float64, device=device)
     with pytest.raises(TypeError, match="float64 runs on impl='torch'"):
-        nnk.cosine_cross_entropy(x, torch.randn(5, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long),
-                                 impl="triton")
+        nnk.cosine_cross_entropy(x, torch.randn(5, 3, dtype=torch.float64, device=device),
+                                 torch.zeros(4, dtype=torch.long, device=device), impl="triton")
 
 
 @pytest.fixture(scope="module")
@@ -600,18 +602,18 @@ def test_autotuners_are_per_gpu_model(monkeypatch):
     assert a100.fn is h100.fn is _cce_fwd_tuned.fn and a100.keys == _cce_fwd_tuned.keys
 
 
-def test_float16_rows_below_a_large_eps_keep_their_gradient():
+def test_float16_rows_below_a_large_eps_keep_their_gradient(device):
     # float16 gradient operands left out rows with 0 < norm <= eps (dx / dW
     # errors of 9.8 / 15.9 against 0.029 / 0.013 for the reference at eps=1e-2);
     # the launcher now switches to float32 operands when such rows exist.
     torch.manual_seed(0)
     x, w = torch.randn(8, 16).half(), torch.randn(10, 16).half()
-    t = torch.randint(0, 10, (8,))
+    t = torch.randint(0, 10, (8,)).to(device)
     w[3] = (w[3].float() / w[3].float().norm() * 5e-3).half()  # norm eps / 2
     x[2] = (x[2].float() / x[2].float().norm() * 5e-3).half()
 
     def grads(fn, dtype):
-        xx, ww = x.to(dtype).clone().requires_grad_(), w.to(dtype).clone().requires_grad_()
+        xx, ww = x.to(device, dtype).clone().requires_grad_(), w.to(device, dtype).clone().requires_grad_()
         fn(xx, ww, t, scale=16.0, eps=1e-2).backward()
         return xx.grad.double(), ww.grad.double()
 
