@@ -186,6 +186,33 @@ def invalid_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -
     return (target != ignore_index) & ((target < 0) | (target >= num_classes))
 
 
+def check_operands(x, weight, dtypes=FLOAT_DTYPES, op: str = "") -> tuple[int, int, int]:
+    """x (N, D) and weight (C, D): tensors of one dtype among ``dtypes``, C >= 1;
+    returns ``(N, D, C)``. A TypeError for a type or dtype, else a
+    ValueError, its message led by ``op`` when given."""
+    at = f"{op}: " if op else ""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{at}{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{at}x must be 2-D (N, D), got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"{at}weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
+    n, d = x.shape
+    c = weight.shape[0]
+    if weight.shape[1] != d:
+        raise ValueError(f"{at}weight must have D={d} columns like x {tuple(x.shape)}, "
+                         f"got shape {tuple(weight.shape)}")
+    if c == 0:
+        raise ValueError(f"{at}weight must have at least one class (C >= 1), got C=0")
+    if x.dtype not in dtypes:
+        names = [str(t).removeprefix("torch.") for t in dtypes]
+        raise TypeError(f"{at}x must be {', '.join(names[:-1])} or {names[-1]}, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{at}weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    return n, d, c
+
+
 def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_finite: bool = False):
     """Check shapes, dtypes, devices and values; return ``(target, scale)`` with
     target as int64 and scale as a Python float or a tensor of shape () or
@@ -193,25 +220,11 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_fin
     as float64, whatever x's dtype (each backend casts it as it computes).
     ``check_finite`` also rejects NaN/Inf in x, weight and bias (otherwise
     they propagate, as in PyTorch)."""
-    for name, t in (("x", x), ("weight", weight), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (N, D), got shape {tuple(x.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
-    n, d = x.shape
-    c = weight.shape[0]
-    if weight.shape[1] != d:
-        raise ValueError(f"weight must have D={d} columns like x {tuple(x.shape)}, got shape {tuple(weight.shape)}")
-    if c == 0:
-        raise ValueError("weight must have at least one class (C >= 1), got C=0")
+    n, d, c = check_operands(x, weight)
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if d == 0:
         raise ValueError("x and weight must have D >= 1 features, got D=0")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"target must be int64 or int32, got {target.dtype}")
     if target.shape != (n,):

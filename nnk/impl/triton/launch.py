@@ -7,7 +7,7 @@ import math
 import torch
 import triton
 
-from ..._options import CCEOptions
+from ..._options import CCEOptions, check_operands
 from . import configs
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,23 +46,7 @@ def check_inputs(op: str, x, weight, target, scale, bias) -> None:
     it). Metadata only, no host sync: the values (targets in [0, C) or
     ignore_index, a finite positive scale) are checked by
     ``nnk._options.check_tensors``, which syncs once for them."""
-    for name, t in (("x", x), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{op}: x must be 2-D (N, D), got shape {tuple(x.shape)}")
-    if weight.dim() != 2:
-        raise ValueError(f"{op}: weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
-    n, d = x.shape
-    c = weight.shape[0]
-    if weight.shape[1] != d:
-        raise ValueError(f"{op}: weight must have D={d} columns like x, got shape {tuple(weight.shape)}")
-    if c == 0:
-        raise ValueError(f"{op}: weight must have at least one class (C >= 1)")
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"{op}: weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    n, _, c = check_operands(x, weight, KERNEL_DTYPES, op)
     dev = x.device
     if dev.type != "cuda" and not configs.INTERPRET:
         raise ValueError(f"{op}: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {dev}")
