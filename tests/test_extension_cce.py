@@ -4,6 +4,8 @@ ground truth. On the CPU (CI) this runs the extension's CPU kernels, which
 call the same element functions (csrc/include/nnk/cce_chunk.h, math.h) as the
 CUDA kernels; ``pytest --device cuda`` runs the device-parametrized tests and
 the ``gpu`` ones on a GPU."""
+import math
+
 import pytest
 import torch
 
@@ -28,6 +30,12 @@ def _extension(x, w, t, kw, chunk_rows=None):
     row, lse = cosine_cross_entropy_extension(x, w, t, kw.get("scale", 1.0), kw.get("bias"), opts,
                                               chunk_rows=chunk_rows)
     return reduce_rows(row, t != opts.ignore_index, kw.get("reduction", "mean")), lse
+
+
+def _sum_loss_and_grads(fn, x, w, t, **kw):
+    x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = fn(x, w, t, reduction="sum", **kw)
+    return [loss, *torch.autograd.grad(loss, [x, w])]
 
 
 # --- accuracy on the odd shape, every option ------------------------------------
@@ -399,3 +407,64 @@ def test_cuda_peak_memory_is_one_chunk():
     operands = (n + 3 * c) * d * 4  # normalized W, fp32 dW accumulator, dW, dx
     assert peak < 2 * chunk + 2 * operands, (peak, chunk, operands)
     assert peak < n * c * 4 / 5  # far below the logits
+
+
+# --- the element formulas at their edges (from a mutation run of math.h) ----------
+
+
+@pytest.mark.parametrize("theta", [5e-4, 3e-3, 2e-2])
+def test_arcface_gradient_near_theta_zero(theta, device):
+    """Target angles around math.h's kArcSinMin = 1e-3, where d psi / d cos =
+    cos m + sin m cos / max(sin theta, 1e-3) is clamped (below) or exact
+    (above), in float64 (kernels = reference to 1e-11). Rows exactly
+    parallel to their class would hide d psi / d cos (both normalizations
+    project it out): these are at angle theta. Scale 2: p_t - 1 is O(1)."""
+    g = torch.Generator().manual_seed(5)
+    c, d, n = 11, 8, 6
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    t = torch.arange(n) % c
+    wt = torch.nn.functional.normalize(w[t], dim=1)
+    u = torch.randn(n, d, generator=g, dtype=torch.float64)
+    u = torch.nn.functional.normalize(u - (u * wt).sum(1, keepdim=True) * wt, dim=1)
+    x = 3.0 * (math.cos(theta) * wt + math.sin(theta) * u)
+    x, w, t = x.to(device), w.to(device), t.to(device)
+    kw = dict(scale=2.0, angular_margin=0.5, margin_grad="exact")
+    got = _sum_loss_and_grads(lambda *a, **k: _extension(*a, k)[0], x, w, t, **kw)
+    want = _sum_loss_and_grads(cosine_cross_entropy_ref, x, w, t, **kw)
+    for name, a, b in zip(("loss", "dx", "dW"), got, want):
+        assert (a - b).abs().max() <= 1e-11 * max(1.0, b.abs().max().item()), (name, theta)
+
+
+def test_arcface_gradient_at_the_branch_threshold(device):
+    """cos theta exactly at ArcFace's threshold -cos m (m = pi/3: -1/2 in
+    float32, theta + m = pi): the ArcFace branch (cos >= -cos m), whose
+    derivative there is 0, not the fallback's 1. x = (1, 1, 1, 1) against
+    w_t = (-1, 0, 0, 0): a cosine of exactly -1/2."""
+    x = torch.ones(3, 4, device=device)
+    w = torch.tensor([[-1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0.5], [0.3, -0.2, 0.1, 1.0]], device=device)
+    t = torch.zeros(3, dtype=torch.long, device=device)
+    kw = dict(scale=4.0, angular_margin=math.pi / 3, margin_grad="exact")
+    got = _sum_loss_and_grads(lambda *a, **k: nnk.cosine_cross_entropy(*a, impl="cuda", **k), x, w, t, **kw)
+    want = _sum_loss_and_grads(cosine_cross_entropy_ref, x, w, t, **kw)
+    for name, a, b in zip(("loss", "dx", "dW"), got, want):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), (name, a, b)
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.3, 1.0])
+def test_losses_keep_the_rounding_residue_of_lse_under_a_large_common_bias(ls, device):
+    """A linear head with integer logits in [-3, 3] + 8192 (exact in float32)
+    and C = 8 (1/C exact): the only rounding left in the loss is lse's (half
+    an ulp of 8194: 4.9e-4), which the row loss takes back with lse_lo in
+    both terms, (1 - ls)(lse - z_t + lo) and ls (lse - mean z + lo). Without
+    either residue the loss errs by 1e-4..5e-4; with them by ~2e-7, as the
+    float32 reference does."""
+    g = torch.Generator().manual_seed(1)
+    n, d, c = 64, 3, 8
+    x = torch.randint(-1, 2, (n, d), generator=g).float().to(device)
+    w = torch.randint(-1, 2, (c, d), generator=g).float().to(device)
+    b = torch.full((c,), 8192.0, device=device)
+    t = torch.randint(0, c, (n,), generator=g).to(device)
+    kw = dict(normalize_input=False, normalize_weight=False, label_smoothing=ls, reduction="none")
+    got = nnk.cosine_cross_entropy(x, w, t, bias=b, impl="cuda", **kw).double()
+    truth = cosine_cross_entropy_ref(x.double(), w.double(), t, bias=b.double(), **kw)
+    assert (got - truth).abs().max() <= 2e-6, ((got - truth).abs().max(), ls)

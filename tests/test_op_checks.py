@@ -31,12 +31,12 @@ def fwd(**change):
 
 
 def bwd(**change):
-    a = {**_cce(), **FWD, "exact_margin": True, "grad_loss": torch.ones(N), "lse": torch.zeros(N),
+    a = {**_cce(), **FWD, "exact_margin": True, "grad_loss": torch.ones(N), "grad_lse": None, "lse": torch.zeros(N),
          "lse_lo": torch.zeros(N), "output_mask": [True] * 4, **change}
     opts = [a[k] for k in ("normalize_input", "normalize_weight", "additive_margin", "angular_margin",
                            "exact_margin", "ignore_index", "label_smoothing", "z_loss", "eps", "chunk_rows")]
     return torch.ops.nnk.cosine_cross_entropy_bwd(
-        a["grad_loss"], None, a["x"], a["weight"], a["target"], a["scale"], a["bias"], a["lse"], a["lse_lo"],
+        a["grad_loss"], a["grad_lse"], a["x"], a["weight"], a["target"], a["scale"], a["bias"], a["lse"], a["lse_lo"],
         *opts, a["output_mask"])
 
 
@@ -77,6 +77,7 @@ f8 = torch.float8_e4m3fn
 STRUCTURAL = [
     ("fwd_x_1d", lambda: fwd(x=torch.randn(N)), "x must be 2-D"),
     ("fwd_d_mismatch", lambda: fwd(weight=torch.randn(C, D + 1)), f"weight must have D={D}"),
+    ("fwd_weight_3d", lambda: fwd(weight=torch.randn(C, D, 1)), "weight must be 2-D"),
     ("fwd_no_class", lambda: fwd(weight=torch.randn(0, D), bias=None), "at least one class"),
     ("fwd_x_int", lambda: fwd(x=torch.ones(N, D, dtype=torch.int32)), "x must be float16"),
     ("fwd_x_fp8", lambda: fwd(x=torch.randn(N, D).to(f8), weight=torch.randn(C, D).to(f8)), "x must be float16"),
@@ -99,6 +100,9 @@ STRUCTURAL = [
     ("fwd_angular_nan", lambda: fwd(angular_margin=math.nan), r"angular_margin must be in \[0, pi\]"),
     ("fwd_angular_unnormalized", lambda: fwd(angular_margin=0.5, normalize_weight=False), "angular_margin needs"),
     ("bwd_lse_shape", lambda: bwd(lse=torch.zeros(N + 1)), "lse must have shape"),
+    # (read as (N,) vectors: a shorter one would be read out of bounds)
+    ("bwd_lse_lo_shape", lambda: bwd(lse_lo=torch.zeros(N - 1)), "lse_lo must have shape"),
+    ("bwd_grad_lse_shape", lambda: bwd(grad_lse=torch.ones(N - 1)), "grad_lse must have shape"),
     ("bwd_grad_loss_int", lambda: bwd(grad_loss=torch.ones(N, dtype=torch.long)), "grad_loss must be float16"),
     ("bwd_mask_bias", lambda: bwd(bias=None), "grad_bias without a bias"),
     ("bwd_z_loss_negative", lambda: bwd(z_loss=-1.0), "z_loss must be finite"),

@@ -103,6 +103,11 @@ def test_bad_arguments_are_rejected():
         torch.ops.nnk.nc_class_sums(h, bad, 3)
     with pytest.raises(RuntimeError, match=r"labels must be in \[0, 3\), got 3 at row 7"):
         torch.ops.nnk.nc_centered_gram(h, bad, torch.zeros(3, 4))
+    # Below the range too: without the check the kernels wrote counts[-1] (heap corruption).
+    bad[7] = -1
+    for op, extra in ((torch.ops.nnk.nc_class_sums, (3,)), (torch.ops.nnk.nc_centered_gram, (torch.zeros(3, 4),))):
+        with pytest.raises(RuntimeError, match=r"labels must be in \[0, 3\), got -1 at row 7"):
+            op(h, bad, *extra)
     with pytest.raises(RuntimeError, match="labels must have shape"):
         torch.ops.nnk.nc_class_sums(h, y[:5], 3)
     with pytest.raises(RuntimeError, match="features must be"):
