@@ -435,21 +435,6 @@ def test_arcface_gradient_near_theta_zero(theta, device):
         assert (a - b).abs().max() <= 1e-11 * max(1.0, b.abs().max().item()), (name, theta)
 
 
-def test_arcface_gradient_at_the_branch_threshold(device):
-    """cos theta exactly at ArcFace's threshold -cos m (m = pi/3: -1/2 in
-    float32, theta + m = pi): the ArcFace branch (cos >= -cos m), whose
-    derivative there is 0, not the fallback's 1. x = (1, 1, 1, 1) against
-    w_t = (-1, 0, 0, 0): a cosine of exactly -1/2."""
-    x = torch.ones(3, 4, device=device)
-    w = torch.tensor([[-1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0.5], [0.3, -0.2, 0.1, 1.0]], device=device)
-    t = torch.zeros(3, dtype=torch.long, device=device)
-    kw = dict(scale=4.0, angular_margin=math.pi / 3, margin_grad="exact")
-    got = _sum_loss_and_grads(lambda *a, **k: nnk.cosine_cross_entropy(*a, impl="cuda", **k), x, w, t, **kw)
-    want = _sum_loss_and_grads(cosine_cross_entropy_ref, x, w, t, **kw)
-    for name, a, b in zip(("loss", "dx", "dW"), got, want):
-        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), (name, a, b)
-
-
 @pytest.mark.parametrize("ls", [0.0, 0.3, 1.0])
 def test_losses_keep_the_rounding_residue_of_lse_under_a_large_common_bias(ls, device):
     """A linear head with integer logits in [-3, 3] + 8192 (exact in float32)

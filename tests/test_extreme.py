@@ -345,6 +345,26 @@ def test_arcface_one_feature_dimension(impl, device):
     assert_within_bound(errs, atol=1e-5)
 
 
+def test_arcface_gradient_at_the_branch_threshold(impl, device):
+    # cos theta exactly at ArcFace's threshold -cos m (m = pi/3: -1/2 in
+    # float32, theta + m = pi): the ArcFace branch (cos >= -cos m), whose
+    # derivative there is 0, not the fallback's 1. x = (1, 1, 1, 1) against
+    # w_t = (-1, 0, 0, 0): a cosine of exactly -1/2, at D > 1 (at D = 1 the
+    # normalizations project d psi / d cos out of dx and dW).
+    x = torch.ones(3, 4, device=device)
+    w = torch.tensor([[-1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0.5], [0.3, -0.2, 0.1, 1.0]], device=device)
+    t = torch.zeros(3, dtype=torch.long, device=device)
+    kw = dict(scale=4.0, angular_margin=math.pi / 3, margin_grad="exact", reduction="sum")
+    got, want = [], []
+    for fn, out in ((lambda *a, **k: nnk.cosine_cross_entropy(*a, impl=impl, **k), got),
+                    (cosine_cross_entropy_ref, want)):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = fn(xg, wg, t, **kw)
+        out.extend([loss, *torch.autograd.grad(loss, [xg, wg])])
+    for name, a, b in zip(("loss", "dx", "dW"), got, want):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, b.abs().max().item()), (name, a, b)
+
+
 def test_norm_product_beyond_float32_and_zero_rows_under_a_tiny_eps(impl, device):
     # The kernels divide the raw dot by max(|x|, eps) max(|w|, eps): formed as
     # a product, that overflowed when |x| |w| > 3.4e38 (all cosines 0; the dot
