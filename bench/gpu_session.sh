@@ -69,7 +69,10 @@ WORK="${WORK:-/tmp/nnk_gpu_session}"
 mkdir -p "$OUT_DIR" "$WORK"
 pack() {
   # Written beside WORK and moved: a tar cut short never replaces the last good one.
-  tar czf "$WORK.tgz" -C "$WORK" . 2>/dev/null && mv -f "$WORK.tgz" "$OUT_DIR/session.tgz"
+  # tar exits 1 for a file that grew while read (a log still being written
+  # when the EXIT trap packs): the archive is complete up to then, keep it.
+  tar --warning=no-file-changed -czf "$WORK.tgz" -C "$WORK" . 2>/dev/null
+  (( $? <= 1 )) && mv -f "$WORK.tgz" "$OUT_DIR/session.tgz"
   local f n
   n=$(find "$OUT_DIR" -maxdepth 1 -type f | wc -l)
   for f in "$WORK"/session.log "$WORK"/tests.log "$WORK"/*_headline.csv "$WORK"/*_headline_summary.md \
@@ -143,7 +146,10 @@ if want build; then
   stage build
   # NNK_REQUIRE_CUDA=1: without nvcc or with a CPU torch, setup.py would
   # quietly build the CPU kernels only and the CUDA impl would be missing.
-  tbox "$(box "${BUILD_S:-240}")" env NNK_REQUIRE_CUDA="${NNK_REQUIRE_CUDA:-1}" "$PY" -m pip install --no-index \
+  # NNK_CUDA_ARCHS=90a: the H100 / H200 only (the default 80;90a also
+  # compiles every kernel for sm_80, time the build box does not have).
+  tbox "$(box "${BUILD_S:-240}")" env NNK_REQUIRE_CUDA="${NNK_REQUIRE_CUDA:-1}" \
+    NNK_CUDA_ARCHS="${NNK_CUDA_ARCHS:-90a}" "$PY" -m pip install --no-index \
     --disable-pip-version-check --no-build-isolation --no-deps -e . > "$WORK/build.log" 2>&1
   rc=$?
   echo "build: exit $rc$(boxed $rc) ($(tail -n 1 "$WORK/build.log"))"
@@ -213,7 +219,7 @@ bench_run() {
   local log=$1 budget=$2
   shift 2
   tbox -s INT "$(box $(( budget + 30 )))" "$PY" -m bench --suite full --device "$DEVICE" --out "$WORK" \
-    --time-budget "$budget" "$@" 2>&1 | tee "$WORK/$log" | grep -v '^|'
+    --time-budget "$budget" "$@" 2>&1 | tee "$WORK/$log" | grep --line-buffered -v '^|'
 }
 if want bench; then
   stage bench
@@ -250,7 +256,7 @@ if want ncfp32; then
     # (15-25 s each, 5 calls) would outlast this stage.
     tbox -s INT "$(( $(left) - 15 ))" "$PY" -m bench --suite full --device "$DEVICE" --out "$WORK" --dtype fp32 \
       --shapes nc --providers "${NC_PROVIDERS:-nnk-*,bound-gemm}" --tag "${SLUG}_full_nc-fp32" \
-      --case-budget 30 --time-budget "$(( $(left) - 30 ))" 2>&1 | tee "$WORK/bench_nc_fp32.log" | grep -v '^|'
+      --case-budget 30 --time-budget "$(( $(left) - 30 ))" 2>&1 | tee "$WORK/bench_nc_fp32.log" | grep --line-buffered -v '^|'
   else
     echo "ncfp32: no time left"
   fi

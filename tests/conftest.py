@@ -7,7 +7,8 @@ this file sets it at configure time and imports nothing from nnk at module
 level. No CUDA query happens at import or collection time on the CPU.
 
 ``--gpu-only`` keeps the tests that run on the GPU under ``--device cuda``
-(those taking the ``device`` fixture or marked ``gpu``): about a third of the
+(those taking the ``device`` fixture or marked ``gpu``) and those whose
+outcome depends on the GPU machine (marked ``gpu_machine``): about a third of the
 suite. The rest runs the same on any machine and is left to the CPU runs,
 so that a short GPU session spends its time on the kernels.
 """
@@ -46,7 +47,8 @@ def pytest_collection_modifyitems(config, items):
     if config.getoption("--gpu-only"):
         keep, drop = [], []
         for item in items:
-            on_gpu = "device" in item.fixturenames or item.get_closest_marker("gpu") is not None
+            on_gpu = "device" in item.fixturenames or any(
+                item.get_closest_marker(m) is not None for m in ("gpu", "gpu_machine"))
             (keep if on_gpu else drop).append(item)
         if drop:
             config.hook.pytest_deselected(items=drop)

@@ -86,6 +86,7 @@ def test_the_built_ops_have_the_sources_schemas():
         assert str(getattr(torch.ops.nnk, name).default._schema) == expected, name
 
 
+@pytest.mark.gpu_machine
 @pytest.mark.skipif(SKIPPED_BUILD or os.environ.get("NNK_NO_CUDA") == "1",
                     reason="extension or its CUDA sources skipped on purpose (NNK_NO_EXT / NNK_NO_CUDA)")
 def test_cuda_sources_built_when_toolkit_present():
@@ -97,6 +98,7 @@ def test_cuda_sources_built_when_toolkit_present():
         assert has_op(op, "cuda"), op
 
 
+@pytest.mark.gpu_machine  # (where CUDA could be initialized at all)
 def test_import_does_not_initialize_cuda():
     code = "import torch, nnk; assert not torch.cuda.is_initialized(); print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
