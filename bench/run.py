@@ -6,8 +6,10 @@ Per case and dtype: the inputs are made on the device; each provider is
 checked (missing ones get a row saying why) and built; then per mode each is
 warmed up (first call timed apart: compilation, autotuning) and sampled in
 interleaved rounds; then one more step per provider measures its peak memory.
-Rows are appended to the CSV as each case finishes; a SIGINT inside a case
-keeps the rows of its finished modes, and the rest is written as skipped.
+Rows are appended to the CSV as each case finishes. A SIGINT (an outer time
+limit) keeps the rows of the finished cases and of the interrupted case's
+finished modes, writes the rest as skipped, still writes the summary, and
+exits with status 130.
 """
 from __future__ import annotations
 
@@ -352,27 +354,33 @@ def main(argv=None) -> int:
     meta_path.write_text(json.dumps(info, indent=2))
     print(f"bench: {args.suite} suite on {env['device']} ({', '.join(info['dtypes'])}) -> {csv_path}", flush=True)
 
+    def providers_of(case: Case) -> list[Provider]:
+        return ce if case.op == CE_OP else nc
+
+    todo = [(dtype, case) for dtype in args.dtypes for case in cases]
     try:
-        for dtype in args.dtypes:
-            for case in cases:
-                providers = ce if case.op == CE_OP else nc
-                if bench.sticky is not None:
-                    log.write(bench.skipped(case, dtype, providers, bench.sticky))
-                    continue
-                if bench.deadline is not None and time.monotonic() > bench.deadline:
-                    log.write(bench.skipped(case, dtype, providers, f"time budget of {args.time_budget:g} s used up"))
-                    continue
-                if bench.interrupted:
-                    log.write(bench.skipped(case, dtype, providers, INTERRUPTED))
-                    continue
+        while todo:
+            dtype, case = todo[0]
+            if bench.sticky is not None:
+                rows = bench.skipped(case, dtype, providers_of(case), bench.sticky)
+            elif bench.deadline is not None and time.monotonic() > bench.deadline:
+                rows = bench.skipped(case, dtype, providers_of(case), f"time budget of {args.time_budget:g} s used up")
+            elif bench.interrupted:
+                rows = bench.skipped(case, dtype, providers_of(case), INTERRUPTED)
+            else:
                 print(f"  {case.id} {_dtype_name(dtype)}", flush=True)
                 t0 = time.monotonic()
-                log.write(bench.run_case(case, dtype, providers))
+                rows = bench.run_case(case, dtype, providers_of(case))
                 print(f"  {case.id} {_dtype_name(dtype)}: {time.monotonic() - t0:.1f} s", flush=True)
+            todo.pop(0)
+            log.write(rows)
     except KeyboardInterrupt:
-        # SIGINT at a hard time limit between two cases: the finished cases
-        # are in the CSV (one inside a case is handled by run_case).
+        # SIGINT at a hard time limit outside a case's modes (run_case keeps
+        # the finished modes of one inside them): while the inputs were made,
+        # a case was cleaned up or between two cases.
         bench.interrupted = True
+    for dtype, case in todo:  # the case cut outside its modes, and the later ones
+        log.write(bench.skipped(case, dtype, providers_of(case), INTERRUPTED))
     if bench.interrupted:
         # The summary and plots are still written from the finished rows.
         print("bench: interrupted; summarizing the finished cases", flush=True)
@@ -391,4 +399,4 @@ def main(argv=None) -> int:
     if bench.sticky is not None:
         print(f"bench: stopped early, {bench.sticky}", flush=True)
         return 3
-    return 0
+    return 130 if bench.interrupted else 0

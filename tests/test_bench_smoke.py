@@ -236,7 +236,7 @@ def test_an_interrupt_inside_a_case_keeps_its_finished_rows(tmp_path, monkeypatc
     monkeypatch.setattr(run, "ce_providers", lambda: [Nnk("torch"), InterruptedInFwd(), GemmBound()])
     shapes = "vision-plain-N256-D512-C10,vision-plain-N256-D512-C100"
     assert run.main(["--suite", "quick", "--device", "cpu", "--shapes", shapes, "--reps", "2", "--warmup", "0",
-                     "--min-sample-ms", "0.1", "--no-plots", "--out", str(tmp_path), "--tag", "cut"]) == 0
+                     "--min-sample-ms", "0.1", "--no-plots", "--out", str(tmp_path), "--tag", "cut"]) == 130
     rows = read_csv(tmp_path / "cut.csv")
     status = {(r["case"], r["provider"], r["mode"]): (r["status"], r["notes"]) for r in rows}
     assert len(status) == len(rows) == 2 * 3 * 3
@@ -247,6 +247,41 @@ def test_an_interrupt_inside_a_case_keeps_its_finished_rows(tmp_path, monkeypatc
             assert status[(case, p, mode)] == ("skipped", run.INTERRUPTED), (case, p, mode)
     done = next(r for r in rows if (r["case"], r["provider"], r["mode"]) == (first, "nnk-torch", "fwdbwd"))
     assert math.isfinite(done["median_ms"]) and math.isfinite(done["vs_bound"])
+    assert (tmp_path / "cut_summary.md").exists()
+
+
+def test_an_interrupt_outside_a_cases_modes_is_recorded(tmp_path, monkeypatch):
+    """SIGINT while a case's inputs are made (outside run_case's modes): the
+    finished case keeps its rows, the cut case and the later ones are written
+    as interrupted (the cut case was missing from the CSV and the later ones
+    said "time budget used up" before), the summary is written and the exit
+    status is 130."""
+    from bench import run
+    from bench.providers import CEInputs, GemmBound, Nnk
+    from bench.report import read_csv
+
+    made = []
+
+    def inputs(case, *args):
+        made.append(case.id)
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        return CEInputs(case, *args)
+
+    monkeypatch.setattr(run, "CEInputs", inputs)
+    monkeypatch.setattr(run, "ce_providers", lambda: [Nnk("torch"), GemmBound()])
+    shapes = ["vision-plain-N256-D512-C10", "vision-plain-N256-D512-C100", "vision-plain-N256-D512-C1000"]
+    assert run.main(["--suite", "quick", "--device", "cpu", "--shapes", ",".join(shapes), "--reps", "2",
+                     "--warmup", "0", "--min-sample-ms", "0.1", "--no-plots", "--out", str(tmp_path),
+                     "--tag", "cut", "--modes", "fwdbwd", "--time-budget", "3600"]) == 130
+    assert made == shapes[:2]
+    rows = read_csv(tmp_path / "cut.csv")
+    status = {(r["case"], r["provider"]): (r["status"], r["notes"]) for r in rows}
+    assert len(status) == len(rows) == 3 * 2
+    for p in ("nnk-torch", "bound-gemm"):
+        assert status[(shapes[0], p)][0] == "ok"
+        for case in shapes[1:]:
+            assert status[(case, p)] == ("skipped", run.INTERRUPTED), (case, p)
     assert (tmp_path / "cut_summary.md").exists()
 
 
