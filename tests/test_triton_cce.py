@@ -222,6 +222,80 @@ def test_splits_and_class_chunks(device, deterministic):
     _check(_triton_fn(deterministic, class_splits=9, row_splits=5), x, w, t, scale, bias, kw)
 
 
+def test_autotuning_starts_each_run_from_zero(device, monkeypatch):
+    """Autotuning times every candidate on the real arguments, several runs
+    each, and the backward adds into its accumulators: each timed run and the
+    launch after the timing must start from zero. Two candidates, timed by a
+    stand-in benchmark that runs each twice (the interpreter has no GPU timer)
+    and picks the second (not the interpreter's config), over five class
+    chunks; with every accumulator, and with those of d s and d b absent
+    (None: triton 3.6's restore_value called .clone() on them and failed)."""
+    if device.type != "cpu":
+        pytest.skip("the GPU autotunes every Triton test already")
+    import triton
+
+    from nnk.impl.triton import backward
+
+    timed = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        timed.append(len(timed))
+        return [-float(len(timed))] * len(quantiles)  # the later candidate is faster
+
+    options = dict(backward._cce_bwd_tuned._options, do_bench=bench, configs=[
+        triton.Config({"BLOCK_N": 64, "BLOCK_C": 256, "BLOCK_D": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_N": 32, "BLOCK_C": 128, "BLOCK_D": 32}, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(backward, "_cce_bwd_tuned", backward.PerDeviceAutotune(backward._cce_bwd_kernel, **options))
+    fn = _triton_fn(False, class_chunk=256)
+    kw = dict(angular_margin=0.5, label_smoothing=0.05)
+    x, w, t, scale, bias = _case(device, F32, 97, 59, 1031, scale="class", bias=True, ignore=(4,))
+    _check(fn, x, w, t, scale, bias, kw)
+    _check(fn, x, w, t, 10.0, None, kw)
+    assert len(timed) == 4, timed  # two keys (with and without d s, d b), two candidates each
+
+
+def test_autotuning_refuses_a_later_chunk():
+    """The accumulators are zero when autotuning starts only at the first class
+    chunk (later chunks hold earlier ones' sums): the hook zeroing them says
+    so rather than dropping gradients, should a later chunk ever be tuned."""
+    from nnk.impl.triton.backward import _zero_accumulators
+
+    acc = dict(DX_ptr=torch.ones(3), DW_ptr=None, DB_ptr=torch.ones(2), DS_ptr=None)
+    with pytest.raises(RuntimeError, match="class chunk after the first"):
+        _zero_accumulators(dict(acc, c_lo=256))
+    _zero_accumulators(dict(acc, c_lo=256), reset_only=True)  # after the timing: the tuned launch is next
+    assert not acc["DX_ptr"].any() and not acc["DB_ptr"].any()
+
+
+def test_class_major_split_stays_within_the_scratch_budget(monkeypatch):
+    """Deterministic mode: the class-major pass's float32 partials, d wn
+    (parts, chunk, D) and d s, d b (parts, chunk) each, stay within
+    SCRATCH_BYTES on GPUs of 108-148 SMs up to D = 8192 and C = 10^7 (at
+    D = 8192 an H100's 17 parts took the 256-class chunk floor to 136 MiB of
+    d wn, and d s, d b were (parts, C) whatever the chunk: 1.3 GiB at 10^7)."""
+    from types import SimpleNamespace
+
+    from nnk.impl.triton import configs
+
+    cuda = torch.device("cuda")
+    for sms in (108, 132, 148):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev, sms=sms: SimpleNamespace(
+            multi_processor_count=sms))
+        for n in (1, 1024, 8192, 1 << 20):
+            for c in (1, 1000, 131072, 10**7):
+                for d in (1, 64, 512, 4096, 6144, 8192):
+                    for with_dw in (False, True):
+                        parts, chunk = configs.class_major_split(n, c, d, cuda, with_dw)
+                        assert parts >= 1 and 1 <= chunk <= c, (sms, n, c, d, with_dw, parts, chunk)
+                        assert chunk == c or chunk % 256 == 0
+                        live = 4 * parts * chunk * ((d if with_dw else 0) + 2)
+                        assert live <= configs.SCRATCH_BYTES, (sms, n, c, d, with_dw, parts, chunk)
+        # Few class blocks per chunk (32 at D = 4096) still get row splits.
+        assert configs.class_major_split(8192, 131072, 4096, cuda, True)[0] > 1
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_programs_in_reverse_order(device, deterministic, monkeypatch):
     """A GPU runs a grid's programs in any order; the interpreter runs them in

@@ -136,7 +136,8 @@ def _cce_bwd_kernel(
     minor_lo = split * n_minor // n_splits
     minor_hi = (split + 1) * n_minor // n_splits
     # Per-class accumulators: one buffer shared by all row blocks (atomics) in
-    # ROW_MAJOR mode, one slice per split, owned by this program, otherwise.
+    # ROW_MAJOR mode, one row of the chunk's per-split block, owned by this
+    # program, otherwise.
     if ROW_MAJOR:
         part = 0
     else:
@@ -176,7 +177,10 @@ def _cce_bwd_kernel(
         p = tl.exp((z - lse[:, None]) - lse_lo[:, None])
         dz = (g[:, None] * p - shift[:, None] - tl.where(is_t, hit[:, None], 0.0)) + coef_z[:, None] * p
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
-        vec_ptrs = part * C + cols
+        if ROW_MAJOR:
+            vec_ptrs = cols                     # the call's (C,) vector
+        else:
+            vec_ptrs = part * c_count + local   # this split's row of the chunk's (parts, c_count) block
         if HAS_DB:
             _accumulate(DB_ptr + vec_ptrs, tl.sum(dz, axis=0), col_mask, ROW_MAJOR)
         if HAS_DS:
@@ -219,6 +223,24 @@ def _cce_bwd_kernel(
                                 col_mask[:, None] & k_mask[None, :], ROW_MAJOR)
 
 
+def _zero_accumulators(kwargs: dict, reset_only: bool = False) -> None:
+    """The autotuner's hook before each timed run of a candidate and after
+    the last (``reset_only``): zero the gradient accumulators, which the runs
+    add to. Zero is their value whenever autotuning happens: it happens at the
+    first launch of a key, every launch of one backward has the same key
+    (C_BUCKET is of the whole C; c_lo is not in the key), and the first, of
+    the chunk at c_lo = 0, gets freshly zeroed buffers. ``restore_value``
+    would clone them instead (an (N, D) float32 d xn buffer: 2 GiB more at
+    N = 65536, D = 8192), and triton 3.6 fails on its None entries (a
+    gradient not asked for)."""
+    if not reset_only and kwargs["c_lo"] != 0:
+        raise RuntimeError("cce_backward: autotuning at a class chunk after the first would drop the "
+                           "gradients accumulated by the earlier chunks")
+    for name in ("DX_ptr", "DW_ptr", "DB_ptr", "DS_ptr"):
+        if kwargs[name] is not None:
+            kwargs[name].zero_()
+
+
 _cce_bwd_tuned = PerDeviceAutotune(
     _cce_bwd_kernel,
     configs=configs.BWD_CONFIGS,
@@ -229,9 +251,7 @@ _cce_bwd_tuned = PerDeviceAutotune(
     key=["N_BUCKET", "C_BUCKET", "D", "ROW_MAJOR", "NORM_X", "NORM_W", "HAS_CLASS_SCALE", "HAS_BIAS",
          "HAS_ARC", "EXACT_MARGIN", "HAS_DX", "HAS_DW", "HAS_DB", "HAS_DS", "UPCAST", "SPLIT_GRAD",
          "HAS_FILTER"],
-    # Benchmarking runs the kernel several times: the accumulators must come
-    # back to their values before each run and before the real one.
-    restore_value=["DX_ptr", "DW_ptr", "DB_ptr", "DS_ptr"],
+    pre_hook=_zero_accumulators,
 )
 
 
@@ -273,8 +293,9 @@ def cce_backward(
         need_*: which gradients to compute.
         class_splits: programs per row block in the row-major pass.
         row_splits: programs per class block in the class-major pass (deterministic mode).
-        class_chunk: classes per launch while a float32 (chunk, D) d wn buffer is live
-            (default :func:`configs.class_chunk`).
+        class_chunk: classes per launch while their float32 d wn (and, in deterministic
+            mode, per-split d s, d b) partials are live (default :func:`configs.class_chunk`,
+            :func:`configs.class_major_split` in deterministic mode).
         grad_filter: tolerance of the sparse backward, 0 for the exact one
             (default: ``configs.grad_filter()``, from NNK_TRITON_GRAD_FILTER).
 
@@ -362,44 +383,43 @@ def cce_backward(
         triton.cdiv(n, configs.NOMINAL_BLOCK_N), c, configs.NOMINAL_BLOCK_C, dev, 4 * n * d)
     dx_part = torch.zeros(splits, n, d, **f32) if need_dx else None
     row_dw = atomic and need_dw
-    db_vec = torch.zeros(1, c, **f32) if atomic and need_db else None
-    ds_vec = torch.zeros(1, c, **f32) if atomic and need_ds else None
-    if n > 0 and (need_dx or row_dw or db_vec is not None or ds_vec is not None):
-        chunk = (class_chunk or configs.class_chunk(c, d, 1)) if row_dw else c
+    db = torch.zeros(c, **f32) if need_db else None
+    ds = torch.zeros(c, **f32) if need_ds else None
+    row_db, row_ds = (db, ds) if atomic else (None, None)
+    if n > 0 and (need_dx or row_dw or row_db is not None or row_ds is not None):
+        chunk = (class_chunk or configs.class_chunk(c, d)) if row_dw else c
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
         for c0 in range(0, c, chunk):
             count = min(chunk, c - c0)
             dw_buf = torch.zeros(1, count, d, **f32) if row_dw else None
-            run(grid, dx_part, dw_buf, db_vec, ds_vec, c0, count, True)
+            run(grid, dx_part, dw_buf, row_db, row_ds, c0, count, True)
             if row_dw:
                 finish_dw(dw_buf, c0, count)
     elif row_dw:
         dw.zero_()
 
     # 2. Class-major pass (deterministic mode): d wn, d s, d b, each class block
-    #    owned by one program per row split, rows visited in a fixed order.
+    #    owned by one program per row split, rows visited in a fixed order;
+    #    per chunk, the splits' partials are summed in order.
     if not atomic and (need_dw or need_db or need_ds):
-        parts = row_splits or configs.num_splits(
-            triton.cdiv(min(c, configs.class_chunk(c, d, 1)), configs.NOMINAL_BLOCK_C), n,
-            configs.NOMINAL_BLOCK_N, dev)
-        chunk = (class_chunk or configs.class_chunk(c, d, parts)) if need_dw else c
-        db_vec = torch.zeros(parts, c, **f32) if need_db else None
-        ds_vec = torch.zeros(parts, c, **f32) if need_ds else None
+        parts, chunk = configs.class_major_split(n, c, d, dev, need_dw)
+        parts, chunk = row_splits or parts, class_chunk or chunk
         for c0 in range(0, c, chunk):
             count = min(chunk, c - c0)
             dw_buf = torch.zeros(parts, count, d, **f32) if need_dw else None
+            db_buf = torch.zeros(parts, count, **f32) if need_db else None
+            ds_buf = torch.zeros(parts, count, **f32) if need_ds else None
             grid = lambda meta, count=count: (triton.cdiv(count, meta["BLOCK_C"]), parts)  # noqa: E731
-            run(grid, None, dw_buf, db_vec, ds_vec, c0, count, False)
+            run(grid, None, dw_buf, db_buf, ds_buf, c0, count, False)
             if need_dw:
                 finish_dw(dw_buf, c0, count)
+            for buf, out in ((db_buf, db), (ds_buf, ds)):
+                if buf is not None:
+                    torch.sum(buf, dim=0, out=out[c0:c0 + count])
 
     # 3. Through the normalization of x (summing the class splits in order).
     dx = None
     if need_dx:
         dx = torch.empty(n, d, dtype=x.dtype, device=dev)
         normalize_backward(dx_part, x, xnorm, opts.eps, dx)
-    return Grads(
-        dx, dw,
-        ds_vec.sum(dim=0) if ds_vec is not None else None,
-        db_vec.sum(dim=0) if db_vec is not None else None,
-    )
+    return Grads(dx, dw, ds, db)

@@ -76,7 +76,7 @@ def grad_filter() -> float:
 
 # Bytes of float32 scratch the backward aims at per gradient accumulator: the
 # d xn partials of the class splits (at least one (N, D) buffer) and the d wn
-# of one class chunk.
+# partials of one class chunk (with the deterministic mode's d s, d b ones).
 # Above it the classes are processed in chunks, so peak memory does not grow
 # with C * D: it must stay below 5% of the N x C float32 logits (215 MB at
 # N = 8192, C = 131072).
@@ -155,9 +155,24 @@ def num_splits(major: int, minor: int, minor_block: int, device: torch.device,
     return max(1, min(want, triton.cdiv(minor, minor_block), cap))
 
 
-def class_chunk(c: int, d: int, parts: int) -> int:
-    """Classes per backward launch so that ``parts`` float32 (chunk, D)
-    d wn buffers stay within SCRATCH_BYTES (a multiple of 256 classes)."""
-    per_class = 4 * d * max(parts, 1)
-    chunk = max(256, (SCRATCH_BYTES // per_class) // 256 * 256)
-    return min(c, chunk)
+def class_major_split(n: int, c: int, d: int, device: torch.device, with_dw: bool) -> tuple[int, int]:
+    """(parts, chunk) of the deterministic mode's class-major pass: row splits
+    per class block, and classes per launch, such that the float32 partials
+    live at once, (parts, chunk, D) d wn (``with_dw``) and two (parts, chunk)
+    d s, d b, stay within SCRATCH_BYTES. The splits are counted for the
+    chunk of one part and then capped so that a chunk of 256 classes fits
+    (8 parts at D = 8192): uncapped, up to 17 parts on an H100 took the
+    256-class floor of class_chunk past the budget (136 MiB at D = 8192)."""
+    per_class = 4 * ((d if with_dw else 0) + 2)
+    one_part = min(c, max(256, SCRATCH_BYTES // per_class // 256 * 256))
+    parts = num_splits(triton.cdiv(one_part, NOMINAL_BLOCK_C), n, NOMINAL_BLOCK_N, device)
+    parts = max(1, min(parts, SCRATCH_BYTES // (per_class * 256)))
+    chunk = min(c, max(256, SCRATCH_BYTES // (per_class * parts) // 256 * 256))
+    return parts, chunk
+
+
+def class_chunk(c: int, d: int) -> int:
+    """Classes per launch of the row-major backward pass so that its float32
+    (chunk, D) d wn buffer stays within SCRATCH_BYTES (a multiple of 256
+    classes; 2048 at D = 8192)."""
+    return min(c, max(256, SCRATCH_BYTES // (4 * d) // 256 * 256))

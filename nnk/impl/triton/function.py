@@ -8,7 +8,7 @@ from ..._options import CCEOptions
 from ..._dispatch import cublas_accumulates_in_fp16
 from ...ops import cce as ext_cce
 from ...ops import has_op
-from .. import first_order
+from .. import fused_backward
 from . import configs
 from .backward import cce_backward
 from .forward import cce_forward
@@ -44,7 +44,7 @@ class _TritonCCE(torch.autograd.Function):
         return fwd.row, fwd.lse
 
     @staticmethod
-    @first_order
+    @fused_backward
     def backward(ctx, g_row, g_lse):
         x, weight, target, s, b, cos_t, lse, lse_lo, xnorm, wnorm = ctx.saved_tensors
         need = ctx.needs_input_grad[:4]
