@@ -95,13 +95,21 @@ def margin_grad_ref(cos_t: torch.Tensor, angular_margin: float, exact: bool) -> 
 
 
 class _Margin(torch.autograd.Function):
-    """psi(cos_t) with the finite derivative of :func:`margin_grad_ref`."""
+    """psi(cos_t) with the finite derivative of :func:`margin_grad_ref`. A
+    separate setup_context and a generated vmap rule let ``torch.func``
+    (grad, vmap, jacrev) run through the reference."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, cos_t, angular_margin, additive_margin, exact):
+    def forward(cos_t, angular_margin, additive_margin, exact):
+        return margin_value_ref(cos_t, angular_margin, additive_margin)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        cos_t, angular_margin, _, exact = inputs
         ctx.save_for_backward(cos_t)
         ctx.angular_margin, ctx.exact = angular_margin, exact
-        return margin_value_ref(cos_t, angular_margin, additive_margin)
 
     @staticmethod
     def backward(ctx, grad):
