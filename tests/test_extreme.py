@@ -313,6 +313,31 @@ def test_autocast_casts_the_operands(impl, device):
         assert torch.isfinite(w.grad).all() and torch.isfinite(x.grad).all()
 
 
+def test_backward_inside_autocast(impl, device):
+    """loss.backward() inside the torch.autocast block, as many training loops
+    call it, gives the gradients of a backward after the block: the backward
+    runs with autocast off, as the forward does (the blockwise backward's
+    matmuls were cast to bf16: a scatter dtype error)."""
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(9, 16, generator=g), torch.randn(11, 16, generator=g),
+              torch.full((11,), 16.0) + torch.rand(11, generator=g), torch.randn(11, generator=g)]
+    t = torch.randint(0, 11, (9,), generator=g).to(device)
+    kw = dict(angular_margin=0.3, label_smoothing=0.1, z_loss=1e-3, impl=impl)
+    grads = []
+    for inside in (False, True):
+        x, w, s, b = (v.to(device).requires_grad_(True) for v in leaves)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss, lse = nnk.cosine_cross_entropy(x, w, t, scale=s, bias=b, return_lse=True, **kw)
+            if inside:
+                (loss + lse.sum()).backward()
+        if not inside:
+            (loss + lse.sum()).backward()
+        grads.append([v.grad for v in (x, w, s, b)])
+    for outside, inside in zip(*grads):
+        assert inside.dtype == outside.dtype == torch.float32
+        assert torch.equal(inside, outside)
+
+
 def test_ignore_index_at_or_above_num_classes(impl, device):
     # A pad label equal to C (or any value outside [0, C)) as ignore_index, as
     # F.cross_entropy allows; the range check used to reject it.

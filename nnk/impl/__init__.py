@@ -7,12 +7,18 @@ import functools
 import torch
 
 
-def first_order(backward):
-    """``once_differentiable`` for a backward, plus a clear error where a
-    higher-order gradient is asked for (``create_graph=True``, e.g. a
-    gradient penalty). ``once_differentiable`` alone only raises when an
-    upstream gradient requires grad; otherwise the gradients would come back
-    silently detached and the penalty's own gradient would be dropped."""
+def fused_backward(backward):
+    """The decorator of the fused ops' backward methods.
+
+    - Autocast off, as the forward ran (``_dispatch.autocast_operands``): a
+      backward runs under the autocast state of the code that calls
+      ``.backward()``, often still inside the ``torch.autocast`` block, where
+      the float32 gradient GEMMs would be cast to 16 bits.
+    - ``once_differentiable``, plus a clear error where a higher-order
+      gradient is asked for (``create_graph=True``, e.g. a gradient penalty).
+      ``once_differentiable`` alone only raises when an upstream gradient
+      requires grad; otherwise the gradients would come back silently
+      detached and the penalty's own gradient would be dropped."""
     inner = torch.autograd.function.once_differentiable(backward)
 
     @functools.wraps(backward)
@@ -22,6 +28,8 @@ def first_order(backward):
                 "nnk.cosine_cross_entropy is differentiable once: its gradient has no graph "
                 "(create_graph=True / double backward is not supported). For gradient penalties "
                 "use nnk.reference.cosine_cross_entropy_ref, which materializes the logits.")
-        return inner(ctx, *grads)
+        dev = next(g.device.type for g in grads if isinstance(g, torch.Tensor))
+        with torch.autocast(dev, enabled=False):
+            return inner(ctx, *grads)
 
     return wrapper

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from . import first_order
+from . import fused_backward
 from .._options import CCEOptions, env_flag
 from ..ops.cce import bwd_options, cce_backward, fwd_options
 from ..reference import acc_dtype, reduce_rows
@@ -60,7 +60,7 @@ class _ExtensionCCE(torch.autograd.Function):
         return row, lse
 
     @staticmethod
-    @first_order
+    @fused_backward
     def backward(ctx, g_row, g_lse):
         grads = cce_backward(g_row, g_lse, *ctx.saved_tensors, ctx.bwd_args, ctx.needs_input_grad[:4])
         return (*grads, None, None, None)
@@ -103,7 +103,7 @@ class _ExtensionCCEReduced(torch.autograd.Function):
         return reduce_rows(row, valid, reduction)
 
     @staticmethod
-    @first_order
+    @fused_backward
     def backward(ctx, g):
         try:
             grads = ctx.saved_tensors

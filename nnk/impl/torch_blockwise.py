@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from . import first_order
+from . import fused_backward
 from .lse import merge_partials, tile_partial
 from .._options import CCEOptions
 from ..ops import row_normalize, row_normalize_backward
@@ -110,7 +110,7 @@ class _BlockwiseCCE(torch.autograd.Function):
         return row, lse
 
     @staticmethod
-    @first_order
+    @fused_backward
     def backward(ctx, g_row, g_lse):
         xn, xnorm, wn, wnorm, t, valid, cos_t, psi, z_t, lse, run_max, log_sum, scale, bias = ctx.saved_tensors
         opts: CCEOptions = ctx.opts

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .._options import CCEOptions
-from ..impl import first_order
+from ..impl import fused_backward
 from ..reference import acc_dtype
 from ._extension import has_extension
 from .fake_checks import check_cce_inputs, check_output_mask, check_row_vector
@@ -63,7 +63,7 @@ if has_extension():
         ctx.mark_non_differentiable(lse_lo)
         ctx.bwd_args = (norm_x, norm_w, additive, angular, True, ignore, ls, zl, eps, rows)
 
-    @first_order
+    @fused_backward
     def _fwd_backward(ctx, g_row, g_lse, _g_lse_lo):
         need = ctx.needs_input_grad
         dx, dw, ds, db = cce_backward(g_row, g_lse, *ctx.saved_tensors, ctx.bwd_args,
