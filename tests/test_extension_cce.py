@@ -116,6 +116,31 @@ def test_chunking_does_not_change_results(device):
         assert max_err(g1[k], g2[k]) < 1e-5 * max(1.0, g1[k].abs().max().item()), k
 
 
+def test_chunks_count_their_row_buffers(device, monkeypatch):
+    """The default chunk height keeps a chunk's (rows x C) block and its
+    (rows x D) row buffers (float32 d xn, the normalized rows and their
+    gradient) within the 1 GiB budget. With few classes the block alone let
+    the chunk take every row: C = 8, D = 65536 ran one 1400-row chunk, 1.1 GiB
+    of row buffers (at C = 1000, D = 8192, N = 179k in bf16: 8 GiB). The chunks
+    are read off the GEMMs' shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.delenv("NNK_GRAD_IN_FORWARD", raising=False)  # two passes: forward, backward
+    n, d, c = 1400, 65536, 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device).requires_grad_(True)
+    w = torch.randn(c, d, generator=gen).to(device).requires_grad_(True)
+    t = torch.randint(0, c, (n,), generator=gen).to(device)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        nnk.cosine_cross_entropy(x, w, t, scale=8.0, impl="cuda").backward()
+    logit_gemms = [e.input_shapes for e in prof.events()
+                   if e.name == "aten::mm" and e.input_shapes[1] == [d, c]]  # x_chunk @ W^T
+    rows = [shapes[0][0] for shapes in logit_gemms]
+    assert sum(rows) == 2 * n, rows  # every row in the forward and again in the backward
+    assert max(rows) * (c * 4 + d * 12) <= 1 << 30, rows
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
 def test_public_api_dispatch_and_edge_shapes(device):
     x, w, t, kw, _ = make_inputs(1, 3, 1, {"scale": 5.0}, dtype=torch.float32, device=device)  # N=1, C=1
     got = nnk.cosine_cross_entropy(x, w, t, impl="cuda", **kw)

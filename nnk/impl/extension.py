@@ -27,7 +27,8 @@ two ways:
   GradScaler's scale reaches them.
 
 Peak extra memory: one chunk of (rows x C) fp32 (+ a 16-bit copy for
-fp16/bf16 GEMMs), never N x C.
+fp16/bf16 GEMMs) and of (rows x D) row buffers, within 1 GiB together unless
+one row alone exceeds it; never N x C.
 
 Gradients are bitwise reproducible whatever ``opts.deterministic`` says: the
 column sums (d bias, d scale) go through per-band partials summed in a fixed

@@ -25,9 +25,10 @@
 //             GEMM-dtype buffer for fp16/bf16) and the partial column sums of
 //             d bias / d scale; then d xn_c = dcos @ Wn and dWn += dcos^T @ xn_c
 //             (fp32 accumulator), and the fused normalization backward.
-// Extra memory: one (rows x C) block (+ its GEMM-dtype copy for half inputs),
-// O((N + C) D) for normalized operands and the fp32 d W accumulator; the
-// chunk height is the largest that keeps the block within kChunkBytes.
+// Extra memory: one (rows x C) block (+ its GEMM-dtype copy for half inputs)
+// and the chunk's (rows x D) row buffers, O((N + C) D) for normalized
+// operands and the fp32 d W accumulator; the chunk height is the largest that
+// keeps the chunk's buffers (row_bytes) within kChunkBytes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -73,16 +74,26 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Bytes a chunk holds per row: its (rows x C) block in the accumulation
+// dtype and, for 16-bit GEMMs, d cos's copy in x's dtype; in the backward its
+// (rows x D) d xn in the accumulation dtype and the normalized rows and their
+// gradient in x's dtype. Without the D terms a small C let the chunk grow to
+// all N rows (C = 1000, D = 8192, bf16: 179k rows, 8 GiB of row buffers).
+inline int64_t row_bytes(int64_t c, int64_t d, at::ScalarType acc, at::ScalarType x) {
+  const int64_t a = at::elementSize(acc), h = at::elementSize(x);
+  return c * (a + (x == acc ? 0 : h)) + d * (a + 2 * h);
+}
+
 // Rows per chunk: `requested` when > 0, else the most whose buffers fit the
 // budget, rounded down to a multiple of 128 (GEMM tile height) when possible.
 // The forward and backward use the same value, so the recomputed logits come
 // from GEMMs of identical shapes and match the forward's bit for bit.
 // At most 2^31 - 1 rows: the CUDA forward epilogue launches one block per
 // row, and a grid's x dimension holds no more.
-inline int64_t chunk_rows(int64_t n, int64_t c, int64_t bytes_per_entry, int64_t requested) {
+inline int64_t chunk_rows(int64_t n, int64_t bytes_per_row, int64_t requested) {
   const int64_t cap = std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX);
   if (requested > 0) return std::min(requested, cap);
-  int64_t r = kChunkBytes / std::max<int64_t>(c * bytes_per_entry, 1);
+  int64_t r = kChunkBytes / std::max<int64_t>(bytes_per_row, 1);
   if (r >= 128) r -= r % 128;
   return std::max<int64_t>(1, std::min(r, cap));
 }
@@ -205,12 +216,6 @@ Operands prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& tar
   p.scale = scale.to(p.acc).contiguous().reshape({-1});
   if (bias.has_value()) p.bias = bias->to(p.acc).contiguous();
   return p;
-}
-
-// Bytes per block entry: the accumulation-dtype block, plus its GEMM-dtype
-// copy when the GEMMs run in another dtype (fp16/bf16 on CUDA).
-inline int64_t entry_bytes(at::ScalarType acc, at::ScalarType gemm) {
-  return at::elementSize(acc) + (gemm == acc ? 0 : at::elementSize(gemm));
 }
 
 // A power of two 2^k, as a 0-d tensor on the device (no host sync), by which
@@ -417,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const bool any_grad = mask[0] || mask[1] || mask[2] || mask[3];
   // Without rows or upstream gradients every gradient is zero.
   const bool work = n > 0 && any_grad && (g_loss.defined() || g_lse.defined());
-  const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
+  const int64_t rows = chunk_rows(n, row_bytes(c, x.size(1), p.acc, p.x.scalar_type()), o.chunk_rows);
   GradPass<K> grads(x, scale, p, o, mask, rows, work);
   if (work) {
     // 0. float16: upstream gradients scaled by a power of two (grad_scale),
@@ -484,7 +489,7 @@ chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const 
   at::Tensor lse_lo = at::empty({n}, x.options().dtype(p.acc));
   const bool work = n > 0 && grads_asked;
   const at::Tensor g_loss = work ? grad_loss->to(p.acc).contiguous() : at::Tensor();
-  const int64_t rows = chunk_rows(n, c, entry_bytes(p.acc, p.x.scalar_type()), o.chunk_rows);
+  const int64_t rows = chunk_rows(n, row_bytes(c, x.size(1), p.acc, p.x.scalar_type()), o.chunk_rows);
   GradPass<K> grads(x, scale, p, o, mask, rows, work);
   // Without gradients to compute W's norms are not otherwise at hand.
   const at::Tensor w_norm = work || !o.normalize_weight ? grads.w_norm() : K::row_norms(p.w, o.eps);
