@@ -326,6 +326,20 @@ def test_triton_kernels_take_strided_features_and_shared_shifts(device):
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+def test_triton_gram_takes_strided_shifts(device):
+    # (K, D) shifts with a column stride: the kernel dropped stride_cd
+    # unseen (a mutation run), every other test passing contiguous ones.
+    from nnk.nc.triton_kernels import nc_centered_gram_triton
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 12, generator=g)
+    y = torch.randint(0, 4, (50,), generator=g)
+    shifts = torch.randn(12, 4, generator=g).T
+    assert not shifts.is_contiguous()
+    got = nc_centered_gram_triton(h.to(device), y.to(device), shifts.to(device)).cpu()
+    torch.testing.assert_close(got, nc_centered_gram_ref(h, y, shifts).float(), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["triton", "cuda"])
 def test_kernel_impls_equal_torch_impl(device, impl):
     """Triton (the interpreter on CPU) and the extension's ops (its CPU kernels
