@@ -53,7 +53,11 @@ def row_normalize_ref(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor
     """``(F.normalize(x, dim=1, eps=eps), x.norm(dim=1))`` for (N, D) x, computed
     in the accumulation dtype; y in x's dtype, the norms in float32 (float64)."""
     norm = row_norm_ref(x)
-    return (x.to(norm.dtype) / norm.clamp_min(eps)[:, None]).to(x.dtype), norm
+    y = x.to(norm.dtype) / norm.clamp_min(eps)[:, None]
+    # No .to() that changes nothing: an autograd.Function output that went
+    # through one got a zero gradient under torch.compile in torch 2.11
+    # (ops.row_normalize's fallback; test_row_normalize_fallback_under_compile).
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), norm
 
 
 def row_normalize_backward_ref(

@@ -565,6 +565,30 @@ def test_compile_fullgraph_forward_and_loss_on_cpu():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_row_normalize_fallback_under_compile(device, dtype):
+    """The row normalization without the extension (ops.row_normalize's
+    autograd.Function over the reference) under torch.compile: gradients as
+    in eager. In torch 2.11 its float32 output, passed through a .to() that
+    changed nothing, got a zero gradient (CosineLinear's weight gradient
+    under compile, on an install without nnk._C)."""
+    from nnk.ops.row_normalize import _RowNormalizeRef
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(21, 16, generator=g).to(device, dtype).requires_grad_(True)
+    a, b = torch.randn(21, 16, generator=g).to(device), torch.randn(21, generator=g).to(device)
+
+    def f(w):
+        y, norm = _RowNormalizeRef.apply(w, 1e-12)
+        return (y.float() * a).sum() + (norm * b).sum()
+
+    torch._dynamo.reset()
+    (got,) = torch.autograd.grad(torch.compile(f, fullgraph=True)(w), w)
+    (want,) = torch.autograd.grad(f(w), w)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("kwargs", [{}, dict(bias=True, learn_scale=True), dict(per_class_scale=True)],
                          ids=["fixed", "bias-learnt", "per-class"])
 def test_fx_symbolic_trace_keeps_the_head_as_one_node(kwargs):
