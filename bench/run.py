@@ -361,12 +361,13 @@ def main(argv=None) -> int:
     try:
         while todo:
             dtype, case = todo[0]
-            if bench.sticky is not None:
+            # An interrupt first: gpu_session.sh sends it past the time budget.
+            if bench.interrupted:
+                rows = bench.skipped(case, dtype, providers_of(case), INTERRUPTED)
+            elif bench.sticky is not None:
                 rows = bench.skipped(case, dtype, providers_of(case), bench.sticky)
             elif bench.deadline is not None and time.monotonic() > bench.deadline:
                 rows = bench.skipped(case, dtype, providers_of(case), f"time budget of {args.time_budget:g} s used up")
-            elif bench.interrupted:
-                rows = bench.skipped(case, dtype, providers_of(case), INTERRUPTED)
             else:
                 print(f"  {case.id} {_dtype_name(dtype)}", flush=True)
                 t0 = time.monotonic()

@@ -212,14 +212,21 @@ def test_time_budget_stops_inside_a_case(tmp_path):
 
 
 def test_an_interrupt_inside_a_case_keeps_its_finished_rows(tmp_path, monkeypatch):
-    """SIGINT (bench/gpu_session.sh's hard limit) during a case's second mode:
-    the first mode's rows are written, the rest of that case and the later
-    cases are `skipped` with the reason, and the summary is still written
-    (the cut case lost all its rows before)."""
+    """SIGINT (bench/gpu_session.sh's hard limit, sent past the time budget)
+    during a case's second mode: the first mode's rows are written, the rest
+    of that case and the later cases are `skipped` as interrupted (not as out
+    of time), and the summary is still written (the cut case lost all its
+    rows before)."""
+    import time
+    from types import SimpleNamespace
+
     from bench import run
     from bench.providers import GemmBound, Nnk, Provider
     from bench.report import read_csv
     from bench.timing import Step
+
+    late = SimpleNamespace(by=0.0)  # run.py's clock, moved past the budget at the interrupt
+    monkeypatch.setattr(run, "time", SimpleNamespace(monotonic=lambda: time.monotonic() + late.by))
 
     class InterruptedInFwd(Provider):
         name, kind = "interrupted", "peer"
@@ -228,6 +235,7 @@ def test_an_interrupt_inside_a_case_keeps_its_finished_rows(tmp_path, monkeypatc
             r = GemmBound().build(case, inputs)
 
             def interrupt():
+                late.by = 1e6
                 raise KeyboardInterrupt
 
             r.steps["fwd"] = Step(interrupt)
@@ -236,7 +244,8 @@ def test_an_interrupt_inside_a_case_keeps_its_finished_rows(tmp_path, monkeypatc
     monkeypatch.setattr(run, "ce_providers", lambda: [Nnk("torch"), InterruptedInFwd(), GemmBound()])
     shapes = "vision-plain-N256-D512-C10,vision-plain-N256-D512-C100"
     assert run.main(["--suite", "quick", "--device", "cpu", "--shapes", shapes, "--reps", "2", "--warmup", "0",
-                     "--min-sample-ms", "0.1", "--no-plots", "--out", str(tmp_path), "--tag", "cut"]) == 130
+                     "--min-sample-ms", "0.1", "--no-plots", "--out", str(tmp_path), "--tag", "cut",
+                     "--time-budget", "3600"]) == 130
     rows = read_csv(tmp_path / "cut.csv")
     status = {(r["case"], r["provider"], r["mode"]): (r["status"], r["notes"]) for r in rows}
     assert len(status) == len(rows) == 2 * 3 * 3

@@ -211,3 +211,17 @@ def test_row_normalize_keeps_a_nan_row_nan():
     assert torch.isnan(y[0]).all() and torch.isnan(norm[0])
     dx = torch.ops.nnk.row_normalize_backward(torch.ones_like(x), y, norm, 1e-12)
     assert torch.isnan(dx[0]).all() and torch.isfinite(dx[1:]).all()
+
+
+def test_backward_through_the_op_on_meta_tensors():
+    """Autograd through the op on meta tensors (shape propagation, as
+    torch.compile's fake tensors do): the backward's fake kernel gives the
+    gradients' shapes. Turning autocast off there raised ("unsupported
+    scalarType": meta has no autocast)."""
+    with torch.device("meta"):
+        a = _cce()
+        x, w = a["x"].requires_grad_(True), a["weight"].requires_grad_(True)
+        loss, lse, _ = torch.ops.nnk.cosine_cross_entropy_fwd(x, w, a["target"], a["scale"], a["bias"],
+                                                              *FWD.values())
+        dx, dw = torch.autograd.grad(loss.sum() + lse.sum(), (x, w))
+    assert dx.shape == (N, D) and dw.shape == (C, D) and dx.is_meta

@@ -223,7 +223,7 @@ def _cce_bwd_kernel(
                                 col_mask[:, None] & k_mask[None, :], ROW_MAJOR)
 
 
-def _zero_accumulators(kwargs: dict, reset_only: bool = False) -> None:
+def _zero_accumulators(kwargs, reset_only: bool = False) -> None:
     """The autotuner's hook before each timed run of a candidate and after
     the last (``reset_only``): zero the gradient accumulators, which the runs
     add to. Zero is their value whenever autotuning happens: it happens at the
@@ -232,8 +232,11 @@ def _zero_accumulators(kwargs: dict, reset_only: bool = False) -> None:
     the chunk at c_lo = 0, gets freshly zeroed buffers. ``restore_value``
     would clone them instead (an (N, D) float32 d xn buffer: 2 GiB more at
     N = 65536, D = 8192), and triton 3.6 fails on its None entries (a
-    gradient not asked for)."""
-    if not reset_only and kwargs["c_lo"] != 0:
+    gradient not asked for). Triton before 3.2 (torch 2.4, 2.5) passes the
+    positional arguments only, as a tuple (c_lo, a keyword, not among them)."""
+    if not isinstance(kwargs, dict):
+        kwargs = dict(zip(_cce_bwd_kernel.arg_names, kwargs))
+    if not reset_only and kwargs.get("c_lo", 0) != 0:
         raise RuntimeError("cce_backward: autotuning at a class chunk after the first would drop the "
                            "gradients accumulated by the earlier chunks")
     for name in ("DX_ptr", "DW_ptr", "DB_ptr", "DS_ptr"):
