@@ -55,8 +55,10 @@ def row_normalize_ref(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor
     norm = row_norm_ref(x)
     y = x.to(norm.dtype) / norm.clamp_min(eps)[:, None]
     # No .to() that changes nothing: an autograd.Function output that went
-    # through one got a zero gradient under torch.compile in torch 2.11
-    # (ops.row_normalize's fallback; test_row_normalize_fallback_under_compile).
+    # through one (the same tensor as an intermediate) got a zero gradient
+    # under torch.compile in torch 2.11 (ops.row_normalize's fallback;
+    # test_row_normalize_fallback_under_compile; the aliasing bug of
+    # pytorch/pytorch#180642).
     return (y if y.dtype == x.dtype else y.to(x.dtype)), norm
 
 
