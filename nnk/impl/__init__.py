@@ -29,8 +29,9 @@ def fused_backward(backward):
                 "(create_graph=True / double backward is not supported). For gradient penalties "
                 "use nnk.reference.cosine_cross_entropy_ref, which materializes the logits.")
         dev = next(g.device.type for g in grads if isinstance(g, torch.Tensor))
-        # (meta tensors, of the ops called directly, have no autocast.)
-        if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        # (meta tensors, of the ops called directly, have no autocast state;
+        # torch.amp.is_autocast_available is not traceable in torch 2.11.)
+        if dev == "meta" or not torch.is_autocast_enabled(dev):
             return inner(ctx, *grads)
         with torch.autocast(dev, enabled=False):
             return inner(ctx, *grads)
