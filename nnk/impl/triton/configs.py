@@ -161,8 +161,8 @@ def class_major_split(n: int, c: int, d: int, device: torch.device, with_dw: boo
     live at once, (parts, chunk, D) d wn (``with_dw``) and two (parts, chunk)
     d s, d b, stay within SCRATCH_BYTES. The splits are counted for the
     chunk of one part and then capped so that a chunk of 256 classes fits
-    (8 parts at D = 8192): uncapped, up to 17 parts on an H100 took the
-    256-class floor of class_chunk past the budget (136 MiB at D = 8192)."""
+    (7 parts at D = 8192): uncapped, 17 parts on an H100 took the 256-class
+    floor of the chunk past the budget (136 MiB at D = 8192)."""
     per_class = 4 * ((d if with_dw else 0) + 2)
     one_part = min(c, max(256, SCRATCH_BYTES // per_class // 256 * 256))
     parts = num_splits(triton.cdiv(one_part, NOMINAL_BLOCK_C), n, NOMINAL_BLOCK_N, device)
