@@ -16,6 +16,18 @@ import os
 
 import pytest
 
+try:
+    from hypothesis import settings
+except ImportError:
+    settings = None
+if settings is not None:
+    # The property tests draw the same examples on every run: a CI run must
+    # not fail on a draw that no one can replay. NNK_HYPOTHESIS=explore draws
+    # new ones (hypothesis prints how to reproduce a failing one).
+    settings.register_profile("nnk", derandomize=True)
+    settings.register_profile("explore", derandomize=False)
+    settings.load_profile("explore" if os.environ.get("NNK_HYPOTHESIS") == "explore" else "nnk")
+
 
 def pytest_addoption(parser):
     parser.addoption(
