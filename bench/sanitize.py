@@ -29,8 +29,9 @@ from .providers import environment
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (N, D, C): tails in every tile dimension; C > 1024 so that the CUDA forward
-# epilogue's 32-warp merge runs. The extension's chunk loop runs in
-# run_cce_chunked (chunk_rows is not reachable from the public API).
+# epilogue's 32-warp merge runs. The extension's blocks of rows x class
+# chunks run in run_cce_chunked (the block shape is not reachable from the
+# public API).
 SHAPES = [(37, 19, 101), (130, 70, 2100)]
 CASES = [
     {"scale": 16.0},
@@ -105,8 +106,9 @@ def run_cce(impl, device, dtypes, failures):
 
 
 def run_cce_chunked(device, dtypes, failures):
-    """The extension's chunk loop (several chunks and a partial one) on both
-    training paths, through the backend entries that take chunk_rows."""
+    """The extension's loops over blocks (several row chunks and a partial
+    one; one class chunk, or several and a partial one) on both training
+    paths, through the backend entries that take the block shape."""
     from nnk._options import check_tensors, make_options
     from nnk.impl.extension import cosine_cross_entropy_extension, cosine_cross_entropy_extension_reduced
     from nnk.reference import cosine_cross_entropy_ref, reduce_rows
@@ -116,23 +118,26 @@ def run_cce_chunked(device, dtypes, failures):
                         margin_grad="exact", ignore_index=-100, label_smoothing=0.1, z_loss=0.0, eps=1e-12,
                         deterministic=False)
 
-    def two_pass(x, w, t, *, scale, bias, **kw):
+    def two_pass(x, w, t, *, scale, bias, block, **kw):
         t, scale = check_tensors(x, w, t, scale, bias, opts)
-        row, _ = cosine_cross_entropy_extension(x, w, t, scale, bias, opts, chunk_rows=16)
+        row, _ = cosine_cross_entropy_extension(x, w, t, scale, bias, opts, chunk_rows=16, chunk_classes=block)
         return reduce_rows(row, t != opts.ignore_index, "mean")
 
-    def fused(x, w, t, *, scale, bias, **kw):
+    def fused(x, w, t, *, scale, bias, block, **kw):
         t, scale = check_tensors(x, w, t, scale, bias, opts)
-        return cosine_cross_entropy_extension_reduced(x, w, t, scale, bias, opts, "mean", chunk_rows=16)
+        return cosine_cross_entropy_extension_reduced(x, w, t, scale, bias, opts, "mean", chunk_rows=16,
+                                                      chunk_classes=block)
 
     for dtype in dtypes:
         ours, ref, t, kw = _inputs(130, 70, 2100, case, dtype, device, seed=7)
         want = _loss_and_grads(cosine_cross_entropy_ref, ref, t, kw)
-        for name, fn in (("two-pass", two_pass), ("fused", fused)):
-            got = _loss_and_grads(fn, ours, t.to(device), kw)
-            for j, (a, b) in enumerate(zip(got, want)):
-                _close(f"cce cuda chunked {name} {dtype} output {j}", a, b, TOL[dtype], failures)
-    print("cce cuda: chunked (16 rows) both training paths per dtype", flush=True)
+        for classes in (None, 512):
+            for name, fn in (("two-pass", two_pass), ("fused", fused)):
+                got = _loss_and_grads(fn, ours, t.to(device), {**kw, "block": classes})
+                for j, (a, b) in enumerate(zip(got, want)):
+                    _close(f"cce cuda chunked {name} classes={classes} {dtype} output {j}", a, b, TOL[dtype],
+                           failures)
+    print("cce cuda: blocks of 16 rows x (all, 512) classes, both training paths per dtype", flush=True)
 
 
 def run_row_normalize(device, dtypes, failures):

@@ -22,7 +22,7 @@ namespace py = pybind11;
 // schema change. nnk/ops/_extension.py refuses a library of another version
 // (an editable install whose Python sources moved on without a rebuild would
 // otherwise call ops with other arguments and outputs).
-constexpr long kOpsAbi = 2;
+constexpr long kOpsAbi = 3;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nnk compiled extension: operators live in torch.ops.nnk";

@@ -23,12 +23,12 @@ DEFAULTS = dict(normalize_input=True, normalize_weight=True, additive_margin=0.0
                 margin_grad="exact", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, eps=1e-12)
 
 
-def _extension(x, w, t, kw, chunk_rows=None):
+def _extension(x, w, t, kw, chunk_rows=None, chunk_classes=None):
     from nnk.impl.extension import cosine_cross_entropy_extension
 
     opts = make_options(**{**DEFAULTS, **{k: v for k, v in kw.items() if k in DEFAULTS}})
     row, lse = cosine_cross_entropy_extension(x, w, t, kw.get("scale", 1.0), kw.get("bias"), opts,
-                                              chunk_rows=chunk_rows)
+                                              chunk_rows=chunk_rows, chunk_classes=chunk_classes)
     return reduce_rows(row, t != opts.ignore_index, kw.get("reduction", "mean")), lse
 
 
@@ -41,19 +41,27 @@ def _sum_loss_and_grads(fn, x, w, t, **kw):
 # --- accuracy on the odd shape, every option ------------------------------------
 
 
+# Blocks of (rows, classes): one class chunk, or class chunks with a partial
+# last one (the logits' row state merged across chunks, the target in any of them).
+BLOCKS = {"rows": (32, None), "rows_x_classes": (32, 300)}
+
+
+@pytest.mark.parametrize("block", BLOCKS.values(), ids=BLOCKS.keys())
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
-def test_fp32_odd_shape_every_option(case, device):
-    # 97 rows in chunks of 32: three full chunks and a partial one.
-    errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=32), case[1], 97, 59, 1031,
+def test_fp32_odd_shape_every_option(case, block, device):
+    # 97 rows in chunks of 32: three full chunks and a partial one; 1031
+    # classes in one chunk or in three of 300 and one of 131.
+    errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw, *block), case[1], 97, 59, 1031,
                        torch.float32, device=device)
     assert_within_bound(errs, atol=1e-5)
 
 
+@pytest.mark.parametrize("classes", [None, 8], ids=["one_class_chunk", "class_chunks"])
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
-def test_fp64_equals_reference(case, device):
+def test_fp64_equals_reference(case, classes, device):
     x, w, t, kw, leaves = make_inputs(23, 9, 31, case[1], device=device)
     ref = _reference(x, w, t, kw)
-    got = _extension(x, w, t, kw, chunk_rows=5)
+    got = _extension(x, w, t, kw, chunk_rows=5, chunk_classes=classes)
     assert max_err(got[0], ref[0]) < 1e-12 and max_err(got[1], ref[1]) < 1e-12
     g_ref, g_got = _grads(*ref, leaves), _grads(*got, leaves)
     for k in leaves:
@@ -66,7 +74,7 @@ def test_gradcheck_with_lse(device):
     x, w, t, kw, _ = make_inputs(7, 5, 9, opts, device=device)
 
     def f(x_, w_, s_, b_):
-        return _extension(x_, w_, t, {**kw, "scale": s_, "bias": b_}, chunk_rows=3)
+        return _extension(x_, w_, t, {**kw, "scale": s_, "bias": b_}, chunk_rows=3, chunk_classes=4)
 
     assert torch.autograd.gradcheck(f, (x, w, kw["scale"], kw["bias"]), atol=1e-6, rtol=1e-5)
 
@@ -109,17 +117,19 @@ def test_chunking_does_not_change_results(device):
     opts = {"scale": "per_class", "bias": True, "additive_margin": 0.2, "label_smoothing": 0.1, "ignore": True}
     x, w, t, kw, leaves = make_inputs(50, 17, 203, opts, dtype=torch.float32, device=device)
     one = _extension(x, w, t, kw)
-    many = _extension(x, w, t, kw, chunk_rows=7)
-    assert max_err(one[0], many[0]) < 1e-5 and max_err(one[1], many[1]) < 1e-5
-    g1, g2 = _grads(*one, leaves), _grads(*many, leaves)
-    for k in leaves:
-        assert max_err(g1[k], g2[k]) < 1e-5 * max(1.0, g1[k].abs().max().item()), k
+    g1 = _grads(*one, leaves)
+    for block in ((7, None), (7, 50), (None, 64)):
+        many = _extension(x, w, t, kw, *block)
+        assert max_err(one[0], many[0]) < 1e-5 and max_err(one[1], many[1]) < 1e-5, block
+        g2 = _grads(*many, leaves)
+        for k in leaves:
+            assert max_err(g1[k], g2[k]) < 1e-5 * max(1.0, g1[k].abs().max().item()), (block, k)
 
 
 def test_chunks_count_their_row_buffers(device, monkeypatch):
     """The default chunk height keeps a chunk's (rows x C) block and its
     (rows x D) row buffers (float32 d xn, the normalized rows and their
-    gradient) within the 1 GiB budget. With few classes the block alone let
+    gradient) within the 256 MiB budget. With few classes the block alone let
     the chunk take every row: C = 8, D = 65536 ran one 1400-row chunk, 1.1 GiB
     of row buffers (at C = 1000, D = 8192, N = 179k in bf16: 8 GiB). The chunks
     are read off the GEMMs' shapes."""
@@ -137,8 +147,59 @@ def test_chunks_count_their_row_buffers(device, monkeypatch):
                    if e.name == "aten::mm" and e.input_shapes[1] == [d, c]]  # x_chunk @ W^T
     rows = [shapes[0][0] for shapes in logit_gemms]
     assert sum(rows) == 2 * n, rows  # every row in the forward and again in the backward
-    assert max(rows) * (c * 4 + d * 12) <= 1 << 30, rows
+    assert max(rows) * (c * 4 + d * 12) + c * d * 12 <= 256 << 20, rows
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+
+
+def test_class_chunks_at_large_c(device, monkeypatch):
+    """When C rows of W and a 1024-row block of all C classes outgrow the
+    budget, the blocks are 1024 rows x a class chunk, and each class chunk
+    is walked over all rows: W is read once per pass (before, the rows shrank
+    instead: 13-26 rows per chunk at C = 10^7, each chunk streaming all of W).
+    Read off the logit GEMMs' shapes; the result against the reference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.delenv("NNK_GRAD_IN_FORWARD", raising=False)
+    n, d, c = 1500, 24, 70_000
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device).requires_grad_(True)
+    w = torch.randn(c, d, generator=gen).to(device).requires_grad_(True)
+    t = torch.randint(0, c, (n,), generator=gen).to(device)
+    kw = {"scale": 16.0, "additive_margin": 0.1, "label_smoothing": 0.1}
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss = nnk.cosine_cross_entropy(x, w, t, impl="cuda", **kw)
+        loss.backward()
+    blocks = [(s[0][0], s[1][1]) for s in (e.input_shapes for e in prof.events() if e.name == "aten::mm")
+              if len(s) >= 2 and len(s[0]) == 2 and len(s[1]) == 2 and s[0][1] == d and s[1][0] == d]
+    classes = sorted({k for _, k in blocks}, reverse=True)
+    assert len(classes) == 2 and sum(classes) == c, blocks  # two class chunks, the second partial
+    assert {r for r, _ in blocks} == {1024, n - 1024}, blocks
+    assert len(blocks) == 2 * 2 * 2, blocks  # (2 row chunks x 2 class chunks) per pass, 2 passes
+    assert max(r * k for r, k in blocks) * 4 <= 256 << 20
+    xr, wr = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = cosine_cross_entropy_ref(xr, wr, t, **kw)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5 * abs(ref.item())
+    assert max_err(x.grad, xr.grad) < 1e-5 * xr.grad.abs().max().item()
+    assert max_err(w.grad, wr.grad) < 1e-5 * wr.grad.abs().max().item()
+
+
+def test_fwd_bwd_with_class_chunks_is_forward_then_backward():
+    """With class chunks a row's gradients need its lse over every chunk, so
+    _fwd_bwd runs the forward and then the backward: bitwise the two ops."""
+    x, w, t, s, b = _op_args("cpu", torch.float32, True, True)
+    g = torch.rand(9)
+    fwd = (True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4, 4)
+    bwd = (True, True, 0.1, 0.3, True, -100, 0.1, 1e-3, 1e-12, 4, 4)
+    mask = [True, True, True, True]
+    fused = torch.ops.nnk.cosine_cross_entropy_fwd_bwd(x, w, t, s, b, g, *bwd, mask)
+    loss, lse, lse_lo = torch.ops.nnk.cosine_cross_entropy_fwd(x, w, t, s, b, *fwd)
+    grads = torch.ops.nnk.cosine_cross_entropy_bwd(g, None, x, w, t, s, b, lse, lse_lo, *bwd, mask)
+    for got, want in zip(fused, (loss, lse, *grads)):
+        assert torch.equal(got, want)
+    one_chunk = torch.ops.nnk.cosine_cross_entropy_fwd_bwd(x, w, t, s, b, g, *bwd[:-1], 0, mask)
+    for got, want in zip(fused, one_chunk):
+        assert max_err(got, want) < 1e-5 * max(1.0, want.abs().max().item())
 
 
 def test_public_api_dispatch_and_edge_shapes(device):
@@ -316,11 +377,12 @@ def _op_args(device, dtype, per_class, with_bias, c=11):
 @pytest.mark.parametrize("per_class,with_bias", [(False, False), (True, True)])
 def test_opcheck(dtype, per_class, with_bias, device):
     x, w, t, s, b = _op_args(device, dtype, per_class, with_bias)
-    fwd = (True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4)
+    # Blocks of 4 rows x 4 classes: 11 classes in three class chunks.
+    fwd = (True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4, 4)
     torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_fwd.default, (x, w, t, s, b, *fwd))
     _, lse, lse_lo = torch.ops.nnk.cosine_cross_entropy_fwd(x, w, t, s, b, *fwd)
     g = torch.randn(9, device=device)
-    bwd = (True, True, 0.1, 0.3, True, -100, 0.1, 1e-3, 1e-12, 4)
+    bwd = (True, True, 0.1, 0.3, True, -100, 0.1, 1e-3, 1e-12, 4, 4)
     for grads, mask in (((g, g * 0.5), [True, True, True, with_bias]), ((None, g), [True, False, per_class, False]),
                         ((g, None), [False, True, False, with_bias])):
         torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_bwd.default,
@@ -351,7 +413,7 @@ def test_forward_op_gradients_are_the_exact_derivative():
 
     def f(x, w, s, b):
         loss, lse, _ = torch.ops.nnk.cosine_cross_entropy_fwd(
-            x, w, t, s, b, True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4)
+            x, w, t, s, b, True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4, 3)
         return loss, lse
 
     assert torch.autograd.gradcheck(f, inputs)
@@ -398,7 +460,7 @@ def test_cuda_float16_gradients_of_a_mean_over_many_classes(scale):
 @pytest.mark.gpu
 def test_cuda_fwd_bwd_refuses_float16_gradients():
     x, w, t, s, b = _op_args("cuda", torch.float16, False, True)
-    bwd = (True, True, 0.0, 0.0, True, -100, 0.0, 0.0, 1e-12, 0)
+    bwd = (True, True, 0.0, 0.0, True, -100, 0.0, 0.0, 1e-12, 0, 0)
     with pytest.raises(RuntimeError, match="float16 gradients on this device"):
         torch.ops.nnk.cosine_cross_entropy_fwd_bwd(x, w, t, s, b, torch.ones(9, device="cuda"), *bwd, [True] * 4)
 
@@ -416,21 +478,24 @@ def test_cuda_gradients_are_bitwise_reproducible():
 
 
 @pytest.mark.gpu
-def test_cuda_peak_memory_is_one_chunk():
-    n, c, d, rows = 4096, 200_000, 64, 256
+def test_cuda_peak_memory_is_one_block():
+    """The extension's extra memory: its 256 MiB block budget (the block and a
+    class chunk's rows of W and fp32 d wn), the (N x D) fp32 d x accumulator
+    and normalized x of class chunks, and the gradients themselves; with
+    64 MiB of slack for cuBLAS workspaces and small vectors."""
+    n, c, d = 4096, 200_000, 64
     x = torch.randn(n, d, device="cuda", requires_grad=True)
     w = torch.randn(c, d, device="cuda", requires_grad=True)
     t = torch.randint(0, c, (n,), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss, _ = _extension(x, w, t, {"scale": 30.0, "additive_margin": 0.2}, chunk_rows=rows)
+    loss, _ = _extension(x, w, t, {"scale": 30.0, "additive_margin": 0.2})
     loss.backward()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    chunk = rows * c * 4
-    operands = (n + 3 * c) * d * 4  # normalized W, fp32 dW accumulator, dW, dx
-    assert peak < 2 * chunk + 2 * operands, (peak, chunk, operands)
+    grads, rows = (n + c) * d * 4, n * d * 8
+    assert peak < (256 << 20) + grads + rows + (64 << 20), (peak, grads, rows)
     assert peak < n * c * 4 / 5  # far below the logits
 
 

@@ -98,7 +98,7 @@ def test_gradients_come_back_in_input_dtype():
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
-    import json, torch, nnk
+    import json, os, torch, nnk
     def hwm_kb():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
@@ -111,7 +111,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(2)
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
     base = hwm_kb()
-    loss = nnk.cosine_cross_entropy(x, w, t, scale=30.0, additive_margin=0.2, impl="torch")
+    loss = nnk.cosine_cross_entropy(x, w, t, scale=30.0, additive_margin=0.2, impl=os.environ["NNK_IMPL"])
     loss.backward()
     print(json.dumps({"peak_extra_mb": (hwm_kb() - base) / 1024, "logits_mb": N * C * 4 / 2**20,
                       "loss": loss.item()}))
@@ -127,17 +127,24 @@ FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 @pytest.mark.slow
-def test_no_logit_matrix_peak_memory():
+@pytest.mark.parametrize("impl,fraction", [("torch", 10), ("cuda", 5)])
+def test_no_logit_matrix_peak_memory(impl, fraction):
     """Peak extra RSS of forward + backward at N=4096, C=200,000, D=64 stays below
-    a tenth of the fp32 logits (3125 MiB); it includes the gradient of W (49 MiB)."""
+    a tenth of the fp32 logits (3125 MiB) on the torch path and a fifth on the
+    extension's CPU kernels (measured 182 and 316 MiB); it includes the
+    gradient of W (49 MiB). The extension's blocks take up to 256 MiB (its
+    GEMMs want large blocks); before class chunks it held a 1 GiB block, a
+    normalized copy of W and an fp32 d W."""
+    if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", "cpu"):
+        pytest.skip("nnk._C not built")
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "NNK_IMPL": "torch", **FIXED_MMAP_THRESHOLD})
+                         env={**os.environ, "NNK_IMPL": impl, **FIXED_MMAP_THRESHOLD})
     assert out.returncode == 0, out.stderr
     import json
 
     res = json.loads(out.stdout.strip().splitlines()[-1])
     print(res)
-    assert res["peak_extra_mb"] < res["logits_mb"] / 10, res
+    assert res["peak_extra_mb"] < res["logits_mb"] / fraction, res
 
 
 def test_minus_inf_bias_over_whole_tiles():

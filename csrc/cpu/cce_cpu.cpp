@@ -61,7 +61,7 @@ struct CpuBackend {
   static constexpr int64_t kSumBlock = 256;
 
   template <typename A>
-  static void forward_epilogue(const cce::Chunk<A>& ch, A* loss, A* lse, A* lse_lo) {
+  static void forward_epilogue(const cce::Chunk<A>& ch, const cce::RowState<A>& st) {
     at::parallel_for(0, ch.rows, 4, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = cce::target_column(ch, r);
@@ -83,13 +83,7 @@ struct CpuBackend {
           math::lse_merge(run_max, run_rest, blk_max, blk_rest);
           sum_z += blk_z;
         }
-        A lo;
-        const A l = math::lse_finish(run_max, run_rest, &lo);
-        lse[r] = l;
-        lse_lo[r] = lo;
-        loss[r] = t < 0 ? A(0)
-                        : math::row_loss(l, lo, z_t, sum_z, ch.label_smoothing,
-                                         ch.inv_classes, ch.z_loss);
+        cce::merge_row(ch, st, r, run_max, run_rest, sum_z, t >= 0, z_t);
       }
     });
   }
@@ -111,7 +105,7 @@ struct CpuBackend {
         const int64_t r_end = std::min(ch.rows, (part + 1) * cce::kRowsPerPart);
         for (int64_t r = part * cce::kRowsPerPart; r < r_end; ++r) {
           const int64_t t = cce::target_column(ch, r);
-          const A g = (t < 0 || gr.grad_loss == nullptr) ? A(0) : gr.grad_loss[r];
+          const A g = (cce::ignored(ch, r) || gr.grad_loss == nullptr) ? A(0) : gr.grad_loss[r];
           const A g_lse = gr.grad_lse != nullptr ? gr.grad_lse[r] : A(0);
           for (int64_t c = 0; c < cls; ++c) {
             A dz, cos_prime;

@@ -101,9 +101,8 @@ struct CudaBackend {
   }
 
   template <typename A>
-  static void forward_epilogue(const cce::Chunk<A>& ch, A* loss, A* lse, A* lse_lo) {
-    C10_CUDA_CHECK(cuda::launch_cce_forward_epilogue(ch, loss, lse, lse_lo,
-                                                     c10::cuda::getCurrentCUDAStream()));
+  static void forward_epilogue(const cce::Chunk<A>& ch, const cce::RowState<A>& st) {
+    C10_CUDA_CHECK(cuda::launch_cce_forward_epilogue(ch, st, c10::cuda::getCurrentCUDAStream()));
   }
 
   template <typename A>

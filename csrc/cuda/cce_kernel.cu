@@ -16,20 +16,22 @@ namespace nnk {
 namespace cuda {
 namespace {
 
-// Forward: threads per row. 1024 (32 warps) rather than fewer, because the
-// chunks of large-C problems are short (e.g. 128 rows at C = 1M in bf16 with
-// the 1 GiB budget): one block per row then leaves most SMs with a single
-// block, and only its warps keep loads of the block in flight.
+// Forward: threads per row, up to 1024 (32 warps): a row of a block holds
+// thousands of classes (all C, or a class chunk of 6784 at C = 131072, D =
+// 4096 in bf16: cce_driver.h tiling), which one CUDA block reduces with many
+// loads in flight. Untimed; a candidate for tuning on a GPU.
 constexpr int kMaxThreads = 1024;
 constexpr int kColumnsPerBlock = 256;  // backward: columns per block
 
 // Forward: one block per row. Each thread runs an online log-sum-exp over its
 // strided columns (one exp per entry), then the (max, rest) pairs merge across
-// the warp and the block with the same lse_merge. The row's loss needs z at
-// the target column, recomputed by thread 0 from the same element function.
+// the warp and the block with the same lse_merge. Thread 0 recomputes z at the
+// target column (when this class chunk holds it) from the same element
+// function and merges the row into its state (cce::merge_row): the finished
+// row after the last class chunk.
 template <typename A>
-__global__ void __launch_bounds__(kMaxThreads) cce_forward_kernel(const cce::Chunk<A> ch, A* __restrict__ loss,
-                                   A* __restrict__ lse, A* __restrict__ lse_lo) {
+__global__ void __launch_bounds__(kMaxThreads) cce_forward_kernel(const cce::Chunk<A> ch,
+                                                                 const cce::RowState<A> st) {
   const int64_t r = blockIdx.x;
   const int64_t t = cce::target_column(ch, r);
   // 1. Per-thread online lse and sum of logits over columns c = tid + k * blockDim.
@@ -68,20 +70,12 @@ __global__ void __launch_bounds__(kMaxThreads) cce_forward_kernel(const cce::Chu
     math::lse_merge(run_max, run_rest, o_max, o_rest);
     sum_z += __shfl_xor_sync(0xffffffffu, sum_z, off);
   }
-  // 4. The row's lse (and its rounding residue) and loss (0 on ignored rows).
+  // 4. Into the row's state; after the last class chunk its lse (and the
+  //    rounding residue) and loss (0 on ignored rows).
   if (lane != 0) return;
-  A lo;
-  const A l = math::lse_finish(run_max, run_rest, &lo);
-  lse[r] = l;
-  lse_lo[r] = lo;
-  if (t < 0) {
-    loss[r] = A(0);
-    return;
-  }
-  A cos_prime;
-  const A z_t = cce::logit(ch, r, t, true, &cos_prime);
-  loss[r] = math::row_loss(l, lo, z_t, sum_z, ch.label_smoothing, ch.inv_classes,
-                           ch.z_loss);
+  A cos_prime, z_t = 0;
+  if (t >= 0) z_t = cce::logit(ch, r, t, true, &cos_prime);
+  cce::merge_row(ch, st, r, run_max, run_rest, sum_z, t >= 0, z_t);
 }
 
 // Backward: elementwise given the saved lse. Block (part, column tile): each
@@ -101,7 +95,7 @@ __global__ void cce_backward_kernel(const cce::Chunk<A> ch, const cce::ChunkGrad
     A db = 0, ds = 0;
     for (int64_t r = r_begin; r < r_end; ++r) {
       const int64_t t = cce::target_column(ch, r);
-      const A g = (t < 0 || gr.grad_loss == nullptr) ? A(0) : gr.grad_loss[r];
+      const A g = (cce::ignored(ch, r) || gr.grad_loss == nullptr) ? A(0) : gr.grad_loss[r];
       const A g_lse = gr.grad_lse != nullptr ? gr.grad_lse[r] : A(0);
       A dz, cos_prime;
       const A v = cce::dcosine(ch, r, c, c == t, gr.lse[r], gr.lse_lo[r], g, g_lse, &dz, &cos_prime);
@@ -115,12 +109,12 @@ __global__ void cce_backward_kernel(const cce::Chunk<A> ch, const cce::ChunkGrad
 }
 
 template <typename A>
-cudaError_t forward(const cce::Chunk<A>& ch, A* loss, A* lse, A* lse_lo, cudaStream_t s) {
+cudaError_t forward(const cce::Chunk<A>& ch, const cce::RowState<A>& st, cudaStream_t s) {
   if (ch.rows == 0) return cudaSuccess;
   // Enough warps to cover C once, at most kMaxThreads.
   int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, (ch.classes + 31) / 32 * 32));
   if (!grid_fits(ch.rows)) return cudaErrorInvalidConfiguration;
-  cce_forward_kernel<A><<<static_cast<unsigned>(ch.rows), threads, 0, s>>>(ch, loss, lse, lse_lo);
+  cce_forward_kernel<A><<<static_cast<unsigned>(ch.rows), threads, 0, s>>>(ch, st);
   return cudaGetLastError();
 }
 
@@ -138,14 +132,14 @@ cudaError_t backward(const cce::Chunk<A>& ch, const cce::ChunkGrad<A>& gr, void*
 
 }  // namespace
 
-cudaError_t launch_cce_forward_epilogue(const cce::Chunk<float>& ch, float* loss, float* lse,
-                                        float* lse_lo, cudaStream_t s) {
-  return forward<float>(ch, loss, lse, lse_lo, s);
+cudaError_t launch_cce_forward_epilogue(const cce::Chunk<float>& ch,
+                                        const cce::RowState<float>& st, cudaStream_t s) {
+  return forward<float>(ch, st, s);
 }
 
-cudaError_t launch_cce_forward_epilogue(const cce::Chunk<double>& ch, double* loss,
-                                        double* lse, double* lse_lo, cudaStream_t s) {
-  return forward<double>(ch, loss, lse, lse_lo, s);
+cudaError_t launch_cce_forward_epilogue(const cce::Chunk<double>& ch,
+                                        const cce::RowState<double>& st, cudaStream_t s) {
+  return forward<double>(ch, st, s);
 }
 
 cudaError_t launch_cce_backward_epilogue(const cce::Chunk<float>& ch,

@@ -35,12 +35,13 @@ cudaError_t launch_row_normalize_bwd(DType dtype, DType g_dtype, const void* g,
                                      int64_t d, double eps, cudaStream_t stream);
 
 // --- Fused cosine cross-entropy epilogues (cce_kernel.cu) ---------------------
-// Forward: per row of the chunk, its lse (and the residue of its rounding,
-// math::lse_finish) and loss (see nnk/cce_chunk.h).
-cudaError_t launch_cce_forward_epilogue(const cce::Chunk<float>& ch, float* loss, float* lse,
-                                        float* lse_lo, cudaStream_t stream);
-cudaError_t launch_cce_forward_epilogue(const cce::Chunk<double>& ch, double* loss,
-                                        double* lse, double* lse_lo, cudaStream_t stream);
+// Forward: per row of the chunk, its reductions over the chunk's classes
+// merged into the row state, and after the last class chunk its lse (and the
+// residue of its rounding, math::lse_finish) and loss (cce::merge_row).
+cudaError_t launch_cce_forward_epilogue(const cce::Chunk<float>& ch,
+                                        const cce::RowState<float>& st, cudaStream_t stream);
+cudaError_t launch_cce_forward_epilogue(const cce::Chunk<double>& ch,
+                                        const cce::RowState<double>& st, cudaStream_t stream);
 
 // Backward: d cos of every entry into `dcos` ((rows, classes) of `dcos_dtype`;
 // it may alias ch.block when the types agree) and the per-band partial column

@@ -2,23 +2,28 @@
 (``nnk::cosine_cross_entropy_fwd`` / ``_bwd``, CUDA kernels on CUDA tensors
 and their CPU twins on CPU tensors).
 
-Per chunk of rows, one GEMM gives the raw products ``x_c @ W^T`` (fp32
-output), one fused epilogue applies the norms, scale, margins and bias and
-reduces each row to its log-sum-exp and loss. Gradients then come one of
-two ways:
+Blocks of rows x classes cover the logits (all C classes per block when they
+fit the memory budget with at least 1024 rows, else class chunks, each walked
+over all rows so that W is read once per pass). Per block, one GEMM gives the
+raw products ``x_r @ W_k^T`` (fp32 output), one fused epilogue applies the
+norms, scale, margins and bias and merges each row's log-sum-exp, finished
+by the row's last class chunk. Gradients then come one of two ways:
 
 * ``_ExtensionCCE`` (the default): the forward computes no gradient and saves only its inputs, the
   (N,) lse and the (N,) residue of its rounding, so evaluation costs one GEMM pass; the backward recomputes each
-  chunk's GEMM, turns the block into ``d cos`` in one fused epilogue, then
-  ``d xn = dcos @ Wn`` and ``d Wn += dcos^T @ xn`` (fp32 accumulator) and the
-  normalization backward: 4 GEMM passes (8 N C D flops) for training.
+  block's GEMM, turns the block into ``d cos`` in one fused epilogue, then
+  ``d xn (+)= dcos @ Wn`` and ``d Wn += dcos^T @ xn`` (fp32 accumulators: the
+  class chunk's rows of W, and, with class chunks, all of x's) and the
+  normalization backwards: 4 GEMM passes (8 N C D flops) for training.
 * ``_ExtensionCCEReduced`` (opt-in, ``NNK_GRAD_IN_FORWARD=1``: a "mean"/"sum"
   loss that autograd records, float32 or bfloat16): the upstream gradient of
   each row is known before the forward up to one scalar, so
   ``nnk::cosine_cross_entropy_fwd_bwd`` computes the gradients from each
-  chunk's block while it is in memory (as Liger's fused linear cross-entropy
-  does) and the backward only multiplies them by that scalar, in place: 3 GEMM
-  passes (6 N C D flops). Not the default, because the gradients then live
+  block while it is in memory (as Liger's fused linear cross-entropy does)
+  and the backward only multiplies them by that scalar, in place: 3 GEMM
+  passes (6 N C D flops). With class chunks a row's gradients need its lse
+  over all of them, so the op runs the forward and then the backward (4
+  passes). Not the default, because the gradients then live
   from the forward to the backward: several losses before one backward each
   hold their d x and d W (2 GiB of float32 d W at C = 1M, D = 512), activation
   checkpointing reruns the whole fused forward, and a forward that is never
@@ -26,9 +31,12 @@ two ways:
   gradients at an upstream gradient of 1 would underflow before a
   GradScaler's scale reaches them.
 
-Peak extra memory: one chunk of (rows x C) fp32 (+ a 16-bit copy for
-fp16/bf16 GEMMs) and of (rows x D) row buffers, within 1 GiB together unless
-one row alone exceeds it; never N x C.
+Peak extra memory: one (rows x classes) fp32 block (+ a 16-bit copy for
+fp16/bf16 GEMMs), the class chunk's (classes x D) normalized rows and fp32
+d Wn, and either the row chunk's (rows x D) buffers (one class chunk) or
+(N x D) ones (class chunks: fp32 d xn and the normalized x): within 256 MiB
+except the (N x D) buffers (csrc/include/nnk/cce_driver.h tiling); never
+N x C, and no (C x D) buffer once W needs class chunks.
 
 Gradients are bitwise reproducible whatever ``opts.deterministic`` says: the
 column sums (d bias, d scale) go through per-band partials summed in a fixed
@@ -86,7 +94,7 @@ def _scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 class _ExtensionCCEReduced(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, scale, bias, target, reduction, opts, rows):
+    def forward(ctx, x, weight, scale, bias, target, reduction, opts, block):
         valid = target != opts.ignore_index
         acc = acc_dtype(x.dtype)
         # d loss / d row_i for an upstream gradient of 1, as reduce_rows
@@ -97,7 +105,7 @@ class _ExtensionCCEReduced(torch.autograd.Function):
             row_grad = row_grad / valid.sum().to(acc)
         mask = list(ctx.needs_input_grad[:4])
         row, _lse, *grads = torch.ops.nnk.cosine_cross_entropy_fwd_bwd(
-            x, weight, target, scale, bias, row_grad.expand(target.shape), *bwd_options(opts, rows),
+            x, weight, target, scale, bias, row_grad.expand(target.shape), *bwd_options(opts, *block),
             mask)
         ctx.save_for_backward(*grads)
         ctx.mask = mask
@@ -130,13 +138,14 @@ def grad_in_forward(x, weight, scale, bias) -> bool:
 
 
 def cosine_cross_entropy_extension_reduced(x, weight, target, scale, bias, opts: CCEOptions,
-                                           reduction: str, *, chunk_rows: int | None = None):
+                                           reduction: str, *, chunk_rows: int | None = None,
+                                           chunk_classes: int | None = None):
     """Backend entry for a reduced loss that will be differentiated, with its
     gradients computed in the forward (see :func:`grad_in_forward` for when
     nnk.functional takes it).
 
     Args:
-        x, weight, target, scale, bias, opts, chunk_rows: as
+        x, weight, target, scale, bias, opts, chunk_rows, chunk_classes: as
             :func:`cosine_cross_entropy_extension`.
         reduction: ``"mean"`` or ``"sum"``.
 
@@ -147,11 +156,12 @@ def cosine_cross_entropy_extension_reduced(x, weight, target, scale, bias, opts:
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)
     return _ExtensionCCEReduced.apply(x, weight, scale, bias, target, reduction, opts,
-                                      int(chunk_rows or 0))
+                                      (int(chunk_rows or 0), int(chunk_classes or 0)))
 
 
 def cosine_cross_entropy_extension(x, weight, target, scale, bias, opts: CCEOptions,
-                                   *, chunk_rows: int | None = None):
+                                   *, chunk_rows: int | None = None,
+                                   chunk_classes: int | None = None):
     """Backend entry (arguments already checked by nnk.functional).
 
     Args:
@@ -161,7 +171,9 @@ def cosine_cross_entropy_extension(x, weight, target, scale, bias, opts: CCEOpti
         scale: Python float, or float32 (float64) tensor of shape () or (C,).
         bias: (C,) floating tensor or None.
         opts: the checked options.
-        chunk_rows: rows per chunk; None sizes chunks to a 1 GiB budget.
+        chunk_rows, chunk_classes: the shape of the blocks of logits the op
+            computes at a time (testing and tuning); None sizes them to the
+            extension's memory budget.
 
     Returns:
         ``(row_loss, lse)``: (N,) float32 (float64 for float64 x), the loss of each
@@ -169,6 +181,6 @@ def cosine_cross_entropy_extension(x, weight, target, scale, bias, opts: CCEOpti
     """
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)
-    rows = int(chunk_rows or 0)
+    block = (int(chunk_rows or 0), int(chunk_classes or 0))
     return _ExtensionCCE.apply(x, weight, scale, bias, target,
-                               fwd_options(opts, rows), bwd_options(opts, rows))
+                               fwd_options(opts, *block), bwd_options(opts, *block))

@@ -11,7 +11,7 @@ import torch
 
 # The schema version these sources call (csrc/bindings.cpp kOpsAbi); bumped
 # with any change of csrc/schema.cpp, which tests/test_build.py enforces.
-OPS_ABI = 2
+OPS_ABI = 3
 
 try:  # torch must be imported first: _C links against libtorch
     from nnk import _C as _ext

@@ -1,4 +1,4 @@
-// The chunk loop of nnk::cosine_cross_entropy_fwd / _bwd / _fwd_bwd, shared by the CPU
+// The chunk loops of nnk::cosine_cross_entropy_fwd / _bwd / _fwd_bwd, shared by the CPU
 // and CUDA implementations. A backend K supplies the device-specific pieces:
 //
 //   K::Guard                         device guard constructed from a Device
@@ -10,25 +10,35 @@
 //   K::gemm(out, a, b, accumulate)   out (accumulation dtype) (+)= a @ b
 //   K::check_values(op, t, C, ignore, scale, acc)   target range and scale > 0,
 //                                    finite (eagerly or asynchronously: the backends)
-//   K::forward_epilogue<A>(chunk, loss, lse, lse_lo)
+//   K::forward_epilogue<A>(chunk, row_state)
 //   K::backward_epilogue<A>(chunk, grad, dcos)
 //
-// Design (cosine_cross_entropy_fwd computes no gradients; _fwd_bwd runs both
-// halves on each chunk; both are chunk_loop, below):
-//   forward   per chunk of rows: block = x_c @ W^T (raw operands, fp32 out),
-//             then one fused epilogue applies the norms, scale, margins and
-//             bias and reduces each row to its lse and loss. Nothing of the
-//             block is kept: saved for backward are only the inputs, lse and
-//             lse_lo (what rounding lse dropped: math::lse_finish).
-//   backward  per chunk: the same GEMM recomputes the block; one fused
-//             epilogue turns it into d cos (in place for fp32, or into a
-//             GEMM-dtype buffer for fp16/bf16) and the partial column sums of
-//             d bias / d scale; then d xn_c = dcos @ Wn and dWn += dcos^T @ xn_c
-//             (fp32 accumulator), and the fused normalization backward.
-// Extra memory: one (rows x C) block (+ its GEMM-dtype copy for half inputs)
-// and the chunk's (rows x D) row buffers, O((N + C) D) for normalized
-// operands and the fp32 d W accumulator; the chunk height is the largest that
-// keeps the chunk's buffers (row_bytes) within kChunkBytes.
+// Design. The (N x C) logits are covered by blocks of rows x classes (tiling,
+// below): all C classes per block when they fit the budget with enough rows,
+// else class chunks, each walked over all rows (class-outer order, so that W
+// is read once per pass and no (C x D) buffer is needed).
+//   forward   per block: raw products x_r @ W_k^T (fp32 out), then one fused
+//             epilogue applies the norms, scale, margins and bias and merges
+//             each row's log-sum-exp pair, logit sum and target logit into
+//             the row's state, finished into lse and loss by the last class
+//             chunk (cce::merge_row). Nothing of the block is kept: saved for
+//             backward are only the inputs, lse and lse_lo (what rounding lse
+//             dropped: math::lse_finish).
+//   backward  per class chunk: its rows of W normalized and a (classes x D)
+//             fp32 d wn; per block the same GEMM recomputes the products, one
+//             fused epilogue turns them into d cos (in place for fp32, or into
+//             a GEMM-dtype buffer for fp16/bf16) and the partial column sums
+//             of d bias / d scale; then d xn_r (+)= dcos @ Wn_k and d wn_k +=
+//             dcos^T @ xn_r, and the fused normalization backwards: of the
+//             class chunk's rows of W when its rows are done, of x's rows
+//             when their (only) class chunk is (one class chunk) or at the
+//             end (class chunks: an (N x D) fp32 d xn accumulator).
+// _fwd_bwd runs both halves on each block when there is one class chunk (the
+// gradients need each row's final lse); with class chunks it runs the
+// forward and then the backward.
+// Extra memory: the block (+ its GEMM-dtype copy for half inputs) and the
+// class chunk's and row chunk's buffers within kChunkBytes (tiling), plus,
+// with class chunks, the (N x D) d xn accumulator and normalized x.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -46,10 +56,17 @@
 namespace nnk {
 namespace cce {
 
-// Budget of the per-chunk (rows x C) buffers. Larger chunks read W fewer
-// times (each chunk's GEMMs stream all of W); 1 GiB keeps >= 512-row chunks up
-// to C = 256k classes with half inputs.
-constexpr int64_t kChunkBytes = int64_t(1) << 30;
+// Budget of a block's buffers (tiling). Class chunks keep W's traffic at one
+// read per pass whatever C, so the budget need not be large; it bounds the
+// extra memory of the op (before: 1 GiB for the rows x C block alone, plus
+// a normalized copy of W and an fp32 C x D d W, 4 GiB at N = 8192, D = 4096,
+// C = 131072 in bf16, as much as the logits it avoids).
+constexpr int64_t kChunkBytes = int64_t(256) << 20;
+
+// Rows per block when C is split into class chunks: GEMMs of >= 1024 rows
+// and classes run near the GEMM peak, and each class chunk re-reads x (N D
+// values) once per pass, a small part of the block's 2 N C_k D flops.
+constexpr int64_t kClassChunkRows = 1024;
 
 // The largest CUDA grid x dimension (2^31 - 1), for the launches' checks.
 constexpr int64_t kMaxGridX = 2147483647;
@@ -67,35 +84,67 @@ struct Options {
   double label_smoothing = 0.0;
   double z_loss = 0.0;
   double eps = 1e-12;
-  int64_t chunk_rows = 0;  // 0: from kChunkBytes
+  int64_t chunk_rows = 0;     // 0: from kChunkBytes (tiling)
+  int64_t chunk_classes = 0;  // 0: from kChunkBytes (tiling)
 };
 
 inline at::ScalarType acc_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Bytes a chunk holds per row: its (rows x C) block in the accumulation
-// dtype and, for 16-bit GEMMs, d cos's copy in x's dtype; in the backward its
-// (rows x D) d xn in the accumulation dtype and the normalized rows and their
-// gradient in x's dtype. Without the D terms a small C let the chunk grow to
-// all N rows (C = 1000, D = 8192, bf16: 179k rows, 8 GiB of row buffers).
-inline int64_t row_bytes(int64_t c, int64_t d, at::ScalarType acc, at::ScalarType x) {
-  const int64_t a = at::elementSize(acc), h = at::elementSize(x);
-  return c * (a + (x == acc ? 0 : h)) + d * (a + 2 * h);
-}
+// Blocks of `rows` x `classes` cover the logits; classes == C: one class chunk.
+struct Tiling {
+  int64_t rows = 1;
+  int64_t classes = 1;
+  int64_t class_chunks(int64_t c) const { return (c + classes - 1) / classes; }
+};
 
-// Rows per chunk: `requested` when > 0, else the most whose buffers fit the
-// budget, rounded down to a multiple of 128 (GEMM tile height) when possible.
-// The forward and backward use the same value, so the recomputed logits come
+inline int64_t round_down_128(int64_t v) { return v >= 128 ? v - v % 128 : v; }
+
+// The block shape for N rows, C classes of dimension D (requested sizes > 0
+// win). Bytes counted against kChunkBytes:
+//   per entry of the block: the accumulation dtype, and for 16-bit GEMMs d
+//     cos's copy;
+//   per class of a class chunk: its normalized rows (GEMM dtype), d wn
+//     (accumulation dtype) and d W's slice (x's dtype);
+//   per row with one class chunk: d xn (accumulation dtype), the normalized
+//     rows (GEMM dtype) and their gradient (x's dtype). With class chunks
+//     these are (N x D) buffers made once instead, as the Triton path's d x.
+// One class chunk when its buffers fit with min(N, kClassChunkRows) rows;
+// the rows are then as many as fit (a multiple of 128 when possible: the GEMM
+// tile height). Without the row buffers in the count a small C let a chunk
+// grow to all N rows (C = 1000, D = 8192, bf16: 179k rows, 8 GiB of row
+// buffers). Otherwise kClassChunkRows rows and as many classes as fit.
+// The forward and backward use the same shape, so the recomputed logits come
 // from GEMMs of identical shapes and match the forward's bit for bit.
 // At most 2^31 - 1 rows: the CUDA forward epilogue launches one block per
 // row, and a grid's x dimension holds no more.
-inline int64_t chunk_rows(int64_t n, int64_t bytes_per_row, int64_t requested) {
-  const int64_t cap = std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX);
-  if (requested > 0) return std::min(requested, cap);
-  int64_t r = kChunkBytes / std::max<int64_t>(bytes_per_row, 1);
-  if (r >= 128) r -= r % 128;
-  return std::max<int64_t>(1, std::min(r, cap));
+inline Tiling tiling(int64_t n, int64_t c, int64_t d, at::ScalarType acc, at::ScalarType gemm,
+                     at::ScalarType x, const Options& o) {
+  const int64_t a = at::elementSize(acc), g = at::elementSize(gemm), h = at::elementSize(x);
+  const int64_t entry = a + (gemm == acc ? 0 : g);
+  const int64_t per_class = d * (a + g + h), per_row = d * (a + g + h);
+  const int64_t n_cap = std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX);
+  const int64_t split_rows = std::min(n_cap, kClassChunkRows);
+  Tiling t;
+  if (o.chunk_classes > 0) {
+    t.classes = std::min(o.chunk_classes, c);
+  } else if (c * per_class + split_rows * (c * entry + per_row) <= kChunkBytes) {
+    t.classes = c;
+  } else {
+    const int64_t k = kChunkBytes / (split_rows * entry + per_class);
+    t.classes = std::max<int64_t>(1, std::min(round_down_128(k), c));
+  }
+  if (o.chunk_rows > 0) {
+    t.rows = std::min(o.chunk_rows, n_cap);
+  } else if (t.classes < c) {
+    t.rows = split_rows;
+  } else {
+    const int64_t left = kChunkBytes - c * per_class;
+    const int64_t r = left > 0 ? left / (c * entry + per_row) : 1;
+    t.rows = std::max<int64_t>(1, std::min(round_down_128(r), n_cap));
+  }
+  return t;
 }
 
 inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& w,
@@ -171,24 +220,39 @@ const A* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<A>() : nullptr;
 }
 
-// The chunk of rows [r0, r0 + m) over the (m, C) raw-product block.
+// t[c0, c0 + k), or undefined for an undefined t.
+inline at::Tensor slice_or_undefined(const at::Tensor& t, int64_t c0, int64_t k) {
+  return t.defined() ? t.narrow(0, c0, k) : at::Tensor();
+}
+
+// The first m x k entries of a flat buffer, as a contiguous (m, k) matrix:
+// the blocks of the last row or class chunk are smaller than the buffer.
+inline at::Tensor head(const at::Tensor& flat, int64_t m, int64_t k) {
+  return flat.narrow(0, 0, m * k).view({m, k});
+}
+
+// The block of rows [r0, r0 + m) x classes [c0, c0 + k) over its (m, k)
+// raw products; x_norm and w_norm are the block's own (from row r0 and
+// class c0), scale (flattened: (1,) or (C,)), bias and target the whole op's.
 template <typename A>
-Chunk<A> make_chunk(const at::Tensor& block, const at::Tensor& x_norm,
-                    const at::Tensor& w_norm, const at::Tensor& target, int64_t r0,
+Chunk<A> make_chunk(const at::Tensor& block, const at::Tensor& x_norm, const at::Tensor& w_norm,
+                    const at::Tensor& target, int64_t r0, int64_t c0, int64_t total_classes,
                     const at::Tensor& scale, const at::Tensor& bias, const Options& o) {
   Chunk<A> ch;
   ch.block = block.const_data_ptr<A>();
   ch.rows = block.size(0);
   ch.classes = block.size(1);
-  ch.inv_classes = A(1) / A(ch.classes);
+  ch.c0 = c0;
+  ch.total_classes = total_classes;
+  ch.inv_classes = A(1) / A(total_classes);
   ch.x_norm = ptr_or_null<A>(x_norm);
   ch.w_norm = ptr_or_null<A>(w_norm);
   ch.eps = A(o.eps);
   ch.target = target.const_data_ptr<int64_t>() + r0;
   ch.ignore_index = o.ignore_index;
-  ch.scale = scale.const_data_ptr<A>();
-  ch.per_class_scale = scale.numel() == ch.classes;  // scale is flattened: (1,) or (C,)
-  ch.bias = ptr_or_null<A>(bias);
+  ch.per_class_scale = scale.numel() == total_classes;
+  ch.scale = scale.const_data_ptr<A>() + (ch.per_class_scale ? c0 : 0);
+  ch.bias = bias.defined() ? bias.const_data_ptr<A>() + c0 : nullptr;
   ch.arc = math::make_arc_margin<A>(o.angular_margin);
   ch.additive_margin = A(o.additive_margin);
   ch.exact_margin = o.exact_margin;
@@ -259,52 +323,82 @@ inline at::Tensor grad_scale(const at::Tensor& g_loss, const at::Tensor& g_lse, 
   return at::exp2(k.masked_fill(~(b.isfinite() & (b > 0)), 0));
 }
 
-// The gradient half of the chunk loop, shared by the backward op and the
-// forward op that also computes gradients (chunk_loop): the buffers of
-// one chunk, the accumulators, and the final normalization backward of W.
-// output_mask selects (d x, d W, d scale, d bias); `work` false (no rows or
-// no upstream gradient) leaves every asked-for gradient zero.
+// The gradient half of the loops, shared by the backward op and the forward
+// op that also computes gradients (chunk_loop): the buffers, the class
+// chunk's normalized rows of W and d wn, the accumulators, and the final
+// normalization backwards. Per class chunk: begin_classes, add_block for
+// each of its row chunks, end_classes; then finish. output_mask selects
+// (d x, d W, d scale, d bias); `work` false (no rows or no upstream
+// gradient) leaves every asked-for gradient zero.
 template <class K>
 class GradPass {
  public:
-  GradPass(const at::Tensor& x, const at::Tensor& scale, const Operands& p, const Options& o,
-           std::array<bool, 4> mask, int64_t rows, bool work)
-      : o_(o), mask_(mask), per_class_(scale.dim() == 1), wn_(p.w) {
+  GradPass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+           const Operands& p, const Options& o, std::array<bool, 4> mask, const Tiling& t,
+           bool work)
+      : o_(o), mask_(mask), per_class_(scale.dim() == 1), work_(work),
+        split_(t.classes < p.w.size(0)) {
     const auto acc_opts = x.options().dtype(p.acc);
-    const int64_t c = p.w.size(0), d = p.w.size(1);
-    // Outputs not asked for are empty (0,) tensors.
+    const int64_t n = p.x.size(0), c = p.w.size(0), d = p.w.size(1);
+    // Outputs not asked for are empty (0,) tensors; with class chunks d x
+    // comes from the (N x D) accumulator in finish.
     dx_ = !mask[0] ? at::empty({0}, x.options())
-          : work   ? at::empty_like(x, at::MemoryFormat::Contiguous)
-                   : at::zeros_like(x, at::MemoryFormat::Contiguous);
-    if (mask[1]) dw_acc_ = at::zeros({c, d}, acc_opts);
+          : !work  ? at::zeros_like(x, at::MemoryFormat::Contiguous)
+          : split_ ? at::Tensor()
+                   : at::empty_like(x, at::MemoryFormat::Contiguous);
+    dw_ = !mask[1] ? at::empty({0}, weight.options())
+          : work   ? at::empty_like(weight, at::MemoryFormat::Contiguous)
+                   : at::zeros_like(weight, at::MemoryFormat::Contiguous);
     ds_ = at::zeros({per_class_ ? c : 1}, acc_opts);
     db_ = at::zeros({c}, acc_opts);
     if (!work) return;
-    if (o.normalize_weight) std::tie(wn_, w_norm_) = K::row_normalize(p.w, o.eps);
     // fp32 GEMMs take d cos in place of the block; fp16/bf16 GEMMs a copy.
-    if (p.x.scalar_type() != p.acc) dcos_buf_ = at::empty({rows, c}, p.x.options());
-    const int64_t parts = num_parts(rows);
-    if (mask[3]) db_part_ = at::empty({parts, c}, acc_opts);
-    if (mask[2]) ds_part_ = at::empty({parts, c}, acc_opts);
-    if (mask[0]) dxn_buf_ = at::empty({rows, d}, acc_opts);
+    if (p.x.scalar_type() != p.acc) dcos_buf_ = at::empty({t.rows * t.classes}, p.x.options());
+    const int64_t parts = num_parts(t.rows);
+    if (mask[3]) db_part_ = at::empty({parts * t.classes}, acc_opts);
+    if (mask[2]) ds_part_ = at::empty({parts * t.classes}, acc_opts);
+    if (split_) {
+      if (mask[0]) dxn_all_ = at::zeros({n, d}, acc_opts);
+      if (o.normalize_input) std::tie(xn_all_, x_norm_all_) = K::row_normalize(p.x, o.eps);
+    } else if (mask[0]) {
+      dxn_buf_ = at::empty({t.rows, d}, acc_opts);
+    }
   }
 
-  // ||w_c|| from the normalization the d W GEMM uses (undefined: not normalized).
-  const at::Tensor& w_norm() const { return w_norm_; }
-
-  // The upstream gradients of the chunks were multiplied by 1 / inv (0-d,
-  // a power of two: grad_scale): every gradient is multiplied by inv.
+  // The upstream gradients were multiplied by 1 / inv (0-d, a power of two:
+  // grad_scale): every gradient is multiplied by inv.
   void unscale_by(const at::Tensor& inv) { unscale_ = inv; }
 
-  // Rows [r0, r0 + blk.size(0)): blk holds their raw products and ch sees
-  // them; xn, x_norm are the chunk's normalized rows and norms (xn = the raw
-  // rows when x is not normalized); lse, lse_lo, grad_loss, grad_lse point at
-  // row r0 (grad pointers may be null: zero).
+  // Classes [c0, c0 + k): their rows of W normalized, d wn zeroed.
+  void begin_classes(const Operands& p, int64_t c0, int64_t k) {
+    c0_ = c0;
+    wn_ = p.w.narrow(0, c0, k);
+    w_norm_ = at::Tensor();
+    if (o_.normalize_weight) std::tie(wn_, w_norm_) = K::row_normalize(wn_, o_.eps);
+    if (mask_[1]) dwn_ = at::zeros({k, p.w.size(1)}, ds_.options());
+  }
+
+  // ||w_c|| of the class chunk (undefined: W not normalized).
+  const at::Tensor& w_norm() const { return w_norm_; }
+
+  // The normalized rows [r0, r0 + m) and their norms (the raw rows and an
+  // undefined norm when x is not normalized).
+  std::pair<at::Tensor, at::Tensor> rows(const Operands& p, int64_t r0, int64_t m) const {
+    const at::Tensor xc = p.x.narrow(0, r0, m);
+    if (!o_.normalize_input) return {xc, at::Tensor()};
+    if (split_) return {xn_all_.narrow(0, r0, m), x_norm_all_.narrow(0, r0, m)};
+    auto [xn, x_norm] = K::row_normalize(xc, o_.eps);
+    return {xn, x_norm};
+  }
+
+  // The block ch sees, blk its raw products; xn, x_norm from rows(); lse,
+  // lse_lo, grad_loss, grad_lse point at the block's first row (grad
+  // pointers may be null: zero).
   template <typename A>
-  void add_chunk(const Chunk<A>& ch, at::Tensor& blk, const at::Tensor& xn,
+  void add_block(const Chunk<A>& ch, at::Tensor& blk, const at::Tensor& xn,
                  const at::Tensor& x_norm, int64_t r0, const A* lse, const A* lse_lo,
                  const A* grad_loss, const A* grad_lse) {
-    const int64_t m = blk.size(0);
+    const int64_t m = blk.size(0), k = blk.size(1);
     // 1. One fused epilogue: d cos (in place or into the GEMM-dtype copy)
     //    and the per-band column sums of d z and d z * cos'.
     ChunkGrad<A> gr;
@@ -314,86 +408,94 @@ class GradPass {
     gr.grad_lse = grad_lse;
     gr.dbias_part = db_part_.defined() ? db_part_.mutable_data_ptr<A>() : nullptr;
     gr.dscale_part = ds_part_.defined() ? ds_part_.mutable_data_ptr<A>() : nullptr;
-    at::Tensor dcos = dcos_buf_.defined() ? dcos_buf_.narrow(0, 0, m) : blk;
+    at::Tensor dcos = dcos_buf_.defined() ? head(dcos_buf_, m, k) : blk;
     K::template backward_epilogue<A>(ch, gr, dcos);
     const int64_t used = num_parts(m);
-    if (mask_[3]) db_.add_(db_part_.narrow(0, 0, used).sum(0));
+    if (mask_[3]) db_.narrow(0, c0_, k).add_(head(db_part_, used, k).sum(0));
     if (mask_[2]) {
-      const at::Tensor s_sum = ds_part_.narrow(0, 0, used).sum(0);
-      ds_.add_(per_class_ ? s_sum : s_sum.sum().reshape({1}));
+      const at::Tensor s_sum = head(ds_part_, used, k).sum(0);
+      if (per_class_) {
+        ds_.narrow(0, c0_, k).add_(s_sum);
+      } else {
+        ds_.add_(s_sum.sum().reshape({1}));
+      }
     }
-    // 2. d xn = d cos @ Wn, then through the normalization of x.
+    // 2. d xn = d cos @ Wn: with one class chunk complete here, and taken
+    //    through the normalization of x; with class chunks accumulated.
     if (mask_[0]) {
-      at::Tensor dxn = dxn_buf_.narrow(0, 0, m);
-      K::gemm(dxn, dcos, wn_, false);
-      if (unscale_.defined()) dxn.mul_(unscale_);
-      dx_.narrow(0, r0, m).copy_(o_.normalize_input
-                                     ? K::row_normalize_backward(dxn, xn, x_norm, o_.eps)
-                                     : dxn);
+      if (split_) {
+        at::Tensor dxn = dxn_all_.narrow(0, r0, m);
+        K::gemm(dxn, dcos, wn_, true);
+      } else {
+        at::Tensor dxn = dxn_buf_.narrow(0, 0, m);
+        K::gemm(dxn, dcos, wn_, false);
+        if (unscale_.defined()) dxn.mul_(unscale_);
+        dx_.narrow(0, r0, m).copy_(o_.normalize_input
+                                       ? K::row_normalize_backward(dxn, xn, x_norm, o_.eps)
+                                       : dxn);
+      }
     }
-    // 3. d Wn += d cos^T @ xn, accumulated in fp32 across chunks.
-    if (mask_[1]) K::gemm(dw_acc_, dcos.t(), xn, true);
+    // 3. d wn += d cos^T @ xn, accumulated in fp32 across row chunks.
+    if (mask_[1]) K::gemm(dwn_, dcos.t(), xn, true);
+  }
+
+  // The class chunk's d W, through the normalization of its rows.
+  void end_classes() {
+    if (mask_[1]) {
+      if (unscale_.defined()) dwn_.mul_(unscale_);
+      dw_.narrow(0, c0_, dwn_.size(0))
+          .copy_(o_.normalize_weight ? K::row_normalize_backward(dwn_, wn_, w_norm_, o_.eps)
+                                     : dwn_);
+    }
+    dwn_ = at::Tensor();
+    wn_ = at::Tensor();
+    w_norm_ = at::Tensor();
   }
 
   // (d x, d W, d scale, d bias) in the dtypes of x, weight, scale and bias.
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish(
-      const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-      const std::optional<at::Tensor>& bias) {
+      const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
     if (unscale_.defined()) {
-      for (at::Tensor* t : {&dw_acc_, &ds_, &db_}) {
-        if (t->defined()) t->mul_(unscale_);
-      }
+      ds_.mul_(unscale_);
+      db_.mul_(unscale_);
     }
-    at::Tensor dw = at::empty({0}, weight.options());
-    if (mask_[1]) {
-      dw = (o_.normalize_weight && w_norm_.defined())
-               ? K::row_normalize_backward(dw_acc_, wn_, w_norm_, o_.eps).to(weight.scalar_type())
-               : dw_acc_.to(weight.scalar_type());
+    if (mask_[0] && work_ && split_) {
+      if (unscale_.defined()) dxn_all_.mul_(unscale_);
+      dx_ = (o_.normalize_input
+                 ? K::row_normalize_backward(dxn_all_, xn_all_, x_norm_all_, o_.eps)
+                 : dxn_all_)
+                .to(x.scalar_type());
     }
     at::Tensor d_scale = mask_[2] ? ds_.reshape(scale.sizes()).to(scale.scalar_type())
                                   : at::empty({0}, scale.options());
     at::Tensor d_bias = mask_[3]            ? db_.to(bias->scalar_type())
                        : bias.has_value() ? at::empty({0}, bias->options())
                                           : at::empty({0}, x.options());
-    return {dx_, dw, d_scale, d_bias};
+    return {dx_, dw_, d_scale, d_bias};
   }
 
  private:
   Options o_;
   std::array<bool, 4> mask_;
-  bool per_class_;
-  at::Tensor wn_, w_norm_;
-  at::Tensor dx_, dw_acc_, ds_, db_;
+  bool per_class_, work_, split_;
+  int64_t c0_ = 0;
+  at::Tensor wn_, w_norm_, dwn_;
+  at::Tensor xn_all_, x_norm_all_, dxn_all_;
+  at::Tensor dx_, dw_, ds_, db_;
   at::Tensor dcos_buf_, db_part_, ds_part_, dxn_buf_;
   at::Tensor unscale_;
 };
 
-// Step 1 of every chunk, shared by both loops: the raw products of rows
-// [r0, r0 + m) into the head of `block`, and the rows' norms; the normalized
-// rows too when `rows_too` (only the gradient GEMMs use them). xn is the raw
-// rows when x is not normalized (x_norm then undefined). The backward
-// recomputes the forward's GEMM on the same shapes, so its logits match the
-// forward's bit for bit.
-struct ChunkProducts {
-  at::Tensor blk, xn, x_norm;
-};
-
+// The raw products of rows [r0, r0 + m) with classes [c0, c0 + k) into the
+// head of the flat buffer `block`. The backward recomputes the forward's
+// GEMMs on the same shapes (tiling), so its logits match the forward's bit
+// for bit.
 template <class K>
-ChunkProducts chunk_products(const Operands& p, const Options& o, at::Tensor& block, int64_t r0,
-                             int64_t m, bool rows_too) {
-  ChunkProducts cp;
-  const at::Tensor xc = p.x.narrow(0, r0, m);
-  cp.blk = block.narrow(0, 0, m);
-  K::gemm(cp.blk, xc, p.w.t(), false);
-  cp.xn = xc;
-  if (o.normalize_input) {
-    if (rows_too) {
-      std::tie(cp.xn, cp.x_norm) = K::row_normalize(xc, o.eps);
-    } else {
-      cp.x_norm = K::row_norms(xc, o.eps);
-    }
-  }
-  return cp;
+at::Tensor block_products(const Operands& p, at::Tensor& block, int64_t r0, int64_t m, int64_t c0,
+                          int64_t k) {
+  at::Tensor blk = head(block, m, k);
+  K::gemm(blk, p.x.narrow(0, r0, m), p.w.narrow(0, c0, k).t(), false);
+  return blk;
 }
 
 template <class K>
@@ -422,8 +524,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const bool any_grad = mask[0] || mask[1] || mask[2] || mask[3];
   // Without rows or upstream gradients every gradient is zero.
   const bool work = n > 0 && any_grad && (g_loss.defined() || g_lse.defined());
-  const int64_t rows = chunk_rows(n, row_bytes(c, x.size(1), p.acc, p.x.scalar_type()), o.chunk_rows);
-  GradPass<K> grads(x, scale, p, o, mask, rows, work);
+  const Tiling t = tiling(n, c, x.size(1), p.acc, p.x.scalar_type(), x.scalar_type(), o);
+  GradPass<K> grads(x, weight, scale, p, o, mask, t, work);
   if (work) {
     // 0. float16: upstream gradients scaled by a power of two (grad_scale),
     //    undone on the gradients: d cos in fp16 neither underflows nor
@@ -434,37 +536,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       if (g_lse.defined()) g_lse = g_lse * k;
       grads.unscale_by(k.reciprocal());
     }
-    at::Tensor block = at::empty({rows, c}, x.options().dtype(p.acc));
+    at::Tensor block = at::empty({t.rows * t.classes}, x.options().dtype(p.acc));
     AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_backward", [&] {
       using A = scalar_t;
-      for (int64_t r0 = 0; r0 < n; r0 += rows) {
-        // 1. Recompute the chunk's raw products exactly as the forward did.
-        ChunkProducts cp = chunk_products<K>(p, o, block, r0, std::min(rows, n - r0), true);
-        // 2. Its gradients.
-        const Chunk<A> ch = make_chunk<A>(cp.blk, cp.x_norm, grads.w_norm(), p.target, r0,
-                                          p.scale, p.bias, o);
-        grads.template add_chunk<A>(ch, cp.blk, cp.xn, cp.x_norm, r0,
-                                    lse_a.const_data_ptr<A>() + r0,
-                                    lse_lo_a.const_data_ptr<A>() + r0,
-                                    g_loss.defined() ? g_loss.const_data_ptr<A>() + r0 : nullptr,
-                                    g_lse.defined() ? g_lse.const_data_ptr<A>() + r0 : nullptr);
+      for (int64_t c0 = 0; c0 < c; c0 += t.classes) {
+        const int64_t k = std::min(t.classes, c - c0);
+        grads.begin_classes(p, c0, k);
+        for (int64_t r0 = 0; r0 < n; r0 += t.rows) {
+          const int64_t m = std::min(t.rows, n - r0);
+          // 1. Recompute the block's raw products exactly as the forward did.
+          at::Tensor blk = block_products<K>(p, block, r0, m, c0, k);
+          // 2. Its gradients.
+          const auto [xn, x_norm] = grads.rows(p, r0, m);
+          const Chunk<A> ch = make_chunk<A>(blk, x_norm, grads.w_norm(), p.target, r0, c0, c,
+                                            p.scale, p.bias, o);
+          grads.template add_block<A>(ch, blk, xn, x_norm, r0, lse_a.const_data_ptr<A>() + r0,
+                                      lse_lo_a.const_data_ptr<A>() + r0,
+                                      g_loss.defined() ? g_loss.const_data_ptr<A>() + r0 : nullptr,
+                                      g_lse.defined() ? g_lse.const_data_ptr<A>() + r0 : nullptr);
+        }
+        grads.end_classes();
       }
     });
   }
-  return grads.finish(x, weight, scale, bias);
+  return grads.finish(x, scale, bias);
 }
 
-// Forward and backward in one chunk loop (as Liger's fused linear
-// cross-entropy): each chunk's block serves the loss epilogue and then, while
-// it is still in memory, the gradient epilogue and GEMMs, with the upstream
-// gradient grad_loss known in advance (the caller's reduction: 1 per row for
-// "sum", 1 / #valid for "mean"). Training then costs 3 GEMM passes (6 N C D
-// flops) instead of 4 (the backward's recomputation of the logits); the price
-// is paid when no backward follows (3 passes instead of 1, and the gradients
-// held in memory).
+// The forward, and with one class chunk its gradients in the same loop (as
+// Liger's fused linear cross-entropy): each block serves the loss epilogue
+// and then, while it is still in memory, the gradient epilogue and GEMMs,
+// with the upstream gradient grad_loss known in advance (the caller's
+// reduction: 1 per row for "sum", 1 / #valid for "mean"). Training then costs
+// 3 GEMM passes (6 N C D flops) instead of 4 (the backward's recomputation of
+// the logits); the price is paid when no backward follows (3 passes instead
+// of 1, and the gradients held in memory). With class chunks a row's
+// gradients need its lse over every chunk first: the forward, then the
+// backward op's loop.
 //
 // The forward op is this loop with no gradient asked for (grad_loss absent,
-// mask all false): one GEMM and the loss epilogue per chunk.
+// mask all false): one GEMM and the loss epilogue per block.
 // Returns (loss, lse, lse_lo, d x, d W, d scale, d bias).
 template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -482,39 +592,82 @@ chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const 
               "(nnk::cosine_cross_entropy_bwd), which scales them against underflow");
   const typename K::Guard guard(x.device());
   const int64_t n = x.size(0), c = weight.size(0);
-  K::check_values(op, target, c, o.ignore_index, scale, acc_dtype(x.scalar_type()));
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  const Tiling t = tiling(n, c, x.size(1), acc, K::gemm_dtype(x.scalar_type()), x.scalar_type(), o);
+  const int64_t chunks = t.class_chunks(c);
+  if (grads_asked && chunks > 1) {
+    auto [loss, lse, lse_lo, u1, u2, u3, u4] =
+        chunk_loop<K>(op, x, weight, target, scale, bias, std::nullopt, o, {false, false, false, false});
+    auto [dx, dw, ds, db] = backward<K>(grad_loss, std::nullopt, x, weight, target, scale, bias, lse,
+                                        lse_lo, o, mask);
+    return {loss, lse, lse_lo, dx, dw, ds, db};
+  }
+  K::check_values(op, target, c, o.ignore_index, scale, acc);
   const Operands p = prepare<K>(x, weight, target, scale, bias);
   at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse_lo = at::empty({n}, x.options().dtype(p.acc));
-  const bool work = n > 0 && grads_asked;
+  const bool work = n > 0 && grads_asked;  // then one class chunk
   const at::Tensor g_loss = work ? grad_loss->to(p.acc).contiguous() : at::Tensor();
-  const int64_t rows = chunk_rows(n, row_bytes(c, x.size(1), p.acc, p.x.scalar_type()), o.chunk_rows);
-  GradPass<K> grads(x, scale, p, o, mask, rows, work);
-  // Without gradients to compute W's norms are not otherwise at hand.
-  const at::Tensor w_norm = work || !o.normalize_weight ? grads.w_norm() : K::row_norms(p.w, o.eps);
+  GradPass<K> grads(x, weight, scale, p, o, mask, t, work);
+  at::Tensor w_norm, x_norm_all;
+  if (work) {
+    grads.begin_classes(p, 0, c);
+    w_norm = grads.w_norm();
+  } else if (o.normalize_weight) {
+    w_norm = K::row_norms(p.w, o.eps);
+  }
+  // With class chunks each row's norm serves every chunk.
+  if (chunks > 1 && o.normalize_input) x_norm_all = K::row_norms(p.x, o.eps);
+  // The rows' running reductions across class chunks (cce::RowState).
+  at::Tensor state;
+  if (chunks > 1) state = at::empty({4, n}, x.options().dtype(p.acc));
   if (n > 0) {
-    at::Tensor block = at::empty({rows, c}, x.options().dtype(p.acc));
+    at::Tensor block = at::empty({t.rows * t.classes}, x.options().dtype(p.acc));
     AT_DISPATCH_FLOATING_TYPES(p.acc, "nnk_cce_forward_backward", [&] {
       using A = scalar_t;
-      for (int64_t r0 = 0; r0 < n; r0 += rows) {
-        // 1. The chunk's raw products and norms.
-        ChunkProducts cp = chunk_products<K>(p, o, block, r0, std::min(rows, n - r0), work);
-        // 2. Loss and lse of the rows (reads the block, keeps it).
-        const Chunk<A> ch = make_chunk<A>(cp.blk, cp.x_norm, w_norm, p.target, r0, p.scale,
-                                          p.bias, o);
-        A* lse_c = lse.mutable_data_ptr<A>() + r0;
-        A* lse_lo_c = lse_lo.mutable_data_ptr<A>() + r0;
-        K::template forward_epilogue<A>(ch, loss.mutable_data_ptr<A>() + r0, lse_c, lse_lo_c);
-        // 3. Their gradients from the same block.
-        if (work) {
-          grads.template add_chunk<A>(ch, cp.blk, cp.xn, cp.x_norm, r0, lse_c, lse_lo_c,
-                                      g_loss.const_data_ptr<A>() + r0, nullptr);
+      for (int64_t c0 = 0; c0 < c; c0 += t.classes) {
+        const int64_t k = std::min(t.classes, c - c0);
+        for (int64_t r0 = 0; r0 < n; r0 += t.rows) {
+          const int64_t m = std::min(t.rows, n - r0);
+          // 1. The block's raw products and the rows' norms.
+          at::Tensor blk = block_products<K>(p, block, r0, m, c0, k);
+          at::Tensor xn, x_norm;
+          if (work) {
+            std::tie(xn, x_norm) = grads.rows(p, r0, m);
+          } else if (x_norm_all.defined()) {
+            x_norm = x_norm_all.narrow(0, r0, m);
+          } else if (o.normalize_input) {
+            x_norm = K::row_norms(p.x.narrow(0, r0, m), o.eps);
+          }
+          // 2. The rows' reductions over the block, finished by the last
+          //    class chunk (reads the block, keeps it).
+          const Chunk<A> ch = make_chunk<A>(blk, x_norm, slice_or_undefined(w_norm, c0, k),
+                                            p.target, r0, c0, c, p.scale, p.bias, o);
+          RowState<A> st;
+          if (chunks > 1) {
+            st.run_max = state[0].mutable_data_ptr<A>() + r0;
+            st.run_rest = state[1].mutable_data_ptr<A>() + r0;
+            st.sum_z = state[2].mutable_data_ptr<A>() + r0;
+            st.z_target = state[3].mutable_data_ptr<A>() + r0;
+          }
+          st.first = c0 == 0;
+          st.last = c0 + k == c;
+          st.loss = loss.mutable_data_ptr<A>() + r0;
+          st.lse = lse.mutable_data_ptr<A>() + r0;
+          st.lse_lo = lse_lo.mutable_data_ptr<A>() + r0;
+          K::template forward_epilogue<A>(ch, st);
+          // 3. Their gradients from the same block (one class chunk).
+          if (work) {
+            grads.template add_block<A>(ch, blk, xn, x_norm, r0, st.lse, st.lse_lo,
+                                        g_loss.const_data_ptr<A>() + r0, nullptr);
+          }
         }
       }
     });
   }
-  auto [dx, dw, ds, db] = grads.finish(x, weight, scale, bias);
+  if (work) grads.end_classes();
+  auto [dx, dw, ds, db] = grads.finish(x, scale, bias);
   return {loss, lse, lse_lo, dx, dw, ds, db};
 }
 
@@ -523,7 +676,7 @@ chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const 
 inline Options make_options(bool normalize_input, bool normalize_weight, double additive_margin,
                             double angular_margin, bool exact_margin, int64_t ignore_index,
                             double label_smoothing, double z_loss, double eps,
-                            int64_t chunk_rows) {
+                            int64_t chunk_rows, int64_t chunk_classes) {
   Options o;
   o.normalize_input = normalize_input;
   o.normalize_weight = normalize_weight;
@@ -535,6 +688,7 @@ inline Options make_options(bool normalize_input, bool normalize_weight, double 
   o.z_loss = z_loss;
   o.eps = eps;
   o.chunk_rows = chunk_rows;
+  o.chunk_classes = chunk_classes;
   return o;
 }
 
@@ -544,11 +698,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, bool normalize_input,
     bool normalize_weight, double additive_margin, double angular_margin,
     int64_t ignore_index, double label_smoothing, double z_loss, double eps,
-    int64_t chunk_rows) {
+    int64_t chunk_rows, int64_t chunk_classes) {
   // The loss does not depend on how the margin is differentiated.
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, true, ignore_index, label_smoothing, z_loss, eps,
-                                 chunk_rows);
+                                 chunk_rows, chunk_classes);
   auto out = chunk_loop<K>("nnk::cosine_cross_entropy_fwd", x, weight, target, scale, bias,
                            std::nullopt, o, {false, false, false, false});
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
@@ -562,10 +716,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& lse_lo, bool normalize_input, bool normalize_weight, double additive_margin,
     double angular_margin, bool exact_margin, int64_t ignore_index,
     double label_smoothing, double z_loss, double eps, int64_t chunk_rows,
-    std::array<bool, 4> output_mask) {
+    int64_t chunk_classes, std::array<bool, 4> output_mask) {
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, exact_margin, ignore_index, label_smoothing,
-                                 z_loss, eps, chunk_rows);
+                                 z_loss, eps, chunk_rows, chunk_classes);
   return backward<K>(grad_loss, grad_lse, x, weight, target, scale, bias, lse, lse_lo, o,
                      output_mask);
 }
@@ -577,10 +731,10 @@ forward_backward_op(const at::Tensor& x, const at::Tensor& weight, const at::Ten
                     const at::Tensor& grad_loss, bool normalize_input, bool normalize_weight,
                     double additive_margin, double angular_margin, bool exact_margin,
                     int64_t ignore_index, double label_smoothing, double z_loss, double eps,
-                    int64_t chunk_rows, std::array<bool, 4> output_mask) {
+                    int64_t chunk_rows, int64_t chunk_classes, std::array<bool, 4> output_mask) {
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, exact_margin, ignore_index, label_smoothing,
-                                 z_loss, eps, chunk_rows);
+                                 z_loss, eps, chunk_rows, chunk_classes);
   auto [loss, lse, lse_lo, dx, dw, ds, db] = chunk_loop<K>(
       "nnk::cosine_cross_entropy_fwd_bwd", x, weight, target, scale, bias, grad_loss, o,
       output_mask);
