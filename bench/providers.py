@@ -9,7 +9,8 @@ Who does what work (the ``notes`` column of the CSV repeats it):
   one per impl that ``nnk.functional.resolve_impl`` accepts on this device.
   ``nnk-cuda-gradfwd`` is ``nnk-cuda`` with ``NNK_GRAD_IN_FORWARD=1``: the
   gradients of the mean loss computed in its forward (3 GEMM passes for
-  fwd+bwd instead of 4; its ``fwd`` rows include that work).
+  fwd+bwd instead of 4; its ``fwd`` rows include that work) where the logits
+  fit one class chunk of the extension, else the same as ``nnk-cuda``.
   ``nnk-triton-gemmbwd`` is ``nnk-triton`` with ``NNK_TRITON_GEMM_BACKWARD=1``
   (the extension's cuBLAS backward after the Triton forward: which backward
   is faster at large D is for the GPU run to say).
@@ -197,7 +198,7 @@ def impl_check(impl: str, device: torch.device, dtype: torch.dtype, op: str) -> 
 NNK_VARIANTS = {
     "gradfwd": ({"NNK_GRAD_IN_FORWARD": "1"},
                 "NNK_GRAD_IN_FORWARD=1: gradients of the mean loss computed in the forward (3 GEMM passes "
-                "for fwd+bwd; fwd includes them)"),
+                "for fwd+bwd; fwd includes them) where the logits fit one class chunk, else as nnk-cuda"),
     "sparse": ({"NNK_TRITON_GRAD_FILTER": "1"},
                "NNK_TRITON_GRAD_FILTER=1: d-logit tiles below 2^-12 M / C skip their d x and dW dots"),
     "gemmbwd": ({"NNK_TRITON_GEMM_BACKWARD": "1"},

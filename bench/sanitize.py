@@ -132,7 +132,10 @@ def run_cce_chunked(device, dtypes, failures):
         ours, ref, t, kw = _inputs(130, 70, 2100, case, dtype, device, seed=7)
         want = _loss_and_grads(cosine_cross_entropy_ref, ref, t, kw)
         for classes in (None, 512):
-            for name, fn in (("two-pass", two_pass), ("fused", fused)):
+            # float16 never takes the fused path (nnk.impl.extension.grad_in_forward),
+            # whose op refuses float16 gradients on CUDA.
+            paths = (("two-pass", two_pass),) + ((("fused", fused),) if dtype != torch.float16 else ())
+            for name, fn in paths:
                 got = _loss_and_grads(fn, ours, t.to(device), {**kw, "block": classes})
                 for j, (a, b) in enumerate(zip(got, want)):
                     _close(f"cce cuda chunked {name} classes={classes} {dtype} output {j}", a, b, TOL[dtype],

@@ -1,10 +1,14 @@
 // The Python module nnk._C. Operators are registered through TORCH_LIBRARY
 // (csrc/schema.cpp) when this library is loaded; pybind11 serves what is not
-// an operator: how the extension was built.
+// an operator: how the extension was built, and the block shape its fused
+// cross-entropy would use.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
+#include <utility>
+
+#include "nnk/cce_driver.h"
 
 #ifndef NNK_VERSION
 #define NNK_VERSION "unknown"
@@ -51,4 +55,31 @@ PYBIND11_MODULE(_C, m) {
         return info;
       },
       "How nnk._C was built: version, torch version, CUDA and its arch list, compiler.");
+  m.def(
+      "cce_block_shape",
+      [](int64_t n, int64_t c, int64_t d, const std::string& dtype, bool cuda) {
+        at::ScalarType x;
+        if (dtype == "float32") {
+          x = at::kFloat;
+        } else if (dtype == "float16") {
+          x = at::kHalf;
+        } else if (dtype == "bfloat16") {
+          x = at::kBFloat16;
+        } else if (dtype == "float64") {
+          x = at::kDouble;
+        } else {
+          throw py::value_error("cce_block_shape: dtype must be float32, float16, bfloat16 or "
+                                "float64, got " + dtype);
+        }
+        if (n < 0 || c < 1 || d < 1) throw py::value_error("cce_block_shape: need n >= 0, c >= 1, d >= 1");
+        const at::ScalarType acc = nnk::cce::acc_dtype(x);
+        // The GEMM dtype of the backends: the CUDA GEMMs take the inputs'
+        // dtype, the CPU converts them to the accumulation dtype.
+        const nnk::cce::Tiling t =
+            nnk::cce::tiling(n, c, d, acc, cuda ? x : acc, x, nnk::cce::Options{});
+        return std::make_pair(t.rows, t.classes);
+      },
+      py::arg("n"), py::arg("c"), py::arg("d"), py::arg("dtype"), py::arg("cuda"),
+      "(rows, classes) of the blocks nnk::cosine_cross_entropy_* use by default for N rows, C "
+      "classes of dimension D in dtype on a CUDA (or CPU) device; classes < C: class chunks.");
 }

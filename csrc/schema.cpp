@@ -42,10 +42,12 @@ TORCH_LIBRARY(nnk, m) {
       " float label_smoothing, float z_loss, float eps, int chunk_rows, int chunk_classes,"
       " bool[4] output_mask)"
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
-  // Both in one chunk loop, for training with an upstream gradient known
-  // before the forward (grad_loss: (N,), e.g. 1 per row for a sum, 1 / #valid
-  // for a mean): each chunk's logits serve the loss and then its gradients,
-  // so they are computed once instead of twice. Returns the forward's (loss,
+  // Both in one loop, for training with an upstream gradient known before
+  // the forward (grad_loss: (N,), e.g. 1 per row for a sum, 1 / #valid for a
+  // mean): with one class chunk each block's logits serve the loss and then
+  // its gradients, so they are computed once instead of twice; with class
+  // chunks (the gradients need every chunk's lse first) it is the forward
+  // and then the backward. Returns the forward's (loss,
   // lse) and the backward's gradients for grad_lse = None. float16 inputs on
   // CUDA may not ask for gradients: only the backward op scales the upstream
   // gradients against fp16 underflow (cce_driver.h grad_scale).

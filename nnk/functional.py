@@ -83,9 +83,9 @@ def cosine_cross_entropy(
             extension (its CPU kernels on CPU tensors); with
             ``NNK_GRAD_IN_FORWARD=1`` it computes the gradients of a ``"mean"``
             / ``"sum"`` loss that autograd records (float32 / bfloat16, no
-            ``return_lse``) during the forward, saving the backward's
-            recomputation of the logits (see README: the gradients are then
-            held from forward to backward).
+            ``return_lse``) during the forward where the logits fit one of its
+            class chunks, saving the backward's recomputation of the logits
+            (see README: the gradients are then held from forward to backward).
         deterministic: bitwise-reproducible results on GPU backends (a fixed
             reduction order instead of atomics, and fixed Triton block sizes
             instead of autotuned ones); default ``NNK_DETERMINISTIC=1``.

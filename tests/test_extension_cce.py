@@ -173,6 +173,7 @@ def test_class_chunks_at_large_c(device, monkeypatch):
               if len(s) >= 2 and len(s[0]) == 2 and len(s[1]) == 2 and s[0][1] == d and s[1][0] == d]
     classes = sorted({k for _, k in blocks}, reverse=True)
     assert len(classes) == 2 and sum(classes) == c, blocks  # two class chunks, the second partial
+    assert nnk.ops.cce_block_shape(n, c, d, torch.float32, device.type) == (1024, classes[0])
     assert {r for r, _ in blocks} == {1024, n - 1024}, blocks
     assert len(blocks) == 2 * 2 * 2, blocks  # (2 row chunks x 2 class chunks) per pass, 2 passes
     assert max(r * k for r, k in blocks) * 4 <= 256 << 20
@@ -281,6 +282,33 @@ def test_grad_in_forward_matches_two_pass(reduction, device, grad_in_forward):
     assert max_err(fused, plain) <= 1e-6 * abs(plain.item())
     for k in leaves:
         assert max_err(g_fused[k], g_plain[k]) <= 1e-6 * g_plain[k].abs().max().item(), k
+
+
+def test_grad_in_forward_declines_class_chunks(device, grad_in_forward):
+    """With class chunks the fused op would run the forward and then the
+    backward (each row's gradients need its lse over all chunks) while
+    holding the gradients: such a loss takes the two-pass path."""
+    n, d, c = 2, 512, 50_000
+    assert nnk.ops.cce_block_shape(n, c, d, torch.float32, device.type)[1] < c
+    assert nnk.ops.cce_block_shape(n, 5000, d, torch.float32, device.type) == (n, 5000)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device).requires_grad_(True)
+    w = torch.randn(c, d, generator=gen).to(device).requires_grad_(True)
+    t = torch.tensor([3, c - 1], device=device)
+    loss = _public(x, w, t, {"scale": 8.0})
+    assert type(loss.grad_fn).__name__ != FUSED
+    small = _public(x, w[:5000], t % 5000, {"scale": 8.0})
+    assert type(small.grad_fn).__name__ == FUSED
+
+
+def test_block_shape_query():
+    shape = nnk.ops.cce_block_shape
+    assert shape(0, 7, 3, torch.bfloat16, "cuda") == (1, 7)
+    assert shape(10**6, 1000, 8192, torch.bfloat16, "cuda")[1] == 1000  # rows shrink: C fits
+    rows, classes = shape(1024, 10**6, 512, torch.bfloat16, "cuda")
+    assert rows == 1024 and classes % 128 == 0 and classes < 10**6
+    with pytest.raises(ValueError, match="dtype"):
+        shape(4, 4, 4, torch.int64, "cpu")
 
 
 def test_grad_in_forward_only_when_asked_and_training(device, grad_in_forward):

@@ -21,9 +21,10 @@ by the row's last class chunk. Gradients then come one of two ways:
   ``nnk::cosine_cross_entropy_fwd_bwd`` computes the gradients from each
   block while it is in memory (as Liger's fused linear cross-entropy does)
   and the backward only multiplies them by that scalar, in place: 3 GEMM
-  passes (6 N C D flops). With class chunks a row's gradients need its lse
-  over all of them, so the op runs the forward and then the backward (4
-  passes). Not the default, because the gradients then live
+  passes (6 N C D flops). Only where the logits fit one class chunk: with
+  class chunks a row's gradients need its lse over all of them, so the op
+  would run the forward and then the backward (4 passes) and hold the
+  gradients for nothing; ``grad_in_forward`` then declines. Not the default, because the gradients then live
   from the forward to the backward: several losses before one backward each
   hold their d x and d W (2 GiB of float32 d W at C = 1M, D = 512), activation
   checkpointing reruns the whole fused forward, and a forward that is never
@@ -36,7 +37,8 @@ fp16/bf16 GEMMs), the class chunk's (classes x D) normalized rows and fp32
 d Wn, and either the row chunk's (rows x D) buffers (one class chunk) or
 (N x D) ones (class chunks: fp32 d xn and the normalized x): within 256 MiB
 except the (N x D) buffers (csrc/include/nnk/cce_driver.h tiling); never
-N x C, and no (C x D) buffer once W needs class chunks.
+N x C, and no (C x D) buffer once W needs class chunks (on a CPU, 16-bit
+inputs are first converted to float32 copies, W's included).
 
 Gradients are bitwise reproducible whatever ``opts.deterministic`` says: the
 column sums (d bias, d scale) go through per-band partials summed in a fixed
@@ -56,6 +58,7 @@ import torch
 
 from . import fused_backward
 from .._options import CCEOptions, env_flag
+from ..ops._extension import cce_block_shape
 from ..ops.cce import bwd_options, cce_backward, fwd_options
 from ..reference import acc_dtype, reduce_rows
 
@@ -129,12 +132,21 @@ class _ExtensionCCEReduced(torch.autograd.Function):
 def grad_in_forward(x, weight, scale, bias) -> bool:
     """Whether a reduced loss on the extension takes the fused training op
     (``_ExtensionCCEReduced``): ``NNK_GRAD_IN_FORWARD=1``, autograd is
-    recording, an input requires grad, and x is not float16."""
+    recording, an input requires grad, x is not float16, and the logits fit
+    one class chunk (with class chunks a row's gradients need its lse over
+    all of them first: the op would run the forward and then the backward,
+    saving nothing while holding the gradients; not checked while
+    torch.compile traces, which cannot call into the extension's module)."""
     if not env_flag("NNK_GRAD_IN_FORWARD") or not torch.is_grad_enabled():
         return False
     if x.dtype == torch.float16:
         return False
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, scale, bias))
+    if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, weight, scale, bias)):
+        return False
+    if torch.compiler.is_compiling():
+        return True
+    (n, d), c = x.shape, weight.shape[0]
+    return cce_block_shape(n, c, d, x.dtype, x.device.type)[1] == c
 
 
 def cosine_cross_entropy_extension_reduced(x, weight, target, scale, bias, opts: CCEOptions,

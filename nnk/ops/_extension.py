@@ -47,6 +47,18 @@ def build_info() -> dict:
     return {"extension": True, **_ext.build_info()}
 
 
+def cce_block_shape(n: int, c: int, d: int, dtype: torch.dtype, device_type: str) -> tuple[int, int]:
+    """``(rows, classes)`` of the blocks of logits that
+    ``nnk::cosine_cross_entropy_*`` computes at a time by default for N rows,
+    C classes of dimension D in ``dtype`` on a ``device_type`` ("cpu" /
+    "cuda") device (csrc/include/nnk/cce_driver.h ``tiling``): ``classes < C``
+    means class chunks. Needs the extension."""
+    if _ext is None:
+        raise RuntimeError(f"nnk._C is not loaded: {_error!r}")
+    name = str(dtype).removeprefix("torch.")
+    return tuple(_ext.cce_block_shape(int(n), int(c), int(d), name, device_type == "cuda"))
+
+
 # (op name, dispatch key) -> whether nnk._C registered a kernel. Filled when
 # the extension loads and on first query of an op registered later: callers
 # then only read a dict, which torch.compile(fullgraph=True) can trace (it

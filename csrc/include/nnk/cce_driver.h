@@ -104,17 +104,19 @@ inline int64_t round_down_128(int64_t v) { return v >= 128 ? v - v % 128 : v; }
 // The block shape for N rows, C classes of dimension D (requested sizes > 0
 // win). Bytes counted against kChunkBytes:
 //   per entry of the block: the accumulation dtype, and for 16-bit GEMMs d
-//     cos's copy;
+//     cos's copy; per band of kRowsPerPart rows and class: the partial
+//     column sums of d bias and d scale;
 //   per class of a class chunk: its normalized rows (GEMM dtype), d wn
 //     (accumulation dtype) and d W's slice (x's dtype);
 //   per row with one class chunk: d xn (accumulation dtype), the normalized
 //     rows (GEMM dtype) and their gradient (x's dtype). With class chunks
 //     these are (N x D) buffers made once instead, as the Triton path's d x.
-// One class chunk when its buffers fit with min(N, kClassChunkRows) rows;
-// the rows are then as many as fit (a multiple of 128 when possible: the GEMM
-// tile height). Without the row buffers in the count a small C let a chunk
-// grow to all N rows (C = 1000, D = 8192, bf16: 179k rows, 8 GiB of row
-// buffers). Otherwise kClassChunkRows rows and as many classes as fit.
+// One class chunk when its buffers fit with min(N, kClassChunkRows) rows
+// (or the requested rows); the rows are then as many as fit (a multiple of
+// 128 when possible: the GEMM tile height). Without the row buffers in the
+// count a small C let a chunk grow to all N rows (C = 1000, D = 8192, bf16:
+// 179k rows, 8 GiB of row buffers). Otherwise those rows and as many classes
+// as fit (all C, with fewer rows, where only the row buffers overflowed).
 // The forward and backward use the same shape, so the recomputed logits come
 // from GEMMs of identical shapes and match the forward's bit for bit.
 // At most 2^31 - 1 rows: the CUDA forward epilogue launches one block per
@@ -125,24 +127,27 @@ inline Tiling tiling(int64_t n, int64_t c, int64_t d, at::ScalarType acc, at::Sc
   const int64_t entry = a + (gemm == acc ? 0 : g);
   const int64_t per_class = d * (a + g + h), per_row = d * (a + g + h);
   const int64_t n_cap = std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX);
-  const int64_t split_rows = std::min(n_cap, kClassChunkRows);
+  const int64_t rows = std::min(n_cap, o.chunk_rows > 0 ? o.chunk_rows : kClassChunkRows);
+  // The buffers of a block of r rows x k classes.
+  const auto bytes = [&](int64_t r, int64_t k) {
+    return r * k * entry + 2 * num_parts(r) * k * a + k * per_class + (k == c ? r * per_row : 0);
+  };
   Tiling t;
   if (o.chunk_classes > 0) {
     t.classes = std::min(o.chunk_classes, c);
-  } else if (c * per_class + split_rows * (c * entry + per_row) <= kChunkBytes) {
+  } else if (bytes(rows, c) <= kChunkBytes) {
     t.classes = c;
   } else {
-    const int64_t k = kChunkBytes / (split_rows * entry + per_class);
+    const int64_t k = kChunkBytes / (rows * entry + 2 * num_parts(rows) * a + per_class);
     t.classes = std::max<int64_t>(1, std::min(round_down_128(k), c));
   }
-  if (o.chunk_rows > 0) {
-    t.rows = std::min(o.chunk_rows, n_cap);
-  } else if (t.classes < c) {
-    t.rows = split_rows;
+  if (o.chunk_rows > 0 || t.classes < c) {
+    t.rows = rows;
   } else {
-    const int64_t left = kChunkBytes - c * per_class;
-    const int64_t r = left > 0 ? left / (c * entry + per_row) : 1;
-    t.rows = std::max<int64_t>(1, std::min(round_down_128(r), n_cap));
+    // num_parts(r) <= r / kRowsPerPart + 1.
+    const int64_t left = kChunkBytes - c * per_class - 2 * c * a;
+    const int64_t per = c * entry + (2 * c * a + kRowsPerPart - 1) / kRowsPerPart + per_row;
+    t.rows = left > 0 ? std::max<int64_t>(1, std::min(round_down_128(left / per), n_cap)) : rows;
   }
   return t;
 }
@@ -455,6 +460,8 @@ class GradPass {
   // (d x, d W, d scale, d bias) in the dtypes of x, weight, scale and bias.
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish(
       const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
+    // The blocks' buffers are done with: freed before d x is formed.
+    dcos_buf_ = db_part_ = ds_part_ = dxn_buf_ = at::Tensor();
     if (unscale_.defined()) {
       ds_.mul_(unscale_);
       db_.mul_(unscale_);

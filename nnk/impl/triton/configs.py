@@ -38,8 +38,8 @@ def split_grad() -> bool:
 
 def gemm_backward() -> bool:
     """NNK_TRITON_GEMM_BACKWARD=1: the backward of the Triton forward by the
-    extension's chunked-GEMM op (nnk::cosine_cross_entropy_bwd: per row chunk
-    a cuBLAS GEMM recomputes the logits, one fused epilogue turns them into
+    extension's chunked-GEMM op (nnk::cosine_cross_entropy_bwd: per block of
+    rows x classes a cuBLAS GEMM recomputes the logits, one fused epilogue turns them into
     d cos, two GEMMs give d x and d W) instead of the Triton backward kernel.
     That kernel read-modify-writes a BLOCK_N x D float32 d x slice per
     (row block, class tile): at D = 4096 about 80 flop per byte of it, and
