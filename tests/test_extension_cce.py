@@ -96,14 +96,27 @@ def test_scale64_margins_peaked_softmax_zero_norm_rows(device):
     assert_within_bound(errs, atol=1e-5)
 
 
+HALF_CASES = {
+    "s64_margins": {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True},
+    # A small bound on |d cos|: float16's gradient scale (cce_driver.h
+    # grad_scale) is 2^8 here, where the margin case's is 1, so a missed unscale
+    # shows as gradients 256 times too large.
+    "s16_plain": {"scale": 16.0, "reduction": "sum"},
+}
+
+
+@pytest.mark.parametrize("case", HALF_CASES.values(), ids=HALF_CASES.keys())
+@pytest.mark.parametrize("block", [(40, None), (40, 300)], ids=["rows", "rows_x_classes"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_inputs(dtype, device):
+def test_half_inputs(dtype, block, case, device):
     """fp16/bf16 inputs. On the CPU the GEMMs run in fp32: the bound is the
     reference's. On a GPU they run on the 16-bit operands (fp32 accumulation)
     and d cos and the normalized operands are rounded to 16 bits before the
-    d x / d W GEMMs: allowed a few unit roundoffs of the largest entry more."""
-    opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
-    errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=40), opts, 97, 59, 1031, dtype,
+    d x / d W GEMMs: allowed a few unit roundoffs of the largest entry more.
+    float16 gradients are scaled by a power of two and unscaled after the
+    GEMMs (cce_driver.h grad_scale), with class chunks in the (N x D) d x
+    accumulator."""
+    errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw, *block), case, 97, 59, 1031, dtype,
                        device=device)
     if device.type == "cpu":
         assert_within_bound(errs, atol=1e-4)
