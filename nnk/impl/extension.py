@@ -3,7 +3,7 @@
 and their CPU twins on CPU tensors).
 
 Blocks of rows x classes cover the logits (all C classes per block when they
-fit the memory budget with at least 1024 rows, else class chunks, each walked
+fit the memory budget with 1024 rows or N, else class chunks, each walked
 over all rows so that W is read once per pass). Per block, one GEMM gives the
 raw products ``x_r @ W_k^T`` (fp32 output), one fused epilogue applies the
 norms, scale, margins and bias and merges each row's log-sum-exp, finished
@@ -24,11 +24,12 @@ by the row's last class chunk. Gradients then come one of two ways:
   passes (6 N C D flops). Only where the logits fit one class chunk: with
   class chunks a row's gradients need its lse over all of them, so the op
   would run the forward and then the backward (4 passes) and hold the
-  gradients for nothing; ``grad_in_forward`` then declines. Not the default, because the gradients then live
-  from the forward to the backward: several losses before one backward each
-  hold their d x and d W (2 GiB of float32 d W at C = 1M, D = 512), activation
-  checkpointing reruns the whole fused forward, and a forward that is never
-  differentiated did 3 passes instead of 1. float16 is left out: its
+  gradients for nothing; ``grad_in_forward`` then declines. Not the default,
+  because the gradients then live from the forward to the backward: several
+  losses before one backward each hold their d x and d W (d W within one
+  class chunk: at most about 85 MiB in float32, 64 MiB in bfloat16),
+  activation checkpointing reruns the whole fused forward, and a forward
+  that is never differentiated did 3 passes instead of 1. float16 is left out: its
   gradients at an upstream gradient of 1 would underflow before a
   GradScaler's scale reaches them.
 
