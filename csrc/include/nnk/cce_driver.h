@@ -125,7 +125,8 @@ inline Tiling tiling(int64_t n, int64_t c, int64_t d, at::ScalarType acc, at::Sc
                      at::ScalarType x, const Options& o) {
   const int64_t a = at::elementSize(acc), g = at::elementSize(gemm), h = at::elementSize(x);
   const int64_t entry = a + (gemm == acc ? 0 : g);
-  const int64_t per_class = d * (a + g + h), per_row = d * (a + g + h);
+  // The class and row buffers above hold the same three dtypes per D values.
+  const int64_t per_class = d * (a + g + h), per_row = per_class;
   const int64_t n_cap = std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX);
   const int64_t rows = std::min(n_cap, o.chunk_rows > 0 ? o.chunk_rows : kClassChunkRows);
   // The buffers of a block of r rows x k classes.
@@ -505,23 +506,15 @@ at::Tensor block_products(const Operands& p, at::Tensor& block, int64_t r0, int6
   return blk;
 }
 
+// The backward's loop over the blocks, its inputs checked and the device
+// guard set by the caller (backward, or chunk_loop with class chunks).
 template <class K>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_loop(
     const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
     const at::Tensor& lse_lo, const Options& o, std::array<bool, 4> mask) {
-  constexpr const char* op = "nnk::cosine_cross_entropy_bwd";
-  check_inputs(op, x, weight, target, scale, bias, o);
-  check_row_vector(op, "lse", lse, x);
-  check_row_vector(op, "lse_lo", lse_lo, x);
-  if (grad_loss.has_value()) check_row_vector(op, "grad_loss", *grad_loss, x);
-  if (grad_lse.has_value()) check_row_vector(op, "grad_lse", *grad_lse, x);
-  TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
-  const typename K::Guard guard(x.device());
   const int64_t n = x.size(0), c = weight.size(0);
-  // A target >= C would otherwise be read as an ignored row: zero gradients.
-  K::check_values(op, target, c, o.ignore_index, scale, acc_dtype(x.scalar_type()));
   const Operands p = prepare<K>(x, weight, target, scale, bias);
 
   const at::Tensor lse_a = lse.to(p.acc).contiguous();
@@ -569,6 +562,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   return grads.finish(x, scale, bias);
 }
 
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+    const at::Tensor& scale, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+    const at::Tensor& lse_lo, const Options& o, std::array<bool, 4> mask) {
+  constexpr const char* op = "nnk::cosine_cross_entropy_bwd";
+  check_inputs(op, x, weight, target, scale, bias, o);
+  check_row_vector(op, "lse", lse, x);
+  check_row_vector(op, "lse_lo", lse_lo, x);
+  if (grad_loss.has_value()) check_row_vector(op, "grad_loss", *grad_loss, x);
+  if (grad_lse.has_value()) check_row_vector(op, "grad_lse", *grad_lse, x);
+  TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
+  const typename K::Guard guard(x.device());
+  // A target >= C would otherwise be read as an ignored row: zero gradients.
+  K::check_values(op, target, weight.size(0), o.ignore_index, scale, acc_dtype(x.scalar_type()));
+  return backward_loop<K>(grad_loss, grad_lse, x, weight, target, scale, bias, lse, lse_lo, o, mask);
+}
+
 // The forward, and with one class chunk its gradients in the same loop (as
 // Liger's fused linear cross-entropy): each block serves the loss epilogue
 // and then, while it is still in memory, the gradient epilogue and GEMMs,
@@ -582,34 +594,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 //
 // The forward op is this loop with no gradient asked for (grad_loss absent,
 // mask all false): one GEMM and the loss epilogue per block.
-// Returns (loss, lse, lse_lo, d x, d W, d scale, d bias).
+// Returns (loss, lse, lse_lo, d x, d W, d scale, d bias). forward_loop is
+// the loop itself, its inputs checked and the device guard set by chunk_loop;
+// grads_asked implies one class chunk.
 template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
-           const at::Tensor& scale, const std::optional<at::Tensor>& bias,
-           const std::optional<at::Tensor>& grad_loss, const Options& o, std::array<bool, 4> mask) {
-  check_inputs(op, x, weight, target, scale, bias, o);
-  if (grad_loss.has_value()) check_row_vector(op, "grad_loss", *grad_loss, x);
-  TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
-  const bool grads_asked = grad_loss.has_value() && (mask[0] || mask[1] || mask[2] || mask[3]);
-  // Its upstream gradients are not scaled (grad_scale needs every row's lse
-  // first): float16 d cos would underflow in the fp16 GEMMs.
-  TORCH_CHECK(!grads_asked || K::gemm_dtype(x.scalar_type()) != at::kHalf, op,
-              ": float16 gradients on this device are the backward op's "
-              "(nnk::cosine_cross_entropy_bwd), which scales them against underflow");
-  const typename K::Guard guard(x.device());
+forward_loop(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+             const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+             const std::optional<at::Tensor>& grad_loss, const Options& o, std::array<bool, 4> mask,
+             bool grads_asked, const Tiling& t) {
   const int64_t n = x.size(0), c = weight.size(0);
-  const at::ScalarType acc = acc_dtype(x.scalar_type());
-  const Tiling t = tiling(n, c, x.size(1), acc, K::gemm_dtype(x.scalar_type()), x.scalar_type(), o);
   const int64_t chunks = t.class_chunks(c);
-  if (grads_asked && chunks > 1) {
-    auto [loss, lse, lse_lo, u1, u2, u3, u4] =
-        chunk_loop<K>(op, x, weight, target, scale, bias, std::nullopt, o, {false, false, false, false});
-    auto [dx, dw, ds, db] = backward<K>(grad_loss, std::nullopt, x, weight, target, scale, bias, lse,
-                                        lse_lo, o, mask);
-    return {loss, lse, lse_lo, dx, dw, ds, db};
-  }
-  K::check_values(op, target, c, o.ignore_index, scale, acc);
   const Operands p = prepare<K>(x, weight, target, scale, bias);
   at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
@@ -675,6 +670,36 @@ chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const 
   }
   if (work) grads.end_classes();
   auto [dx, dw, ds, db] = grads.finish(x, scale, bias);
+  return {loss, lse, lse_lo, dx, dw, ds, db};
+}
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& target,
+           const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+           const std::optional<at::Tensor>& grad_loss, const Options& o, std::array<bool, 4> mask) {
+  check_inputs(op, x, weight, target, scale, bias, o);
+  if (grad_loss.has_value()) check_row_vector(op, "grad_loss", *grad_loss, x);
+  TORCH_CHECK(!mask[3] || bias.has_value(), op, ": output_mask asks for grad_bias without a bias");
+  const bool grads_asked = grad_loss.has_value() && (mask[0] || mask[1] || mask[2] || mask[3]);
+  // Its upstream gradients are not scaled (grad_scale needs every row's lse
+  // first): float16 d cos would underflow in the fp16 GEMMs.
+  TORCH_CHECK(!grads_asked || K::gemm_dtype(x.scalar_type()) != at::kHalf, op,
+              ": float16 gradients on this device are the backward op's "
+              "(nnk::cosine_cross_entropy_bwd), which scales them against underflow");
+  const typename K::Guard guard(x.device());
+  const int64_t c = weight.size(0);
+  const at::ScalarType acc = acc_dtype(x.scalar_type());
+  K::check_values(op, target, c, o.ignore_index, scale, acc);
+  const Tiling t = tiling(x.size(0), c, x.size(1), acc, K::gemm_dtype(x.scalar_type()),
+                          x.scalar_type(), o);
+  if (!grads_asked || t.class_chunks(c) == 1) {
+    return forward_loop<K>(x, weight, target, scale, bias, grad_loss, o, mask, grads_asked, t);
+  }
+  auto [loss, lse, lse_lo, u1, u2, u3, u4] = forward_loop<K>(
+      x, weight, target, scale, bias, std::nullopt, o, {false, false, false, false}, false, t);
+  auto [dx, dw, ds, db] = backward_loop<K>(grad_loss, std::nullopt, x, weight, target, scale, bias,
+                                           lse, lse_lo, o, mask);
   return {loss, lse, lse_lo, dx, dw, ds, db};
 }
 
