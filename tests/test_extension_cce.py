@@ -141,8 +141,8 @@ def test_chunking_does_not_change_results(device):
 
 def test_chunks_count_their_row_buffers(device, monkeypatch):
     """The default chunk height keeps a chunk's (rows x C) block and its
-    (rows x D) row buffers (float32 d xn, the normalized rows and their
-    gradient) within the 256 MiB budget. With few classes the block alone let
+    (rows x D) row buffers (float32 d xn and the normalized rows; the
+    gradient's rows are written in place) within the 256 MiB budget. With few classes the block alone let
     the chunk take every row: C = 8, D = 65536 ran one 1400-row chunk, 1.1 GiB
     of row buffers (at C = 1000, D = 8192, N = 179k in bf16: 8 GiB). The chunks
     are read off the GEMMs' shapes."""
@@ -160,7 +160,7 @@ def test_chunks_count_their_row_buffers(device, monkeypatch):
                    if e.name == "aten::mm" and e.input_shapes[1] == [d, c]]  # x_chunk @ W^T
     rows = [shapes[0][0] for shapes in logit_gemms]
     assert sum(rows) == 2 * n, rows  # every row in the forward and again in the backward
-    assert max(rows) * (c * 4 + d * 12) + c * d * 12 <= 256 << 20, rows
+    assert max(rows) * (c * 4 + d * 8) + c * d * 8 <= 256 << 20, rows
     assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
 
 
@@ -301,7 +301,7 @@ def test_grad_in_forward_declines_class_chunks(device, grad_in_forward):
     """With class chunks the fused op would run the forward and then the
     backward (each row's gradients need its lse over all chunks) while
     holding the gradients: such a loss takes the two-pass path."""
-    n, d, c = 2, 512, 50_000
+    n, d, c = 2, 512, 70_000
     assert nnk.ops.cce_block_shape(n, c, d, torch.float32, device.type)[1] < c
     assert nnk.ops.cce_block_shape(n, 5000, d, torch.float32, device.type) == (n, 5000)
     gen = torch.Generator().manual_seed(0)

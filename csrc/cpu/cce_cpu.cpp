@@ -32,9 +32,15 @@ struct CpuBackend {
     return row_normalize_cpu(x, eps);
   }
 
-  static at::Tensor row_normalize_backward(const at::Tensor& g, const at::Tensor& y,
-                                           const at::Tensor& norm, double eps) {
-    return row_normalize_backward_cpu(g, y, norm, eps);
+  // Into the gradient's rows; the normalized rows y are float32 for 16-bit
+  // inputs (gemm_dtype), whose gradient rows are written through a copy.
+  static void row_normalize_backward(const at::Tensor& g, const at::Tensor& y,
+                                     const at::Tensor& norm, double eps, at::Tensor& out) {
+    if (out.scalar_type() == y.scalar_type()) {
+      row_normalize_backward_cpu_into(g, y, norm, eps, out);
+    } else {
+      out.copy_(row_normalize_backward_cpu(g, y, norm, eps));
+    }
   }
 
   static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {

@@ -46,15 +46,20 @@ std::tuple<at::Tensor, at::Tensor> row_normalize_cpu(const at::Tensor& x_in,
   return {y, norm};
 }
 
-at::Tensor row_normalize_backward_cpu(const at::Tensor& g_in,
-                                      const at::Tensor& y_in,
-                                      const at::Tensor& norm_in, double eps) {
-  check_row_normalize_backward_input(g_in, y_in, norm_in, eps);
+at::Tensor row_normalize_backward_cpu(const at::Tensor& g, const at::Tensor& y,
+                                      const at::Tensor& norm, double eps) {
+  check_row_normalize_backward_input(g, y, norm, eps);
+  at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
+  row_normalize_backward_cpu_into(g, y, norm, eps, dx);
+  return dx;
+}
+
+void row_normalize_backward_cpu_into(const at::Tensor& g_in, const at::Tensor& y_in,
+                                     const at::Tensor& norm_in, double eps, at::Tensor& dx) {
   const at::Tensor g = g_in.contiguous().to(y_in.scalar_type());
   const at::Tensor y = y_in.contiguous();
   const at::Tensor norm = norm_in.contiguous();
   const int64_t n = y.size(0), d = y.size(1);
-  at::Tensor dx = at::empty_like(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, y.scalar_type(), "nnk_row_normalize_bwd_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -76,7 +81,6 @@ at::Tensor row_normalize_backward_cpu(const at::Tensor& g_in,
           }
         });
       });
-  return dx;
 }
 
 TORCH_LIBRARY_IMPL(nnk, CPU, m) {

@@ -15,4 +15,9 @@ std::tuple<at::Tensor, at::Tensor> row_normalize_cpu(const at::Tensor& x, double
 at::Tensor row_normalize_backward_cpu(const at::Tensor& g, const at::Tensor& y,
                                       const at::Tensor& norm, double eps);
 
+// The same into dx: contiguous, of y's shape and dtype (the arguments
+// unchecked: for callers that made them).
+void row_normalize_backward_cpu_into(const at::Tensor& g, const at::Tensor& y,
+                                     const at::Tensor& norm, double eps, at::Tensor& dx);
+
 }  // namespace nnk

@@ -48,16 +48,18 @@ struct CudaBackend {
     return {y, norm};
   }
 
-  // g: accumulation dtype (fp32 for fp16/bf16 rows: projected before rounding).
-  static at::Tensor row_normalize_backward(const at::Tensor& g_in, const at::Tensor& y,
-                                           const at::Tensor& norm, double eps) {
+  // g: accumulation dtype (fp32 for fp16/bf16 rows: projected before
+  // rounding); written straight into the gradient's rows `out` (contiguous,
+  // y's dtype: the GEMM dtype is the input's), with no temporary.
+  static void row_normalize_backward(const at::Tensor& g_in, const at::Tensor& y,
+                                     const at::Tensor& norm, double eps, at::Tensor& out) {
+    TORCH_INTERNAL_ASSERT(out.scalar_type() == y.scalar_type() && out.is_contiguous() &&
+                          out.sizes() == y.sizes());
     const at::Tensor g = g_in.contiguous();
-    at::Tensor dx = at::empty_like(y, at::MemoryFormat::Contiguous);
     C10_CUDA_CHECK(cuda::launch_row_normalize_bwd(
         launch_dtype(y), launch_dtype(g), g.const_data_ptr(), y.const_data_ptr(),
-        norm.const_data_ptr(), dx.mutable_data_ptr(), y.size(0), y.size(1), eps,
+        norm.const_data_ptr(), out.mutable_data_ptr(), y.size(0), y.size(1), eps,
         c10::cuda::getCurrentCUDAStream()));
-    return dx;
   }
 
   // out (fp32/fp64) (+)= a @ b. fp16/bf16 operands use the out_dtype GEMMs

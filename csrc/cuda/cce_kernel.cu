@@ -17,7 +17,7 @@ namespace cuda {
 namespace {
 
 // Forward: threads per row, up to 1024 (32 warps): a row of a block holds
-// thousands of classes (all C, or a class chunk of 6784 at C = 131072, D =
+// thousands of classes (all C, or a class chunk of 8576 at C = 131072, D =
 // 4096 in bf16: cce_driver.h tiling), which one CUDA block reduces with many
 // loads in flight. Untimed; a candidate for tuning on a GPU.
 constexpr int kMaxThreads = 1024;

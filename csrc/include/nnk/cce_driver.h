@@ -5,8 +5,9 @@
 //   K::gemm_dtype(t)                 dtype of the GEMM operands for inputs of t
 //   K::row_norms(x, eps)             (n,) norms in the accumulation dtype
 //   K::row_normalize(x, eps)         (x / max(||x||, eps), ||x||)
-//   K::row_normalize_backward(g, y, norm, eps)   g in the accumulation dtype,
-//                                    result in y's dtype
+//   K::row_normalize_backward(g, y, norm, eps, out)   g in the accumulation
+//                                    dtype, written into out (contiguous rows
+//                                    of a gradient, x's dtype)
 //   K::gemm(out, a, b, accumulate)   out (accumulation dtype) (+)= a @ b
 //   K::check_values(op, t, C, ignore, scale, acc)   target range and scale > 0,
 //                                    finite (eagerly or asynchronously: the backends)
@@ -106,11 +107,14 @@ inline int64_t round_down_128(int64_t v) { return v >= 128 ? v - v % 128 : v; }
 //   per entry of the block: the accumulation dtype, and for 16-bit GEMMs d
 //     cos's copy; per band of kRowsPerPart rows and class: the partial
 //     column sums of d bias and d scale;
-//   per class of a class chunk: its normalized rows (GEMM dtype), d wn
-//     (accumulation dtype) and d W's slice (x's dtype);
-//   per row with one class chunk: d xn (accumulation dtype), the normalized
-//     rows (GEMM dtype) and their gradient (x's dtype). With class chunks
-//     these are (N x D) buffers made once instead, as the Triton path's d x.
+//   per class of a class chunk: its normalized rows (GEMM dtype) and d wn
+//     (accumulation dtype);
+//   per row with one class chunk: d xn (accumulation dtype) and the
+//     normalized rows (GEMM dtype). With class chunks these are (N x D)
+//     buffers made once instead, as the Triton path's d x.
+//   The normalization backward writes d W's and d x's rows in place, except
+//   where the GEMM dtype is not x's (the CPU's 16-bit inputs): then through
+//   a GEMM-dtype copy of the rows, counted per class and per row.
 // One class chunk when its buffers fit with min(N, kClassChunkRows) rows
 // (or the requested rows); the rows are then as many as fit (a multiple of
 // 128 when possible: the GEMM tile height). Without the row buffers in the
@@ -123,10 +127,10 @@ inline int64_t round_down_128(int64_t v) { return v >= 128 ? v - v % 128 : v; }
 // row, and a grid's x dimension holds no more.
 inline Tiling tiling(int64_t n, int64_t c, int64_t d, at::ScalarType acc, at::ScalarType gemm,
                      at::ScalarType x, const Options& o) {
-  const int64_t a = at::elementSize(acc), g = at::elementSize(gemm), h = at::elementSize(x);
+  const int64_t a = at::elementSize(acc), g = at::elementSize(gemm);
   const int64_t entry = a + (gemm == acc ? 0 : g);
-  // The class and row buffers above hold the same three dtypes per D values.
-  const int64_t per_class = d * (a + g + h), per_row = per_class;
+  // The class and row buffers above hold the same dtypes per D values.
+  const int64_t per_class = d * (a + g + (gemm == x ? 0 : g)), per_row = per_class;
   const int64_t n_cap = std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX);
   const int64_t rows = std::min(n_cap, o.chunk_rows > 0 ? o.chunk_rows : kClassChunkRows);
   // The buffers of a block of r rows x k classes.
@@ -436,9 +440,12 @@ class GradPass {
         at::Tensor dxn = dxn_buf_.narrow(0, 0, m);
         K::gemm(dxn, dcos, wn_, false);
         if (unscale_.defined()) dxn.mul_(unscale_);
-        dx_.narrow(0, r0, m).copy_(o_.normalize_input
-                                       ? K::row_normalize_backward(dxn, xn, x_norm, o_.eps)
-                                       : dxn);
+        at::Tensor dx_rows = dx_.narrow(0, r0, m);
+        if (o_.normalize_input) {
+          K::row_normalize_backward(dxn, xn, x_norm, o_.eps, dx_rows);
+        } else {
+          dx_rows.copy_(dxn);
+        }
       }
     }
     // 3. d wn += d cos^T @ xn, accumulated in fp32 across row chunks.
@@ -449,9 +456,12 @@ class GradPass {
   void end_classes() {
     if (mask_[1]) {
       if (unscale_.defined()) dwn_.mul_(unscale_);
-      dw_.narrow(0, c0_, dwn_.size(0))
-          .copy_(o_.normalize_weight ? K::row_normalize_backward(dwn_, wn_, w_norm_, o_.eps)
-                                     : dwn_);
+      at::Tensor dw_rows = dw_.narrow(0, c0_, dwn_.size(0));
+      if (o_.normalize_weight) {
+        K::row_normalize_backward(dwn_, wn_, w_norm_, o_.eps, dw_rows);
+      } else {
+        dw_rows.copy_(dwn_);
+      }
     }
     dwn_ = at::Tensor();
     wn_ = at::Tensor();
@@ -469,10 +479,12 @@ class GradPass {
     }
     if (mask_[0] && work_ && split_) {
       if (unscale_.defined()) dxn_all_.mul_(unscale_);
-      dx_ = (o_.normalize_input
-                 ? K::row_normalize_backward(dxn_all_, xn_all_, x_norm_all_, o_.eps)
-                 : dxn_all_)
-                .to(x.scalar_type());
+      if (o_.normalize_input) {
+        dx_ = at::empty_like(x, at::MemoryFormat::Contiguous);
+        K::row_normalize_backward(dxn_all_, xn_all_, x_norm_all_, o_.eps, dx_);
+      } else {
+        dx_ = dxn_all_.to(x.scalar_type());
+      }
     }
     at::Tensor d_scale = mask_[2] ? ds_.reshape(scale.sizes()).to(scale.scalar_type())
                                   : at::empty({0}, scale.options());
