@@ -430,6 +430,28 @@ def test_one_class_with_label_smoothing_is_exactly_zero(impl, device):
         assert loss.abs().max() <= 1e-6, loss
 
 
+def test_one_class_with_label_smoothing_has_zero_gradients(impl, device):
+    # C = 1: p = 1 and dz = g ((1 - ls) - (1 - ls)) = 0 exactly, as in the
+    # reference. Formed as g p - g ls - g (1 - ls) (the torch and Triton
+    # paths) it left ~1e-7 g, which a zero row's 1 / eps took to 6e5 in its
+    # d x (float32) and to inf (float16), where the truth is 0 (a fuzz run).
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 16, generator=gen), torch.randn(1, 16, generator=gen)
+    x[:4] = 0.0
+    g = torch.randn(8, generator=gen).to(device)
+    t = torch.zeros(8, dtype=torch.long, device=device)
+    for dtype in (torch.float32, torch.float16):
+        xx = x.to(device, dtype).requires_grad_(True)
+        ww = w.to(device, dtype).requires_grad_(True)
+        s = torch.tensor(16.0, device=device, requires_grad=True)
+        b = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+        loss = nnk.cosine_cross_entropy(xx, ww, t, scale=s, bias=b, label_smoothing=0.1,
+                                        reduction="none", impl=impl)
+        grads = torch.autograd.grad((loss * g).sum(), (xx, ww, s, b))
+        for name, grad in zip(("x", "weight", "scale", "bias"), grads):
+            assert grad.abs().max().item() == 0.0, (dtype, name, grad)
+
+
 @pytest.mark.parametrize("ls", [0.0, 0.1])
 def test_confident_row_losses_do_not_inherit_the_rounding_of_lse(impl, device, ls):
     # Rows near their class at s = 64: losses of 1e-15..1e-5. lse - z_t with

@@ -128,10 +128,12 @@ class _BlockwiseCCE(torch.autograd.Function):
 
         ls = opts.label_smoothing
         g = torch.where(valid, g_row.to(acc), torch.zeros_like(lse))
-        # dz = (g p - shift - [c == y] hit) + coef_z p (math.h dlogit): the
-        # z-loss term and the lse output's (d lse / dz = softmax) apart from
-        # g p, which on a confident row's target nearly cancels with hit. Off
-        # the target nothing cancels: there dz = (g + coef_z) p - shift.
+        # dz = g ((p - ls / C) - [c == y] (1 - ls)) + coef_z p (math.h dlogit):
+        # g's factor first, where p - 1 is exact on a confident row's target
+        # and a row whose target takes all the probability (C = 1) gets
+        # exactly 0 (g p - g ls / C - g (1 - ls) left ~1e-7 g, times 1 / eps
+        # in the d x of a zero row: 6e5, inf in float16); the z-loss term and
+        # the lse output's (d lse / dz = softmax) apart, not rounded against 1.
         coef_z = 2.0 * opts.z_loss * lse * g if opts.z_loss else None
         if g_lse is not None:
             coef_z = g_lse.to(acc) if coef_z is None else coef_z + g_lse.to(acc)
@@ -147,13 +149,6 @@ class _BlockwiseCCE(torch.autograd.Function):
             coef_z = torch.where(empty, 0.0, coef_z)
         run_max = torch.where(empty, float("inf"), run_max)
         log_sum = torch.where(empty, 0.0, log_sum)
-        shift = g * (ls / c)
-        hit = g * (1.0 - ls)
-        coef_p = g if coef_z is None else g + coef_z
-        if coef_z is not None:
-            # The target's dz from its own p (bitwise the tile's: same z_t).
-            p_t = ((z_t - run_max) - log_sum).exp()
-            dz_t = ((g * p_t - shift) - hit) + coef_z * p_t
         dpsi = margin_grad_ref(cos_t, opts.angular_margin, opts.exact_margin)
 
         dxn = torch.zeros_like(xn) if need_x else None
@@ -166,14 +161,14 @@ class _BlockwiseCCE(torch.autograd.Function):
                 c1 = min(c, c0 + c_blk)
                 # 1. Recompute the tile exactly as the forward did.
                 z, cos = _tile(xn[rows], wn, s, b, t[rows], valid[rows], z_t[rows], psi[rows], c0, c1)
-                # 2. dz = coef_p * softmax - ls/C * g, and the target's own.
-                dz = (z - run_max[rows, None]).sub_(log_sum[rows, None]).exp_()
-                dz = dz.mul_(coef_p[rows, None]).sub_(shift[rows, None])
+                # 2. dz from the softmax p.
+                p = (z - run_max[rows, None]).sub_(log_sum[rows, None]).exp_()
+                dz = p - ls / c if coef_z is not None else p.sub_(ls / c)
                 col, inside = _target_slots(t[rows], valid[rows], c0, c1)
-                if coef_z is None:
-                    _update_targets(dz, col, inside, lambda old: old - hit[rows])
-                else:
-                    _update_targets(dz, col, inside, lambda old: dz_t[rows])
+                _update_targets(dz, col, inside, lambda old: old - (1.0 - ls))
+                dz = dz.mul_(g[rows, None])
+                if coef_z is not None:
+                    dz = dz.add_(p.mul_(coef_z[rows, None]))
                 if db is not None:
                     db[c0:c1] += dz.sum(dim=0)
                 if ds is not None:

@@ -52,8 +52,7 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr
                     HAS_ARC: tl.constexpr, EXACT_MARGIN: tl.constexpr):
     """Per row: the terms of :func:`_row_terms`, the target's psi, logit and
     d psi / d cos from the forward's stored cosine (bitwise the forward's
-    target logit), lse, and the coefficients of
-    dz = (g p - shift - [c == y] hit) + coef_z p (math.h dlogit)."""
+    target logit), lse, and the coefficients g, coef_z of :func:`_dlogit`."""
     row_mask, t, valid, den_x, live_x, s_t, b_t = _row_terms(
         T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
     cos_t = tl.load(COST_ptr + rows, mask=valid, other=0.0)
@@ -63,9 +62,7 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr
     lse_lo = tl.load(LSELO_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(G_ptr + rows, mask=valid, other=0.0)
     g_lse = tl.load(GLSE_ptr + rows, mask=row_mask, other=0.0)
-    # The z-loss and lse terms apart from g p: on a confident row's target
-    # g p - hit ~ -1e-6 g, where a term folded into g's coefficient was
-    # rounded against g (math.h dlogit).
+    # The z-loss and lse terms apart from g's (_dlogit).
     coef_z = 2.0 * z_loss * lse * g + g_lse
     # A row without a finite logit (lse = -inf: a -inf bias on every class of
     # a class-parallel shard) and without upstream gradient (the combined loss
@@ -76,9 +73,17 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr
     coef_z = tl.where(empty, 0.0, coef_z)
     lse_lo = tl.where(empty, 0.0, lse_lo)
     lse = tl.where(empty, float("inf"), lse)
-    hit = g * (1.0 - label_smoothing)
-    shift = g * (label_smoothing / C)
-    return row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z, hit, shift
+    return row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z
+
+
+@triton.jit
+def _dlogit(p, is_t, g, coef_z, label_smoothing, C):
+    """dz = g ((p - ls / C) - [c == y] (1 - ls)) + coef_z p (math.h dlogit):
+    g's factor first, so that p - 1 is exact on a confident row's target and
+    a row whose target takes all the probability (C = 1) gets exactly 0
+    (g p - g ls / C - g (1 - ls) left ~1e-7 g, times 1 / eps in the d x of a
+    zero row); the z-loss and lse terms apart, not rounded against 1."""
+    return g * ((p - label_smoothing / C) - tl.where(is_t, 1.0 - label_smoothing, 0.0)) + coef_z * p
 
 
 @triton.jit
@@ -93,18 +98,18 @@ def _grad_mass_kernel(
     sparse backward's scale, see cce_backward):
     max(|d cos_t|, s min(1, d psi) |sum_c dz_c|), the second term with a
     scalar scale only. |d cos_t| is one term of the norm; sum_c dz_c =
-    g + coef_z - C shift - hit since the probabilities sum to 1, and every column
+    coef_z since the probabilities sum to 1, and every column
     of d cos is dz times s, or s d psi >= s min(1, d psi) on the target."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z, hit, shift = _row_grad_terms(
+    row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z = _row_grad_terms(
         T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
         ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
         NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
     p_t = tl.exp((z_t - lse) - lse_lo)
-    dcos_t = tl.where(valid, ((g * p_t - shift - hit) + coef_z * p_t) * s_t * dpsi, 0.0)
+    dcos_t = tl.where(valid, _dlogit(p_t, valid, g, coef_z, label_smoothing, C) * s_t * dpsi, 0.0)
     mass = tl.abs(dcos_t)
     if not HAS_CLASS_SCALE:
-        mass = tl.maximum(mass, tl.abs(g + coef_z - C * shift - hit) * s_t * tl.minimum(dpsi, 1.0))
+        mass = tl.maximum(mass, tl.abs(coef_z) * s_t * tl.minimum(dpsi, 1.0))
     tl.store(MASS_ptr + rows, mass, mask=row_mask)
 
 
@@ -157,7 +162,7 @@ def _cce_bwd_kernel(
 
         # 2. Per-row terms; the target logit from the forward's stored cosine
         #    (bitwise the forward's), the coefficients of dz.
-        row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z, hit, shift = _row_grad_terms(
+        row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z = _row_grad_terms(
             T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
             ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
             NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
@@ -175,7 +180,7 @@ def _cce_bwd_kernel(
         #    reductions for d bias and d scale.
         # p = exp((z - lse) - lse_lo): lse's float32 rounding taken back (forward step 3).
         p = tl.exp((z - lse[:, None]) - lse_lo[:, None])
-        dz = (g[:, None] * p - shift[:, None] - tl.where(is_t, hit[:, None], 0.0)) + coef_z[:, None] * p
+        dz = _dlogit(p, is_t, g[:, None], coef_z[:, None], label_smoothing, C)
         dz = tl.where(row_mask[:, None] & col_mask[None, :], dz, 0.0)
         if ROW_MAJOR:
             vec_ptrs = cols                     # the call's (C,) vector
