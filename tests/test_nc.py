@@ -484,6 +484,46 @@ def test_nc4_scales_each_row_on_its_own():
     assert nnk.nc_metrics(h, y, w).nc4 == 0.0
 
 
+def test_nc4_of_a_float32_weight_of_huge_magnitude():
+    # Only the features' rows were rescaled: h @ W^T overflowed float32 for
+    # |W| ~ 1e30 against |h| ~ 1e8 (nc4 0.75 where float64 gives 0).
+    h, y, w, b = clustered(300, 64, 10)
+    for hs, ws in ((1e8, 1e30), (1e2, 1e36)):
+        want = nnk.nc_metrics(h.double() * hs, y, w.double() * ws, b.double() * ws).nc4
+        assert nnk.nc_metrics(h * hs, y, w * ws, b * ws).nc4 == want, (hs, ws)
+
+
+def test_nc4_of_float32_features_at_a_large_offset():
+    # Features at 1e4 spread over a few ulps (2^-10): the global mean rounded
+    # to float32 before h - g shifted every row alike and flipped rows near a
+    # boundary between two class means (nc4 off in 63-75 of 100 such sets).
+    g = torch.Generator().manual_seed(0)
+    wrong = 0
+    for _ in range(20):
+        y = torch.randint(0, 2, (200,), generator=g)
+        centers = torch.randint(0, 30, (2, 2), generator=g).double()
+        h = (1e4 + 2.0**-10 * (centers[y] + torch.randint(-15, 16, (200, 2), generator=g))).float()
+        w, b = torch.full((2, 2), 1e-3), torch.tensor([1e3, 0.0])  # predicts class 0 everywhere
+        hd = h.double()
+        means = torch.stack([hd[y == k].mean(0) for k in range(2)])
+        d2 = ((hd[:, None] - means[None]) ** 2).sum(-1)
+        if bool((d2[:, 0] == d2[:, 1]).any()):
+            continue  # a tie: either mean is nearest
+        wrong += nnk.nc_metrics(h, y, w, b).nc4 != float((d2[:, 1] < d2[:, 0]).double().mean())
+    assert wrong == 0
+
+
+def test_tiny_float64_features_are_a_clear_error():
+    # Their squares fall into float64's subnormals and then to 0: nc1 was 0
+    # ("perfect collapse") and equinorm NaN from 2^-545 on, silently.
+    h, y, w, b = clustered(60, 5, 3, dtype=torch.float64)
+    for call in (lambda t: nnk.nc_metrics(t, y), lambda t: nnk.nc_metrics(t, y, w, b),
+                 lambda t: nnk.nc_stats(t, y, 3), lambda t: nnk.NCTracker(3, 5).update(t, y)):
+        call(h * 2.0**-470)
+        with pytest.raises(ValueError, match="underflows float64; rescale them"):
+            call(h * 2.0**-545)
+
+
 def test_float64_metrics_are_shift_and_scale_invariant():
     """Each metric depends on neither a common offset of the features nor
     their scale, nor the weight's scale. In float64: a rounded global mean

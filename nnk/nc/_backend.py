@@ -78,6 +78,22 @@ def _set_exponents(features: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor
                         dtype=torch.int64, device=features.device)
 
 
+# float64 features below 2^-F64_MIN_EXP (~1e-144) have squares near float64's
+# subnormals (0 from ~1e-162: nc1 = 0, NaN equinorm; at 2^-530 nc1 off by
+# 4e-5 already) and no wider dtype to be rescaled into: refused, as float64
+# features beyond ~1e154 are (their Gram overflows: stats.assemble_stats).
+F64_MIN_EXP = 480
+
+
+def _check_float64_magnitude(features: torch.Tensor) -> None:
+    """ValueError for float64 features whose largest |h| is non-zero and below
+    2^-F64_MIN_EXP. One host sync."""
+    big = max(abs(float(features.amax())), abs(float(features.amin())))
+    if 0.0 < big < 2.0 ** -F64_MIN_EXP:
+        raise ValueError(f"float64 features of magnitude {big:.3g} (below 2^-{F64_MIN_EXP} ~ 1e-144): their "
+                         "within-class scatter underflows float64; rescale them")
+
+
 def centered_gram(impl: str, features: torch.Tensor, labels: torch.Tensor, shifts: torch.Tensor):
     """``sum_i (h_i - c[y_i]) (h_i - c[y_i])^T``: (D, D) / (B, D, D) float32
     (float64 on the torch path for float64 features or shifts, and for
@@ -92,6 +108,8 @@ def centered_gram(impl: str, features: torch.Tensor, labels: torch.Tensor, shift
     unless a tracker's shifts come from much larger earlier batches: they are
     then upcast first (2^+-30 is not a float16).
     """
+    if features.dtype == torch.float64 and features.numel():
+        _check_float64_magnitude(features)
     if features.dtype != torch.float64 and shifts.dtype != torch.float64 and features.numel():
         k = _set_exponents(features, shifts)
         if k is not None:

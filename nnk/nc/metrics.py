@@ -195,8 +195,13 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
     same nearest mean: ``argmin_k |h - mu_k|^2 = argmax_k 2 h'.m_k - |m_k|^2``)
     and scaled by the power of two that brings the largest |m_k| near 1, so
     that these products neither underflow (features of size 1e-25) nor
-    overflow float32; the logits of each row beyond 2^30 likewise (argmax is
-    unchanged by a positive factor on a row's h and b)."""
+    overflow float32; h - global mean is formed in float64 and rounded once
+    (the global mean rounded to float32 first shifted every row alike,
+    toward some means: features at 1e4 with a spread of a few ulps had nc4
+    off by 4-5% of the samples). The logits likewise: each row of h beyond
+    2^30 and W beyond 2^30 by their powers of two, b by both (argmax is
+    unchanged by a positive factor on a row's logits; |W| ~ 1e30 against
+    |h| ~ 1e8 overflowed float32: nc4 0.75 for 0)."""
     acc = F64 if F64 in (features.dtype, weight.dtype, getattr(bias, "dtype", None)) else torch.float32
     h3 = features[None] if features.dim() == 2 else features
     idx = torch.nonzero(stats.present).flatten()
@@ -204,8 +209,10 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
     for b in range(h3.shape[0]):
         sb = stats if stats.batch_size is None else stats[b]
         w = _per_batch(weight, b, 3).to(acc)
+        ew = torch.frexp(w.abs().amax())[1].to(torch.int64)
+        ew = torch.where(ew > _backend.POW2_BAND, ew, 0)
+        w = _backend.times_pow2(w, -ew)
         bias_b = _per_batch(bias, b, 2)
-        g = sb.global_mean.to(acc)
         m64 = sb.means[idx] - sb.global_mean
         # Exponents on the device (no host sync): one for the centred means,
         # one per row for the logits (argmax is per row).
@@ -213,13 +220,15 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
         m = _backend.times_pow2(m64, -e).to(acc)
         m_sq = m.square().sum(1)
         for r0 in range(0, h3.shape[1], NC4_BLOCK_ROWS):
-            h = h3[b, r0:r0 + NC4_BLOCK_ROWS].to(acc)
-            nearest = idx[torch.argmax(2.0 * _backend.times_pow2(h - g, -e) @ m.T - m_sq, dim=1)]
+            h = h3[b, r0:r0 + NC4_BLOCK_ROWS]
+            centred = _backend.times_pow2(h.to(F64) - sb.global_mean, -e).to(acc)
+            nearest = idx[torch.argmax(2.0 * centred @ m.T - m_sq, dim=1)]
+            h = h.to(acc)
             eh = torch.frexp(h.abs().amax(dim=1, keepdim=True))[1].to(torch.int64)
             eh = torch.where(eh > _backend.POW2_BAND, eh, 0)
             logits = _backend.times_pow2(h, -eh) @ w.T
             if bias_b is not None:
-                logits = logits + _backend.times_pow2(bias_b.to(acc)[None, :], -eh)
+                logits = logits + _backend.times_pow2(bias_b.to(acc)[None, :], -(eh + ew))
             out[b] += (nearest != torch.argmax(logits, dim=1)).sum()
     return out
 
