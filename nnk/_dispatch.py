@@ -157,6 +157,13 @@ def autocast_operands(fn):
         if dev is None or dev == "meta" or not torch.is_autocast_enabled(dev):
             return fn(x, weight, *args, **kwargs)
         dtype = torch.get_autocast_dtype(dev)
+        f64 = [isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (x, weight)]
+        if f64[0] != f64[1] and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (x, weight)):
+            # Cast, the other operand would be named with a dtype the caller never had.
+            cast = "weight" if f64[0] else "x"
+            raise TypeError(f"x is {x.dtype} and weight is {weight.dtype}: torch.autocast({dtype}) would cast "
+                            f"{cast} and leaves float64 alone, so they cannot match; pass both as float64 "
+                            "outside autocast, or cast the float64 one to the other's dtype")
         x, weight = (
             t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
             else t

@@ -110,6 +110,18 @@ def test_meta_tensors_are_a_clear_error():
             call()
 
 
+def test_float64_with_a_32_bit_operand_under_autocast_names_the_given_dtypes():
+    # Autocast casts the float32 weight and leaves float64 x alone: the
+    # dtype check named a "weight dtype torch.bfloat16" the caller never had.
+    head = nnk.CosineLinear(16, 10)
+    x, y = torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for call in (lambda: head.loss(x, y), lambda: nnk.cosine_cross_entropy(x, head.weight, y),
+                     lambda: nnk.cosine_cross_entropy(x.float(), head.weight.detach().double(), y)):
+            with pytest.raises(TypeError, match=r"torch\.float(64|32) and weight is torch\.float(32|64).*autocast"):
+                call()
+
+
 def test_float64_on_gpu_impl_is_a_type_error(device):
     # On the test device: triton on CPU tensors without the interpreter (as
     # under --device cuda) is a ValueError before the dtype is looked at.
