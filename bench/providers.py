@@ -222,6 +222,17 @@ class Nnk(Provider):
 
             if not has_op("cosine_cross_entropy_bwd", device.type):
                 return Check("unavailable", f"nnk._C has no cosine_cross_entropy_bwd for {device.type}")
+        if check is OK and self.grads_in_forward:
+            # nnk.impl.extension.grad_in_forward declines where the logits need
+            # class chunks (or float16): the run would be nnk-cuda's again,
+            # under a label saying the gradients came from the forward.
+            from nnk.ops import cce_block_shape
+
+            classes = cce_block_shape(case.N, case.C, case.D, dtype, device.type)[1]
+            if dtype == torch.float16 or classes < case.C:
+                why = ("float16" if dtype == torch.float16
+                       else f"the logits need class chunks of {classes} of the {case.C} classes")
+                return Check("skipped", f"{why}: NNK_GRAD_IN_FORWARD declines, the same computation as nnk-cuda")
         return check
 
     def build(self, case, inputs):
@@ -457,7 +468,9 @@ class GemmBound(Provider):
 
 
 def ce_providers() -> list[Provider]:
-    return [Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", "gradfwd"), Nnk("triton", "sparse"),
+    # The bound first: a case's time budget skips the providers left when it
+    # runs out, and without the bound no row of the case gets its ratio.
+    return [GemmBound(), Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", "gradfwd"), Nnk("triton", "sparse"),
             Nnk("triton", "gemmbwd"), Reference(False), Reference(True),
             TorchHead(False), TorchHead(True), TorchLCE(), Liger(), CutCrossEntropy(False), CutCrossEntropy(True),
-            PML(), GemmBound()]
+            PML()]

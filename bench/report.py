@@ -109,7 +109,7 @@ def summary_markdown(rows: list[dict]) -> str:
         logits = logits_mb(n, c) if rs[0]["op"] == CE_OP else None
         out += [title, ""]
         head = ["provider"] + [f"{MODE_TITLES[m]} ms" for m in modes] + [
-            f"TFLOP/s ({MODE_TITLES[main]})", f"× bound ({MODE_TITLES[main]})", f"peak MB ({MODE_TITLES[main]})"]
+            f"TFLOP/s ({MODE_TITLES[main]})", f"× bound ({MODE_TITLES[main]})", f"peak MiB ({MODE_TITLES[main]})"]
         if logits:
             head += ["peak / fp32 logits", "peak − grads / fp32 logits"]
         head += (["loss"] if logits else []) + ["notes"]
@@ -137,7 +137,7 @@ def summary_markdown(rows: list[dict]) -> str:
                             "memory ratio (their peak / its peak): " + "; ".join(parts) + "."]
         if logits and main != "fwd":
             out += ["", f"peak − grads: the peak beyond the gradients of x and W that the step returns "
-                        f"((N + C)·D in {dtype}: {grads_mb(n, c, rs[0]['D'], dtype, main):.4g} MB), the "
+                        f"((N + C)·D in {dtype}: {grads_mb(n, c, rs[0]['D'], dtype, main):.4g} MiB), the "
                         "memory that the target of < 5% of the fp32 logits is about."]
         missing = [(p, cell.get((p, main)) or next(r for r in rs if r["provider"] == p)) for p in providers if p not in measured]
         if missing:

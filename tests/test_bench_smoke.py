@@ -193,6 +193,25 @@ def test_cases_pass_their_margins_to_the_loss():
                                    "angular_margin": c.angular_margin}, c
 
 
+def test_gradfwd_is_skipped_where_nnk_declines_it():
+    # nnk-cuda-gradfwd ran nnk-cuda's two passes wherever the logits need
+    # class chunks (every LLM and face case on a GPU), labelled as gradients
+    # computed in the forward: its bwd row lost its TFLOP/s and bound ratio.
+    from bench.providers import Nnk
+    from bench.shapes import CE_OP, Case
+    from nnk.ops import cce_block_shape, has_op
+
+    if not has_op("cosine_cross_entropy_fwd", "cpu"):
+        pytest.skip("nnk._C is not built")
+    p, cpu = Nnk("cuda", "gradfwd"), torch.device("cpu")
+    small, large = Case(CE_OP, "t", 256, 128, 1000), Case(CE_OP, "t", 256, 128, 300_000)
+    assert cce_block_shape(256, 300_000, 128, torch.float32, "cpu")[1] < 300_000
+    assert p.check(small, cpu, torch.float32).status == "ok"
+    chk = p.check(large, cpu, torch.float32)
+    assert chk.status == "skipped" and "class chunks" in chk.reason
+    assert p.check(small, cpu, torch.float16).status == "skipped"
+
+
 def test_time_budget_stops_inside_a_case(tmp_path):
     """A budget that runs out inside a case (here: during the builds, a cold
     torch.compile among them) skips the rest of that case with a reason and
