@@ -607,6 +607,11 @@ def _check_mismatches(rec, rank, world, span, tag):
         x, w, t, label_smoothing=0.1 if last else 0.0, **call), ValueError, "ranks disagree on options")
     rec.expect_raise(f"{tag}:mismatch:targets", lambda: cosine_cross_entropy(
         x, w, t.flip(0) if last else t, **call), ValueError, "ranks disagree on target checksum")
+    # 1 * 1 + 4 * 3 == 4 * 1 + 3 * 3: equal under the old weights 2i + 1.
+    t_odd = t.clone()
+    t_odd[:2] = torch.tensor([4, 3] if last else [1, 4])
+    rec.expect_raise(f"{tag}:mismatch:targets_small_change", lambda: cosine_cross_entropy(
+        x, w, t_odd, **call), ValueError, "ranks disagree on target checksum")
     rec.expect_raise(f"{tag}:mismatch:overlap", lambda: cosine_cross_entropy(
         x, w, t, class_start=0, num_classes=C, scale=16.0), ValueError, "must tile [0, 11)")
     # A rank without autograd would never join the backward's all-reduce: a hang, unless caught here.
@@ -640,6 +645,19 @@ def _check_mismatches(rec, rank, world, span, tag):
     head.train(not last)
     rec.expect_raise(f"{tag}:mismatch:module_training", lambda: head(feats[:, :D], torch.tensor([0, 1, 2])),
                      ValueError, "ranks disagree on training")
+    # Heads built differently on one rank: a bias there trained silently, and
+    # full_state_dict's gathers aborted the process (gloo: SIGABRT) or, for
+    # num_classes, returned heads of different sizes.
+    odd = ShardedCosineLinear(D, C, scale=8.0, bias=last, dtype=torch.float64)
+    rec.expect_raise(f"{tag}:mismatch:module_bias", lambda: odd(feats[:, :D], torch.tensor([0, 1, 2])),
+                     ValueError, "ranks disagree on head", "per-class weight+bias")
+    rec.expect_raise(f"{tag}:mismatch:full_state_bias", odd.full_state_dict, ValueError, "ranks disagree on head")
+    odd = ShardedCosineLinear(D, C, scale=8.0, dtype=torch.float32 if last else torch.float64)
+    rec.expect_raise(f"{tag}:mismatch:full_state_dtype", odd.to_cosine_linear, ValueError,
+                     "ranks disagree on head", "weight:float32")
+    odd = ShardedCosineLinear(D, C + int(last), scale=8.0, dtype=torch.float64)
+    rec.expect_raise(f"{tag}:mismatch:full_state_classes", odd.full_state_dict, ValueError,
+                     "ranks disagree on num_classes")
     # The group still works after the errors: a valid call agrees with the reference.
     full, _, _ = _case_data("plain", FUNCTIONAL_CASES["plain"], span)
     rec.close(f"{tag}:mismatch:group_still_usable", cosine_cross_entropy(x.detach(), w.detach(), t, **call),

@@ -214,6 +214,15 @@ class ShardedCosineLinear(nn.Module):
             _check_scale(self.scale.detach(), self.num_local, self.weight.device)
         return math.prod(features.shape[:-1])
 
+    def _head_signature(self) -> dict:
+        """What the ranks' heads must share besides num_classes and options:
+        the per-class entries (a bias or per-class scale on one rank only
+        trained silently), the dtypes of the entries (gathered and reduced
+        as bytes) and in_features."""
+        dtypes = " ".join(f"{name}:{str(t.dtype).removeprefix('torch.')}"
+                          for name, t in self.state_dict().items() if isinstance(t, torch.Tensor))
+        return {"head": f"per-class {'+'.join(self._per_class)}, in_features {self.in_features}, {dtypes}"}
+
     def _describe(self, features, labels):
         n = self._check_features(features)
         if not isinstance(labels, torch.Tensor):
@@ -239,7 +248,7 @@ class ShardedCosineLinear(nn.Module):
             "options": repr((self.opts, self.reduction, self.sample_rate, self.ddp_average)),
             **scale_signature(self.scale),
             "autocast": autocast_dtype(features.device), "deterministic": deterministic,
-            "rows": n, "class_start": self.class_start, "C_local": self.num_local,
+            "rows": n, "class_start": self.class_start, "C_local": self.num_local, **self._head_signature(),
         }
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -252,7 +261,7 @@ class ShardedCosineLinear(nn.Module):
         _, world = group_rank(group, CALLER)
         same = ("in_features", "features.dtype", "features.requires_grad", "grad mode", "training",
                 "impl (resolved)", "num_classes", "options", "shared scale value",
-                "shared scale requires_grad", "shared scale dtype", "autocast", "deterministic")
+                "shared scale requires_grad", "shared scale dtype", "autocast", "deterministic", "head")
         deterministic, got = agree(CALLER, group, lambda: self._describe(features, labels), same,
                        info=("rows", "class_start", "C_local"))
         check_partition(CALLER, got["class_start"], got["C_local"], self.num_classes)
@@ -371,8 +380,20 @@ class ShardedCosineLinear(nn.Module):
         collective (all-gather) over the group. Loadable with
         ``load_resharded([state])`` on any world size, and with
         ``load_state_dict`` by a world-size-1 module. Holds C x D on every rank."""
-        _, world = group_rank(self.group, CALLER)
-        sizes = [shard_range(self.num_classes, r, world)[1] for r in range(world)]
+        caller = CALLER + ".full_state_dict"
+        _, world = group_rank(self.group, caller)
+        # The ranks' heads must match before their rows are gathered: a bias,
+        # dtype or in_features of one rank's own made gloo abort (SIGABRT), a
+        # num_classes of its own returned heads of different sizes.
+        _, got = agree(caller, self.group,
+                       lambda: (None, {"num_classes": self.num_classes, **self._head_signature(),
+                                       "class_start": self.class_start, "C_local": self.num_local}),
+                       ("num_classes", "head"), info=("class_start", "C_local"))
+        spans = [shard_range(self.num_classes, r, world) for r in range(world)]
+        if list(zip(got["class_start"], got["C_local"])) != spans:
+            raise ValueError(f"{caller}: the ranks hold classes {list(zip(got['class_start'], got['C_local']))} "
+                             f"((start, count) in rank order), not the rank-ordered shards {spans}")
+        sizes = [n for _, n in spans]
         full = {}
         for name, t in self.state_dict().items():
             if name in self._per_class:
