@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .impl.torch_blockwise import TILE_ELEMENTS, _blocks  # the blockwise path's tile sizes
+from .impl.torch_blockwise import TILE_ELEMENTS, _blocks, row_blocks  # the blockwise path's tile sizes
 from .ops import row_normalize
 from .reference import acc_dtype, cosine_logits_ref
 
@@ -24,8 +24,8 @@ def logits_topk(x, weight, k: int, *, scale, bias, normalize_input: bool, normal
                 block_classes: int | None = None):
     """``logits = cosine_logits_ref(x, weight, scale=scale, bias=bias, ...)``
     ranked as ``logits.topk(min(k, C))``, scored in tiles of about 2^21 logits
-    and 2^21 weight entries (up to 1024 rows; ``block_classes`` columns if
-    given), each tile's top-k merged into a running top-k per row. Extra memory
+    and 2^21 weight entries (up to 1024 rows, all rows while torch.compile
+    traces: see torch_blockwise._blocks; ``block_classes`` columns if given), each tile's top-k merged into a running top-k per row. Extra memory
     O(tile + N k), whatever C.
 
     x (N, D) float, weight (C, D), scale a float, 0-d or (C,) tensor, bias (C,)
@@ -43,8 +43,8 @@ def logits_topk(x, weight, k: int, *, scale, bias, normalize_input: bool, normal
     out_logits = torch.empty(n, k, dtype=acc, device=x.device)
     classes = torch.empty(n, k, dtype=torch.int64, device=x.device)
     cosines = torch.empty(n, k, dtype=acc, device=x.device)
-    for r0 in range(0, n, r_blk):
-        xr = x[r0:r0 + r_blk]
+    for rows in row_blocks(n, r_blk):
+        xr = x[rows]
         best = None  # (logits, classes, cosines) of the classes seen so far
         for c0 in range(0, c, c_blk):
             c1 = min(c, c0 + c_blk)
@@ -60,5 +60,5 @@ def logits_topk(x, weight, k: int, *, scale, bias, normalize_input: bool, normal
                 top = tile[0].topk(min(k, tile[0].shape[1]), dim=1)
                 tile = (top.values, tile[1].gather(1, top.indices), tile[2].gather(1, top.indices))
             best = tile
-        out_logits[r0:r0 + r_blk], classes[r0:r0 + r_blk], cosines[r0:r0 + r_blk] = best
+        out_logits[rows], classes[rows], cosines[rows] = best
     return out_logits, classes, cosines

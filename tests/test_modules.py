@@ -565,6 +565,31 @@ def test_compile_fullgraph_forward_and_loss_on_cpu():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_torch_path_serves_every_batch_size_with_one_graph():
+    # A row loop over N made Dynamo specialize N on impl="torch" (what "auto"
+    # runs on CPU): a graph per batch size, then FailOnRecompileLimitHit under
+    # fullgraph=True at the 9th. Now the first size's graph and one dynamic one.
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(16, 11, additive_margin=0.2)
+    graphs = {"loss": 0, "predict": 0}
+
+    def counting(name):
+        def backend(gm, example_inputs):
+            graphs[name] += 1
+            return gm.forward
+        return backend
+
+    loss = torch.compile(lambda f, y: head.loss(f, y, impl="torch"), fullgraph=True, backend=counting("loss"))
+    predict = torch.compile(lambda f: head.predict(f, k=3), fullgraph=True, backend=counting("predict"))
+    for n in range(5, 16):
+        f, y = torch.randn(n, 16), torch.randint(0, 11, (n,))
+        got = loss(f, y)
+        torch.testing.assert_close(got, head.loss(f, y, impl="torch"))
+        got.backward()
+        assert torch.equal(predict(f)[0], head.predict(f, k=3)[0])
+    assert graphs["loss"] <= 2 and graphs["predict"] <= 2, graphs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_row_normalize_fallback_under_compile(dtype):
     """The row normalization without the extension (ops.row_normalize's

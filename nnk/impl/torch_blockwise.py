@@ -34,9 +34,24 @@ MAX_BLOCK_ROWS = 1024
 
 
 def _blocks(n: int, c: int, block_rows: int | None, block_classes: int | None):
+    """(rows, classes) per tile; rows None: every row in one tile. While
+    torch.compile traces, tiles take all rows and 2^21 / 1024 classes: a row
+    loop (or a tile width) that depends on N makes Dynamo specialize N, one
+    graph per batch size (dynamic=True too) until the recompile limit, where
+    fullgraph=True fails. The tile is then N x 2048 (the eager tiles hold
+    2^21 logits, as these do up to N = 1024)."""
+    if block_rows is None and torch.compiler.is_compiling():
+        return None, block_classes or max(1, min(c, TILE_ELEMENTS // MAX_BLOCK_ROWS))
     r = block_rows or max(1, min(n, MAX_BLOCK_ROWS))
     b = block_classes or max(1, min(c, TILE_ELEMENTS // max(r, 1)))
     return r, b
+
+
+def row_blocks(n: int, r_blk: int | None) -> list[slice]:
+    """The tiles' row slices (one of all rows for r_blk None: see _blocks)."""
+    if r_blk is None:
+        return [slice(None)]
+    return [slice(r0, min(n, r0 + r_blk)) for r0 in range(0, n, r_blk)]
 
 
 def _normalized(t: torch.Tensor, on: bool, eps: float):
@@ -71,8 +86,7 @@ class _BlockwiseCCE(torch.autograd.Function):
         run_max = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
         run_rest = torch.zeros((n,), dtype=acc, device=x.device)
         sum_z = torch.zeros((n,), dtype=acc, device=x.device) if opts.label_smoothing else None
-        for r0 in range(0, n, r_blk):
-            rows = slice(r0, min(n, r0 + r_blk))
+        for rows in row_blocks(n, r_blk):
             for c0 in range(0, c, c_blk):
                 z, _ = _tile(xn[rows], wn, s, b, t[rows], valid[rows], z_t[rows], psi[rows], c0, min(c, c0 + c_blk))
                 blk_max, blk_rest = tile_partial(z)
@@ -155,8 +169,7 @@ class _BlockwiseCCE(torch.autograd.Function):
         dwn = torch.zeros_like(wn) if need_w else None
         ds = torch.zeros(c if per_class else (), dtype=acc, device=xn.device) if need_s else None
         db = torch.zeros(c, dtype=acc, device=xn.device) if need_b else None
-        for r0 in range(0, n, r_blk):
-            rows = slice(r0, min(n, r0 + r_blk))
+        for rows in row_blocks(n, r_blk):
             for c0 in range(0, c, c_blk):
                 c1 = min(c, c0 + c_blk)
                 # 1. Recompute the tile exactly as the forward did.
