@@ -25,7 +25,8 @@ def logits_topk(x, weight, k: int, *, scale, bias, normalize_input: bool, normal
     """``logits = cosine_logits_ref(x, weight, scale=scale, bias=bias, ...)``
     ranked as ``logits.topk(min(k, C))``, scored in tiles of about 2^21 logits
     and 2^21 weight entries (up to 1024 rows, all rows while torch.compile
-    traces: see torch_blockwise._blocks; ``block_classes`` columns if given), each tile's top-k merged into a running top-k per row. Extra memory
+    traces: see torch_blockwise._blocks; ``block_classes`` columns if given),
+    each tile's top-k merged into a running top-k per row. Extra memory
     O(tile + N k), whatever C.
 
     x (N, D) float, weight (C, D), scale a float, 0-d or (C,) tensor, bias (C,)
