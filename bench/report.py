@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -83,11 +84,12 @@ def _num(v, fmt="{:.3g}") -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
-def summary_markdown(rows: list[dict]) -> str:
+def summary_markdown(rows: list[dict], command: str | None = None) -> str:
     """Per case and dtype: each provider's times per mode (median, p20–p80),
     TFLOP/s, time over the GEMM bound and peak memory of the main mode, and
     the time and memory ratios of every other provider to each nnk one; then
-    the providers not measured and why."""
+    the providers not measured and why. ``command``: the bench's command
+    line, quoted under the title."""
     if not rows:
         return "(no rows)\n"
     r0 = rows[0]
@@ -95,6 +97,8 @@ def summary_markdown(rows: list[dict]) -> str:
            f"torch {r0['torch']}, triton {r0['triton']}, nnk {r0['nnk']}, commit {r0['git_commit']}, "
            f"started {r0['timestamp']}. Times in ms: median (p20–p80) of interleaved samples. "
            "× bound = time / time of the bare GEMMs (bound-gemm) at the same case and mode.", ""]
+    if command:
+        out += [f"Command: `{command}`", ""]
     by_case = defaultdict(list)
     for r in rows:
         by_case[(r["case"], r["dtype"])].append(r)
@@ -146,9 +150,18 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_summary(rows: list[dict], path: Path) -> Path:
-    Path(path).write_text(summary_markdown(rows))
+def write_summary(rows: list[dict], path: Path, command: str | None = None) -> Path:
+    Path(path).write_text(summary_markdown(rows, command))
     return Path(path)
+
+
+def recorded_command(csv_path: Path) -> str | None:
+    """The command line in the run's ``<stem>_meta.json`` beside the CSV, if any."""
+    meta = Path(csv_path).with_name(Path(csv_path).stem + "_meta.json")
+    try:
+        return json.loads(meta.read_text()).get("command")
+    except (OSError, ValueError):
+        return None
 
 
 def main(argv=None) -> int:
@@ -162,7 +175,7 @@ def main(argv=None) -> int:
     out = args.out or args.csv.parent
     out.mkdir(parents=True, exist_ok=True)
     stem = args.csv.stem
-    print(write_summary(rows, out / f"{stem}_summary.md"))
+    print(write_summary(rows, out / f"{stem}_summary.md", command=recorded_command(args.csv)))
     for p in write_plots(rows, out, stem):
         print(p)
     return 0

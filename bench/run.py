@@ -290,6 +290,11 @@ class Bench:
                     if mode == "bwd" and by_name[name].grads_in_forward:
                         r["tflops"] = math.nan
                         r["notes"] += "; bwd only scales the gradients its forward computed: no TFLOP/s or bound ratio"
+                    if mode == "fwd" and by_name[name].grads_in_forward:
+                        r["notes"] += ("; fwd also computes the gradients (3 GEMMs), but TFLOP/s and × bound "
+                                       "count the forward's one")
+                    if len(samples[name]) < args.reps and not by_name[name].slow:
+                        r["notes"] += f"; {len(samples[name])} of {args.reps} rounds: the case budget ran out"
                     print(f"    {mode:6s} {name:20s} {med:10.4g} ms  [{p20:.4g}, {p80:.4g}]  x{len(samples[name])}"
                           f"  {r['tflops']:8.3g} TFLOP/s  peak {peak:9.4g} MiB", flush=True)
                 _free(args.device)
@@ -390,7 +395,7 @@ def main(argv=None) -> int:
     info["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta_path.write_text(json.dumps(info, indent=2))
     rows = read_csv(csv_path)
-    print(write_summary(rows, out / f"{stem}_summary.md"))
+    print(write_summary(rows, out / f"{stem}_summary.md", command=info["command"]))
     if not args.no_plots:
         from .plots import write_plots
 

@@ -313,6 +313,35 @@ def test_an_interrupt_outside_a_cases_modes_is_recorded(tmp_path, monkeypatch):
     assert (tmp_path / "cut_summary.md").exists()
 
 
+def test_rows_say_what_their_figures_leave_out(tmp_path, monkeypatch):
+    """A sample count cut by the case budget is flagged on the row (it looked
+    like a full one); a forward that also computes the gradients says that
+    its TFLOP/s counts one GEMM; the summary quotes the command, also when
+    bench.report rewrites it from the CSV."""
+    from bench import report, run
+    from bench.providers import GemmBound, Nnk
+
+    class GradsInForward(GemmBound):
+        name, kind, grads_in_forward = "gradsfwd", "peer", True
+
+    monkeypatch.setattr(run, "ce_providers", lambda: [Nnk("torch"), GradsInForward(), GemmBound()])
+    argv = ["--suite", "quick", "--device", "cpu", "--shapes", "vision-plain-N256-D512-C10", "--reps", "5",
+            "--min-rounds", "2", "--case-budget", "0", "--warmup", "0", "--min-sample-ms", "0.1", "--no-plots",
+            "--out", str(tmp_path), "--tag", "cut"]
+    assert run.main(argv) == 0
+    rows = report.read_csv(tmp_path / "cut.csv")
+    assert rows and all(r["status"] == "ok" and r["rounds"] == 2 for r in rows)
+    assert all("2 of 5 rounds: the case budget ran out" in r["notes"] for r in rows)
+    fwd_notes = {r["provider"]: r["notes"] for r in rows if r["mode"] == "fwd"}
+    assert "also computes the gradients" in fwd_notes["gradsfwd"]
+    assert "also computes the gradients" not in fwd_notes["nnk-torch"]
+    command = "python -m bench " + " ".join(argv)
+    assert f"Command: `{command}`" in (tmp_path / "cut_summary.md").read_text()
+    (tmp_path / "cut_summary.md").unlink()
+    assert report.main([str(tmp_path / "cut.csv")]) == 0
+    assert f"Command: `{command}`" in (tmp_path / "cut_summary.md").read_text()
+
+
 def test_margin_blind_providers_run_once_per_shape(tmp_path):
     """Peers without margins compute the same on a shape's ArcFace case as on
     its CosFace case: the second is skipped with a reason (time on a GPU
