@@ -82,3 +82,14 @@ def device(pytestconfig):
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("--device cuda given but no CUDA device is available")
     return torch.device(dev)
+
+
+@pytest.fixture
+def bf16_triton(device, monkeypatch):
+    """bfloat16 through the Triton kernels as a GPU computes it: the GPU as is;
+    on the CPU, the interpreter with a GPU's bfloat16 rounding and dots and
+    nnk's tensor-core path (tests/bf16_emulation.py)."""
+    if device.type == "cpu":
+        from bf16_emulation import emulate
+
+        emulate(monkeypatch)

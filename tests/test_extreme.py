@@ -28,13 +28,8 @@ def _fn(impl, **extra):
     return lambda x, w, t, kw: nnk.cosine_cross_entropy(x, w, t, impl=impl, return_lse=True, **kw, **extra)
 
 
-def _dtypes(device):
-    # The Triton interpreter cannot compute in bfloat16 (see environment notes).
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
-
-
 @pytest.mark.parametrize("margin_grad", ["exact", "detached"])
-def test_arcface_s64_at_cos_plus_minus_one(impl, device, margin_grad):
+def test_arcface_s64_at_cos_plus_minus_one(impl, device, bf16_triton, margin_grad):
     """The classic ArcFace NaN: theta -> 0 (x parallel to its class) and
     theta -> pi (anti-parallel), s=64, m=0.5, in every dtype."""
     def mutate(x, w, t):
@@ -42,7 +37,7 @@ def test_arcface_s64_at_cos_plus_minus_one(impl, device, margin_grad):
         x[8:16] = -w[t[8:16]] * 0.5
 
     opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "margin_grad": margin_grad}
-    for dtype in _dtypes(device):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         errs = error_table(_fn(impl), opts, 33, 24, 257, dtype, device=device, mutate=mutate)
         assert all(math.isfinite(v) for v in errs["impl"].values()), errs
         assert_within_bound(errs, atol=2e-3)
@@ -430,7 +425,7 @@ def test_one_class_with_label_smoothing_is_exactly_zero(impl, device):
         assert loss.abs().max() <= 1e-6, loss
 
 
-def test_one_class_with_label_smoothing_has_zero_gradients(impl, device):
+def test_one_class_with_label_smoothing_has_zero_gradients(impl, device, bf16_triton):
     # C = 1: p = 1 and dz = g ((1 - ls) - (1 - ls)) = 0 exactly, as in the
     # reference. Formed as g p - g ls - g (1 - ls) (the torch and Triton
     # paths) it left ~1e-7 g, which a zero row's 1 / eps took to 6e5 in its
@@ -440,7 +435,7 @@ def test_one_class_with_label_smoothing_has_zero_gradients(impl, device):
     x[:4] = 0.0
     g = torch.randn(8, generator=gen).to(device)
     t = torch.zeros(8, dtype=torch.long, device=device)
-    for dtype in (torch.float32, torch.float16):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
         xx = x.to(device, dtype).requires_grad_(True)
         ww = w.to(device, dtype).requires_grad_(True)
         s = torch.tensor(16.0, device=device, requires_grad=True)

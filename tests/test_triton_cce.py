@@ -7,7 +7,9 @@ dtype, plus a small atol. Errors are max-abs, relative to the largest
 true value of the tensor, or of each row for matrices (see ``_error``).
 
 On the CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py), in
-float32 and float16; bfloat16 numerics need a GPU (``--device cuda``).
+float32, float16 and bfloat16; for bfloat16 the ``bf16_triton`` fixture gives
+the interpreter a GPU's bfloat16 rounding and dots (tests/bf16_emulation.py),
+so that the tensor-core path runs, not a float32 fallback.
 """
 from __future__ import annotations
 
@@ -188,6 +190,30 @@ def test_matches_reference_fp32(device, shape, case_kw, loss_kw):
     _check(_triton_fn(), x, w, t, scale, bias, loss_kw)
 
 
+def _record_upcasts(monkeypatch) -> list[bool]:
+    """The UPCAST flag of every launch from here on: a bfloat16 test must run
+    the tensor-core path (UPCAST false), not pass on the float32 fallback."""
+    from nnk.impl.triton import backward, forward
+
+    seen = []
+    for module in (forward, backward):
+        def spy(dtype, upcast=False, _original=module.dtype_args):
+            args = _original(dtype, upcast)
+            seen.append(args["UPCAST"])
+            return args
+
+        monkeypatch.setattr(module, "dtype_args", spy)
+    return seen
+
+
+@pytest.mark.parametrize("shape,case_kw,loss_kw", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_matches_reference_bf16_tensor_cores(device, bf16_triton, monkeypatch, shape, case_kw, loss_kw):
+    upcasts = _record_upcasts(monkeypatch)
+    x, w, t, scale, bias = _case(device, torch.bfloat16, *shape, **case_kw)
+    _check(_triton_fn(), x, w, t, scale, bias, loss_kw)
+    assert upcasts and not any(upcasts), upcasts
+
+
 def test_public_api_all_ignored_and_return_lse_off(device):
     """Through nnk.cosine_cross_entropy: the loss alone (no lse output) and a
     batch whose rows are all ignored (sum = 0, zero gradients)."""
@@ -360,10 +386,11 @@ def test_strided_inputs(device):
     # power-of-two rescaling of each gradient row.
     (dict(additive_margin=0.35), 1e-4),
 ], ids=["arcface", "cosface-smooth", "tiny-upstream-grad"])
-def test_matches_reference_fp16(device, loss_kw, g_scale):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_matches_reference_16bit(device, bf16_triton, dtype, loss_kw, g_scale):
     from nnk.impl.triton import configs
 
-    x, w, t, scale, bias = _case(device, torch.float16, 97, 59, 1031, scale=64.0, bias=True, ignore=(8,))
+    x, w, t, scale, bias = _case(device, dtype, 97, 59, 1031, scale=64.0, bias=True, ignore=(8,))
     # With hi + lo gradient operands the kernel is as accurate as the float32
     # reference (measured: equal to 3 digits); one rounding passes 2x only.
     _check(_public_fn, x, w, t, scale, bias, loss_kw, g_scale=g_scale,
@@ -371,13 +398,14 @@ def test_matches_reference_fp16(device, loss_kw, g_scale):
 
 
 @pytest.mark.parametrize("kind", ["near-parallel", "arcface-odd"])
-def test_fp16_gradient_as_exact_as_float32_rounded_once(device, kind):
-    """With hi + lo gradient operands the float16 d x is as exact as the
-    float32 reference's rounded once to float16. The float16 reference's own
-    error is about 2x that floor, which hid the lo part from the 2x rule: a
-    mutation run zeroed it, or flipped its sign, unseen (d x errors 1.7e-3 and
-    3.5e-3 against the floor's 4.3e-4). Nearly parallel classes make the
-    sum over classes cancel."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_gradient_as_exact_as_float32_rounded_once(device, bf16_triton, dtype, kind):
+    """With hi + lo gradient operands the 16-bit d x is as exact as the
+    float32 reference's rounded once to the input dtype. The 16-bit
+    reference's own error is about 2x that floor, which hid the lo part from
+    the 2x rule: a mutation run zeroed it, or flipped its sign, unseen
+    (float16 d x errors 1.7e-3 and 3.5e-3 against the floor's 4.3e-4).
+    Nearly parallel classes make the sum over classes cancel."""
     from nnk.impl.triton import configs
 
     if not configs.split_grad():
@@ -385,19 +413,19 @@ def test_fp16_gradient_as_exact_as_float32_rounded_once(device, kind):
     g = torch.Generator().manual_seed(0)
     if kind == "near-parallel":
         base = torch.randn(32, generator=g)
-        w = (base + 0.01 * torch.randn(300, 32, generator=g)).half()
-        x = (base + 0.03 * torch.randn(64, 32, generator=g)).half()
+        w = (base + 0.01 * torch.randn(300, 32, generator=g)).to(dtype)
+        x = (base + 0.03 * torch.randn(64, 32, generator=g)).to(dtype)
         t = torch.randint(0, 300, (64,), generator=g)
         kw = {}
     else:
-        x, w, t, _, _ = _case("cpu", torch.float16, 97, 59, 1031, scale=64.0)
+        x, w, t, _, _ = _case("cpu", dtype, 97, 59, 1031, scale=64.0)
         kw = dict(angular_margin=0.5)
     g_loss = torch.tensor(1.7)
     truth = _evaluate(cosine_cross_entropy_ref, x.double(), w.double(), t, 64.0, None, kw, g_loss, None)["dx"]
     floor = _evaluate(cosine_cross_entropy_ref, x.float(), w.float(), t, 64.0, None, kw, g_loss, None)["dx"]
     got = _evaluate(_public_fn, x.to(device), w.to(device), t.to(device), 64.0, None, kw, g_loss.to(device),
                     None)["dx"]
-    assert _error(got, truth) <= 1.5 * _error(floor.half().double(), truth) + 1e-6
+    assert _error(got, truth) <= 1.5 * _error(floor.to(dtype).double(), truth) + 1e-6
 
 
 def test_rows_of_norm_beyond_2_pow_127(device):

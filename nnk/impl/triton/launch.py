@@ -115,13 +115,21 @@ def launch(kernel: PerDeviceAutotune, grid, deterministic: bool, fixed: triton.C
         kernel.on(args[0].device)[grid](*args, **kwargs)
 
 
+# The interpreter truncates float32 to bfloat16 (a GPU rounds to nearest
+# even) and multiplies bfloat16 dot operands as integer bits, so under it
+# bfloat16 tiles go to float32 after loading. tests/bf16_emulation.py gives
+# the interpreter a GPU's bfloat16 rounding and dots and turns this off, so
+# that the CPU tests run the GPU's bfloat16 tensor-core path.
+INTERPRETER_UPCASTS_BF16 = configs.INTERPRET
+
+
 def dtype_args(dtype: torch.dtype, upcast: bool = False) -> dict:
     """UPCAST: 16-bit tiles go to float32 right after loading: bfloat16 under
-    the interpreter (which computes on bfloat16 bits as integers), or when the
-    caller asks (``upcast``); otherwise 16-bit tiles stay tensor-core operands.
+    the interpreter (see INTERPRETER_UPCASTS_BF16), or when the caller asks
+    (``upcast``); otherwise 16-bit tiles stay tensor-core operands.
     DOT_PRECISION: "ieee" for float32 operands (Triton's default is TF32 on the
     GPU); operands of 16 bits ignore it."""
-    upcast = upcast or (configs.INTERPRET and dtype == torch.bfloat16)
+    upcast = upcast or (INTERPRETER_UPCASTS_BF16 and dtype == torch.bfloat16)
     return dict(UPCAST=upcast, DOT_PRECISION="ieee" if upcast or dtype == torch.float32 else "tf32")
 
 
