@@ -263,6 +263,17 @@ _cce_bwd_tuned = PerDeviceAutotune(
 )
 
 
+# 16-bit hi + lo gradient operands keep about 16 (bfloat16) or 22 (float16)
+# bits of each d cos: enough unless the contraction over classes (d x) or rows
+# (d W) cancels by more than about 2^8 (bfloat16). With D <= 3 the rows are
+# nearly collinear and it does: d x and d W reached 3-15x the reference's
+# error in a fuzz of 1,438 bfloat16 cases (under tests/bf16_emulation.py),
+# every such failure at D <= 3, and float16 43x in one of them. Below one
+# tensor-core K step the backward takes float32 operands instead, which at
+# such D costs little.
+SPLIT_OPERANDS_MIN_D = 16
+
+
 def _has_rows_below_eps(dtype, xnorm, wnorm, eps: float) -> bool:
     """Whether float16 gradient operands would drop rows: _grad_operand leaves
     out the columns of rows with 0 < norm <= eps (their 1/eps factor would
@@ -350,7 +361,8 @@ def cce_backward(
         NORM_X=opts.normalize_input, NORM_W=opts.normalize_weight,
         HAS_CLASS_SCALE=scale.numel() > 1, HAS_BIAS=bias is not None,
         EXACT_MARGIN=opts.exact_margin, SPLIT_GRAD=configs.split_grad(),
-        **dtype_args(x.dtype, upcast=_has_rows_below_eps(x.dtype, xnorm, wnorm, opts.eps)),
+        **dtype_args(x.dtype, upcast=_has_rows_below_eps(x.dtype, xnorm, wnorm, opts.eps)
+                     or (x.dtype != torch.float32 and d < SPLIT_OPERANDS_MIN_D)),
     )
     tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, lse, lse_lo, g_row, g_lse)
 

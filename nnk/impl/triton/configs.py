@@ -28,7 +28,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def split_grad() -> bool:
     """16-bit inputs: the d-logit operand of the backward contractions as hi +
     lo halves (two tensor-core dots each, about float32-accurate gradients,
-    within 2x of the float32-accumulating reference) unless
+    within 2x of the float32-accumulating reference; float32 operands below
+    D = 16, see backward.SPLIT_OPERANDS_MIN_D) unless
     NNK_TRITON_FAST_GRAD=1 (one rounding to the input dtype: 2 of 5 backward
     dots fewer, about 2x the reference's error on bf16 gradients). See
     tile._grad_operand. Read at each backward (NNK_TRITON_GRAD_FILTER and
