@@ -159,9 +159,10 @@ def recorded_command(csv_path: Path) -> str | None:
     """The command line in the run's ``<stem>_meta.json`` beside the CSV, if any."""
     meta = Path(csv_path).with_name(Path(csv_path).stem + "_meta.json")
     try:
-        return json.loads(meta.read_text()).get("command")
+        info = json.loads(meta.read_text())
     except (OSError, ValueError):
         return None
+    return info.get("command") if isinstance(info, dict) else None
 
 
 def main(argv=None) -> int:

@@ -287,14 +287,17 @@ class Bench:
                         rounds=len(samples[name]), iters=iters[name], peak_mb=peak, tflops=tflops(case, mode, med),
                         loss=losses[name])
                     r = rows[(name, mode)]
+                    more = []
                     if mode == "bwd" and by_name[name].grads_in_forward:
                         r["tflops"] = math.nan
-                        r["notes"] += "; bwd only scales the gradients its forward computed: no TFLOP/s or bound ratio"
+                        more.append("bwd only scales the gradients its forward computed: no TFLOP/s or bound ratio")
                     if mode == "fwd" and by_name[name].grads_in_forward:
-                        r["notes"] += ("; fwd also computes the gradients (3 GEMMs), but TFLOP/s and × bound "
-                                       "count the forward's one")
+                        more.append("fwd also computes the gradients (3 GEMMs), but TFLOP/s and × bound count "
+                                    "the forward's one")
                     if len(samples[name]) < args.reps and not by_name[name].slow:
-                        r["notes"] += f"; {len(samples[name])} of {args.reps} rounds: the case budget ran out"
+                        more.append(f"{len(samples[name])} of {args.reps} rounds: the case's or the run's time "
+                                    "budget ran out")
+                    r["notes"] = "; ".join(x for x in [r["notes"], *more] if x)
                     print(f"    {mode:6s} {name:20s} {med:10.4g} ms  [{p20:.4g}, {p80:.4g}]  x{len(samples[name])}"
                           f"  {r['tflops']:8.3g} TFLOP/s  peak {peak:9.4g} MiB", flush=True)
                 _free(args.device)

@@ -9,11 +9,18 @@ even), and ``tl.dot`` multiplies the uint16 bits as integers. Here casts
 round to nearest even (bitwise what ``torch.Tensor.bfloat16`` gives) and
 dots widen bfloat16 operands to float32 first: the products of bfloat16
 values are exact in float32, so the dot is a float32-accumulated sum of
-exact products, as on a tensor core (in another summation order).
+exact products. A tensor core sums them in another order and, by published
+measurements, aligns the addends by truncation where numpy rounds each add:
+what is left to a GPU run.
 
-Arithmetic on bfloat16 values in a kernel (other than casts, loads, stores,
-selects and dots) is not emulated: it raises, so a kernel that starts doing
-it fails its tests instead of computing on integer bits.
+Emulated: loads, stores, selects, transposes, float32 <-> bfloat16 casts
+(round to nearest even, or toward zero where a kernel asks for it) and dots.
+Everything else on bfloat16 values that the interpreter would compute on the
+bits raises instead: element-wise arithmetic and comparisons, erf, clamp,
+reductions and scans (tl.sum keeps bfloat16), and casts between bfloat16 and
+any type but float32. A kernel that starts doing one of these then fails its
+tests rather than passing on integer bits. (nnk's kernels only load, cast,
+transpose and dot bfloat16 tiles.)
 """
 from __future__ import annotations
 
@@ -45,24 +52,50 @@ def emulate(monkeypatch) -> None:
     test when this triton's interpreter lacks the hooks patched here."""
     try:
         import triton.language as tl
+        from triton._C.libtriton import ir
         from triton.runtime import interpreter as ti
 
         from nnk.impl.triton import launch
 
         builder = ti.InterpreterBuilder
-        hooks = (ti._convert_float, ti.TensorHandle, builder.create_dot, builder.binary_op, builder.unary_op,
-                 builder.create_fma, builder.create_rsqrt)
+        rtz = ir.ROUNDING_MODE.RTZ
+        refused = {name: getattr(builder, name) for name in (
+            "binary_op", "unary_op", "ternary_op", "create_fma", "create_rsqrt", "create_erf")}
+        convert, dot, cast, check_tensor = (ti._convert_float, builder.create_dot, builder.cast_impl,
+                                            ti.ReduceScanOpInterface.check_tensor)
     except (ImportError, AttributeError) as e:
         pytest.skip(f"this triton's interpreter cannot be given bfloat16 rounding: {e}")
-    convert, dot, binary_op, unary_op, fma, rsqrt = (hooks[0],) + hooks[2:]
     bf16 = tl.bfloat16
+
+    def not_emulated(what):
+        return AssertionError(f"bfloat16 {what} in a kernel: the interpreter computes it on integer bits "
+                              "and tests/bf16_emulation.py does not emulate it")
 
     def convert_float(data, src, dst, rounding_mode):
         if src == tl.float32 and dst == bf16:
+            if rounding_mode == rtz:
+                bits = data.view(np.uint32)
+                out = (bits >> 16).astype(np.uint16)
+                nan = np.isnan(data.view(np.float32))
+                out[nan] |= 0x40
+                return out.reshape(data.shape)
             return float32_to_bfloat16_bits(data.view(np.float32)).reshape(data.shape)
         if src == bf16 and dst == tl.float32:
             return bfloat16_bits_to_float32(data).view(np.uint32).reshape(data.shape)
+        if bf16 in (src, dst):
+            raise not_emulated(f"conversion {src} -> {dst}")
         return convert(data, src, dst, rounding_mode)
+
+    def cast_impl(self, src, dst_type):
+        pair = (src.dtype.scalar, dst_type.scalar)
+        if bf16 in pair and tl.float32 not in pair and pair[0] != pair[1]:
+            raise not_emulated(f"cast {pair[0]} -> {pair[1]}")
+        return cast(self, src, dst_type)
+
+    def reduce_check(self, input):
+        if any(arg.dtype.scalar == bf16 for arg in input):
+            raise not_emulated("reduction or scan")
+        return check_tensor(self, input)
 
     def widen(h):
         return bfloat16_bits_to_float32(h.data).reshape(h.data.shape) if h.dtype.scalar == bf16 else h.data
@@ -72,19 +105,18 @@ def emulate(monkeypatch) -> None:
             return dot(self, a, b, d, input_precision, max_num_imprecise_acc)
         return ti.TensorHandle(np.matmul(widen(a), widen(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
 
-    def refuse(original):
+    def refuse(name, original):
         def op(self, *args):
-            if any(getattr(a, "dtype", None) is not None and getattr(a.dtype, "scalar", None) == bf16
-                   for a in args):
-                raise AssertionError(f"bfloat16 arithmetic in a kernel ({original.__name__}): the "
-                                     "interpreter computes it on integer bits and tests/bf16_emulation.py "
-                                     "does not emulate it")
+            selects = name == "ternary_op" and args[-1] is np.where   # picks bits: emulated
+            if not selects and any(getattr(getattr(a, "dtype", None), "scalar", None) == bf16 for a in args):
+                raise not_emulated(f"arithmetic ({name})")
             return original(self, *args)
         return op
 
     monkeypatch.setattr(ti, "_convert_float", convert_float)
     monkeypatch.setattr(builder, "create_dot", create_dot)
-    for name, original in (("binary_op", binary_op), ("unary_op", unary_op), ("create_fma", fma),
-                           ("create_rsqrt", rsqrt)):
-        monkeypatch.setattr(builder, name, refuse(original))
+    monkeypatch.setattr(builder, "cast_impl", cast_impl)
+    monkeypatch.setattr(ti.ReduceScanOpInterface, "check_tensor", reduce_check)
+    for name, original in refused.items():
+        monkeypatch.setattr(builder, name, refuse(name, original))
     monkeypatch.setattr(launch, "INTERPRETER_UPCASTS_BF16", False)

@@ -331,7 +331,8 @@ def test_rows_say_what_their_figures_leave_out(tmp_path, monkeypatch):
     assert run.main(argv) == 0
     rows = report.read_csv(tmp_path / "cut.csv")
     assert rows and all(r["status"] == "ok" and r["rounds"] == 2 for r in rows)
-    assert all("2 of 5 rounds: the case budget ran out" in r["notes"] for r in rows)
+    assert all("2 of 5 rounds: the case's or the run's time budget ran out" in r["notes"] for r in rows)
+    assert not any(r["notes"].startswith("; ") for r in rows)
     fwd_notes = {r["provider"]: r["notes"] for r in rows if r["mode"] == "fwd"}
     assert "also computes the gradients" in fwd_notes["gradsfwd"]
     assert "also computes the gradients" not in fwd_notes["nnk-torch"]
@@ -340,6 +341,8 @@ def test_rows_say_what_their_figures_leave_out(tmp_path, monkeypatch):
     (tmp_path / "cut_summary.md").unlink()
     assert report.main([str(tmp_path / "cut.csv")]) == 0
     assert f"Command: `{command}`" in (tmp_path / "cut_summary.md").read_text()
+    (tmp_path / "cut_meta.json").write_text("[1, 2]")   # not a run's metadata: no command, no crash
+    assert report.recorded_command(tmp_path / "cut.csv") is None
 
 
 def test_margin_blind_providers_run_once_per_shape(tmp_path):

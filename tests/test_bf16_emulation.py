@@ -36,10 +36,21 @@ def _round_and_dot_kernel(A_ptr, B_ptr, R_ptr, P_ptr, M: tl.constexpr, K: tl.con
 
 
 @triton.jit
-def _bf16_add_kernel(B_ptr, K: tl.constexpr):
+def _truncate_kernel(A_ptr, R_ptr, K: tl.constexpr):
+    k = tl.arange(0, K)
+    tl.store(R_ptr + k, tl.load(A_ptr + k).to(tl.bfloat16, fp_downcast_rounding="rtz"))
+
+
+@triton.jit
+def _not_emulated_kernel(B_ptr, OUT_ptr, WHAT: tl.constexpr, K: tl.constexpr):
     k = tl.arange(0, K)
     b = tl.load(B_ptr + k)
-    tl.store(B_ptr + k, b + b)
+    if WHAT == "add":
+        tl.store(B_ptr + k, b + b)
+    elif WHAT == "sum":
+        tl.store(OUT_ptr, tl.sum(b, axis=0).to(tl.float32))
+    else:  # a float64 -> bfloat16 cast
+        tl.store(B_ptr + k, (b.to(tl.float32).to(tl.float64) * 2.0).to(tl.bfloat16))
 
 
 def test_a_kernel_under_emulation_rounds_and_multiplies_as_a_gpu(device, bf16_triton):
@@ -52,6 +63,18 @@ def test_a_kernel_under_emulation_rounds_and_multiplies_as_a_gpu(device, bf16_tr
     assert torch.equal(r, a.bfloat16())
     want = a.bfloat16().double() @ b.double()
     assert (p.double() - want).abs().max() <= 1e-5 * want.abs().max()
-    if device.type == "cpu":
-        with pytest.raises(Exception, match="bfloat16 arithmetic"):  # triton wraps it in InterpreterError
-            _bf16_add_kernel[(1,)](b[0].clone(), K=16)
+    r16 = torch.empty(16, device=device, dtype=torch.bfloat16)
+    _truncate_kernel[(1,)](a[0, :16].contiguous(), r16, K=16)
+    bits = a[0, :16].cpu().view(torch.int32) >> 16
+    assert torch.equal(r16.cpu().view(torch.int16).int() & 0xFFFF, bits & 0xFFFF)
+
+
+@pytest.mark.parametrize("what", ["add", "sum", "float64"])
+def test_what_is_not_emulated_raises(what, device, bf16_triton):
+    # The interpreter would compute these on the bits (tl.sum of [-1, -2, 0.5, 0.25]
+    # gave -1.06e37): a kernel that starts doing one must fail its tests.
+    if device.type != "cpu":
+        pytest.skip("a GPU computes these in bfloat16: nothing to refuse")
+    b = torch.tensor([-1.0, -2.0, 0.5, 0.25] * 4, dtype=torch.bfloat16)
+    with pytest.raises(Exception, match="bfloat16 .* in a kernel"):  # triton wraps it in InterpreterError
+        _not_emulated_kernel[(1,)](b, torch.empty(1), WHAT=what, K=16)

@@ -265,12 +265,15 @@ _cce_bwd_tuned = PerDeviceAutotune(
 
 # 16-bit hi + lo gradient operands keep about 16 (bfloat16) or 22 (float16)
 # bits of each d cos: enough unless the contraction over classes (d x) or rows
-# (d W) cancels by more than about 2^8 (bfloat16). With D <= 3 the rows are
-# nearly collinear and it does: d x and d W reached 3-15x the reference's
-# error in a fuzz of 1,438 bfloat16 cases (under tests/bf16_emulation.py),
-# every such failure at D <= 3, and float16 43x in one of them. Below one
-# tensor-core K step the backward takes float32 operands instead, which at
-# such D costs little.
+# (d W) cancels by more than about 2^8 (bfloat16). Rows spanning only 1-3
+# dimensions are nearly collinear and it does: in a fuzz of 2,369 bfloat16
+# cases (under tests/bf16_emulation.py) d x and d W reached 3-15x the
+# reference's error in 7 of the 1,438 with default settings, every one at
+# D <= 3, and float16 43x in one. Below one tensor-core K step the backward
+# takes float32 operands, which at such D cost little. D is what the launcher
+# sees without a pass over the data: such rows zero-padded to D >= 16 keep
+# the 16-bit operands (2.75x on the minimized case padded to D = 16, a
+# review's run); float32 inputs avoid it there.
 SPLIT_OPERANDS_MIN_D = 16
 
 

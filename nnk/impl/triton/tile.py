@@ -4,7 +4,9 @@ cosine tile, the margin, the per-row and per-class terms of the logits.
 The backward recomputes logit tiles with exactly these functions, so that
 forward and backward see the same logits (bitwise for the target column,
 which comes from the cosine the forward stored; to within the dot's
-summation order elsewhere, identical when both use the same BLOCK_D). The
+summation order elsewhere, identical when both use the same BLOCK_D and
+operand dtype: the backward takes float32 operands for 16-bit inputs below
+D = 16, and for float16 rows of norm below eps). The
 per-element formulas mirror ``csrc/include/nnk/math.h`` and
 ``nnk/reference.py``.
 """
