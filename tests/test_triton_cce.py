@@ -106,7 +106,7 @@ def _error(got: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def _case(device, dtype, n, d, c, *, seed=0, scale=10.0, bias=False, ignore=(), peaked=False,
-          zero_x_rows=(), zero_w_rows=(), ignore_index=-100):
+          zero_x_rows=(), zero_w_rows=(), ignore_index=-100, short_rows=0):
     """Inputs rounded to ``dtype`` on ``device`` (scale and bias float32)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=gen)
@@ -115,6 +115,9 @@ def _case(device, dtype, n, d, c, *, seed=0, scale=10.0, bias=False, ignore=(), 
     if peaked:
         # Rows almost aligned with their class: p(target) -> 1 at s = 64.
         x = w[target] + 0.05 * x
+    # The first short_rows rows of x and of W at 1/20 of their norm (~0.3 at D = 40: below eps = 0.5).
+    x[:short_rows] *= 0.05
+    w[:short_rows] *= 0.05
     for i in zero_x_rows:
         x[i] = 0.0
     for j in zero_w_rows:
@@ -178,6 +181,8 @@ CASES = [
     ("zero-norm-rows", (61, 40, 300), dict(scale=20.0, zero_x_rows=(1, 60), zero_w_rows=(5,)),
      dict(additive_margin=0.2)),
     ("ignore-index-in-range", (61, 40, 300), dict(ignore=(2, 4), ignore_index=0), dict(ignore_index=0)),
+    ("rows-below-a-large-eps", (61, 40, 300), dict(scale=20.0, short_rows=10, zero_x_rows=(20,)),
+     dict(eps=0.5, additive_margin=0.2)),
     ("feature-loop-D200", (40, 200, 300), dict(scale=16.0), dict(angular_margin=0.2)),
     ("C1", (37, 24, 1), dict(scale=8.0, bias=True), dict(label_smoothing=0.2)),
     ("N1", (1, 33, 300), dict(scale=64.0), dict(angular_margin=0.5)),
