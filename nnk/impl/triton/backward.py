@@ -364,8 +364,8 @@ def cce_backward(
         NORM_X=opts.normalize_input, NORM_W=opts.normalize_weight,
         HAS_CLASS_SCALE=scale.numel() > 1, HAS_BIAS=bias is not None,
         EXACT_MARGIN=opts.exact_margin, SPLIT_GRAD=configs.split_grad(),
-        **dtype_args(x.dtype, upcast=_has_rows_below_eps(x.dtype, xnorm, wnorm, opts.eps)
-                     or (x.dtype != torch.float32 and d < SPLIT_OPERANDS_MIN_D)),
+        **dtype_args(x.dtype, upcast=(x.dtype != torch.float32 and d < SPLIT_OPERANDS_MIN_D)
+                     or _has_rows_below_eps(x.dtype, xnorm, wnorm, opts.eps)),  # the sync last
     )
     tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, lse, lse_lo, g_row, g_lse)
 
