@@ -23,8 +23,8 @@ to each row i three numbers, from which the ranks' sums give the exact loss:
   single-process op does.
 - ``sum_z``: the sum of the shard's logits, for label smoothing, without the
   N x C_local logits: ``sum_c (s_c xn . wn_c + b_c) = xn . (sum_c s_c wn_c)
-  + sum_c b_c``, plus ``s_t (psi - cos_t)`` where the target is in the shard
-  (O((N + C_local) D)).
+  + sum_c b_c``, plus ``z_t - (s_t cos_t + b_t)`` where the target is in the
+  shard, z_t again the backend's (O((N + C_local) D)).
 
 The class-parallel loss combines :class:`ShardTerms` (the backend's row loss
 itself rather than z_t, see loss.py); :class:`CCEPartials` is the public form.
@@ -42,7 +42,7 @@ from .._options import (
 )
 from .._dispatch import autocast_operands, run_backend
 from ..ops import row_normalize
-from ..reference import acc_dtype, scale_tensor_ref, target_margin_ref
+from ..reference import acc_dtype, scale_tensor_ref
 
 # What the local backend sees as the target of rows whose class is elsewhere.
 LOCAL_IGNORE = -1
@@ -129,16 +129,24 @@ def shard_partials(x, weight_shard, local_target, scale, bias, opts: CCEOptions,
         return terms
 
     # The sum of the shard's logits through the scaled class sum (no N x
-    # C_local tile), with the target's margin on the rows whose class is here.
+    # C_local tile); on the rows whose class is here, the target's plain
+    # logit s_t cos_t + b_t swapped for the backend's own z_t = lse -
+    # row_loss. Not s_t psi(cos_t) of a recomputed cos_t: ArcFace's exact
+    # d psi / d cos grows as 1 / sin(theta), and at rows near their class the
+    # recomputed cosine's rounding moved it enough to put 191x the
+    # single-process op's error into d x (cuda backend, C = 2, D = 3,
+    # smoothing 0.29: test_smoothing_takes_the_backends_margin).
     xn = row_normalize(x.to(acc), opts.eps)[0] if opts.normalize_input else x.to(acc)
     wn = row_normalize(weight_shard.to(acc), opts.eps)[0] if opts.normalize_weight else weight_shard.to(acc)
     s = scale_tensor_ref(scale, acc, x.device)
     t = torch.where(here, local_target, torch.zeros_like(local_target))
-    cos_t = (xn * wn[t]).sum(dim=1)
-    psi = target_margin_ref(cos_t, opts.angular_margin, opts.additive_margin, opts.exact_margin)
     s_t = s[t] if s.dim() == 1 else s
+    plain_t = s_t * (xn * wn[t]).sum(dim=1)
+    if bias is not None:
+        plain_t = plain_t + bias.to(acc)[t]
     class_sum = (wn * s[:, None]).sum(dim=0) if s.dim() == 1 else wn.sum(dim=0) * s
-    sum_logits = xn @ class_sum + torch.where(here, s_t * (psi - cos_t), torch.zeros_like(cos_t))
+    z_t = terms.lse - terms.row_loss
+    sum_logits = xn @ class_sum + torch.where(here, z_t - plain_t, torch.zeros_like(z_t))
     if bias is not None:
         sum_logits = sum_logits + bias.to(acc).sum()
     return terms._replace(sum_logits=sum_logits)
