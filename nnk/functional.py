@@ -152,7 +152,8 @@ def _check_head(x, weight, scale, bias, eps) -> None:
                         f"{(weight.dtype, tuple(weight.shape)) if isinstance(weight, torch.Tensor) else weight}")
     c, d = weight.shape
     if x.dim() < 1 or x.shape[-1] != d:
-        raise ValueError(f"x must have shape (..., {d}), got {tuple(x.shape)}")
+        raise ValueError(f"x must have shape (..., {d}) to match weight's (C, D) = {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}")
     if d == 0:
         raise ValueError("x and weight must have D >= 1 features, got D=0")
     for name, t, shapes in (("scale", scale, ((), (c,))), ("bias", bias, ((c,),))):

@@ -415,8 +415,10 @@ class ShardedCosineLinear(nn.Module):
         ``label_smoothing``, ``z_loss``, ``reduction``) are for its
         ``loss()`` calls. New Parameters on the weight's device and dtype
         (``log_scale`` too, as in any CosineLinear: rounded to a 16-bit
-        weight's dtype, the learnt s moves by up to 2^-9 relative in
-        bfloat16), requiring grad as the sharded head's; holds C x D on
+        weight's dtype, log s moves by up to half its ulp, so s by up to
+        2^-8 ln(s) relative in bfloat16: 0.78% for s in [7.4, 55), 1.6% at
+        s = 64, measured 0.51% at s = 30, enough to reorder close classes in
+        ``predict``), requiring grad as the sharded head's; holds C x D on
         every rank."""
         full = self.full_state_dict()
         learn = isinstance(self.scale, torch.Tensor)

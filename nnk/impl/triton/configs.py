@@ -46,7 +46,10 @@ def gemm_backward() -> bool:
     (row block, class tile): at D = 4096 about 80 flop per byte of it, and
     the resident programs' slices outgrow L2, so it may be memory-bound
     there (an estimate: untimed). A switch for the first GPU session to time
-    both. Read when the forward runs."""
+    both, not an exact mode: the GEMM's logits differ in their last bits from
+    the Triton forward's, whose lse the backward takes, which cost float32
+    gradients 2.7x the reference's error (median of 10 seeds, 5.7x at worst;
+    s = 64, ArcFace; README). Read when the forward runs."""
     return env_flag("NNK_TRITON_GEMM_BACKWARD")
 
 
