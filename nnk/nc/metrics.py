@@ -161,6 +161,7 @@ def _per_batch(t: torch.Tensor | None, b: int, batched_dims: int):
     return t[b] if t is not None and t.dim() == batched_dims else t
 
 
+@_backend.without_autocast
 def nc_metrics_from_stats(stats: NCStats, weight: torch.Tensor | None = None) -> NCMetrics | list[NCMetrics]:
     """NC1, NC2, NC3 of :class:`NCStats` (everything but NC4, which needs the features).
 
@@ -186,6 +187,7 @@ def nc_metrics_from_stats(stats: NCStats, weight: torch.Tensor | None = None) ->
     return [_metrics_one(stats[b], _per_batch(weight, b, 3)) for b in range(nb)]
 
 
+@_backend.without_autocast
 def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor, bias: torch.Tensor | None):
     """(B,) int64 (B = 1 for unbatched): per feature set, the number of rows
     whose nearest class mean (present classes) differs from ``argmax(h W^T + b)``.

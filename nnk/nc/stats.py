@@ -131,6 +131,7 @@ def recenter_gram(gram, sums, counts, shifts, new_shifts):
     return gram + ue + ue.mT + e.mT @ (cnt * e)
 
 
+@_backend.without_autocast
 def two_pass_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int, impl: str) -> NCStats:
     """:func:`nc_stats` on checked arguments and a resolved impl."""
     h = features[None] if features.dim() == 2 else features

@@ -111,6 +111,7 @@ class NCTracker:
         return features
 
     @torch.no_grad()
+    @_backend.without_autocast
     def update(self, features: torch.Tensor, labels: torch.Tensor) -> NCTracker:
         """Add a batch: features (N, D) (or (B, N, D): with ``batch=B``, or
         fixing B on a tracker built without it that holds no sample yet),
@@ -164,6 +165,7 @@ class NCTracker:
         self.gram += gram.to(F64)
         return self
 
+    @_backend.without_autocast
     def compute(self) -> NCStats:
         """The statistics of every sample added so far (float64 NCStats)."""
         return assemble_stats(self.counts, self.sums, self.shifts, self.gram, squeeze=self.batch is None)
@@ -182,6 +184,7 @@ class NCTracker:
         return self
 
     @torch.no_grad()
+    @_backend.without_autocast
     def update_nc4(self, features: torch.Tensor) -> NCTracker:
         """Add a batch to the NC4 pass: features (N, D) (or (B, N, D) with
         ``batch=B``), as for :meth:`update`; labels are not needed. Every
@@ -230,6 +233,7 @@ class NCTracker:
     # --- data parallelism -----------------------------------------------------
 
     @torch.no_grad()
+    @_backend.without_autocast
     def all_reduce(self, group=None) -> NCTracker:
         """Merge the trackers of all ranks of ``group`` (torch.distributed), exactly.
 
