@@ -187,13 +187,35 @@ def test_collapsed_many_samples_per_class(device, impl):
         assert float((sw.cpu() - truth).abs().max() / truth.abs().max()) < 1e-3
 
 
+@pytest.mark.parametrize("rel", [1e-12, 1e-8])
+def test_float64_scatter_far_below_the_means_rounding(rel):
+    # float64 features with a scatter sigma = rel |mu|: mu - c taken from the
+    # raw class sums kept their rounding (~u |mu|) in Sigma_W to first order:
+    # 4.6e-4 relative (tracker, batches of 8) and 2.1e-6 (two passes) at 1e-12.
+    # The truth: the same centering in long double.
+    n, d, k = 4000, 6, 4
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % k
+    h = torch.randn(k, d, generator=g, dtype=torch.float64)[y] + rel * torch.randn(n, d, generator=g,
+                                                                                    dtype=torch.float64)
+    hl, yl = h.numpy().astype(np.longdouble), y.numpy()
+    z = hl - np.stack([hl[yl == c].mean(0) for c in range(k)])[yl]
+    truth = z.T @ z / n
+    tracker = nnk.NCTracker(k, d, impl="torch")
+    for i in range(0, n, 8):
+        tracker.update(h[i:i + 8], y[i:i + 8])
+    for got in (tracker.compute().sigma_w, nnk.nc_stats(h, y, k, impl="torch").sigma_w):
+        assert float(np.abs(got.numpy() - truth).max() / np.abs(truth).max()) < 1e-13
+
+
 def test_recenter_gram_is_exact():
     h, y, _, _ = clustered(120, 9, 4, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
     c_old = torch.randn(1, 4, 9, generator=g, dtype=torch.float64)
     c_new = torch.randn(1, 4, 9, generator=g, dtype=torch.float64)
     counts, sums = nc_class_sums_ref(h[None], y, 4)
-    got = recenter_gram(nc_centered_gram_ref(h[None], y, c_old), sums, counts, c_old, c_new)
+    got = recenter_gram(nc_centered_gram_ref(h[None], y, c_old), sums - counts[:, None] * c_old, counts, c_old,
+                        c_new)
     want = nc_centered_gram_ref(h[None], y, c_new)
     assert (got - want).abs().max() <= 1e-12 * want.abs().max()
 

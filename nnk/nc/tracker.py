@@ -10,7 +10,7 @@ from .._options import IMPLS, _choice
 from . import _backend
 from ._checks import check_classifier, check_dim, check_features, check_labels, check_num_classes
 from .metrics import NCMetrics, nc4_mismatches, nc_metrics_from_stats, with_nc4
-from .stats import F64, NCStats, assemble_stats, recenter_gram
+from .stats import F64, NCStats, assemble_stats, recenter_gram, sums_around
 
 
 @dataclasses.dataclass
@@ -34,11 +34,12 @@ class NCTracker:
     kept in float64; :meth:`compute` returns
     ``Sigma_W = (G_c - sum_k n_k (mu_k - c_k)(mu_k - c_k)^T) / N``, which has no
     catastrophic cancellation even on collapsed features (see
-    :mod:`nnk.nc.stats`). The result equals :func:`nnk.nc_stats` on the
-    concatenated batches up to float32 rounding of the per-batch kernels
-    (float64 features with a scatter sigma below ~1e-8 |mu|: plus the rounding
-    of the running float64 sums, which ``mu_k - c_k ~ sigma`` carries into
-    Sigma_W to first order; measured in the README's NC section).
+    :mod:`nnk.nc.stats`). ``mu_k - c_k`` comes from running sums of
+    ``h - c_k`` (formed before summing for float64 features), not from the
+    raw sums, whose rounding (~u |mu|) it would carry into Sigma_W to first
+    order. The result equals :func:`nnk.nc_stats` on the concatenated
+    batches up to float32 rounding of the per-batch kernels (measured in the
+    README's NC section).
 
     Args:
         num_classes: K.
@@ -49,8 +50,8 @@ class NCTracker:
             batch has that shape (B is then fixed, as if given).
         impl: ``"auto" | "triton" | "torch" | "cuda"``, resolved per batch.
 
-    State: O(K D + D^2): per B, two float64 (K, D) buffers (class sums and
-    shifts), a float32 (K, D) copy of the shifts (what the kernels center
+    State: O(K D + D^2): per B, three float64 (K, D) buffers (class sums,
+    class sums of h - c, shifts), a float32 (K, D) copy of the shifts (what the kernels center
     16- and 32-bit features on) and one float64 (D, D) Gram.
 
     Usage::
@@ -84,6 +85,7 @@ class NCTracker:
         nb, k, d = self.batch or 1, self.num_classes, self.dim
         self.counts = torch.zeros(k, dtype=torch.int64, device=self.device)
         self.sums = torch.zeros(nb, k, d, dtype=F64, device=self.device)
+        self.shifted_sums = torch.zeros(nb, k, d, dtype=F64, device=self.device)
         self.shifts = torch.zeros(nb, k, d, dtype=F64, device=self.device)
         self.gram = torch.zeros(nb, d, d, dtype=F64, device=self.device)
         self._shifts32 = torch.zeros(nb, k, d, dtype=torch.float32, device=self.device)
@@ -155,20 +157,26 @@ class NCTracker:
         #    exactly (recenter_gram), so float64 batches keep float64 shifts
         #    (rounded ones would sit ~1e-8 |mu| from the means, far above a
         #    collapsed float64 sigma).
+        #    The class sums of h - c likewise (stats.sums_around).
+        sums, cnt = sums.to(F64), counts.to(F64)[:, None]
         if h.dtype == F64:
             gram = _backend.centered_gram(impl, h, labels, self.shifts)
+            shifted = sums_around(impl, h, labels, self.shifts, self.num_classes)
         else:
             gram = recenter_gram(_backend.centered_gram(impl, h, labels, self._shifts32).to(F64),
-                                 sums.to(F64), counts, self._shifts32.to(F64), self.shifts)
+                                 sums - cnt * self._shifts32.to(F64), counts, self._shifts32.to(F64), self.shifts)
+            shifted = sums - cnt * self.shifts
         self.counts += counts
-        self.sums += sums.to(F64)
+        self.sums += sums
+        self.shifted_sums += torch.where(counts[:, None] > 0, shifted, 0.0)
         self.gram += gram.to(F64)
         return self
 
     @_backend.without_autocast
     def compute(self) -> NCStats:
         """The statistics of every sample added so far (float64 NCStats)."""
-        return assemble_stats(self.counts, self.sums, self.shifts, self.gram, squeeze=self.batch is None)
+        return assemble_stats(self.counts, self.sums, self.shifts, self.gram, squeeze=self.batch is None,
+                              shifted_sums=self.shifted_sums)
 
     # --- NC4: a second pass over the data ------------------------------------
 
@@ -295,8 +303,12 @@ class NCTracker:
         common = torch.where((owner == rank)[None, :, None], self.shifts, 0.0)
         dist.all_reduce(common, group=group)
         # 2. This rank's Gram around the common shifts, then the sums.
-        self.gram = recenter_gram(self.gram, self.sums, self.counts, self.shifts, common)
-        for t in (self.counts, self.sums, self.gram):
+        # The sums of h - c around them too: u + n (c - c'), of small terms.
+        present = (self.counts > 0)[:, None]
+        self.gram = recenter_gram(self.gram, self.shifted_sums, self.counts, self.shifts, common)
+        moved = self.shifted_sums + self.counts.to(F64)[:, None] * (self.shifts - common)
+        self.shifted_sums = torch.where(present, moved, 0.0)
+        for t in (self.counts, self.sums, self.shifted_sums, self.gram):
             dist.all_reduce(t, group=group)
         self.shifts = common
         self._shifts32 = common.to(torch.float32)
