@@ -420,6 +420,9 @@ def _bad_calls():
         ("labels out of range", lambda: nnk.nc_stats(h, torch.full((10,), 3), 3), ValueError, "labels must be in"),
         ("negative label", lambda: nnk.nc_stats(h, -torch.ones(10, dtype=torch.long), 3), ValueError, "labels"),
         ("labels shape", lambda: nnk.nc_stats(h, y[:9], 3), ValueError, "labels must have shape"),
+        ("negative label, K from the labels", lambda: nnk.nc_metrics(h, -torch.ones(10, dtype=torch.long)), ValueError,
+         r"labels must be >= 0 \(num_classes, neither given nor taken from a weight, is labels.max\(\) \+ 1\), "
+         "got -1"),
         ("labels float", lambda: nnk.nc_stats(h, y.float(), 3), TypeError, "labels"),
         ("features 1-D", lambda: nnk.nc_stats(h[0], y, 3), ValueError, "features must be"),
         ("features int", lambda: nnk.nc_stats(y[:, None], y, 3), TypeError, "features"),

@@ -54,8 +54,9 @@ def check_features(features, *, batch: int | None | bool = False, dim: int | Non
     return features.detach()
 
 
-def check_labels(labels, n: int, num_classes: int, device: torch.device) -> torch.Tensor:
-    """labels: (n,) integer tensor on ``device`` with values in [0, num_classes)."""
+def check_labels(labels, n: int, num_classes: int | None, device: torch.device) -> torch.Tensor:
+    """labels: (n,) integer tensor on ``device`` with values in [0, num_classes)
+    (``num_classes`` None: to be taken as ``labels.max() + 1``, so >= 0 only)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _INT_DTYPES:
@@ -67,6 +68,11 @@ def check_labels(labels, n: int, num_classes: int, device: torch.device) -> torc
     if n == 0:
         return labels
     lo, hi = int(labels.min()), int(labels.max())
+    if num_classes is None:
+        if lo < 0:
+            raise ValueError(f"labels must be >= 0 (num_classes, neither given nor taken from a weight, is "
+                             f"labels.max() + 1), got {lo}")
+        return labels
     if lo < 0 or hi >= num_classes:
         bad = lo if lo < 0 else hi
         raise ValueError(f"labels must be in [0, {num_classes}) (num_classes={num_classes}), got {bad}")

@@ -276,7 +276,7 @@ def nc_metrics(
         if isinstance(weight, torch.Tensor) and weight.dim() in (2, 3):
             num_classes = weight.shape[-2]
         else:
-            check_labels(labels, features.shape[-2], torch.iinfo(torch.int64).max, features.device)
+            check_labels(labels, features.shape[-2], None, features.device)
             num_classes = int(labels.max()) + 1
     num_classes = check_num_classes(num_classes)
     labels = check_labels(labels, features.shape[-2], num_classes, features.device)
