@@ -370,7 +370,7 @@ def test_smoothing_takes_the_backends_margin(one_rank_group, device, impl):
     # near their class (D = 3, C = 2) make ArcFace's exact d psi / d cos
     # (~ 1 / sin(theta)) sensitive to the cosine's last bits: a psi of a
     # cosine recomputed beside the backend put up to 191x the single-process
-    # op's error into d x (cuda backend; 10 of 20 seeds past 2x).
+    # op's error into d x or d W (cuda backend; 10 of 20 seeds past 2x).
     if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", device.type):
         pytest.skip(f"the extension nnk._C is not built with {device.type} kernels")
     if impl == "triton":

@@ -90,8 +90,8 @@ def assemble_stats(counts, sums, shifts, gram, *, squeeze: bool, shifted_sums=No
     """NCStats from counts (K,), class sums (B, K, D), the shifts c (B, K, D)
     the Gram was centered on and that Gram (B, D, D), in float64.
     ``shifted_sums``: the class sums of h - c (B, K, D), if kept apart (the
-    tracker's): then mu_k - c_k = shifted_sums_k / n_k, free of the rounding
-    of the raw sums (~u |mu|, which Sigma_W sees to first order)."""
+    tracker's; two passes' for float64 features): then mu_k - c_k =
+    shifted_sums_k / n_k, free of the rounding of the raw sums (~u |mu|)."""
     n = int(counts.sum())
     if n == 0:
         raise ValueError("no samples: the statistics of zero feature vectors are undefined")
@@ -138,11 +138,12 @@ def recenter_gram(gram, shifted_sums, counts, shifts, new_shifts):
 
 def sums_around(impl: str, h: torch.Tensor, labels: torch.Tensor, shifts: torch.Tensor, num_classes: int):
     """(B, K, D) class sums of ``h - c_y`` for float64 features h (B, N, D),
-    subtracted before summing: the raw sums' rounding (~u |mu| per mean)
-    against a mu - c of the order of the scatter sigma would reach Sigma_W to
-    first order (5e-4 relative at sigma = 1e-12 |mu| in the tracker, 2e-6 in
-    two passes). Not needed below float64: 16- and 32-bit values sum exactly
-    enough in float64."""
+    subtracted before summing. From the raw sums, their rounding (~u |mu| per
+    mean) reached Sigma_W: to first order in the tracker, where mu - c is of
+    the order of the scatter sigma (5e-4 relative at sigma = 1e-12 |mu|), to
+    second order in two passes, where c is the rounded mean itself and
+    mu - c went uncorrected (2e-6). Not needed below float64: 16- and 32-bit
+    values sum exactly enough in float64."""
     return _backend.class_sums(impl, h - shifts[:, labels.long()], labels, num_classes)[1]
 
 
