@@ -162,11 +162,11 @@ def _confident_data(seed=5, d=16):
     return x, w, t
 
 
-def _confident_errors(x, w, t, loss_fn):
-    """Max abs errors of (row losses, dx, dw) against the float64 reference;
-    ``loss_fn`` maps (x, w) to the row losses."""
+def _confident_errors(x, w, t, loss_fn, opts=CONFIDENT):
+    """Max abs errors of (row losses, dx, dw) against the float64 reference
+    with ``opts``; ``loss_fn`` maps (x, w) to the row losses (or their sum)."""
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-    ref = cosine_cross_entropy_ref(x64, w64, t, **CONFIDENT)
+    ref = cosine_cross_entropy_ref(x64, w64, t, **opts)
     ref.sum().backward()
     xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
     loss = loss_fn(xx, ww)
@@ -382,19 +382,9 @@ def test_smoothing_takes_the_backends_margin(one_rank_group, device, impl):
         t = torch.randint(0, 2, (25,), generator=g)
         x = 2 * w[t] / w[t].norm(dim=1, keepdim=True) + 0.05 * torch.randn(25, 3, generator=g, dtype=torch.float64)
         x, w, t = x.float().to(device), w.float().to(device), t.to(device)
-
-        def errors(loss_fn):
-            x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-            cosine_cross_entropy_ref(x64, w64, t, **opts).backward()
-            xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
-            loss = loss_fn(xx, ww)
-            loss.backward()
-            return [float((a.double() - b).abs().max()) for a, b in
-                    ((loss.detach(), cosine_cross_entropy_ref(x64, w64, t, **opts).detach()),
-                     (xx.grad, x64.grad), (ww.grad, w64.grad))]
-
-        single = errors(lambda a, b: nnk.cosine_cross_entropy(a, b, t, impl=impl, **opts))
-        sharded = errors(lambda a, b: cosine_cross_entropy(a, b, t, class_start=0, num_classes=2, impl=impl, **opts))
+        single = _confident_errors(x, w, t, lambda a, b: nnk.cosine_cross_entropy(a, b, t, impl=impl, **opts), opts)
+        sharded = _confident_errors(x, w, t, lambda a, b: cosine_cross_entropy(
+            a, b, t, class_start=0, num_classes=2, impl=impl, **opts), opts)
         assert _confident_within(sharded, single, atol=1e-6) is None, (seed, _confident_within(sharded, single))
 
 
