@@ -371,6 +371,13 @@ def test_smoothing_takes_the_backends_margin(one_rank_group, device, impl):
     # (~ 1 / sin(theta)) sensitive to the cosine's last bits: a psi of a
     # cosine recomputed beside the backend put up to 191x the single-process
     # op's error into d x or d W (cuda backend; 10 of 20 seeds past 2x).
+    # Since the backends take sin(theta) from float64 sums, the op's errors
+    # on these rows are 10-1000x below the float32 reference's, and the
+    # sharded smoothing sum's own float32 rounding is most of what is left:
+    # over 20 seeds, d x and d W up to 5.1x the op's (0.31x the reference's),
+    # the loss up to 17x the op's (2.3x the reference's, ~3e-6 on a sum of
+    # 25 rows). Hence two bounds: the package's (2x the float32 reference's)
+    # on everything, and a blow-up guard (8x the op's) on the gradients.
     if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", device.type):
         pytest.skip(f"the extension nnk._C is not built with {device.type} kernels")
     if impl == "triton":
@@ -385,7 +392,9 @@ def test_smoothing_takes_the_backends_margin(one_rank_group, device, impl):
         single = _confident_errors(x, w, t, lambda a, b: nnk.cosine_cross_entropy(a, b, t, impl=impl, **opts), opts)
         sharded = _confident_errors(x, w, t, lambda a, b: cosine_cross_entropy(
             a, b, t, class_start=0, num_classes=2, impl=impl, **opts), opts)
-        assert _confident_within(sharded, single, atol=1e-6) is None, (seed, _confident_within(sharded, single))
+        ref = _confident_errors(x, w, t, lambda a, b: cosine_cross_entropy_ref(a, b, t, **opts), opts)
+        assert all(e <= 2 * r + 1e-6 for e, r in zip(sharded, ref)), (seed, sharded, ref)
+        assert all(e <= 8 * o + 1e-6 for e, o in zip(sharded[1:], single[1:])), (seed, sharded, single)
 
 
 # --- multi process: the worker --------------------------------------------

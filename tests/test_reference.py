@@ -13,6 +13,7 @@ from nnk.reference import (
     margin_value_ref,
     row_normalize_backward_ref,
     row_normalize_ref,
+    target_sine_ref,
 )
 
 
@@ -87,6 +88,48 @@ def test_margin_grad_is_finite_and_exact_inside():
     assert g[0] == pytest.approx(math.cos(0.5) + math.sin(0.5) / 1e-3)
     assert g[2] == 1.0  # fallback branch
     assert torch.equal(margin_grad_ref(edge, 0.5, False), torch.ones(3, dtype=torch.float64))
+
+
+def test_target_sine_ref_is_exact_near_alignment():
+    # Against sin(theta) = |x x w| / (|x| |w|) (the cross product: no
+    # cancellation at small theta), on float32 rows 1e-5 to 0.3 rad apart:
+    # rounded to float32 where the ArcFace gradient uses it (theta >= 1e-3,
+    # above ARC_SIN_MIN), and within 3e-8 absolute below (the float64
+    # cosine's rounding, ~1e-16, under the square root; psi = c cos m -
+    # sin(theta) sin m is resolved to 6e-8), where sqrt(1 - c^2) of the
+    # float32 reference's cosine errs by up to ~6e-8 / theta^2 relative.
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    d = torch.linalg.cross(w, torch.randn(64, 3, generator=g, dtype=torch.float64))
+    theta = torch.logspace(-5, math.log10(0.3), 64, dtype=torch.float64)
+    x = (w / w.norm(dim=1, keepdim=True) + d / d.norm(dim=1, keepdim=True) * theta[:, None]) * 3.0
+    x, w = x.float(), w.float()
+    t = torch.arange(64)
+    x64, w64 = x.double(), w.double()
+    want = torch.linalg.cross(x64, w64).norm(dim=1) / (x64.norm(dim=1) * w64.norm(dim=1))
+    got = target_sine_ref(x, w, t)
+    assert got.dtype == torch.float32
+    err = (got.double() - want).abs()
+    assert (err / want)[theta >= 1e-3].max() < 2 * 2.0**-24 and err.max() < 3e-8
+    c32 = F.normalize(x) @ F.normalize(w).T
+    plain = (1 - c32.diagonal().double().clamp(max=1) ** 2).sqrt()
+    assert ((plain - want).abs() / want).max() > 1e-3  # what it replaces
+    # Margins with the given sine: the formula of margin_value_ref / margin_grad_ref.
+    c = c32.diagonal().double().clamp(-1.0, 1.0)
+    s_ = got.double()
+    torch.testing.assert_close(margin_value_ref(c, 0.5, 0.1, got), c * math.cos(0.5) - s_ * math.sin(0.5) - 0.1,
+                               rtol=1e-15, atol=0)
+    torch.testing.assert_close(margin_grad_ref(c, 0.5, True, got),
+                               math.cos(0.5) + math.sin(0.5) * c / s_.clamp_min(1e-3), rtol=1e-15, atol=0)
+
+
+def test_target_sine_ref_on_zero_ignored_and_nan_rows():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [float("nan"), 1.0], [2.0, 2.0]])
+    w = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    got = target_sine_ref(x, w, torch.tensor([0, 0, 1, 1]))
+    # Parallel rows: 0 up to the float64 cosine's rounding under the root.
+    assert got[0] == 1.0 and got[1] == 1.0 and got[2].isnan() and 0.0 <= got[3] < 3e-8
+    assert target_sine_ref(x[:0], w, torch.zeros(0, dtype=torch.long)).shape == (0,)
 
 
 def test_row_normalize_ref_matches_F_normalize_and_its_gradient():

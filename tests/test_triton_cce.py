@@ -586,8 +586,8 @@ def launcher_args(device):
     fwd = dict(x=x, weight=w, target=torch.tensor([0, 3, 6, -100, 2], device=device),
                scale=torch.full((1,), 8.0, device=device), bias=torch.zeros(7, device=device), opts=opts)
     out = cce_forward(**fwd)
-    bwd = dict(fwd, lse=out.lse, lse_lo=out.lse_lo, cos_t=out.cos_t, xnorm=out.xnorm, wnorm=out.wnorm,
-               g_row=torch.ones(5, device=device), g_lse=torch.zeros(5, device=device))
+    bwd = dict(fwd, lse=out.lse, lse_lo=out.lse_lo, cos_t=out.cos_t, sin_t=out.sin_t, xnorm=out.xnorm,
+               wnorm=out.wnorm, g_row=torch.ones(5, device=device), g_lse=torch.zeros(5, device=device))
     return fwd, bwd
 
 
@@ -634,6 +634,11 @@ BAD_BACKWARD_INPUTS = [
     ("wnorm_unasked", lambda a: dict(opts=dataclasses.replace(a["opts"], normalize_weight=False)), ValueError,
      "wnorm must be the forward's norms"),
     ("wnorm_shape", lambda a: dict(wnorm=a["wnorm"][:6]), ValueError, r"wnorm must have shape \(7,\)"),
+    ("sin_t_unasked", lambda a: dict(sin_t=a["cos_t"]), ValueError, "sin_t must be the forward's target sines"),
+    ("sin_t_missing", lambda a: dict(opts=dataclasses.replace(a["opts"], angular_margin=0.5)), ValueError,
+     "sin_t must be the forward's target sines"),
+    ("sin_t_dtype", lambda a: dict(opts=dataclasses.replace(a["opts"], angular_margin=0.5), sin_t=a["cos_t"].double()),
+     TypeError, "sin_t must be torch.float32"),
     ("g_row_int", lambda a: dict(g_row=a["g_row"].long()), TypeError, "g_row must be floating point"),
     ("g_lse_shape", lambda a: dict(g_lse=a["g_lse"][:, None]), ValueError, r"g_lse must have shape \(5,\)"),
     ("g_lse_device", lambda a: dict(g_lse=_other(a["g_lse"])), ValueError, "g_lse is on meta"),
@@ -687,7 +692,7 @@ def test_launchers_refuse_cpu_tensors_without_the_interpreter(launcher_args, mon
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("NNK_TEST_SLOW") != "1",
-                    reason="compiles 111 GPU kernels, ~7 CPU-minutes: set NNK_TEST_SLOW=1")
+                    reason="compiles 117 GPU kernels, ~7 CPU-minutes: set NNK_TEST_SLOW=1")
 def test_kernels_compile_for_gpus(tmp_path):
     """The GPU code path (which the interpreter does not exercise: constexpr
     branches, loop-carried types, dot lowering) compiles for sm_80 and sm_90
@@ -704,14 +709,14 @@ def test_kernels_compile_for_gpus(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().endswith("compiled 111"), proc.stdout
+    assert proc.stdout.strip().endswith("compiled 117"), proc.stdout
 
 
 COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from nnk.impl.triton import backward, configs, forward
+from nnk.impl.triton import backward, configs, forward, norms
 
 FLOATS = {"eps", "cos_m", "sin_m", "arc_threshold", "arc_fallback", "additive", "label_smoothing", "z_loss"}
 ALIGNED = {"D", "stride_xn", "stride_wc"}
@@ -758,6 +763,13 @@ for arch, dtype, upcast in ((80, "bf16", False), (80, "fp32", False), (80, "fp16
             flags, ROW_MAJOR=row_major, EXACT_MARGIN=True, HAS_DX=row_major, HAS_DW=True, HAS_DB=True,
             HAS_DS=True, SPLIT_GRAD=True, HAS_FILTER=row_major))
         count += 1
+# The target sines of the angular margin (float64 sums), in every input dtype.
+for arch in (80, 90):
+    for dtype in ("bf16", "fp16", "fp32"):
+        block_r, block_d = configs.rowwise_blocks(4096)
+        build(norms._target_sine_kernel, dtype, arch,
+              triton.Config({"BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=4), {}, pointers={"SIN_ptr": "*fp32"})
+        count += 1
 # The neural-collapse kernels (one config each), in every feature dtype.
 from nnk.nc import triton_kernels as nc
 for arch in (80, 90):
@@ -786,6 +798,32 @@ def test_large_gpu(device, dtype):
     """GPU sizes with the default work splitting and autotuning."""
     x, w, t, scale, bias = _case(device, dtype, 1024, 512, 50_000, scale="class", bias=True, ignore=(8,))
     _check(_public_fn, x, w, t, scale, bias, dict(additive_margin=0.35, z_loss=1e-4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_target_sines_match_the_reference(device, bf16_triton, dtype):
+    """norms.target_sines (the angular margin's sin(theta) from float64 sums)
+    against target_sine_ref: rows near and far from their class, strided x,
+    ignored rows (class 0's sine), zero and sub-eps rows, D past one block."""
+    from nnk.impl.triton.norms import target_sines
+    from nnk.reference import target_sine_ref
+
+    g = torch.Generator().manual_seed(3)
+    n, d, c = 37, 300, 11
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    t = torch.randint(0, c, (n,), generator=g)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    x[:12] = w[t[:12]] * 2 + 1e-3 * x[:12]
+    x[12] = 0
+    x[13] *= 1e-14
+    t[14:17] = -100
+    xs = torch.cat([x, x], dim=1).to(device, dtype)[:, ::2]  # strided rows
+    w, t = w.to(device, dtype), t.to(device)
+    opts = make_options(**{**OPTION_DEFAULTS, "angular_margin": 0.5, "eps": 1e-12})
+    got = target_sines(xs, w, t, opts)
+    want = target_sine_ref(xs, w, torch.where(t == -100, 0, t), 1e-12)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    torch.testing.assert_close(got, want, rtol=2 * 2.0**-24, atol=1e-9)
 
 
 def test_autotune_keys_are_size_buckets():

@@ -64,6 +64,36 @@ struct CpuBackend {
     }
   }
 
+  // x, w: contiguous float32 (the GEMM dtype of 16/32-bit inputs on the CPU).
+  static at::Tensor target_sines(const at::Tensor& x, const at::Tensor& w,
+                                 const at::Tensor& target, const cce::Options& o) {
+    TORCH_INTERNAL_ASSERT(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+                          x.is_contiguous() && w.is_contiguous() && target.is_contiguous());
+    const int64_t n = x.size(0), d = x.size(1), classes = w.size(0);
+    at::Tensor out = at::empty({n}, x.options());
+    const float* xp = x.const_data_ptr<float>();
+    const float* wp = w.const_data_ptr<float>();
+    const int64_t* tp = target.const_data_ptr<int64_t>();
+    float* op = out.mutable_data_ptr<float>();
+    at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        // Ignored rows (and, on this path unreachable, bad targets) use class 0.
+        const int64_t t = (tp[r] >= 0 && tp[r] < classes) ? tp[r] : 0;
+        const float* xr = xp + r * d;
+        const float* wr = wp + t * d;
+        double xx = 0, ww = 0, xw = 0;
+        for (int64_t j = 0; j < d; ++j) {
+          const double xv = xr[j], wv = wr[j];
+          xx += xv * xv;
+          ww += wv * wv;
+          xw += xv * wv;
+        }
+        op[r] = static_cast<float>(math::target_sine(xx, ww, xw, o.eps));
+      }
+    });
+    return out;
+  }
+
   static constexpr int64_t kSumBlock = 256;
 
   template <typename A>

@@ -88,6 +88,19 @@ struct CudaBackend {
     }
   }
 
+  // x, w: contiguous in the input dtype (the GEMM dtype), float16 / bfloat16 / float32.
+  static at::Tensor target_sines(const at::Tensor& x, const at::Tensor& w,
+                                 const at::Tensor& target, const cce::Options& o) {
+    TORCH_INTERNAL_ASSERT(x.is_contiguous() && w.is_contiguous() && target.is_contiguous() &&
+                          x.scalar_type() == w.scalar_type());
+    at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+    C10_CUDA_CHECK(cuda::launch_target_sine(launch_dtype(x), x.const_data_ptr(), w.const_data_ptr(),
+                                            target.const_data_ptr<int64_t>(), x.size(0), x.size(1),
+                                            w.size(0), o.eps, out.mutable_data_ptr<float>(),
+                                            c10::cuda::getCurrentCUDAStream()));
+    return out;
+  }
+
   // On the device without a host synchronization: asynchronous asserts (a
   // device-side assert at the next synchronization, as PyTorch's own
   // indexing kernels). The epilogues never index memory by a target, so a bad

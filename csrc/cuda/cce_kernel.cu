@@ -108,6 +108,45 @@ __global__ void cce_backward_kernel(const cce::Chunk<A> ch, const cce::ChunkGrad
   }
 }
 
+// One warp per row: the float64 sums of math::target_sine over strided
+// features (memory-bound; O(N D) against the GEMMs' O(N C D)).
+constexpr int kSineWarps = 4;
+
+template <typename T>
+__global__ void target_sine_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                   const int64_t* __restrict__ target, int64_t n, int64_t d,
+                                   int64_t classes, double eps, float* __restrict__ out) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kSineWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= n) return;
+  const int64_t t = (target[row] >= 0 && target[row] < classes) ? target[row] : 0;
+  const T* xr = x + row * d;
+  const T* wr = w + t * d;
+  double xx = 0, ww = 0, xw = 0;
+  for (int64_t j = lane; j < d; j += 32) {
+    const double xv = static_cast<double>(to_acc(xr[j]));
+    const double wv = static_cast<double>(to_acc(wr[j]));
+    xx += xv * xv;
+    ww += wv * wv;
+    xw += xv * wv;
+  }
+  xx = warp_sum(xx);
+  ww = warp_sum(ww);
+  xw = warp_sum(xw);
+  if (lane == 0) out[row] = static_cast<float>(math::target_sine(xx, ww, xw, eps));
+}
+
+template <typename T>
+cudaError_t target_sine(const void* x, const void* w, const int64_t* target, int64_t n, int64_t d,
+                        int64_t classes, double eps, float* out, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  const int64_t blocks = (n + kSineWarps - 1) / kSineWarps;
+  if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
+  target_sine_kernel<T><<<static_cast<unsigned>(blocks), kSineWarps * 32, 0, s>>>(
+      static_cast<const T*>(x), static_cast<const T*>(w), target, n, d, classes, eps, out);
+  return cudaGetLastError();
+}
+
 template <typename A>
 cudaError_t forward(const cce::Chunk<A>& ch, const cce::RowState<A>& st, cudaStream_t s) {
   if (ch.rows == 0) return cudaSuccess;
@@ -131,6 +170,18 @@ cudaError_t backward(const cce::Chunk<A>& ch, const cce::ChunkGrad<A>& gr, void*
 }
 
 }  // namespace
+
+cudaError_t launch_target_sine(DType dtype, const void* x, const void* w, const int64_t* target,
+                               int64_t n, int64_t d, int64_t classes, double eps, float* out,
+                               cudaStream_t s) {
+  switch (dtype) {
+    case DType::kFloat32: return target_sine<float>(x, w, target, n, d, classes, eps, out, s);
+    case DType::kFloat16: return target_sine<__half>(x, w, target, n, d, classes, eps, out, s);
+    case DType::kBFloat16:
+      return target_sine<__nv_bfloat16>(x, w, target, n, d, classes, eps, out, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 cudaError_t launch_cce_forward_epilogue(const cce::Chunk<float>& ch,
                                         const cce::RowState<float>& st, cudaStream_t s) {

@@ -25,7 +25,7 @@ from . import fused_backward
 from .lse import merge_partials, tile_partial
 from .._options import CCEOptions
 from ..ops import row_normalize, row_normalize_backward
-from ..reference import acc_dtype, margin_grad_ref, margin_value_ref
+from ..reference import acc_dtype, margin_grad_ref, margin_value_ref, target_sine_ref
 
 # Elements of one logits tile: 2^21 float32 = 8 MiB; the backward holds about
 # four tile-sized temporaries.
@@ -74,9 +74,14 @@ class _BlockwiseCCE(torch.autograd.Function):
         valid = target != opts.ignore_index
         t = torch.where(valid, target, torch.zeros_like(target))
 
-        # 2. Target cosine, margin, target logit: O(N D), one gathered row each.
+        # 2. Target cosine, margin, target logit: O(N D), one gathered row each;
+        #    ArcFace's sin(theta) from a float64 cosine (target_sine_ref), float64
+        #    input's from its own cosine.
         cos_t = (xn * wn[t]).sum(dim=1)
-        psi = torch.where(valid, margin_value_ref(cos_t, opts.angular_margin, opts.additive_margin), cos_t)
+        sin_t = None
+        if opts.angular_margin != 0.0 and acc != torch.float64:
+            sin_t = target_sine_ref(x, weight, t, opts.eps)
+        psi = torch.where(valid, margin_value_ref(cos_t, opts.angular_margin, opts.additive_margin, sin_t), cos_t)
         s_t = s[t] if isinstance(s, torch.Tensor) and s.dim() == 1 else s
         z_t = psi * s_t + (b[t] if b is not None else 0.0)
 
@@ -117,7 +122,7 @@ class _BlockwiseCCE(torch.autograd.Function):
         # The backward takes p = exp((z - max) - log sum), as log_softmax does:
         # exp(z - lse) with lse rounded to float32 errs by half an ulp of |lse|
         # (s = 64: 4e-6) in every probability, up to 7x the reference's error.
-        ctx.save_for_backward(xn, xnorm, wn, wnorm, t, valid, cos_t, psi, z_t, lse, run_max, log_sum,
+        ctx.save_for_backward(xn, xnorm, wn, wnorm, t, valid, cos_t, sin_t, psi, z_t, lse, run_max, log_sum,
                               scale if isinstance(scale, torch.Tensor) else None, bias)
         ctx.opts, ctx.blocks, ctx.py_scale = opts, (r_blk, c_blk), scale
         ctx.dtypes = (x.dtype, weight.dtype)
@@ -126,7 +131,7 @@ class _BlockwiseCCE(torch.autograd.Function):
     @staticmethod
     @fused_backward
     def backward(ctx, g_row, g_lse):
-        xn, xnorm, wn, wnorm, t, valid, cos_t, psi, z_t, lse, run_max, log_sum, scale, bias = ctx.saved_tensors
+        xn, xnorm, wn, wnorm, t, valid, cos_t, sin_t, psi, z_t, lse, run_max, log_sum, scale, bias = ctx.saved_tensors
         opts: CCEOptions = ctx.opts
         r_blk, c_blk = ctx.blocks
         n, c = xn.shape[0], wn.shape[0]
@@ -163,7 +168,7 @@ class _BlockwiseCCE(torch.autograd.Function):
             coef_z = torch.where(empty, 0.0, coef_z)
         run_max = torch.where(empty, float("inf"), run_max)
         log_sum = torch.where(empty, 0.0, log_sum)
-        dpsi = margin_grad_ref(cos_t, opts.angular_margin, opts.exact_margin)
+        dpsi = margin_grad_ref(cos_t, opts.angular_margin, opts.exact_margin, sin_t)
 
         dxn = torch.zeros_like(xn) if need_x else None
         dwn = torch.zeros_like(wn) if need_w else None

@@ -40,6 +40,10 @@ struct Chunk {
   bool per_class_scale = false;
   const A* bias = nullptr;    // (classes,) or nullptr
   math::ArcMargin<A> arc{};
+  // (rows,) each row's sin(theta) to its target from float64 sums
+  // (math::target_sine), with an angular margin and 16/32-bit inputs; else
+  // nullptr: sqrt(1 - c^2) of the block's cosine (math::sine_of).
+  const A* target_sine = nullptr;
   A additive_margin = A(0);
   bool exact_margin = true;
   A label_smoothing = A(0);
@@ -141,6 +145,12 @@ NNK_HD A cosine(const Chunk<A>& ch, int64_t r, int64_t c) {
   return math::cosine_of(ch.block[r * ch.classes + c], dx, dw);
 }
 
+// Row r's sin(theta) on its target column, whose cosine is c.
+template <typename A>
+NNK_HD A target_sine_of(const Chunk<A>& ch, int64_t r, A c) {
+  return ch.target_sine != nullptr ? ch.target_sine[r] : math::sine_of(c);
+}
+
 template <typename A>
 NNK_HD A scale_of(const Chunk<A>& ch, int64_t c) {
   return ch.per_class_scale ? ch.scale[c] : ch.scale[0];
@@ -149,9 +159,10 @@ NNK_HD A scale_of(const Chunk<A>& ch, int64_t c) {
 // z[r, c], and what the scale multiplies (d z / d s_c).
 template <typename A>
 NNK_HD A logit(const Chunk<A>& ch, int64_t r, int64_t c, bool is_target, A* cos_prime) {
-  return math::cosine_logit(cosine(ch, r, c), is_target, ch.arc, ch.additive_margin,
-                            scale_of(ch, c), ch.bias != nullptr ? ch.bias[c] : A(0),
-                            cos_prime);
+  const A cs = cosine(ch, r, c);
+  const A sin_t = is_target ? target_sine_of(ch, r, cs) : A(0);
+  return math::cosine_logit(cs, is_target, sin_t, ch.arc, ch.additive_margin, scale_of(ch, c),
+                            ch.bias != nullptr ? ch.bias[c] : A(0), cos_prime);
 }
 
 // The backward of one entry: d z (returned through *dz, for d bias and
@@ -163,12 +174,13 @@ NNK_HD A dcosine(const Chunk<A>& ch, int64_t r, int64_t c, bool is_target, A lse
                  A g, A g_lse, A* dz, A* cos_prime) {
   const A cs = cosine(ch, r, c);
   const A s = scale_of(ch, c);
-  const A z = math::cosine_logit(cs, is_target, ch.arc, ch.additive_margin, s,
+  const A sin_t = is_target ? target_sine_of(ch, r, cs) : A(0);
+  const A z = math::cosine_logit(cs, is_target, sin_t, ch.arc, ch.additive_margin, s,
                                  ch.bias != nullptr ? ch.bias[c] : A(0), cos_prime);
   const A d = math::dlogit(z, lse, lse_lo, is_target, ch.label_smoothing, ch.inv_classes,
                            ch.z_loss, g, g_lse);
   *dz = d;
-  const A dpsi = is_target ? math::margin_grad(cs, ch.arc, ch.exact_margin) : A(1);
+  const A dpsi = is_target ? math::margin_grad(cs, sin_t, ch.arc, ch.exact_margin) : A(1);
   return d * s * dpsi;
 }
 

@@ -11,6 +11,9 @@
 //   K::gemm(out, a, b, accumulate)   out (accumulation dtype) (+)= a @ b
 //   K::check_values(op, t, C, ignore, scale, acc)   target range and scale > 0,
 //                                    finite (eagerly or asynchronously: the backends)
+//   K::target_sines(x, w, target, o) (n,) float32 sin(theta) of each row to its
+//                                    target from float64 sums (math::target_sine;
+//                                    x, w contiguous in the GEMM dtype)
 //   K::forward_epilogue<A>(chunk, row_state)
 //   K::backward_epilogue<A>(chunk, grad, dcos)
 //
@@ -246,8 +249,9 @@ inline at::Tensor head(const at::Tensor& flat, int64_t m, int64_t k) {
 // class c0), scale (flattened: (1,) or (C,)), bias and target the whole op's.
 template <typename A>
 Chunk<A> make_chunk(const at::Tensor& block, const at::Tensor& x_norm, const at::Tensor& w_norm,
-                    const at::Tensor& target, int64_t r0, int64_t c0, int64_t total_classes,
-                    const at::Tensor& scale, const at::Tensor& bias, const Options& o) {
+                    const at::Tensor& target, const at::Tensor& target_sine, int64_t r0, int64_t c0,
+                    int64_t total_classes, const at::Tensor& scale, const at::Tensor& bias,
+                    const Options& o) {
   Chunk<A> ch;
   ch.block = block.const_data_ptr<A>();
   ch.rows = block.size(0);
@@ -264,6 +268,7 @@ Chunk<A> make_chunk(const at::Tensor& block, const at::Tensor& x_norm, const at:
   ch.scale = scale.const_data_ptr<A>() + (ch.per_class_scale ? c0 : 0);
   ch.bias = bias.defined() ? bias.const_data_ptr<A>() + c0 : nullptr;
   ch.arc = math::make_arc_margin<A>(o.angular_margin);
+  ch.target_sine = target_sine.defined() ? target_sine.const_data_ptr<A>() + r0 : nullptr;
   ch.additive_margin = A(o.additive_margin);
   ch.exact_margin = o.exact_margin;
   ch.label_smoothing = A(o.label_smoothing);
@@ -271,16 +276,18 @@ Chunk<A> make_chunk(const at::Tensor& block, const at::Tensor& x_norm, const at:
   return ch;
 }
 
-// Operands shared by both passes: GEMM-dtype contiguous x and W, and the
-// scale (flattened: (1,) or (C,)) and bias in the accumulation dtype.
+// Operands shared by both passes: GEMM-dtype contiguous x and W, the scale
+// (flattened: (1,) or (C,)) and bias in the accumulation dtype, and with an
+// angular margin (float32 accumulation) each row's target sine.
 struct Operands {
-  at::Tensor x, w, target, scale, bias;
+  at::Tensor x, w, target, scale, bias, target_sine;
   at::ScalarType acc;
 };
 
 template <class K>
 Operands prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& target,
-                 const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
+                 const at::Tensor& scale, const std::optional<at::Tensor>& bias,
+                 const Options& o) {
   Operands p;
   p.acc = acc_dtype(x.scalar_type());
   const auto g = K::gemm_dtype(x.scalar_type());
@@ -289,6 +296,11 @@ Operands prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& tar
   p.target = target.contiguous();
   p.scale = scale.to(p.acc).contiguous().reshape({-1});
   if (bias.has_value()) p.bias = bias->to(p.acc).contiguous();
+  // O(N D) in float64, once per pass (the backward recomputes it: bitwise the
+  // same). float64 inputs take sqrt(1 - c^2) of their float64 cosine instead.
+  if (o.angular_margin != 0.0 && p.acc == at::kFloat) {
+    p.target_sine = K::target_sines(p.x, p.w, p.target, o);
+  }
   return p;
 }
 
@@ -527,7 +539,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_loop(
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
     const at::Tensor& lse_lo, const Options& o, std::array<bool, 4> mask) {
   const int64_t n = x.size(0), c = weight.size(0);
-  const Operands p = prepare<K>(x, weight, target, scale, bias);
+  const Operands p = prepare<K>(x, weight, target, scale, bias, o);
 
   const at::Tensor lse_a = lse.to(p.acc).contiguous();
   const at::Tensor lse_lo_a = lse_lo.to(p.acc).contiguous();
@@ -560,8 +572,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_loop(
           at::Tensor blk = block_products<K>(p, block, r0, m, c0, k);
           // 2. Its gradients.
           const auto [xn, x_norm] = grads.rows(p, r0, m);
-          const Chunk<A> ch = make_chunk<A>(blk, x_norm, grads.w_norm(), p.target, r0, c0, c,
-                                            p.scale, p.bias, o);
+          const Chunk<A> ch = make_chunk<A>(blk, x_norm, grads.w_norm(), p.target, p.target_sine,
+                                            r0, c0, c, p.scale, p.bias, o);
           grads.template add_block<A>(ch, blk, xn, x_norm, r0, lse_a.const_data_ptr<A>() + r0,
                                       lse_lo_a.const_data_ptr<A>() + r0,
                                       g_loss.defined() ? g_loss.const_data_ptr<A>() + r0 : nullptr,
@@ -617,7 +629,7 @@ forward_loop(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ta
              bool grads_asked, const Tiling& t) {
   const int64_t n = x.size(0), c = weight.size(0);
   const int64_t chunks = t.class_chunks(c);
-  const Operands p = prepare<K>(x, weight, target, scale, bias);
+  const Operands p = prepare<K>(x, weight, target, scale, bias, o);
   at::Tensor loss = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse = at::empty({n}, x.options().dtype(p.acc));
   at::Tensor lse_lo = at::empty({n}, x.options().dtype(p.acc));
@@ -657,7 +669,7 @@ forward_loop(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ta
           // 2. The rows' reductions over the block, finished by the last
           //    class chunk (reads the block, keeps it).
           const Chunk<A> ch = make_chunk<A>(blk, x_norm, slice_or_undefined(w_norm, c0, k),
-                                            p.target, r0, c0, c, p.scale, p.bias, o);
+                                            p.target, p.target_sine, r0, c0, c, p.scale, p.bias, o);
           RowState<A> st;
           if (chunks > 1) {
             st.run_max = state[0].mutable_data_ptr<A>() + r0;

@@ -79,21 +79,42 @@ inline ArcMargin<T> make_arc_margin(double m) {
   return a;
 }
 
-// psi(c): the target-column cosine after the angular and additive margins.
-// cos(theta + m) = c cos m - sin(theta) sin m with sin(theta) = sqrt(1 - c^2),
-// which avoids acos/cos and is exact for |c| <= 1. Where theta + m > pi,
-// the ArcFace fallback c - m sin m keeps psi monotone in theta.
+// sin(theta) from a cosine: sqrt(1 - c^2) of the clamped c. Only float64
+// inputs take it on the target column (their cosine is float64 already);
+// the others take target_sine's.
 template <typename T>
-NNK_HD T margin_value(T c, const ArcMargin<T>& a, T additive) {
+NNK_HD T sine_of(T c) {
+  const T cc = clamp_unit(c);
+  const T s2 = T(1) - cc * cc;
+  return sqrt(s2 > T(0) ? s2 : T(0));
+}
+
+// sin(theta) of a row's angle to its target class from the float64 sums
+// xx = ||x||^2, ww = ||w_t||^2, xw = <x, w_t> (exact products of float32
+// values), with the norms clamped at eps as F.normalize (a NaN norm stays
+// NaN: norm_divisor): sqrt((1 - c)(1 + c)), whose factors are exact near
+// |c| = 1. sqrt(1 - c^2) of a float32 cosine turns the cosine's rounding
+// (~6e-8) into a relative error of ~6e-8 / theta^2 in sin(theta), which
+// ArcFace's psi and d psi / d c carry into the loss and gradients of rows
+// close to their class (1e-4 at theta = 0.03). nnk.reference.target_sine_ref.
+NNK_HD double target_sine(double xx, double ww, double xw, double eps) {
+  const double nx = sqrt(xx), nw = sqrt(ww);
+  const double c = clamp_unit(xw / ((nx <= eps ? eps : nx) * (nw <= eps ? eps : nw)));
+  const double s2 = (1.0 - c) * (1.0 + c);
+  return sqrt(s2 > 0.0 ? s2 : 0.0);
+}
+
+// psi(c): the target-column cosine after the angular and additive margins.
+// cos(theta + m) = c cos m - sin(theta) sin m, with sin_t = sin(theta)
+// (target_sine, or sine_of(c)), which avoids acos/cos. Where theta + m > pi,
+// the ArcFace fallback c - m sin m keeps psi monotone in theta. sin_t is
+// unused without an angular margin.
+template <typename T>
+NNK_HD T margin_value(T c, T sin_t, const ArcMargin<T>& a, T additive) {
   T psi = c;
   if (a.m != T(0)) {
     const T cc = clamp_unit(c);
-    if (cc >= a.threshold) {
-      const T s2 = T(1) - cc * cc;
-      psi = cc * a.cos_m - sqrt(s2 > T(0) ? s2 : T(0)) * a.sin_m;
-    } else {
-      psi = cc - a.fallback;
-    }
+    psi = cc >= a.threshold ? cc * a.cos_m - sin_t * a.sin_m : cc - a.fallback;
   }
   return psi - additive;
 }
@@ -101,12 +122,10 @@ NNK_HD T margin_value(T c, const ArcMargin<T>& a, T additive) {
 // d psi / d c. `exact` differentiates the margin; otherwise psi - c is treated
 // as a constant (the straight-through "detached" mode of insightface).
 template <typename T>
-NNK_HD T margin_grad(T c, const ArcMargin<T>& a, bool exact) {
+NNK_HD T margin_grad(T c, T sin_t, const ArcMargin<T>& a, bool exact) {
   if (!exact || a.m == T(0)) return T(1);
   const T cc = clamp_unit(c);
   if (cc < a.threshold) return T(1);
-  const T s2 = T(1) - cc * cc;
-  T sin_t = sqrt(s2 > T(0) ? s2 : T(0));
   if (sin_t < T(kArcSinMin)) sin_t = T(kArcSinMin);
   return a.cos_m + a.sin_m * cc / sin_t;
 }
@@ -191,12 +210,12 @@ NNK_HD T dlogit(T z, T lse, T lse_lo, bool is_target, T smoothing, T inv_c, T z_
 }
 
 // The logit of one (row, class) entry from its cosine c: s_c * c + b_c, with
-// psi(c) in place of c on the row's target column. *cos_prime receives what
+// psi(c) (sin_t: the row's sin(theta)) in place of c on the row's target column. *cos_prime receives what
 // the scale multiplies (c, or psi on the target): d z / d s_c.
 template <typename T>
-NNK_HD T cosine_logit(T c, bool is_target, const ArcMargin<T>& a, T additive,
+NNK_HD T cosine_logit(T c, bool is_target, T sin_t, const ArcMargin<T>& a, T additive,
                       T s, T b, T* cos_prime) {
-  const T cp = is_target ? margin_value(c, a, additive) : c;
+  const T cp = is_target ? margin_value(c, sin_t, a, additive) : c;
   *cos_prime = cp;
   return s * cp + b;
 }

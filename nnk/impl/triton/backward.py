@@ -40,12 +40,12 @@ from .launch import PerDeviceAutotune, check_inputs, check_vector, dtype_args, l
 from .norms import normalize_backward
 from .tile import (
     _accumulate, _col_terms, _cosine_tile, _grad_dot, _grad_operand, _load_tile, _logits, _margin_grad,
-    _row_terms, _target_logit,
+    _row_terms, _target_logit, _target_sine,
 )
 
 
 @triton.jit
-def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
+def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
                     ignore_index, eps, label_smoothing, z_loss,
                     cos_m, sin_m, arc_threshold, arc_fallback, additive,
                     NORM_X: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -56,8 +56,9 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr
     row_mask, t, valid, den_x, live_x, s_t, b_t = _row_terms(
         T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
     cos_t = tl.load(COST_ptr + rows, mask=valid, other=0.0)
-    psi, z_t = _target_logit(cos_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
-    dpsi = _margin_grad(cos_t, cos_m, sin_m, arc_threshold, HAS_ARC, EXACT_MARGIN)
+    sin_t = _target_sine(SINT_ptr, rows, valid, HAS_ARC)
+    psi, z_t = _target_logit(cos_t, sin_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
+    dpsi = _margin_grad(cos_t, sin_t, cos_m, sin_m, arc_threshold, HAS_ARC, EXACT_MARGIN)
     lse = tl.load(LSE_ptr + rows, mask=row_mask, other=0.0)
     lse_lo = tl.load(LSELO_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(G_ptr + rows, mask=valid, other=0.0)
@@ -88,7 +89,7 @@ def _dlogit(p, is_t, g, coef_z, label_smoothing, C):
 
 @triton.jit
 def _grad_mass_kernel(
-    T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, MASS_ptr,
+    T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, MASS_ptr,
     N, C, ignore_index, eps, label_smoothing, z_loss,
     cos_m, sin_m, arc_threshold, arc_fallback, additive,
     NORM_X: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -102,7 +103,7 @@ def _grad_mass_kernel(
     of d cos is dz times s, or s d psi >= s min(1, d psi) on the target."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z = _row_grad_terms(
-        T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
+        T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
         ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
         NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
     p_t = tl.exp((z_t - lse) - lse_lo)
@@ -115,8 +116,8 @@ def _grad_mass_kernel(
 
 @triton.jit
 def _cce_bwd_kernel(
-    X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr,
-    DX_ptr, DW_ptr, DB_ptr, DS_ptr,
+    X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr, LSELO_ptr, G_ptr,
+    GLSE_ptr, DX_ptr, DW_ptr, DB_ptr, DS_ptr,
     N, C, D, c_lo, c_count,
     stride_xn, stride_xd, stride_wc, stride_wd,
     ignore_index, eps, label_smoothing, z_loss,
@@ -163,7 +164,7 @@ def _cce_bwd_kernel(
         # 2. Per-row terms; the target logit from the forward's stored cosine
         #    (bitwise the forward's), the coefficients of dz.
         row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z = _row_grad_terms(
-            T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
+            T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
             ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
             NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
 
@@ -300,7 +301,8 @@ class Grads:
 def cce_backward(
     x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
     bias: torch.Tensor | None, lse: torch.Tensor, lse_lo: torch.Tensor, cos_t: torch.Tensor,
-    xnorm: torch.Tensor | None, wnorm: torch.Tensor | None, g_row: torch.Tensor, g_lse: torch.Tensor,
+    sin_t: torch.Tensor | None, xnorm: torch.Tensor | None, wnorm: torch.Tensor | None, g_row: torch.Tensor,
+    g_lse: torch.Tensor,
     opts: CCEOptions, *, need_dx: bool, need_dw: bool, need_ds: bool, need_db: bool,
     class_splits: int | None = None, row_splits: int | None = None, class_chunk: int | None = None,
     grad_filter: float | None = None,
@@ -309,8 +311,8 @@ def cce_backward(
 
     Args:
         x, weight, target, scale, bias, opts: as given to ``cce_forward``.
-        lse, lse_lo, cos_t, xnorm, wnorm: from its result (log-sum-exp and what its
-            float32 rounding dropped, target cosines, norms).
+        lse, lse_lo, cos_t, sin_t, xnorm, wnorm: from its result (log-sum-exp and what
+            its float32 rounding dropped, target cosines and sines, norms).
         g_row, g_lse: (N,) float32 gradients of the row losses and of lse.
         need_*: which gradients to compute.
         class_splits: programs per row block in the row-major pass.
@@ -324,7 +326,8 @@ def cce_backward(
     Raises:
         TypeError, ValueError: as ``cce_forward`` for the forward's arguments
             (without a host sync, values unchecked); also for lse, lse_lo,
-            cos_t other than (N,) float32 contiguous, xnorm / wnorm other than
+            cos_t other than (N,) float32 contiguous, sin_t other than that with an
+            angular margin and None without, xnorm / wnorm other than
             (N,) / (C,) float32 contiguous when ``opts`` normalizes x / W and
             None otherwise, g_row, g_lse other than (N,) floating.
 
@@ -338,6 +341,13 @@ def cce_backward(
     dev = x.device
     for name, t in (("lse", lse), ("lse_lo", lse_lo), ("cos_t", cos_t)):
         check_vector(op, name, t, n, torch.float32, dev)
+    arc = opts.angular_margin != 0.0
+    if (sin_t is not None) != arc:
+        raise ValueError(f"{op}: sin_t must be the forward's target sines when opts.angular_margin != 0 and None "
+                         f"otherwise, got {'None' if sin_t is None else 'a tensor'} with angular_margin="
+                         f"{opts.angular_margin}")
+    if arc:
+        check_vector(op, "sin_t", sin_t, n, torch.float32, dev)
     # The kernels read a norm only when normalizing, and normalize_backward
     # normalizes whenever it gets one: a norm without the option (or the
     # option without its norm) would silently change the gradient.
@@ -367,7 +377,7 @@ def cce_backward(
         **dtype_args(x.dtype, upcast=(x.dtype != torch.float32 and d < SPLIT_OPERANDS_MIN_D)
                      or _has_rows_below_eps(x.dtype, xnorm, wnorm, opts.eps)),  # the sync last
     )
-    tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, lse, lse_lo, g_row, g_lse)
+    tensors = (x, weight, target, xnorm, wnorm, scale, bias, cos_t, sin_t, lse, lse_lo, g_row, g_lse)
 
     # 0. Sparse backward (opt-in): a tile of d cos is skipped when all its
     #    entries are at most thr = tol * M / C, M a lower bound of the largest
@@ -383,7 +393,7 @@ def cce_backward(
         mass = torch.empty(n, **f32)
         mass_block = 256
         _grad_mass_kernel[(triton.cdiv(n, mass_block),)](
-            target, xnorm, scale, bias, cos_t, lse, lse_lo, g_row, g_lse, mass,
+            target, xnorm, scale, bias, cos_t, sin_t, lse, lse_lo, g_row, g_lse, mass,
             n, c, opts.ignore_index, opts.eps, opts.label_smoothing, opts.z_loss,
             **margin_args(opts), NORM_X=opts.normalize_input, HAS_CLASS_SCALE=scale.numel() > 1,
             HAS_BIAS=bias is not None, EXACT_MARGIN=opts.exact_margin, BLOCK_N=mass_block)

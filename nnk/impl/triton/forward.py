@@ -22,13 +22,13 @@ from ..._options import CCEOptions
 from ..lse import merge_partials
 from . import configs
 from .launch import PerDeviceAutotune, check_inputs, dtype_args, launch, margin_args, shape_buckets
-from .norms import row_norms
-from .tile import _col_terms, _cosine_tile, _logits, _row_terms, _target_logit
+from .norms import row_norms, target_sines
+from .tile import _col_terms, _cosine_tile, _logits, _row_terms, _target_logit, _target_sine
 
 
 @triton.jit
 def _cce_fwd_kernel(
-    X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr,
+    X_ptr, W_ptr, T_ptr, XNORM_ptr, WNORM_ptr, S_ptr, B_ptr, SINT_ptr,
     MAX_ptr, REST_ptr, SUMZ_ptr, COST_ptr, ZT_ptr,
     N, C, D,
     stride_xn, stride_xd, stride_wc, stride_wd,
@@ -46,6 +46,7 @@ def _cce_fwd_kernel(
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, t, valid, den_x, live_x, s_t, b_t = _row_terms(
         T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
+    sin_t = _target_sine(SINT_ptr, rows, valid, HAS_ARC)
 
     # 2. The class tiles of this split: [tile_lo, tile_hi), balanced to one tile.
     n_tiles = tl.cdiv(C, BLOCK_C)
@@ -73,7 +74,7 @@ def _cce_fwd_kernel(
         # The margin is evaluated per row (O(BLOCK_N)), not on the whole tile.
         is_t = valid[:, None] & (cols[None, :] == t[:, None])
         cos_t_tile = tl.sum(tl.where(is_t, cos, 0.0), axis=1)
-        psi, z_t = _target_logit(cos_t_tile, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback,
+        psi, z_t = _target_logit(cos_t_tile, sin_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback,
                                  additive, HAS_ARC)
         z = tl.where(col_mask[None, :], _logits(cos, is_t, z_t, s_c, b_c), float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -103,7 +104,8 @@ def _cce_fwd_kernel(
         tl.store(SUMZ_ptr + part, sum_z, mask=row_mask)
     t_tile = tl.where(valid, t, 0) // BLOCK_C
     owner = valid & (t_tile >= tile_lo) & (t_tile < tile_hi)
-    psi, z_t = _target_logit(cos_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
+    psi, z_t = _target_logit(cos_t, sin_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+                             HAS_ARC)
     tl.store(COST_ptr + rows, cos_t, mask=owner)
     tl.store(ZT_ptr + rows, z_t, mask=owner)
 
@@ -122,6 +124,7 @@ class ForwardResult:
     lse: torch.Tensor     # (N,) float32 log-sum-exp of the logits
     lse_lo: torch.Tensor  # (N,) float32 m + log1p(rest) - lse, exactly (lse rounds it): see step 3
     cos_t: torch.Tensor   # (N,) float32 target cosine before the margin (0 on ignored rows)
+    sin_t: torch.Tensor | None  # (N,) float32 sin(theta) of the target from float64 sums (angular margin only)
     xnorm: torch.Tensor | None  # (N,) float32 ||x_i|| when normalizing x
     wnorm: torch.Tensor | None  # (C,) float32 ||w_c|| when normalizing W
 
@@ -156,6 +159,8 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
     # 1. Row norms in float32 (O((N + C) D) reads; what the tiles scale by).
     xnorm = row_norms(x) if opts.normalize_input else None
     wnorm = row_norms(weight) if opts.normalize_weight else None
+    #    ArcFace's sin(theta) per row from float64 sums (O(N D)): see norms.target_sines.
+    sin_t = target_sines(x, weight, target, opts) if opts.angular_margin != 0.0 else None
 
     # 2. Per-split partial LSE terms, target cosine and logit.
     splits = class_splits or configs.num_splits(
@@ -168,7 +173,7 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
         launch(
             _cce_fwd_tuned, grid, opts.deterministic, configs.FIXED_FWD,
-            x, weight, target, xnorm, wnorm, scale, bias,
+            x, weight, target, xnorm, wnorm, scale, bias, sin_t,
             parts[0], parts[1], parts[2] if smoothing else None, cos_t, z_t,
             n, c, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             opts.ignore_index, opts.eps, **margin_args(opts), **shape_buckets(n, c),
@@ -205,4 +210,4 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
     if opts.z_loss:
         row = row + opts.z_loss * lse.square()
     row = torch.where(target != opts.ignore_index, row, torch.zeros_like(row))
-    return ForwardResult(row, lse, lse_lo, cos_t, xnorm, wnorm)
+    return ForwardResult(row, lse, lse_lo, cos_t, sin_t, xnorm, wnorm)

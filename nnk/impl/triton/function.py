@@ -37,7 +37,7 @@ class _TritonCCE(torch.autograd.Function):
                                  "torch.backends.cuda.matmul.allow_fp16_accumulation = True")
         with on_device(x):
             fwd = cce_forward(x, weight, target, s, b, opts, class_splits=tuning.get("class_splits"))
-        ctx.save_for_backward(x, weight, target, s, b, fwd.cos_t, fwd.lse, fwd.lse_lo, fwd.xnorm, fwd.wnorm)
+        ctx.save_for_backward(x, weight, target, s, b, fwd.cos_t, fwd.sin_t, fwd.lse, fwd.lse_lo, fwd.xnorm, fwd.wnorm)
         ctx.opts, ctx.tuning = opts, tuning
         ctx.scale_meta = (scale.dtype, scale.shape) if isinstance(scale, torch.Tensor) else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -46,7 +46,7 @@ class _TritonCCE(torch.autograd.Function):
     @staticmethod
     @fused_backward
     def backward(ctx, g_row, g_lse):
-        x, weight, target, s, b, cos_t, lse, lse_lo, xnorm, wnorm = ctx.saved_tensors
+        x, weight, target, s, b, cos_t, sin_t, lse, lse_lo, xnorm, wnorm = ctx.saved_tensors
         need = ctx.needs_input_grad[:4]
         tuning = dict(ctx.tuning)
         if tuning.pop("gemm_backward"):
@@ -58,7 +58,7 @@ class _TritonCCE(torch.autograd.Function):
         else:
             with on_device(x):
                 grads = cce_backward(
-                    x, weight, target, s, b, lse, lse_lo, cos_t, xnorm, wnorm, g_row, g_lse, ctx.opts,
+                    x, weight, target, s, b, lse, lse_lo, cos_t, sin_t, xnorm, wnorm, g_row, g_lse, ctx.opts,
                     need_dx=need[0], need_dw=need[1], need_ds=need[2], need_db=need[3], **tuning,
                 )
             dx, dw, ds, db = grads.dx, grads.dw, grads.ds, grads.db

@@ -49,6 +49,55 @@ def row_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _target_sine_kernel(X_ptr, W_ptr, T_ptr, SIN_ptr, N, D, stride_xn, stride_xd, stride_wc, stride_wd,
+                        ignore_index, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # nnk.reference.target_sine_ref. 1. ||x||^2, ||w_t||^2 and <x, w_t> in
+    # float64 (products of float32 values are exact there; ignored rows use
+    # class 0); 2. the cosine with the norms clamped at eps as F.normalize;
+    # 3. sqrt((1 - c)(1 + c)), whose factors are exact near |c| = 1.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < N
+    t = tl.load(T_ptr + rows, mask=row_mask, other=0)
+    t = tl.where(t == ignore_index, 0, t)
+    xx = tl.zeros((BLOCK_R,), tl.float64)
+    ww = tl.zeros((BLOCK_R,), tl.float64)
+    xw = tl.zeros((BLOCK_R,), tl.float64)
+    for k in range(0, D, BLOCK_D):
+        ks = k + tl.arange(0, BLOCK_D).to(tl.int64)
+        m = row_mask[:, None] & (ks < D)[None, :]
+        xv = tl.load(X_ptr + rows[:, None] * stride_xn + ks[None, :] * stride_xd, mask=m, other=0.0)
+        wv = tl.load(W_ptr + t[:, None] * stride_wc + ks[None, :] * stride_wd, mask=m, other=0.0)
+        xv = xv.to(tl.float64)
+        wv = wv.to(tl.float64)
+        xx += tl.sum(xv * xv, axis=1)
+        ww += tl.sum(wv * wv, axis=1)
+        xw += tl.sum(xv * wv, axis=1)
+    nx = tl.sqrt(xx)
+    nw = tl.sqrt(ww)
+    # where, not maximum: a NaN norm stays NaN (math.h norm_divisor).
+    c = xw / (tl.where(nx <= eps, eps, nx) * tl.where(nw <= eps, eps, nw))
+    c = tl.where(c > 1.0, 1.0, tl.where(c < -1.0, -1.0, c))
+    s2 = (1.0 - c) * (1.0 + c)
+    tl.store(SIN_ptr + rows, tl.sqrt(tl.where(s2 > 0.0, s2, 0.0)).to(tl.float32), mask=row_mask)
+
+
+def target_sines(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, opts) -> torch.Tensor:
+    """``nnk.reference.target_sine_ref(x, weight, safe_target, opts.eps)`` (ignored
+    rows' targets taken as class 0) for (N, D) x and (C, D) weight of one
+    float16 / bfloat16 / float32 dtype, any strides, and (N,) int64 target:
+    (N,) float32, without float64 copies of the rows."""
+    n, d = x.shape
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n == 0:
+        return out
+    block_r, block_d = configs.rowwise_blocks(d)
+    _target_sine_kernel[(triton.cdiv(n, block_r),)](
+        x, weight, target, out, n, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        opts.ignore_index, opts.eps, BLOCK_R=block_r, BLOCK_D=block_d)
+    return out
+
+
+@triton.jit
 def _sum_parts(G_ptr, rows, ks, mask, D, n_parts, part_stride):
     """sum_p G[p, rows, ks] of the (n_parts, R, D) float32 partials, p in
     order (part_stride = R D, passed as int64 by Triton when >= 2^31)."""

@@ -153,30 +153,39 @@ def _pow2_split(den):
 
 
 @triton.jit
-def _margin_value(c, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC: tl.constexpr):
+def _margin_value(c, sin_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC: tl.constexpr):
     """psi(c) = cos(theta + m) - m_add, as math.h's margin_value:
-    cos(theta + m) = c cos m - sin(theta) sin m with sin(theta) = sqrt(1 - c^2)
-    (no acos); the ArcFace fallback c - m sin m where theta + m > pi, i.e.
-    c < -cos m. Without an angular margin c stays unclamped."""
+    cos(theta + m) = c cos m - sin(theta) sin m (no acos), with sin(theta) the
+    row's float64-derived sin_t (norms.target_sines); the ArcFace fallback
+    c - m sin m where theta + m > pi, i.e. c < -cos m. Without an angular
+    margin c stays unclamped and sin_t is unused."""
     psi = c
     if HAS_ARC:
         cc = tl.minimum(tl.maximum(c, -1.0), 1.0)
-        sin_t = tl.sqrt_rn(tl.maximum(1.0 - cc * cc, 0.0))
         psi = tl.where(cc >= arc_threshold, cc * cos_m - sin_t * sin_m, cc - arc_fallback)
     return psi - additive
 
 
 @triton.jit
-def _margin_grad(c, cos_m, sin_m, arc_threshold, HAS_ARC: tl.constexpr, EXACT_MARGIN: tl.constexpr):
+def _margin_grad(c, sin_t, cos_m, sin_m, arc_threshold, HAS_ARC: tl.constexpr, EXACT_MARGIN: tl.constexpr):
     """d psi / d c: cos m + sin m c / max(sin(theta), ARC_SIN_MIN) on the
     ArcFace branch (finite where the true derivative diverges as theta -> 0),
     1 on the fallback branch, without angular margin, or detached."""
     if HAS_ARC and EXACT_MARGIN:
         cc = tl.minimum(tl.maximum(c, -1.0), 1.0)
-        sin_t = tl.maximum(tl.sqrt_rn(tl.maximum(1.0 - cc * cc, 0.0)), _ARC_SIN_MIN)
-        return tl.where(cc >= arc_threshold, cos_m + sin_m * tl.div_rn(cc, sin_t), 1.0)
+        return tl.where(cc >= arc_threshold, cos_m + sin_m * tl.div_rn(cc, tl.maximum(sin_t, _ARC_SIN_MIN)), 1.0)
     else:
         return tl.full(c.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _target_sine(SINT_ptr, rows, valid, HAS_ARC: tl.constexpr):
+    """Each row's sin(theta) to its target (norms.target_sines), read only
+    with an angular margin."""
+    if HAS_ARC:
+        return tl.load(SINT_ptr + rows, mask=valid, other=1.0)
+    else:
+        return tl.zeros(rows.shape, tl.float32)
 
 
 @triton.jit
@@ -224,9 +233,9 @@ def _logits(cos, is_t, z_t, s_c, b_c):
 
 
 @triton.jit
-def _target_logit(cos_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+def _target_logit(cos_t, sin_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive,
                   HAS_ARC: tl.constexpr):
     """(psi, z_t): the target cosine after the margins and the target logit
     s_t psi + b_t."""
-    psi = _margin_value(cos_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
+    psi = _margin_value(cos_t, sin_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
     return psi, psi * s_t + b_t
