@@ -38,13 +38,18 @@ def _row_norm_kernel(X_ptr, NORM_ptr, R, D, stride_r, stride_d,
 def row_norms(x: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.vector_norm(x.double(), dim=1).float()`` for (R, D) float16 /
     bfloat16 / float32 x of any strides: (R,) float32."""
-    r, d = x.shape
-    out = torch.empty(r, dtype=torch.float32, device=x.device)
-    if r == 0:
-        return out
-    block_r, block_d = configs.rowwise_blocks(d)
-    _row_norm_kernel[(triton.cdiv(r, block_r),)](
-        x, out, r, d, x.stride(0), x.stride(1), BLOCK_R=block_r, BLOCK_D=block_d)
+    return _per_row(_row_norm_kernel, x, "NORM_ptr", X_ptr=x, R=x.shape[0], stride_r=x.stride(0),
+                    stride_d=x.stride(1))
+
+
+def _per_row(kernel, x: torch.Tensor, out_name: str, **args) -> torch.Tensor:
+    """The (N,) float32 output ``out_name`` of a row-wise kernel over the N
+    rows of x (N, D), one program per BLOCK_R rows."""
+    n, d = x.shape
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    if n > 0:
+        block_r, block_d = configs.rowwise_blocks(d)
+        kernel[(triton.cdiv(n, block_r),)](**args, **{out_name: out}, D=d, BLOCK_R=block_r, BLOCK_D=block_d)
     return out
 
 
@@ -86,15 +91,9 @@ def target_sines(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, op
     rows' targets taken as class 0) for (N, D) x and (C, D) weight of one
     float16 / bfloat16 / float32 dtype, any strides, and (N,) int64 target:
     (N,) float32, without float64 copies of the rows."""
-    n, d = x.shape
-    out = torch.empty(n, dtype=torch.float32, device=x.device)
-    if n == 0:
-        return out
-    block_r, block_d = configs.rowwise_blocks(d)
-    _target_sine_kernel[(triton.cdiv(n, block_r),)](
-        x, weight, target, out, n, d, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        opts.ignore_index, opts.eps, BLOCK_R=block_r, BLOCK_D=block_d)
-    return out
+    return _per_row(_target_sine_kernel, x, "SIN_ptr", X_ptr=x, W_ptr=weight, T_ptr=target, N=x.shape[0],
+                    stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0),
+                    stride_wd=weight.stride(1), ignore_index=opts.ignore_index, eps=opts.eps)
 
 
 @triton.jit
