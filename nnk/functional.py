@@ -67,8 +67,9 @@ def cosine_cross_entropy(
         angular_margin: ArcFace m in radians, in [0, pi]: the target cosine
             becomes ``cos(theta + m)``; needs both normalizations. sin(theta)
             comes from float64 sums over x and the target's weight row
-            (``nnk.reference.target_sine_ref``): exact on rows close to their
-            class, where sqrt(1 - cos^2) of a float32 cosine is not.
+            (``nnk.reference.target_sine_ref``), accurate to float32 rounding
+            on rows close to their class, where sqrt(1 - cos^2) of a float32
+            cosine is not (float64 inputs: from their own cosine).
         margin_grad: ``"exact"`` differentiates the margins (the ArcFace derivative
             ``cos m + sin m cos(theta) / sin(theta)`` with sin(theta) clamped at
             1e-3 so it stays finite), ``"detached"`` treats ``psi - cos`` as a

@@ -425,3 +425,14 @@ def test_script_entry_and_device_errors():
         bad = subprocess.run([sys.executable, "-m", "bench", "--list", "--device", "cuda"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
         assert bad.returncode == 2 and "no CUDA device is available" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_arcface_near_rows_reports_every_impl(capsys):
+    # README's ArcFace figures come from this script: one JSON line per
+    # (margin_grad, impl), nnk's error below the float32 reference's there.
+    from bench import arcface_near_rows
+
+    arcface_near_rows.main(["--seeds", "2", "--impls", "torch"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["margin_grad"], r["impl"]) for r in rows] == [("exact", "torch"), ("detached", "torch")]
+    assert all(r["seeds_past_2x"] == 0 and r["median_dx_error"] < r["reference_median"] for r in rows)

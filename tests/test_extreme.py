@@ -191,6 +191,27 @@ def test_a_row_without_finite_logits_is_nan_as_in_pytorch(impl, device):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computing on NaN
+@pytest.mark.parametrize("angular_margin", [0.0, 0.5])
+def test_a_nan_weight_row_makes_its_rows_nan(impl, device, angular_margin):
+    """A NaN in one class's weight row makes every row's loss NaN, as the
+    reference's: a NaN logit in each row, the target's own in the rows
+    targeting that class. ArcFace clamps the target cosine to [-1, 1], and
+    a clamp by max/min (PTX max.f32 / min.f32, the GPU lowering of
+    tl.maximum) turned NaN into -1 there: a finite psi and, the other
+    logits being finite, a finite loss on those rows. The interpreter keeps
+    NaN either way, so the GPU run is the one that tells."""
+    x, w, t, kw, _ = make_inputs(8, 16, 40, {"scale": 8.0}, dtype=torch.float32, device=device, requires_grad=False)
+    with torch.no_grad():
+        w[3, 2] = math.nan
+        t[:3] = 3
+        t[3:] = torch.arange(10, 15, device=device)
+    opts = dict(kw, angular_margin=angular_margin, reduction="none")
+    loss = nnk.cosine_cross_entropy(x, w, t, impl=impl, **opts)
+    want = cosine_cross_entropy_ref(x, w, t, **opts)
+    assert want.isnan().all() and loss.isnan().all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computing on NaN
 def test_a_plus_inf_logit_makes_the_row_nan_as_in_pytorch(impl, device):
     """A +inf bias on one class (one that no row targets, in a later class
     tile than the targets): F.cross_entropy's log_softmax gives NaN (inf -

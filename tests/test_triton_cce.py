@@ -804,7 +804,9 @@ def test_large_gpu(device, dtype):
 def test_target_sines_match_the_reference(device, bf16_triton, dtype):
     """norms.target_sines (the angular margin's sin(theta) from float64 sums)
     against target_sine_ref: rows near and far from their class, strided x,
-    ignored rows (class 0's sine), zero and sub-eps rows, D past one block."""
+    ignored rows and a target past C (class 0's sine: the launcher's values
+    are unchecked, nothing may be read out of bounds), zero, sub-eps and NaN
+    rows (NaN stays NaN), D past one block."""
     from nnk.impl.triton.norms import target_sines
     from nnk.reference import target_sine_ref
 
@@ -816,14 +818,17 @@ def test_target_sines_match_the_reference(device, bf16_triton, dtype):
     x[:12] = w[t[:12]] * 2 + 1e-3 * x[:12]
     x[12] = 0
     x[13] *= 1e-14
+    x[17, 5] = float("nan")
     t[14:17] = -100
-    xs = torch.cat([x, x], dim=1).to(device, dtype)[:, ::2]  # strided rows
+    t[18] = c
+    xs = _strided(x.to(device, dtype))
     w, t = w.to(device, dtype), t.to(device)
     opts = make_options(**{**OPTION_DEFAULTS, "angular_margin": 0.5, "eps": 1e-12})
     got = target_sines(xs, w, t, opts)
-    want = target_sine_ref(xs, w, torch.where(t == -100, 0, t), 1e-12)
-    assert got.dtype == torch.float32 and got.shape == (n,)
-    torch.testing.assert_close(got, want, rtol=2 * 2.0**-24, atol=1e-9)
+    want = target_sine_ref(xs, w, torch.where((t < 0) | (t >= c), 0, t), 1e-12)
+    assert got.dtype == torch.float32 and got.shape == (n,) and got[17].isnan() and xs.stride(1) == 2
+    assert (got[:12] < 1e-2).all()  # the near rows
+    torch.testing.assert_close(got, want, rtol=2 * 2.0**-24, atol=1e-9, equal_nan=True)
 
 
 def test_autotune_keys_are_size_buckets():

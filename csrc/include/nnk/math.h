@@ -86,7 +86,7 @@ template <typename T>
 NNK_HD T sine_of(T c) {
   const T cc = clamp_unit(c);
   const T s2 = T(1) - cc * cc;
-  return sqrt(s2 > T(0) ? s2 : T(0));
+  return sqrt(s2 < T(0) ? T(0) : s2);
 }
 
 // sin(theta) of a row's angle to its target class from the float64 sums
@@ -101,7 +101,7 @@ NNK_HD double target_sine(double xx, double ww, double xw, double eps) {
   const double nx = sqrt(xx), nw = sqrt(ww);
   const double c = clamp_unit(xw / ((nx <= eps ? eps : nx) * (nw <= eps ? eps : nw)));
   const double s2 = (1.0 - c) * (1.0 + c);
-  return sqrt(s2 > 0.0 ? s2 : 0.0);
+  return sqrt(s2 < 0.0 ? 0.0 : s2);  // NaN stays NaN
 }
 
 // psi(c): the target-column cosine after the angular and additive margins.

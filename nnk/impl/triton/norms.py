@@ -54,16 +54,18 @@ def _per_row(kernel, x: torch.Tensor, out_name: str, **args) -> torch.Tensor:
 
 
 @triton.jit
-def _target_sine_kernel(X_ptr, W_ptr, T_ptr, SIN_ptr, N, D, stride_xn, stride_xd, stride_wc, stride_wd,
-                        ignore_index, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _target_sine_kernel(X_ptr, W_ptr, T_ptr, SIN_ptr, N, C, D, stride_xn, stride_xd, stride_wc, stride_wd,
+                        eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # nnk.reference.target_sine_ref. 1. ||x||^2, ||w_t||^2 and <x, w_t> in
-    # float64 (products of float32 values are exact there; ignored rows use
-    # class 0); 2. the cosine with the norms clamped at eps as F.normalize;
-    # 3. sqrt((1 - c)(1 + c)), whose factors are exact near |c| = 1.
+    # float64 (products of float32 values are exact there; a target outside
+    # [0, C), ignored rows', reads class 0, as math.h's callers); 2. the
+    # cosine with the norms clamped at eps as F.normalize; 3. sqrt((1 - c)
+    # (1 + c)), whose factors are exact near |c| = 1. NaN stays NaN (where,
+    # not maximum: math.h target_sine).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < N
     t = tl.load(T_ptr + rows, mask=row_mask, other=0)
-    t = tl.where(t == ignore_index, 0, t)
+    t = tl.where((t >= 0) & (t < C), t, 0)
     xx = tl.zeros((BLOCK_R,), tl.float64)
     ww = tl.zeros((BLOCK_R,), tl.float64)
     xw = tl.zeros((BLOCK_R,), tl.float64)
@@ -79,21 +81,20 @@ def _target_sine_kernel(X_ptr, W_ptr, T_ptr, SIN_ptr, N, D, stride_xn, stride_xd
         xw += tl.sum(xv * wv, axis=1)
     nx = tl.sqrt(xx)
     nw = tl.sqrt(ww)
-    # where, not maximum: a NaN norm stays NaN (math.h norm_divisor).
     c = xw / (tl.where(nx <= eps, eps, nx) * tl.where(nw <= eps, eps, nw))
     c = tl.where(c > 1.0, 1.0, tl.where(c < -1.0, -1.0, c))
     s2 = (1.0 - c) * (1.0 + c)
-    tl.store(SIN_ptr + rows, tl.sqrt(tl.where(s2 > 0.0, s2, 0.0)).to(tl.float32), mask=row_mask)
+    tl.store(SIN_ptr + rows, tl.sqrt(tl.where(s2 < 0.0, 0.0, s2)).to(tl.float32), mask=row_mask)
 
 
 def target_sines(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, opts) -> torch.Tensor:
-    """``nnk.reference.target_sine_ref(x, weight, safe_target, opts.eps)`` (ignored
-    rows' targets taken as class 0) for (N, D) x and (C, D) weight of one
-    float16 / bfloat16 / float32 dtype, any strides, and (N,) int64 target:
-    (N,) float32, without float64 copies of the rows."""
+    """``nnk.reference.target_sine_ref(x, weight, safe_target, opts.eps)`` (targets
+    outside [0, C), ignored rows', taken as class 0) for (N, D) x and (C, D)
+    weight of one float16 / bfloat16 / float32 dtype, any strides, and (N,)
+    int64 target: (N,) float32, without float64 copies of the rows."""
     return _per_row(_target_sine_kernel, x, "SIN_ptr", X_ptr=x, W_ptr=weight, T_ptr=target, N=x.shape[0],
-                    stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0),
-                    stride_wd=weight.stride(1), ignore_index=opts.ignore_index, eps=opts.eps)
+                    C=weight.shape[0], stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0),
+                    stride_wd=weight.stride(1), eps=opts.eps)
 
 
 @triton.jit

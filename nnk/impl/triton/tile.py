@@ -153,6 +153,15 @@ def _pow2_split(den):
 
 
 @triton.jit
+def _clamp_unit(c):
+    """c clamped to [-1, 1], NaN kept (math.h clamp_unit): tl.maximum /
+    tl.minimum lower to PTX max/min, which return the non-NaN operand, so a
+    NaN target cosine (a NaN weight row) would become -1, a finite psi and a
+    finite loss on a GPU, where the reference's is NaN."""
+    return tl.where(c > 1.0, 1.0, tl.where(c < -1.0, -1.0, c))
+
+
+@triton.jit
 def _margin_value(c, sin_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC: tl.constexpr):
     """psi(c) = cos(theta + m) - m_add, as math.h's margin_value:
     cos(theta + m) = c cos m - sin(theta) sin m (no acos), with sin(theta) the
@@ -161,7 +170,7 @@ def _margin_value(c, sin_t, cos_m, sin_m, arc_threshold, arc_fallback, additive,
     margin c stays unclamped and sin_t is unused."""
     psi = c
     if HAS_ARC:
-        cc = tl.minimum(tl.maximum(c, -1.0), 1.0)
+        cc = _clamp_unit(c)
         psi = tl.where(cc >= arc_threshold, cc * cos_m - sin_t * sin_m, cc - arc_fallback)
     return psi - additive
 
@@ -172,7 +181,7 @@ def _margin_grad(c, sin_t, cos_m, sin_m, arc_threshold, HAS_ARC: tl.constexpr, E
     ArcFace branch (finite where the true derivative diverges as theta -> 0),
     1 on the fallback branch, without angular margin, or detached."""
     if HAS_ARC and EXACT_MARGIN:
-        cc = tl.minimum(tl.maximum(c, -1.0), 1.0)
+        cc = _clamp_unit(c)
         return tl.where(cc >= arc_threshold, cos_m + sin_m * tl.div_rn(cc, tl.maximum(sin_t, _ARC_SIN_MIN)), 1.0)
     else:
         return tl.full(c.shape, 1.0, tl.float32)
