@@ -66,10 +66,12 @@ def cosine_cross_entropy(
         additive_margin: CosFace m: the target cosine becomes ``cos - m``.
         angular_margin: ArcFace m in radians, in [0, pi]: the target cosine
             becomes ``cos(theta + m)``; needs both normalizations. sin(theta)
-            comes from float64 sums over x and the target's weight row
-            (``nnk.reference.target_sine_ref``), accurate to float32 rounding
-            on rows close to their class, where sqrt(1 - cos^2) of a float32
-            cosine is not (float64 inputs: from their own cosine).
+            and the branch (theta + m <= pi or the fallback) come from float64
+            sums over x and the target's weight row
+            (``nnk.reference.target_sine_ref``): sin(theta) accurate to
+            float32 rounding on rows close to their class, where sqrt(1 -
+            cos^2) of a float32 cosine is not, and the branch exact near the
+            threshold (float64 inputs: both from their own cosine).
         margin_grad: ``"exact"`` differentiates the margins (the ArcFace derivative
             ``cos m + sin m cos(theta) / sin(theta)`` with sin(theta) clamped at
             1e-3 so it stays finite), ``"detached"`` treats ``psi - cos`` as a

@@ -73,12 +73,13 @@ def row_normalize_backward_ref(
     return torch.where((na > eps)[:, None], proj, g / eps).to(y.dtype)
 
 
-def _arc_sine(cc: torch.Tensor, sin_t: torch.Tensor | None) -> torch.Tensor:
-    """sin(theta) of the clamped target cosines cc: sqrt(1 - cc^2), or the
-    given ``sin_t`` (:func:`target_sine_ref`'s, in cc's dtype)."""
+def _arc_sine(cc: torch.Tensor, m: float, sin_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(on ArcFace's branch, sin(theta)) of the clamped target cosines cc:
+    ``cc >= -cos m`` (theta + m <= pi) and sqrt(1 - cc^2), or both from the
+    given ``sin_t`` (:func:`target_sine_ref`'s: the branch where it is >= 0)."""
     if sin_t is not None:
-        return sin_t.to(cc.dtype)
-    return (1.0 - cc * cc).clamp_min(0.0).sqrt()
+        return sin_t >= 0.0, sin_t.to(cc.dtype)
+    return cc >= -math.cos(m), (1.0 - cc * cc).clamp_min(0.0).sqrt()
 
 
 def margin_value_ref(cos_t: torch.Tensor, angular_margin: float, additive_margin: float,
@@ -88,14 +89,15 @@ def margin_value_ref(cos_t: torch.Tensor, angular_margin: float, additive_margin
     ``cos(theta + m) - m_add`` with ``theta = acos(clamp(cos_t, -1, 1))`` where
     ``theta + m <= pi``, else the ArcFace fallback ``cos_t - m sin m - m_add``.
     An angular margin of 0 leaves ``cos_t`` unclamped (plain linear heads).
-    ``sin_t`` (optional, (N,)): sin(theta) from a more exact cosine
-    (:func:`target_sine_ref`), used instead of ``sqrt(1 - cos_t^2)``."""
+    ``sin_t`` (optional, (N,)): :func:`target_sine_ref`'s, from a more exact
+    cosine: sin(theta), used instead of ``sqrt(1 - cos_t^2)``, and the branch
+    (-1: the fallback), taken instead of ``cos_t >= -cos m``."""
     if angular_margin == 0.0:
         return cos_t - additive_margin
     m = angular_margin
     cc = cos_t.clamp(-1.0, 1.0)
-    sin_t = _arc_sine(cc, sin_t)
-    psi = torch.where(cc >= -math.cos(m), cc * math.cos(m) - sin_t * math.sin(m), cc - m * math.sin(m))
+    arc, sin_t = _arc_sine(cc, m, sin_t)
+    psi = torch.where(arc, cc * math.cos(m) - sin_t * math.sin(m), cc - m * math.sin(m))
     return psi - additive_margin
 
 
@@ -109,8 +111,8 @@ def margin_grad_ref(cos_t: torch.Tensor, angular_margin: float, exact: bool,
         return torch.ones_like(cos_t)
     m = angular_margin
     cc = cos_t.clamp(-1.0, 1.0)
-    sin_t = _arc_sine(cc, sin_t).clamp_min(ARC_SIN_MIN)
-    return torch.where(cc >= -math.cos(m), math.cos(m) + math.sin(m) * cc / sin_t, torch.ones_like(cc))
+    arc, sin_t = _arc_sine(cc, m, sin_t)
+    return torch.where(arc, math.cos(m) + math.sin(m) * cc / sin_t.clamp_min(ARC_SIN_MIN), torch.ones_like(cc))
 
 
 class _Margin(torch.autograd.Function):
@@ -146,19 +148,23 @@ def target_margin_ref(cos_t: torch.Tensor, angular_margin: float, additive_margi
 
 
 def target_sine_ref(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                    eps: float = 1e-12) -> torch.Tensor:
-    """sin(theta_i) of the angle between x_i and its target class's weight row,
-    ``sqrt((1 - c)(1 + c))`` of ``c = clamp(<x_i, w_t> / (max(||x_i||, eps)
-    max(||w_t||, eps)), -1, 1)``, all in float64, returned as float32 (N,).
-    x (N, D) and weight (C, D) float16 / bfloat16 / float32, target (N,) int64
-    in [0, C) (ignored rows mapped to any class by the caller).
+                    eps: float = 1e-12, angular_margin: float = 0.0) -> torch.Tensor:
+    """ArcFace's per-row terms from float64 sums: with ``c = <x_i, w_t> /
+    (max(||x_i||, eps) max(||w_t||, eps))`` in float64, sin(theta_i) =
+    ``sqrt((1 - c)(1 + c))`` where ``c >= -cos m`` (theta + m <= pi, ArcFace's
+    branch), else -1 (the fallback branch, which uses no sine); (N,) float32,
+    NaN for a NaN row. x (N, D) and weight (C, D) float16 / bfloat16 /
+    float32, target (N,) int64 in [0, C) (ignored rows mapped to any class by
+    the caller), ``angular_margin`` m.
 
     Why float64: sin(theta) = sqrt(1 - cos^2) turns a float32 cosine's rounding
     (~6e-8) into a relative error of ~6e-8 / theta^2, which ArcFace's margin
     (cos(theta + m) = c cos m - sin(theta) sin m) and its derivative (~sin m /
     sin(theta)) carry into the loss and the gradients of rows close to their
-    class: 1e-4 relative at theta = 0.03. The float32 tile cosine keeps its
-    (small) absolute error; only the sine comes from here. O(N D) work, rows
+    class: 1e-4 relative at theta = 0.03. And a float32 cosine within its
+    rounding of -cos m may take the other branch than the exact one, where
+    psi jumps (by 2 at m = pi). The float32 tile cosine keeps its (small)
+    absolute error; the sine and the branch come from here. O(N D) work, rows
     through float64 in chunks of NORM_CHUNK_ELEMENTS (one chunk while
     torch.compile traces: a loop over N would specialize N). The Triton and
     CUDA kernels compute the same sums in float64 without the copies."""
@@ -170,7 +176,8 @@ def target_sine_ref(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
         den = (torch.linalg.vector_norm(xs, dim=1).clamp_min(eps)
                * torch.linalg.vector_norm(ws, dim=1).clamp_min(eps))
         c = ((xs * ws).sum(dim=1) / den).clamp(-1.0, 1.0)
-        parts.append(((1.0 - c) * (1.0 + c)).clamp_min(0.0).sqrt().to(torch.float32))
+        sine = ((1.0 - c) * (1.0 + c)).clamp_min(0.0).sqrt()
+        parts.append(torch.where(c < -math.cos(angular_margin), -1.0, sine).to(torch.float32))
     return torch.cat(parts) if len(parts) != 1 else parts[0]
 
 

@@ -426,6 +426,42 @@ def test_arcface_rows_close_to_their_class(impl, device, margin_grad, d, c):
         assert total["impl"][name] <= bound * total["ref"][name], (name, total)
 
 
+@pytest.mark.parametrize("margin", [0.5, 2.0, math.pi])
+def test_arcface_branch_decided_on_the_exact_cosine(impl, device, margin):
+    # Rows 1e-9 from ArcFace's threshold cos(theta) = -cos m (theta + m = pi),
+    # on both sides: a float32 cosine (~6e-8 off) takes either branch, and
+    # psi jumps between them (by 0.12 at m = 0.5, by 2 at m = pi, where the
+    # threshold is cos = 1). Every impl decides on the float64 cosine of
+    # target_sine_ref, the float32 reference on its own.
+    g = torch.Generator().manual_seed(7)
+    n, d, c = 48, 8, 20
+    w = torch.randn(c, d, generator=g, dtype=torch.float64)
+    t = torch.randint(0, c, (n,), generator=g)
+    wn = w / w.norm(dim=1, keepdim=True)
+    u = torch.randn(n, d, generator=g, dtype=torch.float64)
+    u -= (u * wn[t]).sum(1, keepdim=True) * wn[t]
+    u /= u.norm(dim=1, keepdim=True)
+    side = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).double()
+    cos = (-math.cos(margin) + 1e-9 * side).clamp(max=1 - 1e-9)
+    x = (cos[:, None] * wn[t] + (1 - cos[:, None] ** 2).sqrt() * u) * (1 + torch.rand(n, 1, generator=g))
+    x, w = x.float(), w.float()
+    kw = dict(scale=4.0, angular_margin=margin, reduction="sum")
+
+    def errors(fn, dev):
+        xx, ww = x.to(dev).clone().requires_grad_(), w.to(dev).clone().requires_grad_()
+        loss = fn(xx, ww, t.to(dev), **kw)
+        got = [loss, *torch.autograd.grad(loss, [xx, ww])]
+        return [float((a.detach().double().cpu() - b).abs().max() / b.abs().max()) for a, b in zip(got, truth)]
+
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    loss64 = cosine_cross_entropy_ref(x64, w64, t, **kw)
+    truth = [loss64.detach(), *torch.autograd.grad(loss64, [x64, w64])]
+    ref = errors(cosine_cross_entropy_ref, "cpu")
+    got = errors(lambda *a, **k: nnk.cosine_cross_entropy(*a, impl=impl, **k), device)
+    assert max(ref) > 1e-3, ref  # the float32 reference's cosine does flip some rows
+    assert max(got) < 1e-5, (got, ref)
+
+
 def test_arcface_gradient_at_the_branch_threshold(impl, device):
     # cos theta exactly at ArcFace's threshold -cos m (m = pi/3: -1/2 in
     # float32, theta + m = pi): the ArcFace branch (cos >= -cos m), whose

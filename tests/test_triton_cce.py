@@ -718,7 +718,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nnk.impl.triton import backward, configs, forward, norms
 
-FLOATS = {"eps", "cos_m", "sin_m", "arc_threshold", "arc_fallback", "additive", "label_smoothing", "z_loss"}
+FLOATS = {"eps", "cos_m", "sin_m", "arc_fallback", "additive", "label_smoothing", "z_loss", "thr_hi", "thr_lo"}
 ALIGNED = {"D", "stride_xn", "stride_wc"}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -803,7 +803,8 @@ def test_large_gpu(device, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_target_sines_match_the_reference(device, bf16_triton, dtype):
     """norms.target_sines (the angular margin's sin(theta) from float64 sums)
-    against target_sine_ref: rows near and far from their class, strided x,
+    against target_sine_ref: rows near and far from their class and past
+    ArcFace's branch threshold (-1), strided x,
     ignored rows and a target past C (class 0's sine: the launcher's values
     are unchecked, nothing may be read out of bounds), zero, sub-eps and NaN
     rows (NaN stays NaN), D past one block."""
@@ -819,14 +820,16 @@ def test_target_sines_match_the_reference(device, bf16_triton, dtype):
     x[12] = 0
     x[13] *= 1e-14
     x[17, 5] = float("nan")
+    x[19:21] = -w[t[19:21]]  # past ArcFace's threshold: -1
     t[14:17] = -100
     t[18] = c
     xs = _strided(x.to(device, dtype))
     w, t = w.to(device, dtype), t.to(device)
     opts = make_options(**{**OPTION_DEFAULTS, "angular_margin": 0.5, "eps": 1e-12})
     got = target_sines(xs, w, t, opts)
-    want = target_sine_ref(xs, w, torch.where((t < 0) | (t >= c), 0, t), 1e-12)
+    want = target_sine_ref(xs, w, torch.where((t < 0) | (t >= c), 0, t), 1e-12, 0.5)
     assert got.dtype == torch.float32 and got.shape == (n,) and got[17].isnan() and xs.stride(1) == 2
+    assert (got[19:21] == -1).all()
     assert (got[:12] < 1e-2).all()  # the near rows
     torch.testing.assert_close(got, want, rtol=2 * 2.0**-24, atol=1e-9, equal_nan=True)
 

@@ -75,6 +75,7 @@ struct CpuBackend {
     const float* wp = w.const_data_ptr<float>();
     const int64_t* tp = target.const_data_ptr<int64_t>();
     float* op = out.mutable_data_ptr<float>();
+    const double threshold = -std::cos(o.angular_margin);
     at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         // Ignored rows (and, on this path unreachable, bad targets) use class 0.
@@ -88,7 +89,7 @@ struct CpuBackend {
           ww += wv * wv;
           xw += xv * wv;
         }
-        op[r] = static_cast<float>(math::target_sine(xx, ww, xw, o.eps));
+        op[r] = static_cast<float>(math::target_sine(xx, ww, xw, o.eps, threshold));
       }
     });
     return out;

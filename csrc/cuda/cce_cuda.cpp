@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
 
 #include "dtype.h"
@@ -96,7 +97,8 @@ struct CudaBackend {
     at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
     C10_CUDA_CHECK(cuda::launch_target_sine(launch_dtype(x), x.const_data_ptr(), w.const_data_ptr(),
                                             target.const_data_ptr<int64_t>(), x.size(0), x.size(1),
-                                            w.size(0), o.eps, out.mutable_data_ptr<float>(),
+                                            w.size(0), o.eps, -std::cos(o.angular_margin),
+                                            out.mutable_data_ptr<float>(),
                                             c10::cuda::getCurrentCUDAStream()));
     return out;
   }

@@ -115,7 +115,8 @@ constexpr int kSineWarps = 4;
 template <typename T>
 __global__ void target_sine_kernel(const T* __restrict__ x, const T* __restrict__ w,
                                    const int64_t* __restrict__ target, int64_t n, int64_t d,
-                                   int64_t classes, double eps, float* __restrict__ out) {
+                                   int64_t classes, double eps, double threshold,
+                                   float* __restrict__ out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kSineWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= n) return;
@@ -133,17 +134,17 @@ __global__ void target_sine_kernel(const T* __restrict__ x, const T* __restrict_
   xx = warp_sum(xx);
   ww = warp_sum(ww);
   xw = warp_sum(xw);
-  if (lane == 0) out[row] = static_cast<float>(math::target_sine(xx, ww, xw, eps));
+  if (lane == 0) out[row] = static_cast<float>(math::target_sine(xx, ww, xw, eps, threshold));
 }
 
 template <typename T>
 cudaError_t target_sine(const void* x, const void* w, const int64_t* target, int64_t n, int64_t d,
-                        int64_t classes, double eps, float* out, cudaStream_t s) {
+                        int64_t classes, double eps, double threshold, float* out, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + kSineWarps - 1) / kSineWarps;
   if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
   target_sine_kernel<T><<<static_cast<unsigned>(blocks), kSineWarps * 32, 0, s>>>(
-      static_cast<const T*>(x), static_cast<const T*>(w), target, n, d, classes, eps, out);
+      static_cast<const T*>(x), static_cast<const T*>(w), target, n, d, classes, eps, threshold, out);
   return cudaGetLastError();
 }
 
@@ -172,13 +173,15 @@ cudaError_t backward(const cce::Chunk<A>& ch, const cce::ChunkGrad<A>& gr, void*
 }  // namespace
 
 cudaError_t launch_target_sine(DType dtype, const void* x, const void* w, const int64_t* target,
-                               int64_t n, int64_t d, int64_t classes, double eps, float* out,
-                               cudaStream_t s) {
+                               int64_t n, int64_t d, int64_t classes, double eps, double threshold,
+                               float* out, cudaStream_t s) {
   switch (dtype) {
-    case DType::kFloat32: return target_sine<float>(x, w, target, n, d, classes, eps, out, s);
-    case DType::kFloat16: return target_sine<__half>(x, w, target, n, d, classes, eps, out, s);
+    case DType::kFloat32:
+      return target_sine<float>(x, w, target, n, d, classes, eps, threshold, out, s);
+    case DType::kFloat16:
+      return target_sine<__half>(x, w, target, n, d, classes, eps, threshold, out, s);
     case DType::kBFloat16:
-      return target_sine<__nv_bfloat16>(x, w, target, n, d, classes, eps, out, s);
+      return target_sine<__nv_bfloat16>(x, w, target, n, d, classes, eps, threshold, out, s);
     default: return cudaErrorInvalidValue;
   }
 }

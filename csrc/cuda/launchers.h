@@ -55,12 +55,12 @@ cudaError_t launch_cce_backward_epilogue(const cce::Chunk<double>& ch,
                                          DType dcos_dtype, cudaStream_t stream);
 
 // out[r] = math::target_sine of row r of x and row t of w (t = target[r], or 0
-// when outside [0, classes): ignored rows), the float64 sums over d features.
-// x: (n, d), w: (classes, d), row-major of `dtype` (kFloat32 / kFloat16 /
-// kBFloat16); out: (n,) float32.
+// when outside [0, classes): ignored rows), the float64 sums over d features,
+// -1 where the cosine is below `threshold` (-cos m). x: (n, d), w: (classes,
+// d), row-major of `dtype` (kFloat32 / kFloat16 / kBFloat16); out: (n,) float32.
 cudaError_t launch_target_sine(DType dtype, const void* x, const void* w, const int64_t* target,
-                               int64_t n, int64_t d, int64_t classes, double eps, float* out,
-                               cudaStream_t stream);
+                               int64_t n, int64_t d, int64_t classes, double eps, double threshold,
+                               float* out, cudaStream_t stream);
 
 // --- Neural-collapse statistics (nc_kernel.cu) --------------------------------
 // Both reductions are deterministic (a fixed summation order, no float

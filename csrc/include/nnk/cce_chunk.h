@@ -40,9 +40,9 @@ struct Chunk {
   bool per_class_scale = false;
   const A* bias = nullptr;    // (classes,) or nullptr
   math::ArcMargin<A> arc{};
-  // (rows,) each row's sin(theta) to its target from float64 sums
-  // (math::target_sine), with an angular margin and 16/32-bit inputs; else
-  // nullptr: sqrt(1 - c^2) of the block's cosine (math::sine_of).
+  // (rows,) each row's sin(theta) to its target, -1 on ArcFace's fallback
+  // branch, from float64 sums (math::target_sine), with an angular margin and
+  // 16/32-bit inputs; else nullptr: from the block's cosine (math::sine_of).
   const A* target_sine = nullptr;
   A additive_margin = A(0);
   bool exact_margin = true;
@@ -145,10 +145,11 @@ NNK_HD A cosine(const Chunk<A>& ch, int64_t r, int64_t c) {
   return math::cosine_of(ch.block[r * ch.classes + c], dx, dw);
 }
 
-// Row r's sin(theta) on its target column, whose cosine is c.
+// Row r's sin(theta) (-1: the fallback branch) on its target column, whose
+// cosine is c.
 template <typename A>
 NNK_HD A target_sine_of(const Chunk<A>& ch, int64_t r, A c) {
-  return ch.target_sine != nullptr ? ch.target_sine[r] : math::sine_of(c);
+  return ch.target_sine != nullptr ? ch.target_sine[r] : math::sine_of(c, ch.arc);
 }
 
 template <typename A>

@@ -12,8 +12,9 @@
 //   K::check_values(op, t, C, ignore, scale, acc)   target range and scale > 0,
 //                                    finite (eagerly or asynchronously: the backends)
 //   K::target_sines(x, w, target, o) (n,) float32 sin(theta) of each row to its
-//                                    target from float64 sums (math::target_sine;
-//                                    x, w contiguous in the GEMM dtype)
+//                                    target, -1 on ArcFace's fallback branch, from
+//                                    float64 sums (math::target_sine; x, w
+//                                    contiguous in the GEMM dtype)
 //   K::forward_epilogue<A>(chunk, row_state)
 //   K::backward_epilogue<A>(chunk, grad, dcos)
 //
@@ -297,7 +298,7 @@ Operands prepare(const at::Tensor& x, const at::Tensor& w, const at::Tensor& tar
   p.scale = scale.to(p.acc).contiguous().reshape({-1});
   if (bias.has_value()) p.bias = bias->to(p.acc).contiguous();
   // O(N D) in float64, once per pass (the backward recomputes it: bitwise the
-  // same). float64 inputs take sqrt(1 - c^2) of their float64 cosine instead.
+  // same). float64 inputs take both from their float64 cosine (math::sine_of).
   if (o.angular_margin != 0.0 && p.acc == at::kFloat) {
     p.target_sine = K::target_sines(p.x, p.w, p.target, o);
   }

@@ -79,42 +79,47 @@ inline ArcMargin<T> make_arc_margin(double m) {
   return a;
 }
 
-// sin(theta) from a cosine: sqrt(1 - c^2) of the clamped c. Only float64
-// inputs take it on the target column (their cosine is float64 already);
-// the others take target_sine's.
+// ArcFace's per-row term from a cosine c: sin(theta) = sqrt(1 - c^2) of the
+// clamped c on ArcFace's branch (c >= -cos m: theta + m <= pi), -1 on the
+// fallback branch, which uses no sine. Only float64 inputs take it (their
+// cosine is float64 already); the others take target_sine's.
 template <typename T>
-NNK_HD T sine_of(T c) {
+NNK_HD T sine_of(T c, const ArcMargin<T>& a) {
   const T cc = clamp_unit(c);
+  if (cc < a.threshold) return T(-1);
   const T s2 = T(1) - cc * cc;
   return sqrt(s2 < T(0) ? T(0) : s2);
 }
 
-// sin(theta) of a row's angle to its target class from the float64 sums
-// xx = ||x||^2, ww = ||w_t||^2, xw = <x, w_t> (exact products of float32
-// values), with the norms clamped at eps as F.normalize (a NaN norm stays
-// NaN: norm_divisor): sqrt((1 - c)(1 + c)), whose factors are exact near
-// |c| = 1. sqrt(1 - c^2) of a float32 cosine turns the cosine's rounding
-// (~6e-8) into a relative error of ~6e-8 / theta^2 in sin(theta), which
-// ArcFace's psi and d psi / d c carry into the loss and gradients of rows
-// close to their class (1e-4 at theta = 0.03). nnk.reference.target_sine_ref.
-NNK_HD double target_sine(double xx, double ww, double xw, double eps) {
+// The same from the float64 sums xx = ||x||^2, ww = ||w_t||^2, xw = <x, w_t>
+// of a row and its target class (exact products of float32 values), with
+// the norms clamped at eps as F.normalize (a NaN norm stays NaN:
+// norm_divisor) and the branch threshold -cos m in float64: sqrt((1 - c)
+// (1 + c)), whose factors are exact near |c| = 1, or -1. sqrt(1 - c^2) of a
+// float32 cosine turns the cosine's rounding (~6e-8) into a relative error
+// of ~6e-8 / theta^2 in sin(theta), which ArcFace's psi and d psi / d c carry
+// into the loss and gradients of rows close to their class (1e-4 at theta =
+// 0.03); and a float32 cosine within its rounding of the threshold may take
+// the other branch, where psi jumps. nnk.reference.target_sine_ref.
+NNK_HD double target_sine(double xx, double ww, double xw, double eps, double threshold) {
   const double nx = sqrt(xx), nw = sqrt(ww);
   const double c = clamp_unit(xw / ((nx <= eps ? eps : nx) * (nw <= eps ? eps : nw)));
+  if (c < threshold) return -1.0;
   const double s2 = (1.0 - c) * (1.0 + c);
   return sqrt(s2 < 0.0 ? 0.0 : s2);  // NaN stays NaN
 }
 
 // psi(c): the target-column cosine after the angular and additive margins.
-// cos(theta + m) = c cos m - sin(theta) sin m, with sin_t = sin(theta)
-// (target_sine, or sine_of(c)), which avoids acos/cos. Where theta + m > pi,
-// the ArcFace fallback c - m sin m keeps psi monotone in theta. sin_t is
-// unused without an angular margin.
+// cos(theta + m) = c cos m - sin(theta) sin m on ArcFace's branch, which
+// sin_t >= 0 marks (sin_t: target_sine, or sine_of(c)), avoiding acos/cos.
+// Where theta + m > pi (sin_t = -1) the ArcFace fallback c - m sin m keeps
+// psi monotone in theta. sin_t is unused without an angular margin.
 template <typename T>
 NNK_HD T margin_value(T c, T sin_t, const ArcMargin<T>& a, T additive) {
   T psi = c;
   if (a.m != T(0)) {
     const T cc = clamp_unit(c);
-    psi = cc >= a.threshold ? cc * a.cos_m - sin_t * a.sin_m : cc - a.fallback;
+    psi = sin_t >= T(0) ? cc * a.cos_m - sin_t * a.sin_m : cc - a.fallback;
   }
   return psi - additive;
 }
@@ -124,10 +129,9 @@ NNK_HD T margin_value(T c, T sin_t, const ArcMargin<T>& a, T additive) {
 template <typename T>
 NNK_HD T margin_grad(T c, T sin_t, const ArcMargin<T>& a, bool exact) {
   if (!exact || a.m == T(0)) return T(1);
-  const T cc = clamp_unit(c);
-  if (cc < a.threshold) return T(1);
+  if (!(sin_t >= T(0))) return T(1);
   if (sin_t < T(kArcSinMin)) sin_t = T(kArcSinMin);
-  return a.cos_m + a.sin_m * cc / sin_t;
+  return a.cos_m + a.sin_m * clamp_unit(c) / sin_t;
 }
 
 // Online log-sum-exp: merge the partial (max, rest) of a block into the

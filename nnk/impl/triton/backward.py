@@ -47,7 +47,7 @@ from .tile import (
 @triton.jit
 def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
                     ignore_index, eps, label_smoothing, z_loss,
-                    cos_m, sin_m, arc_threshold, arc_fallback, additive,
+                    cos_m, sin_m, arc_fallback, additive,
                     NORM_X: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_ARC: tl.constexpr, EXACT_MARGIN: tl.constexpr):
     """Per row: the terms of :func:`_row_terms`, the target's psi, logit and
@@ -57,8 +57,8 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr,
         T_ptr, XNORM_ptr, S_ptr, B_ptr, rows, N, ignore_index, eps, NORM_X, HAS_CLASS_SCALE, HAS_BIAS)
     cos_t = tl.load(COST_ptr + rows, mask=valid, other=0.0)
     sin_t = _target_sine(SINT_ptr, rows, valid, HAS_ARC)
-    psi, z_t = _target_logit(cos_t, sin_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
-    dpsi = _margin_grad(cos_t, sin_t, cos_m, sin_m, arc_threshold, HAS_ARC, EXACT_MARGIN)
+    psi, z_t = _target_logit(cos_t, sin_t, s_t, b_t, cos_m, sin_m, arc_fallback, additive, HAS_ARC)
+    dpsi = _margin_grad(cos_t, sin_t, cos_m, sin_m, HAS_ARC, EXACT_MARGIN)
     lse = tl.load(LSE_ptr + rows, mask=row_mask, other=0.0)
     lse_lo = tl.load(LSELO_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(G_ptr + rows, mask=valid, other=0.0)
@@ -91,7 +91,7 @@ def _dlogit(p, is_t, g, coef_z, label_smoothing, C):
 def _grad_mass_kernel(
     T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, MASS_ptr,
     N, C, ignore_index, eps, label_smoothing, z_loss,
-    cos_m, sin_m, arc_threshold, arc_fallback, additive,
+    cos_m, sin_m, arc_fallback, additive,
     NORM_X: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ARC: tl.constexpr, EXACT_MARGIN: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -104,7 +104,7 @@ def _grad_mass_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z = _row_grad_terms(
         T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
-        ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+        ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_fallback, additive,
         NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
     p_t = tl.exp((z_t - lse) - lse_lo)
     dcos_t = tl.where(valid, _dlogit(p_t, valid, g, coef_z, label_smoothing, C) * s_t * dpsi, 0.0)
@@ -121,7 +121,7 @@ def _cce_bwd_kernel(
     N, C, D, c_lo, c_count,
     stride_xn, stride_xd, stride_wc, stride_wd,
     ignore_index, eps, label_smoothing, z_loss,
-    cos_m, sin_m, arc_threshold, arc_fallback, additive, THR_ptr,
+    cos_m, sin_m, arc_fallback, additive, THR_ptr,
     N_BUCKET, C_BUCKET,
     ROW_MAJOR: tl.constexpr, NORM_X: tl.constexpr, NORM_W: tl.constexpr,
     HAS_CLASS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ARC: tl.constexpr,
@@ -165,7 +165,7 @@ def _cce_bwd_kernel(
         #    (bitwise the forward's), the coefficients of dz.
         row_mask, t, valid, den_x, live_x, s_t, psi, z_t, dpsi, lse, lse_lo, g, coef_z = _row_grad_terms(
             T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr, LSELO_ptr, G_ptr, GLSE_ptr, rows, N, C,
-            ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+            ignore_index, eps, label_smoothing, z_loss, cos_m, sin_m, arc_fallback, additive,
             NORM_X, HAS_CLASS_SCALE, HAS_BIAS, HAS_ARC, EXACT_MARGIN)
 
         # 3. The logit tile, recomputed as the forward computed it.

@@ -32,7 +32,7 @@ def _cce_fwd_kernel(
     MAX_ptr, REST_ptr, SUMZ_ptr, COST_ptr, ZT_ptr,
     N, C, D,
     stride_xn, stride_xd, stride_wc, stride_wd,
-    ignore_index, eps, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+    ignore_index, eps, cos_m, sin_m, arc_fallback, additive,
     N_BUCKET, C_BUCKET,
     NORM_X: tl.constexpr, NORM_W: tl.constexpr, HAS_CLASS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_ARC: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
@@ -74,7 +74,7 @@ def _cce_fwd_kernel(
         # The margin is evaluated per row (O(BLOCK_N)), not on the whole tile.
         is_t = valid[:, None] & (cols[None, :] == t[:, None])
         cos_t_tile = tl.sum(tl.where(is_t, cos, 0.0), axis=1)
-        psi, z_t = _target_logit(cos_t_tile, sin_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback,
+        psi, z_t = _target_logit(cos_t_tile, sin_t, s_t, b_t, cos_m, sin_m, arc_fallback,
                                  additive, HAS_ARC)
         z = tl.where(col_mask[None, :], _logits(cos, is_t, z_t, s_c, b_c), float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -104,7 +104,7 @@ def _cce_fwd_kernel(
         tl.store(SUMZ_ptr + part, sum_z, mask=row_mask)
     t_tile = tl.where(valid, t, 0) // BLOCK_C
     owner = valid & (t_tile >= tile_lo) & (t_tile < tile_hi)
-    psi, z_t = _target_logit(cos_t, sin_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+    psi, z_t = _target_logit(cos_t, sin_t, s_t, b_t, cos_m, sin_m, arc_fallback, additive,
                              HAS_ARC)
     tl.store(COST_ptr + rows, cos_t, mask=owner)
     tl.store(ZT_ptr + rows, z_t, mask=owner)

@@ -61,11 +61,12 @@ def check_inputs(op: str, x, weight, target, scale, bias) -> None:
 
 def margin_args(opts: CCEOptions) -> dict:
     """Kernel arguments of the margins: the constants of math.h's ArcMargin
-    (computed in float64, rounded to float32 at launch) and the HAS_ARC flag."""
+    (computed in float64, rounded to float32 at launch) and the HAS_ARC flag.
+    The branch threshold -cos m is the target sines' (norms.target_sines)."""
     m = opts.angular_margin
     return dict(
-        cos_m=math.cos(m), sin_m=math.sin(m), arc_threshold=-math.cos(m),
-        arc_fallback=m * math.sin(m), additive=opts.additive_margin, HAS_ARC=m != 0.0,
+        cos_m=math.cos(m), sin_m=math.sin(m), arc_fallback=m * math.sin(m), additive=opts.additive_margin,
+        HAS_ARC=m != 0.0,
     )
 
 

@@ -162,35 +162,36 @@ def _clamp_unit(c):
 
 
 @triton.jit
-def _margin_value(c, sin_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC: tl.constexpr):
+def _margin_value(c, sin_t, cos_m, sin_m, arc_fallback, additive, HAS_ARC: tl.constexpr):
     """psi(c) = cos(theta + m) - m_add, as math.h's margin_value:
     cos(theta + m) = c cos m - sin(theta) sin m (no acos), with sin(theta) the
-    row's float64-derived sin_t (norms.target_sines); the ArcFace fallback
-    c - m sin m where theta + m > pi, i.e. c < -cos m. Without an angular
+    row's sin_t (norms.target_sines, from float64 sums), on ArcFace's branch
+    (theta + m <= pi), which sin_t >= 0 marks (decided on the float64
+    cosine); the fallback c - m sin m where sin_t = -1. Without an angular
     margin c stays unclamped and sin_t is unused."""
     psi = c
     if HAS_ARC:
         cc = _clamp_unit(c)
-        psi = tl.where(cc >= arc_threshold, cc * cos_m - sin_t * sin_m, cc - arc_fallback)
+        psi = tl.where(sin_t >= 0.0, cc * cos_m - sin_t * sin_m, cc - arc_fallback)
     return psi - additive
 
 
 @triton.jit
-def _margin_grad(c, sin_t, cos_m, sin_m, arc_threshold, HAS_ARC: tl.constexpr, EXACT_MARGIN: tl.constexpr):
+def _margin_grad(c, sin_t, cos_m, sin_m, HAS_ARC: tl.constexpr, EXACT_MARGIN: tl.constexpr):
     """d psi / d c: cos m + sin m c / max(sin(theta), ARC_SIN_MIN) on the
     ArcFace branch (finite where the true derivative diverges as theta -> 0),
     1 on the fallback branch, without angular margin, or detached."""
     if HAS_ARC and EXACT_MARGIN:
         cc = _clamp_unit(c)
-        return tl.where(cc >= arc_threshold, cos_m + sin_m * tl.div_rn(cc, tl.maximum(sin_t, _ARC_SIN_MIN)), 1.0)
+        return tl.where(sin_t >= 0.0, cos_m + sin_m * tl.div_rn(cc, tl.maximum(sin_t, _ARC_SIN_MIN)), 1.0)
     else:
         return tl.full(c.shape, 1.0, tl.float32)
 
 
 @triton.jit
 def _target_sine(SINT_ptr, rows, valid, HAS_ARC: tl.constexpr):
-    """Each row's sin(theta) to its target (norms.target_sines), read only
-    with an angular margin."""
+    """Each row's sin(theta) to its target, -1 on the fallback branch
+    (norms.target_sines), read only with an angular margin."""
     if HAS_ARC:
         return tl.load(SINT_ptr + rows, mask=valid, other=1.0)
     else:
@@ -242,9 +243,9 @@ def _logits(cos, is_t, z_t, s_c, b_c):
 
 
 @triton.jit
-def _target_logit(cos_t, sin_t, s_t, b_t, cos_m, sin_m, arc_threshold, arc_fallback, additive,
+def _target_logit(cos_t, sin_t, s_t, b_t, cos_m, sin_m, arc_fallback, additive,
                   HAS_ARC: tl.constexpr):
     """(psi, z_t): the target cosine after the margins and the target logit
     s_t psi + b_t."""
-    psi = _margin_value(cos_t, sin_t, cos_m, sin_m, arc_threshold, arc_fallback, additive, HAS_ARC)
+    psi = _margin_value(cos_t, sin_t, cos_m, sin_m, arc_fallback, additive, HAS_ARC)
     return psi, psi * s_t + b_t
