@@ -70,8 +70,9 @@ def cosine_cross_entropy(
             sums over x and the target's weight row
             (``nnk.reference.target_sine_ref``): sin(theta) accurate to
             float32 rounding on rows close to their class, where sqrt(1 -
-            cos^2) of a float32 cosine is not, and the branch exact near the
-            threshold (float64 inputs: both from their own cosine).
+            cos^2) of a float32 cosine is not, and the branch right unless the
+            cosine is within float64 rounding of -cos m (float64 inputs: both
+            from their own cosine).
         margin_grad: ``"exact"`` differentiates the margins (the ArcFace derivative
             ``cos m + sin m cos(theta) / sin(theta)`` with sin(theta) clamped at
             1e-3 so it stays finite), ``"detached"`` treats ``psi - cos`` as a

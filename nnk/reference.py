@@ -147,15 +147,18 @@ def target_margin_ref(cos_t: torch.Tensor, angular_margin: float, additive_margi
     return _Margin.apply(cos_t, float(angular_margin), float(additive_margin), exact)
 
 
-def target_sine_ref(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                    eps: float = 1e-12, angular_margin: float = 0.0) -> torch.Tensor:
+def target_sine_ref(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *,
+                    angular_margin: float, eps: float = 1e-12) -> torch.Tensor:
     """ArcFace's per-row terms from float64 sums: with ``c = <x_i, w_t> /
     (max(||x_i||, eps) max(||w_t||, eps))`` in float64, sin(theta_i) =
     ``sqrt((1 - c)(1 + c))`` where ``c >= -cos m`` (theta + m <= pi, ArcFace's
     branch), else -1 (the fallback branch, which uses no sine); (N,) float32,
     NaN for a NaN row. x (N, D) and weight (C, D) float16 / bfloat16 /
     float32, target (N,) int64 in [0, C) (ignored rows mapped to any class by
-    the caller), ``angular_margin`` m.
+    the caller), ``angular_margin`` m (required: with 0, no row would take the
+    fallback). The branch is right unless the row's cosine is within float64
+    rounding (~1e-16 times a few) of -cos m, e.g. exactly parallel rows at m = pi,
+    whose float64 cosine lands on either side of 1.
 
     Why float64: sin(theta) = sqrt(1 - cos^2) turns a float32 cosine's rounding
     (~6e-8) into a relative error of ~6e-8 / theta^2, which ArcFace's margin

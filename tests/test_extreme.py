@@ -429,10 +429,12 @@ def test_arcface_rows_close_to_their_class(impl, device, margin_grad, d, c):
 @pytest.mark.parametrize("margin", [0.5, 2.0, math.pi])
 def test_arcface_branch_decided_on_the_exact_cosine(impl, device, margin):
     # Rows 1e-9 from ArcFace's threshold cos(theta) = -cos m (theta + m = pi),
-    # on both sides: a float32 cosine (~6e-8 off) takes either branch, and
-    # psi jumps between them (by 0.12 at m = 0.5, by 2 at m = pi, where the
-    # threshold is cos = 1). Every impl decides on the float64 cosine of
-    # target_sine_ref, the float32 reference on its own.
+    # on both sides (at m = pi, where the threshold is cos = 1, on the
+    # fallback side only: the other is exactly parallel rows, whose float64
+    # cosine itself may round below 1): a float32 cosine (~6e-8 off) takes
+    # either branch, and psi jumps between them (by 0.12 at m = 0.5, by 2 at
+    # m = pi). Every impl decides on the float64 cosine of target_sine_ref,
+    # the float32 reference on its own.
     g = torch.Generator().manual_seed(7)
     n, d, c = 48, 8, 20
     w = torch.randn(c, d, generator=g, dtype=torch.float64)

@@ -107,7 +107,7 @@ def test_target_sine_ref_is_exact_near_alignment():
     t = torch.arange(64)
     x64, w64 = x.double(), w.double()
     want = torch.linalg.cross(x64, w64).norm(dim=1) / (x64.norm(dim=1) * w64.norm(dim=1))
-    got = target_sine_ref(x, w, t)
+    got = target_sine_ref(x, w, t, angular_margin=0.5)
     assert got.dtype == torch.float32
     err = (got.double() - want).abs()
     assert (err / want)[theta >= 1e-3].max() < 2 * 2.0**-24 and err.max() < 3e-8
@@ -126,10 +126,10 @@ def test_target_sine_ref_is_exact_near_alignment():
 def test_target_sine_ref_on_zero_ignored_and_nan_rows():
     x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [float("nan"), 1.0], [2.0, 2.0]])
     w = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
-    got = target_sine_ref(x, w, torch.tensor([0, 0, 1, 1]))
+    got = target_sine_ref(x, w, torch.tensor([0, 0, 1, 1]), angular_margin=0.5)
     # Parallel rows: 0 up to the float64 cosine's rounding under the root.
     assert got[0] == 1.0 and got[1] == 1.0 and got[2].isnan() and 0.0 <= got[3] < 3e-8
-    assert target_sine_ref(x[:0], w, torch.zeros(0, dtype=torch.long)).shape == (0,)
+    assert target_sine_ref(x[:0], w, torch.zeros(0, dtype=torch.long), angular_margin=0.5).shape == (0,)
 
 
 def test_row_normalize_ref_matches_F_normalize_and_its_gradient():

@@ -718,7 +718,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from nnk.impl.triton import backward, configs, forward, norms
 
-FLOATS = {"eps", "cos_m", "sin_m", "arc_fallback", "additive", "label_smoothing", "z_loss", "thr_hi", "thr_lo"}
+FLOATS = {"eps", "cos_m", "sin_m", "arc_fallback", "additive", "label_smoothing", "z_loss"}
 ALIGNED = {"D", "stride_xn", "stride_wc"}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
@@ -767,8 +767,8 @@ for arch, dtype, upcast in ((80, "bf16", False), (80, "fp32", False), (80, "fp16
 for arch in (80, 90):
     for dtype in ("bf16", "fp16", "fp32"):
         block_r, block_d = configs.rowwise_blocks(4096)
-        build(norms._target_sine_kernel, dtype, arch,
-              triton.Config({"BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=4), {}, pointers={"SIN_ptr": "*fp32"})
+        cfg = triton.Config({"BLOCK_R": block_r, "BLOCK_D": block_d}, num_warps=4)
+        build(norms._target_sine_kernel, dtype, arch, cfg, {}, pointers={"SIN_ptr": "*fp32", "THR_ptr": "*fp64"})
         count += 1
 # The neural-collapse kernels (one config each), in every feature dtype.
 from nnk.nc import triton_kernels as nc
@@ -827,7 +827,7 @@ def test_target_sines_match_the_reference(device, bf16_triton, dtype):
     w, t = w.to(device, dtype), t.to(device)
     opts = make_options(**{**OPTION_DEFAULTS, "angular_margin": 0.5, "eps": 1e-12})
     got = target_sines(xs, w, t, opts)
-    want = target_sine_ref(xs, w, torch.where((t < 0) | (t >= c), 0, t), 1e-12, 0.5)
+    want = target_sine_ref(xs, w, torch.where((t < 0) | (t >= c), 0, t), angular_margin=0.5)
     assert got.dtype == torch.float32 and got.shape == (n,) and got[17].isnan() and xs.stride(1) == 2
     assert (got[19:21] == -1).all()
     assert (got[:12] < 1e-2).all()  # the near rows

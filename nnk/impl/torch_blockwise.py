@@ -80,7 +80,7 @@ class _BlockwiseCCE(torch.autograd.Function):
         cos_t = (xn * wn[t]).sum(dim=1)
         sin_t = None
         if opts.angular_margin != 0.0 and acc != torch.float64:
-            sin_t = target_sine_ref(x, weight, t, opts.eps, opts.angular_margin)
+            sin_t = target_sine_ref(x, weight, t, angular_margin=opts.angular_margin, eps=opts.eps)
         psi = torch.where(valid, margin_value_ref(cos_t, opts.angular_margin, opts.additive_margin, sin_t), cos_t)
         s_t = s[t] if isinstance(s, torch.Tensor) and s.dim() == 1 else s
         z_t = psi * s_t + (b[t] if b is not None else 0.0)

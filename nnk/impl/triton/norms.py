@@ -57,15 +57,15 @@ def _per_row(kernel, x: torch.Tensor, out_name: str, **args) -> torch.Tensor:
 
 @triton.jit
 def _target_sine_kernel(X_ptr, W_ptr, T_ptr, SIN_ptr, N, C, D, stride_xn, stride_xd, stride_wc, stride_wd,
-                        eps, thr_hi, thr_lo, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                        eps, THR_ptr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # nnk.reference.target_sine_ref. 1. ||x||^2, ||w_t||^2 and <x, w_t> in
     # float64 (products of float32 values are exact there; a target outside
     # [0, C), ignored rows', reads class 0, as math.h's callers); 2. the
     # cosine with the norms clamped at eps as F.normalize; 3. sqrt((1 - c)
     # (1 + c)), whose factors are exact near |c| = 1, or -1 below ArcFace's
-    # threshold -cos m, passed as two float32 halves (a float argument is
-    # float32: rounded, it would move the branch by 3e-8). NaN stays NaN
-    # (where, not maximum: math.h target_sine).
+    # threshold -cos m, read as float64 from THR_ptr (a float argument is
+    # float32 on a GPU: rounded, it would move the branch by up to 3e-8).
+    # NaN stays NaN (where, not maximum: math.h target_sine).
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < N
     t = tl.load(T_ptr + rows, mask=row_mask, other=0)
@@ -89,21 +89,20 @@ def _target_sine_kernel(X_ptr, W_ptr, T_ptr, SIN_ptr, N, C, D, stride_xn, stride
     c = tl.where(c > 1.0, 1.0, tl.where(c < -1.0, -1.0, c))
     s2 = (1.0 - c) * (1.0 + c)
     sine = tl.sqrt(tl.where(s2 < 0.0, 0.0, s2))
-    thr = (tl.zeros((BLOCK_R,), tl.float64) + thr_hi) + thr_lo  # each half exact in float64
-    tl.store(SIN_ptr + rows, tl.where(c < thr, -1.0, sine).to(tl.float32), mask=row_mask)
+    tl.store(SIN_ptr + rows, tl.where(c < tl.load(THR_ptr), -1.0, sine).to(tl.float32), mask=row_mask)
 
 
 def target_sines(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, opts) -> torch.Tensor:
-    """``nnk.reference.target_sine_ref(x, weight, safe_target, opts.eps,
-    opts.angular_margin)`` (targets outside [0, C), ignored rows', taken as
-    class 0) for (N, D) x and (C, D) weight of one float16 / bfloat16 /
+    """``nnk.reference.target_sine_ref(x, weight, safe_target,
+    angular_margin=opts.angular_margin, eps=opts.eps)`` (targets outside
+    [0, C), ignored rows', taken as class 0) for (N, D) x and (C, D) weight of one float16 / bfloat16 /
     float32 dtype, any strides, and (N,) int64 target: (N,) float32, without
     float64 copies of the rows."""
-    thr = -math.cos(opts.angular_margin)
-    thr_hi = float(torch.tensor(thr, dtype=torch.float32))
+    # A fill, not torch.tensor(): no blocking host-to-device copy.
+    thr = torch.full((1,), -math.cos(opts.angular_margin), dtype=torch.float64, device=x.device)
     return _per_row(_target_sine_kernel, x, "SIN_ptr", X_ptr=x, W_ptr=weight, T_ptr=target, N=x.shape[0],
                     C=weight.shape[0], stride_xn=x.stride(0), stride_xd=x.stride(1), stride_wc=weight.stride(0),
-                    stride_wd=weight.stride(1), eps=opts.eps, thr_hi=thr_hi, thr_lo=thr - thr_hi)
+                    stride_wd=weight.stride(1), eps=opts.eps, THR_ptr=thr)
 
 
 @triton.jit
