@@ -214,8 +214,9 @@ NNK_HD T dlogit(T z, T lse, T lse_lo, bool is_target, T smoothing, T inv_c, T z_
 }
 
 // The logit of one (row, class) entry from its cosine c: s_c * c + b_c, with
-// psi(c) (sin_t: the row's sin(theta)) in place of c on the row's target column. *cos_prime receives what
-// the scale multiplies (c, or psi on the target): d z / d s_c.
+// psi(c) (sin_t: the row's sin(theta), or -1) in place of c on the row's
+// target column. *cos_prime receives what the scale multiplies (c, or psi on
+// the target): d z / d s_c.
 template <typename T>
 NNK_HD T cosine_logit(T c, bool is_target, T sin_t, const ArcMargin<T>& a, T additive,
                       T s, T b, T* cos_prime) {

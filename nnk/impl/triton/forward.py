@@ -124,7 +124,7 @@ class ForwardResult:
     lse: torch.Tensor     # (N,) float32 log-sum-exp of the logits
     lse_lo: torch.Tensor  # (N,) float32 m + log1p(rest) - lse, exactly (lse rounds it): see step 3
     cos_t: torch.Tensor   # (N,) float32 target cosine before the margin (0 on ignored rows)
-    sin_t: torch.Tensor | None  # (N,) float32 sin(theta) of the target from float64 sums (angular margin only)
+    sin_t: torch.Tensor | None  # (N,) float32 target sin(theta), -1 on the fallback (angular margin only)
     xnorm: torch.Tensor | None  # (N,) float32 ||x_i|| when normalizing x
     wnorm: torch.Tensor | None  # (C,) float32 ||w_c|| when normalizing W
 
@@ -159,7 +159,7 @@ def cce_forward(x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sca
     # 1. Row norms in float32 (O((N + C) D) reads; what the tiles scale by).
     xnorm = row_norms(x) if opts.normalize_input else None
     wnorm = row_norms(weight) if opts.normalize_weight else None
-    #    ArcFace's sin(theta) per row from float64 sums (O(N D)): see norms.target_sines.
+    #    ArcFace's sin(theta) and branch per row from float64 sums (O(N D)): norms.target_sines.
     sin_t = target_sines(x, weight, target, opts) if opts.angular_margin != 0.0 else None
 
     # 2. Per-split partial LSE terms, target cosine and logit.
