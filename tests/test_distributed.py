@@ -330,6 +330,14 @@ def test_load_resharded_checks_the_states_agree(one_rank_group):
     assert torch.isnan(fresh.scale)
 
 
+def _skip_unless_available(impl, device):
+    """Skip when ``impl`` cannot run on ``device`` here (no compiled kernels, no triton)."""
+    if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", device.type):
+        pytest.skip(f"the extension nnk._C is not built with {device.type} kernels")
+    if impl == "triton":
+        pytest.importorskip("triton")
+
+
 @pytest.mark.parametrize("impl", ["torch", "cuda", "triton"])
 def test_confident_rows_as_exact_as_single_process(one_rank_group, device, impl):
     # The target logit must come from the backend that computed the lse:
@@ -338,10 +346,7 @@ def test_confident_rows_as_exact_as_single_process(one_rank_group, device, impl)
     # On the test device, each backend's own kernels (triton on CPU tensors
     # needs the interpreter, which --device cuda leaves off); gloo all-reduces
     # CUDA tensors too.
-    if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", device.type):
-        pytest.skip(f"the extension nnk._C is not built with {device.type} kernels")
-    if impl == "triton":
-        pytest.importorskip("triton")
+    _skip_unless_available(impl, device)
     x, w, t = (v.to(device) for v in _confident_data())
     single = _confident_errors(x, w, t, lambda a, b: nnk.cosine_cross_entropy(a, b, t, impl=impl, **CONFIDENT))
     sharded = _confident_errors(x, w, t, lambda a, b: cosine_cross_entropy(
@@ -378,10 +383,7 @@ def test_smoothing_takes_the_backends_margin(one_rank_group, device, impl):
     # the loss up to 17x the op's (2.3x the reference's, ~3e-6 on a sum of
     # 25 rows). Hence two bounds: the package's (2x the float32 reference's)
     # on everything, and a blow-up guard (8x the op's) on the gradients.
-    if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", device.type):
-        pytest.skip(f"the extension nnk._C is not built with {device.type} kernels")
-    if impl == "triton":
-        pytest.importorskip("triton")
+    _skip_unless_available(impl, device)
     opts = dict(scale=8.0, angular_margin=0.5, additive_margin=0.2, label_smoothing=0.29, reduction="sum")
     for seed in range(6):
         g = torch.Generator().manual_seed(seed)
