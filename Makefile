@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CUDA_HOME ?= /usr/local/cuda
 export CUDA_HOME
 TORCH_VERSION ?= 2.14.1
-DEPS := torch==$(TORCH_VERSION) triton numpy pybind11 ninja setuptools wheel \
+DEPS := torch==$(TORCH_VERSION) triton numpy pybind11 ninja "setuptools>=77" wheel \
         pytest pytest-benchmark hypothesis scipy scikit-learn matplotlib tqdm
 DEPS_STAMP := $(VENV)/.deps-$(TORCH_VERSION)
 BUILD_STAMP := $(VENV)/.nnk-built

@@ -123,7 +123,7 @@ boxed() { (( $1 == 124 || $1 == 137 )) && echo " (time box reached: incomplete)"
 if want env; then
   stage env
   { tbox 30 nvidia-smi; tbox 60 "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
-    tbox 60 "$PY" -c 'import triton; print("triton", triton.__version__)'
+    tbox 60 "$PY" -c 'import triton, setuptools; print("triton", triton.__version__, "setuptools", setuptools.__version__)'
     echo "CUDA_HOME=${CUDA_HOME:-unset}"; [[ -n "${CUDA_HOME:-}" ]] && "$CUDA_HOME/bin/nvcc" --version | tail -n 2
     "$PY" -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout: yes" || echo "pytest-timeout: no"; } > "$WORK/env.txt" 2>&1
   cat "$WORK/env.txt"
