@@ -733,6 +733,39 @@ def test_forward_supports_gradient_penalties(row_normalize_path):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_forward_under_torch_func_and_forward_ad(row_normalize_path):
+    # The head's forward under torch.func (per-sample gradients, jvp) and
+    # forward-mode AD, as nn.Linear's: the op's autograd has a backward only,
+    # and gave a zero jvp, a missing forward_ad tangent and an error from
+    # vmap(grad(...)).
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call, grad, jvp, vmap
+
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(6, 5, scale=4.0, dtype=torch.float64)
+    x, v = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    y = torch.tensor([0, 3, 4])
+    w = head.weight.detach()
+
+    def plain(x, w):
+        return F.linear(F.normalize(x, dim=-1), F.normalize(w, dim=-1)) * 4.0
+
+    want = jvp(lambda a: plain(a, w), (x,), (v,))[1]
+    assert want.abs().max() > 0.5
+    torch.testing.assert_close(jvp(head, (x,), (v,))[1].detach(), want, rtol=1e-12, atol=1e-12)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(head(fwAD.make_dual(x, v))).tangent
+    assert tangent is not None
+    torch.testing.assert_close(tangent.detach(), want, rtol=1e-12, atol=1e-12)
+
+    params = {k: p.detach() for k, p in head.named_parameters()}
+    per_row = vmap(grad(lambda p, a, b: F.cross_entropy(functional_call(head, p, (a[None],)), b[None])),
+                   in_dims=(None, 0, 0))(params, x, y)
+    rows = [torch.autograd.grad(F.cross_entropy(plain(x[i:i + 1], head.weight), y[i:i + 1]), head.weight)[0]
+            for i in range(3)]
+    torch.testing.assert_close(per_row["weight"], torch.stack(rows), rtol=1e-12, atol=1e-12)
+
+
 def test_forward_saves_no_float64_copy_of_the_weight(row_normalize_path):
     head = nnk.CosineLinear(16, 3000)
     saved = {}

@@ -3,6 +3,7 @@ Python front that falls back to the reference when the extension is absent."""
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ..reference import acc_dtype, row_normalize_backward_ref, row_normalize_ref
 from ._extension import has_extension, has_op
@@ -79,9 +80,23 @@ def row_normalize(x: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, to
         (computed in float32, float64 for float64), and norm (N,) the row norms
         ``x.norm(dim=1)`` in float32 (float64 for float64 input).
     """
+    if _needs_torch_autograd(x):
+        return row_normalize_ref(x, eps)
     if has_op("row_normalize", x.device.type):
         return torch.ops.nnk.row_normalize(x, eps)
     return _RowNormalizeRef.apply(x, eps)
+
+
+def _needs_torch_autograd(x: torch.Tensor) -> bool:
+    """Whether a torch.func transform is running or x carries a forward-mode
+    tangent: the op's autograd (and _RowNormalizeRef's) has a backward only,
+    so torch.func.grad / vmap raised PyTorch's request for a setup_context and
+    torch.func.jvp / forward_ad gave a zero or missing tangent, silently,
+    through CosineLinear's forward. The reference's torch ops support both.
+    torch.compile traces the op (and its own transforms) as it is."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active() or fwAD.unpack_dual(x).tangent is not None
 
 
 def row_normalize_backward(
