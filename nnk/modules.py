@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -167,6 +168,15 @@ def _check_parameter(module: nn.Module, name: str, caller: str, what: str, why: 
                         f"first with {how[1]}, which keeps its current value")
 
 
+# The forward pre-hooks that compute a parameter from others (pruning, the
+# older weight_norm and spectral_norm). forward runs them through
+# nn.Module.__call__; CosineLinear.loss and predict, which bypass it, run them
+# too: they read the weight the last forward had computed (a pruned head's
+# loss failed on its second step, "backward through the graph a second time";
+# predict ranked by stale weights).
+_COMPUTING_HOOKS = (WeightNorm, SpectralNorm, BasePruningMethod)
+
+
 # Why project_weight_ needs the weight Parameter itself.
 _COMPUTED_WEIGHT = "renormalizing the computed tensor would not change what it is computed from"
 
@@ -318,6 +328,9 @@ class CosineLinear(nn.Linear):
         label_smoothing, reduction, z_loss, return_lse, impl, deterministic),
         and the margins to override the module's for this call (a margin
         schedule). ``reduction="none"`` and the lse have target's shape.
+        The forward pre-hooks that compute the weight or bias (pruning, the
+        older weight_norm and spectral_norm) run first, as in forward; so do
+        they in ``predict``.
 
         Raises a TypeError for x of another dtype than the weight outside
         torch.autocast (no silent cast), and a ValueError for x not of shape
@@ -338,6 +351,7 @@ class CosineLinear(nn.Linear):
                 f"(x.to({self.weight.dtype})) or, for 16/32-bit x and weight, call the loss under "
                 "torch.autocast, which casts both to its dtype"
             )
+        self._compute_parameters(x)
         opts = dict(
             normalize_input=self.normalize_input, normalize_weight=self.normalize_weight,
             additive_margin=self.additive_margin, angular_margin=self.angular_margin,
@@ -359,8 +373,16 @@ class CosineLinear(nn.Linear):
         ``(classes, cosines)``: (..., k) int64 and (..., k) float32 (float64
         for float64 x), best first. Ties may be ordered differently from topk.
         """
+        self._compute_parameters(x)
         return cosine_topk(x, self.weight, k, scale=self.scale, bias=self.bias, normalize_input=self.normalize_input,
                            normalize_weight=self.normalize_weight, eps=self.eps, block_classes=block_classes)
+
+    def _compute_parameters(self, x: torch.Tensor) -> None:
+        """Run the forward pre-hooks that compute the weight or bias
+        (_COMPUTING_HOOKS), in their order, as forward would."""
+        for hook in self._forward_pre_hooks.values():
+            if isinstance(hook, _COMPUTING_HOOKS):
+                hook(self, (x,))
 
     @torch.no_grad()
     def project_weight_(self) -> "CosineLinear":

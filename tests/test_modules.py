@@ -251,6 +251,48 @@ def test_from_linear_refuses_a_weight_normed_linear():
     assert nnk.CosineLinear.from_linear(old_style).weight is old_style.weight
 
 
+@pytest.mark.parametrize("kind", ["prune", "weight_norm", "spectral_norm"])
+def test_loss_and_predict_run_the_hooks_that_compute_the_weight(kind):
+    # loss and predict bypass nn.Module.__call__, hence the forward pre-hooks
+    # that compute the weight: they read the last forward's weight (a pruned
+    # head's second backward failed, predict ranked stale weights).
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    head = nnk.CosineLinear(8, 5, scale=10.0, bias=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the older weight_norm is deprecated
+        if kind == "prune":
+            prune.random_unstructured(head, "weight", amount=0.3)
+            prune.l1_unstructured(head, "bias", amount=0.4)
+        else:
+            getattr(torch.nn.utils, kind)(head, "weight")
+    computed = {  # the weight as each hook computes it, independently (spectral_norm: its own)
+        "prune": lambda: head.weight_orig * head.weight_mask,
+        "weight_norm": lambda: head.weight_g * head.weight_v / head.weight_v.norm(dim=1, keepdim=True),
+        "spectral_norm": lambda: head.weight,
+    }[kind]
+    bias = (lambda: head.bias_orig * head.bias_mask) if kind == "prune" else (lambda: head.bias)
+    x, t = torch.randn(16, 8), torch.randint(0, 5, (16,))
+    opt = torch.optim.SGD(head.parameters(), lr=1.0)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = head.loss(x, t)
+        want = cosine_cross_entropy_ref(x, computed(), t, scale=10.0, bias=bias())
+        torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().max() > 0 for p in head.parameters())
+        opt.step()
+    with torch.no_grad():
+        head.eval()  # spectral_norm: no power iteration, so forward and predict see one weight
+        for p in head.parameters():
+            p.add_(torch.randn_like(p))
+        classes, _ = head.predict(x, 2)
+        logits = 10.0 * F.normalize(x) @ F.normalize(computed()).T + bias()
+        assert torch.equal(classes, logits.topk(2).indices)
+        assert torch.equal(classes, head(x).topk(2).indices)
+
+
 class _Net(nn.Module):
     def __init__(self):
         super().__init__()
