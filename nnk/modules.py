@@ -17,7 +17,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._options import IMPLS, REDUCTIONS, _choice, _finite_float, flag, float32_options, int_option, make_options
+from ._options import IMPLS, MAX_ANGULAR_MARGIN, REDUCTIONS, _choice, _finite_float, flag, float32_options, int_option, make_options
 from .functional import cosine_cross_entropy, cosine_logits, cosine_topk
 from .impl.torch_blockwise import TILE_ELEMENTS  # the blockwise path's tile size
 from .reference import row_normalize_ref
@@ -64,8 +64,15 @@ def default_scale(
 
     Raises:
         ValueError: margins so large that the target cannot win even at the
-            ETF (``g <= 0``), or ``target_prob`` outside (0, 1).
+            ETF (``g <= 0``); ``num_classes`` below 1, ``target_prob``
+            outside (0, 1), a margin not finite or an angular margin outside
+            [0, pi] (as nnk.cosine_cross_entropy).
+        TypeError: a non-integer ``num_classes`` or a non-real margin.
     """
+    num_classes = int_option("num_classes", num_classes, lo=1)
+    additive_margin = _finite_float("additive_margin", additive_margin, float32=False)
+    angular_margin = _finite_float("angular_margin", angular_margin, lo=0.0, hi=MAX_ANGULAR_MARGIN, float32=False)
+    target_prob = _finite_float("target_prob", target_prob, float32=False)
     if not 0.0 < target_prob < 1.0:
         raise ValueError(f"target_prob must be in (0, 1), got {target_prob}")
     if num_classes < 2:
@@ -415,6 +422,9 @@ class CosineLinear(nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if isinstance(linear, CosineLinear):
             raise TypeError("linear is already a CosineLinear")
+        if isinstance(linear, nn.modules.lazy.LazyModuleMixin) and linear.has_uninitialized_params():
+            raise ValueError(f"linear is an uninitialized {type(linear).__name__}: its in_features are not "
+                             "known yet; run one forward pass through the model first")
         for name in ("device", "dtype"):
             if name in kwargs:
                 raise TypeError(f"from_linear: {name} comes from linear's weight")

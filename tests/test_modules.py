@@ -39,6 +39,23 @@ def test_default_scale_reaches_target_prob_at_the_etf():
         default_scale(10, additive_margin=2.5)
 
 
+@pytest.mark.parametrize("args, kwargs, err, name", [
+    ((0,), {}, ValueError, "num_classes"), ((-5,), {}, ValueError, "num_classes"),
+    ((10.5,), {}, TypeError, "num_classes"), ((True,), {}, TypeError, "num_classes"),
+    (("10",), {}, TypeError, "num_classes"),
+    ((10,), {"additive_margin": float("nan")}, ValueError, "additive_margin"),
+    ((10,), {"additive_margin": -math.inf}, ValueError, "additive_margin"),
+    ((10,), {"angular_margin": float("nan")}, ValueError, "angular_margin"),
+    ((10,), {"angular_margin": -1.0}, ValueError, "angular_margin"),
+    ((10,), {"angular_margin": 2 * math.pi}, ValueError, "angular_margin"),
+    ((10,), {"target_prob": float("nan")}, ValueError, "target_prob"),
+])
+def test_default_scale_checks_its_arguments(args, kwargs, err, name):
+    # They gave NaN, 0.0 or a number for a margin the loss refuses.
+    with pytest.raises(err, match=name):
+        default_scale(*args, **kwargs)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), "8", True])
 def test_bad_scale_names_the_argument(bad):
     err = TypeError if isinstance(bad, (str, bool)) else ValueError
@@ -291,6 +308,17 @@ def test_loss_and_predict_run_the_hooks_that_compute_the_weight(kind):
         logits = 10.0 * F.normalize(x) @ F.normalize(computed()).T + bias()
         assert torch.equal(classes, logits.topk(2).indices)
         assert torch.equal(classes, head(x).topk(2).indices)
+
+
+def test_replace_head_of_an_uninitialized_lazy_linear_says_so():
+    # It said "in_features must be >= 1, got 0", of an argument never passed.
+    model = nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match="uninitialized LazyLinear.*forward pass"):
+        nnk.replace_head(model, "2")
+    assert isinstance(model[2], nn.LazyLinear)
+    model(torch.randn(2, 5))
+    head = nnk.replace_head(model, "2")
+    assert head.in_features == 8 and head.weight is model[2].weight
 
 
 class _Net(nn.Module):
