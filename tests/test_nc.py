@@ -862,6 +862,44 @@ def test_collect_nc_metrics_takes_the_last_dimension_as_features():
     assert m.nc4 == ref.nc4
 
 
+class _TiedLM(torch.nn.Module):
+    """A weight-tied LM whose embedding is registered after its head."""
+
+    def __init__(self, vocab=7, dim=4):
+        super().__init__()
+        self.head = nnk.CosineLinear(dim, vocab, scale=5.0)
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_collect_nc_metrics_default_head_is_not_an_embedding():
+    # The last module with a 2-D weight was the embedding: its input, token
+    # ids, were taken for features ("features must be float..., got int64").
+    torch.manual_seed(0)
+    model = _TiedLM()
+    ids, labels = torch.randint(0, 7, (20, 5)), torch.randint(0, 7, (20, 5))
+    got = collect_nc_metrics(model, [(ids, labels)], 7, progress=False)
+    want = collect_nc_metrics(model, [(ids, labels)], 7, head=model.head, progress=False)
+    assert got.as_dict() == want.as_dict()
+    with pytest.raises(TypeError, match="hooked module is a Embedding; pass head="):
+        collect_nc_metrics(model, [(ids, labels)], 7, head=model.emb, progress=False)
+
+
+def test_collect_nc_metrics_runs_without_tqdm(monkeypatch):
+    # tqdm is not a dependency of nnk: without it there is no progress bar.
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    x, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+    for progress in (True, False):
+        m = collect_nc_metrics(model, [(x[:20], y[:20]), (x[20:], y[20:])], 4, progress=progress)
+        assert m.nc4 is not None
+
+
 # --- the paper-style baseline of bench/ ------------------------------------------------------
 
 

@@ -10,10 +10,26 @@ from .tracker import NCTracker
 
 
 def _default_head(model: nn.Module) -> nn.Module:
-    heads = [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+    """The last module with a 2-D weight that is not an embedding (whose
+    input is token ids, not features: a weight-tied LM may register it after
+    its head)."""
+    heads = [m for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+             and m.weight.dim() == 2 and not isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
     if not heads:
         raise ValueError("model has no module with a 2-D weight (nn.Linear-like head): pass head=")
     return heads[-1]
+
+
+def _bar(iterable, desc: str, progress: bool):
+    """``iterable`` with a tqdm progress bar when asked for and tqdm is
+    installed (it is not one of nnk's dependencies)."""
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return iterable
+        return tqdm(iterable, desc=desc)
+    return iterable
 
 
 @torch.no_grad()
@@ -44,7 +60,8 @@ def collect_nc_metrics(
         loader: iterable of ``(inputs, labels, ...)`` batches (a DataLoader).
         num_classes: K.
         head: the classifier module whose input are the features; default the
-            last module (in ``model.modules()`` order) with a 2-D ``weight``.
+            last module (in ``model.modules()`` order) with a 2-D ``weight``
+            that is not an ``nn.Embedding`` / ``nn.EmbeddingBag``.
         weight, bias: the classifier for NC2/NC3/NC4; default ``head.weight`` /
             ``head.bias`` when the head has them, and for an :class:`nnk.CosineLinear`
             head that normalizes its weight, the normalized rows ``normalize(W)``
@@ -54,7 +71,7 @@ def collect_nc_metrics(
         nc4: take the second pass for NC4 (needs a weight, and a loader that
             can be iterated twice over the same samples).
         device: where inputs go; default the device of the model's parameters.
-        progress: show tqdm progress bars.
+        progress: show tqdm progress bars (when tqdm is installed).
         impl: backend of the statistics (see :func:`nnk.nc_stats`).
         all_reduce: data-parallel run: merge the ranks' statistics (and NC4
             counts) with :meth:`NCTracker.all_reduce` over ``group``; every
@@ -70,8 +87,6 @@ def collect_nc_metrics(
         all_reduce run could merge them), or its second pass (NC4) did not
         yield as many samples as the first.
     """
-    from tqdm.auto import tqdm
-
     from ..modules import CosineLinear
 
     head = _default_head(model) if head is None else head
@@ -100,11 +115,14 @@ def collect_nc_metrics(
         if len(captured) != 1:
             raise RuntimeError(f"the head ran {len(captured)} times in one forward; expected once")
         h = captured[0]
+        if not h.is_floating_point():
+            raise TypeError(f"the head's input is {h.dtype}, not features: the hooked module is a "
+                            f"{type(head).__name__}; pass head= (the classifier whose input are the features)")
         labels = labels.to(device)
         return h, (labels.reshape(-1) if labels.numel() == h.shape[0] else labels)
 
     try:
-        for batch in tqdm(loader, desc="NC statistics", disable=not progress):
+        for batch in _bar(loader, "NC statistics", progress):
             h, y = features_of(batch)
             if tracker is None:
                 tracker = NCTracker(num_classes, h.shape[1], h.device, impl=impl)
@@ -120,7 +138,7 @@ def collect_nc_metrics(
             tracker.all_reduce(group)
         if nc4 and weight is not None:
             tracker.begin_nc4(weight.to(tracker.device), None if bias is None else bias.to(tracker.device))
-            for batch in tqdm(loader, desc="NC4 (second pass)", disable=not progress):
+            for batch in _bar(loader, "NC4 (second pass)", progress):
                 tracker.update_nc4(features_of(batch)[0])
             if all_reduce:
                 tracker.all_reduce(group)
