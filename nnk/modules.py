@@ -228,7 +228,12 @@ class CosineLinear(nn.Linear):
     by construction, and its gradient steps are relative. (1,) rather than ():
     FSDP2's ``fully_shard`` refuses 0-d parameters; a 0-d ``log_scale`` of an
     older checkpoint still loads. Exclude it from weight decay, which would
-    pull s toward 1.
+    pull s toward 1. ``log_scale`` takes the parameters' dtype: in bfloat16
+    its spacing near ln s is 2^-6 for s in [7.4, 55), 2^-5 up to 2981 (ln 20
+    = 2.996 is stored as 3.0, s = 20.09), and optimizer steps below half of
+    it round away (AdamW at lr 1e-3 leaves it unchanged); keep float32 master
+    weights (autocast, or an optimizer's float32 copy) to learn s in a
+    bfloat16 model.
 
     ``state_dict``: with a fixed scale the keys are exactly nn.Linear's
     (``weight``, and ``bias`` when present): it loads into an nn.Linear of the
