@@ -17,7 +17,8 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._options import IMPLS, MAX_ANGULAR_MARGIN, REDUCTIONS, _choice, _finite_float, flag, float32_options, int_option, make_options
+from ._options import (IMPLS, MAX_ANGULAR_MARGIN, REDUCTIONS, _choice, _finite_float, flag, float32_options,
+                       int_option, make_options)
 from .functional import cosine_cross_entropy, cosine_logits, cosine_topk
 from .impl.torch_blockwise import TILE_ELEMENTS  # the blockwise path's tile size
 from .reference import row_normalize_ref
@@ -159,7 +160,7 @@ def _check_features(x, in_features: int) -> None:
 def _check_parameter(module: nn.Module, name: str, caller: str, what: str, why: str) -> None:
     """A TypeError when ``module.<name>`` is computed rather than a Parameter:
     by a parametrization (torch.nn.utils.parametrizations.weight_norm, ...) or
-    the forward pre-hook of the older torch.nn.utils.weight_norm /
+    the forward pre-hook of pruning or the older torch.nn.utils.weight_norm /
     spectral_norm. ``what`` names the module in the remedy, ``why`` says what
     ``caller`` needs the Parameter itself for."""
     how = None
@@ -170,6 +171,8 @@ def _check_parameter(module: nn.Module, name: str, caller: str, what: str, why: 
         if isinstance(hook, (WeightNorm, SpectralNorm)) and hook.name == name:
             fn = "weight_norm" if isinstance(hook, WeightNorm) else "spectral_norm"
             how = (f"torch.nn.utils.{fn}'s hook", f"torch.nn.utils.remove_{fn}({what}, {name!r})")
+        elif isinstance(hook, BasePruningMethod) and hook._tensor_name == name:
+            how = ("torch.nn.utils.prune's hook", f"torch.nn.utils.prune.remove({what}, {name!r})")
     if how is not None:
         raise TypeError(f"{caller}: {what}.{name} is computed by {how[0]}, not a Parameter ({why}); remove it "
                         f"first with {how[1]}, which keeps its current value")

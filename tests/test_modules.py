@@ -612,6 +612,23 @@ def test_project_weight_refuses_a_parametrized_weight():
         nnk.project_after_step(torch.optim.SGD(head.parameters(), lr=0.1), nn.Sequential(head))
 
 
+def test_a_pruned_weight_is_named_with_its_remedy():
+    # A pruned weight is recomputed from weight_orig by prune's hook:
+    # project_weight_ renormalized that copy to no effect, silently, and
+    # from_linear failed with "cannot assign 'torch.FloatTensor' as parameter".
+    from torch.nn.utils import prune
+
+    head = prune.random_unstructured(nnk.CosineLinear(6, 4), "weight", amount=0.5)
+    with pytest.raises(TypeError, match=r"head.weight is computed by torch.nn.utils.prune's hook.*"
+                                        r"prune.remove\(head, 'weight'\)"):
+        head.project_weight_()
+    lin = prune.l1_unstructured(nn.Linear(6, 4), "weight", amount=0.5)
+    with pytest.raises(TypeError, match=r"prune.remove\(linear, 'weight'\)"):
+        nnk.CosineLinear.from_linear(lin)
+    prune.remove(lin, "weight")
+    assert nnk.CosineLinear.from_linear(lin).weight is lin.weight
+
+
 # --- torch.compile -----------------------------------------------------------------
 
 

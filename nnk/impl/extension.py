@@ -28,11 +28,11 @@ by the row's last class chunk. Gradients then come one of two ways:
   because the gradients then live from the forward to the backward: several
   losses before one backward each hold their d x and d W (d W within one
   class chunk: at most about 85 MiB in float32, 64 MiB in bfloat16),
-  activation checkpointing reruns the whole fused forward, a forward
-  that is never differentiated did 3 passes instead of 1, and the loss can
-  be differentiated once only (the backward scales the gradients in place). float16 is left out: its
-  gradients at an upstream gradient of 1 would underflow before a
-  GradScaler's scale reaches them.
+  activation checkpointing reruns the whole fused forward, a forward that
+  is never differentiated did 3 passes instead of 1, and the loss can be
+  differentiated once only (the backward scales the gradients in place).
+  float16 is left out: its gradients at an upstream gradient of 1 would
+  underflow before a GradScaler's scale reaches them.
 
 Peak extra memory: one (rows x classes) fp32 block (+ a 16-bit copy for
 fp16/bf16 GEMMs), the class chunk's (classes x D) normalized rows and fp32
