@@ -341,15 +341,15 @@ def nc_centered_gram_ref(features: torch.Tensor, labels: torch.Tensor, shifts: t
         raise ValueError(f"shifts must be (K, D), or (B, K, D) with the B of 3-D features; "
                          f"got shape {tuple(shifts.shape)} for features {tuple(features.shape)}")
     acc = acc_dtype(torch.promote_types(h.dtype, c.dtype))
-    labels = labels.long()
-    if acc == torch.float64 or h.shape[1] <= GRAM_CHUNK_ROWS:
-        centered = h.to(acc) - c.to(acc)[:, labels]
+    labels, c = labels.long(), c.to(acc)
+    if acc == torch.float64:
+        centered = h.to(acc) - c[:, labels]
         gram = centered.transpose(1, 2) @ centered
     else:
         gram = torch.zeros(h.shape[0], h.shape[2], h.shape[2], dtype=torch.float64, device=h.device)
         for r0 in range(0, h.shape[1], GRAM_CHUNK_ROWS):
             rows = slice(r0, r0 + GRAM_CHUNK_ROWS)
-            centered = h[:, rows].to(acc) - c.to(acc)[:, labels[rows]]
+            centered = h[:, rows].to(acc) - c[:, labels[rows]]
             gram += centered.transpose(1, 2) @ centered
         gram = gram.to(acc)
     return gram[0] if squeeze else gram
