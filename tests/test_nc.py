@@ -862,6 +862,31 @@ def test_collect_nc_metrics_takes_the_last_dimension_as_features():
     assert m.nc4 == ref.nc4
 
 
+def test_collect_nc_metrics_drops_ignored_labels():
+    # LM batches mark padding with -100 (F.cross_entropy's ignore_index); the
+    # hook sees every position, so the helper must drop them itself (it used
+    # to refuse the labels, leaving no way to mask the captured features).
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(3, 6), torch.nn.Linear(6, 4)
+    model = torch.nn.Sequential(body, torch.nn.Tanh(), head)
+    x, y = torch.randn(12, 5, 3), torch.randint(0, 4, (12, 5))
+    y[:, 3:] = -100
+    y[0, 0] = -100
+    batches = [(x[:7], y[:7]), (x[7:], y[7:])]
+    keep = y.reshape(-1) != -100
+    m = collect_nc_metrics(model, batches, 4, progress=False)
+    with torch.no_grad():
+        feats = torch.tanh(body(x)).reshape(-1, 6)[keep]
+    ref = nnk.nc_metrics(feats, y.reshape(-1)[keep], head.weight, head.bias, num_classes=4)
+    assert_metrics_close(m, ref.as_dict(), rtol=1e-5)
+    assert m.nc4 == ref.nc4
+    y7 = y.masked_fill(y == -100, 7)
+    assert collect_nc_metrics(model, [(x, y7)], 4, ignore_index=7, progress=False).as_dict() == \
+        collect_nc_metrics(model, [(x, y)], 4, progress=False).as_dict()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 4\)"):
+        collect_nc_metrics(model, batches, 4, ignore_index=None, progress=False)
+
+
 class _TiedLM(torch.nn.Module):
     """A weight-tied LM whose embedding is registered after its head."""
 

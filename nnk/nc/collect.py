@@ -43,6 +43,7 @@ def collect_nc_metrics(
     bias: torch.Tensor | None = None,
     nc4: bool = True,
     device=None,
+    ignore_index: int | None = -100,
     progress: bool = True,
     impl: str = "auto",
     all_reduce: bool = False,
@@ -71,6 +72,9 @@ def collect_nc_metrics(
         nc4: take the second pass for NC4 (needs a weight, and a loader that
             can be iterated twice over the same samples).
         device: where inputs go; default the device of the model's parameters.
+        ignore_index: samples whose label equals it (padding tokens of an LM
+            batch, as ``F.cross_entropy``'s default -100 marks them) are dropped
+            from both passes, features with their labels; None keeps every sample.
         progress: show tqdm progress bars (when tqdm is installed).
         impl: backend of the statistics (see :func:`nnk.nc_stats`).
         all_reduce: data-parallel run: merge the ranks' statistics (and NC4
@@ -119,7 +123,15 @@ def collect_nc_metrics(
             raise TypeError(f"the head's input is {h.dtype}, not features: the hooked module is a "
                             f"{type(head).__name__}; pass head= (the classifier whose input are the features)")
         labels = labels.to(device)
-        return h, (labels.reshape(-1) if labels.numel() == h.shape[0] else labels)
+        if labels.numel() != h.shape[0]:
+            return h, labels  # NCTracker.update names the mismatch
+        labels = labels.reshape(-1)
+        if ignore_index is None:
+            return h, labels
+        # The hook sees every position of the batch: the padded ones are
+        # dropped here, where features and labels are still paired.
+        keep = labels != ignore_index
+        return h[keep], labels[keep]
 
     try:
         for batch in _bar(loader, "NC statistics", progress):
