@@ -110,6 +110,16 @@ def test_int32_labels_and_empty_inputs(device):
     assert torch.equal(sums, torch.zeros(2, 6, 5, device=device))
     gram = nnk.ops.nc_centered_gram(h[:, :0], y[:0], torch.zeros(6, 5, device=device))
     assert torch.equal(gram, torch.zeros(2, 5, 5, device=device))
+    # No columns (D = 0) or no classes, over many feature sets: nothing to
+    # launch, so no row splits (CUDA asked for 64 and refused B >= 1024 as
+    # "too many batches", with gridDim.z = B x splits).
+    many, labels = torch.zeros(1100, 300, 0, device=device), torch.zeros(300, dtype=torch.int64, device=device)
+    counts, sums = nnk.ops.nc_class_sums(many, labels, 1)
+    assert counts.tolist() == [300] and sums.shape == (1100, 1, 0)
+    gram = nnk.ops.nc_centered_gram(many, labels, torch.zeros(1, 0, device=device))
+    assert gram.shape == (1100, 0, 0)
+    counts, sums = nnk.ops.nc_class_sums(torch.zeros(1100, 0, 4, device=device), labels[:0], 0)
+    assert counts.shape == (0,) and sums.shape == (1100, 0, 4)
 
 
 def test_bad_arguments_are_rejected():

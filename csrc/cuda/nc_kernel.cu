@@ -20,7 +20,10 @@ constexpr int64_t kTargetBlocks = 1024;
 constexpr int64_t kMaxSplits = 64;
 
 int64_t splits_for(int64_t blocks, int64_t n, int64_t min_rows_per_split) {
-  const int64_t want = (kTargetBlocks + blocks - 1) / std::max<int64_t>(blocks, 1);
+  // Nothing to launch (D = 0 or no classes): a split would only multiply the
+  // grid dimension that carries batches x splits.
+  if (blocks == 0) return 1;
+  const int64_t want = (kTargetBlocks + blocks - 1) / blocks;
   const int64_t rows_cap = std::max<int64_t>(1, n / min_rows_per_split);
   return std::max<int64_t>(1, std::min({want, kMaxSplits, rows_cap}));
 }
