@@ -85,6 +85,16 @@ def device(pytestconfig):
 
 
 @pytest.fixture
+def gpu_exp(device, monkeypatch):
+    """Triton's float32 exp as a GPU computes it (ex2.approx): the GPU as is;
+    on the CPU, the interpreter with a model of its error (tests/gpu_exp_emulation.py)."""
+    if device.type == "cpu":
+        from gpu_exp_emulation import emulate
+
+        emulate(monkeypatch)
+
+
+@pytest.fixture
 def bf16_triton(device, monkeypatch):
     """bfloat16 through the Triton kernels as a GPU computes it: the GPU as is;
     on the CPU, the interpreter with a GPU's bfloat16 rounding and dots and

@@ -600,7 +600,7 @@ def _confident_rows(n, d, c, closeness, seed):
 
 
 @pytest.mark.parametrize("scale,c", [(16.0, 200), (16.0, 1031), (64.0, 1031)])
-def test_confident_row_losses_over_many_classes(impl, device, scale, c):
+def test_confident_row_losses_over_many_classes(impl, device, gpu_exp, scale, c):
     # A running sum that held the max's exp(0) = 1 rounded each of the C
     # small exps to an ulp of 1: the extension's row losses of ~1e-4 erred by
     # up to 1.3% (4.5-7x the reference) at C = 200. The max's 1 now stays out
@@ -614,7 +614,7 @@ def test_confident_row_losses_over_many_classes(impl, device, scale, c):
 
 
 @pytest.mark.parametrize("z_loss", [1e-5, 1e-4])
-def test_z_loss_gradients_of_confident_rows(impl, device, z_loss):
+def test_z_loss_gradients_of_confident_rows(impl, device, gpu_exp, z_loss):
     # d z_t = g (p_t - 1) + 2 zl lse g p_t: with the z-loss term folded into
     # p (1 + 2 zl lse) it was rounded against 1, and every impl's d x was
     # 30-60x the reference's error at zl = 1e-5, s = 64.
@@ -633,7 +633,7 @@ def test_z_loss_gradients_of_confident_rows(impl, device, z_loss):
         assert err <= 2 * ref_err + 1e-7 * tr.abs().max().item(), (name, err, ref_err)
 
 
-def test_tiny_row_losses_keep_their_relative_precision(impl, device):
+def test_tiny_row_losses_keep_their_relative_precision(impl, device, gpu_exp):
     # Row losses down to ~1e-11 (median ~4e-7; s = 64, rows near their
     # class): lse = max + log1p(rest) with the max's own exp(0) kept out of
     # the sum (math.h lse_merge, nnk/impl/lse.py) leaves them a relative error

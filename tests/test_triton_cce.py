@@ -14,6 +14,7 @@ so that the tensor-core path runs, not a float32 fallback.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +29,10 @@ from nnk.ops import has_op
 from nnk.reference import cosine_cross_entropy_ref
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from nnk.impl.triton.backward import _expm1  # noqa: E402
 
 # atol, relative to the largest true value (of the row, for matrices), per
 # input dtype: below the dtype's own rounding of the returned gradients, so
@@ -832,6 +837,31 @@ def test_target_sines_match_the_reference(device, bf16_triton, dtype):
     assert (got[19:21] == -1).all()
     assert (got[:12] < 1e-2).all()  # the near rows
     torch.testing.assert_close(got, want, rtol=2 * 2.0**-24, atol=1e-9, equal_nan=True)
+
+
+@triton.jit
+def _expm1_kernel(U_ptr, OUT_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(OUT_ptr + offs, _expm1(tl.load(U_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+
+def test_target_p_minus_one_within_a_few_ulp(device, gpu_exp):
+    """backward._expm1, the target's p - 1 in d z, against float64 expm1:
+    exp(u) - 1 with a GPU's exp (ex2.approx, tests/gpu_exp_emulation.py) errs
+    by 12% at u = -1e-6, a confident row's target."""
+    u = torch.cat([-torch.logspace(-12, math.log10(0.2499), 40, dtype=torch.float64), torch.tensor(
+        [0.0, 1e-7, 0.1, 0.2499, 0.25, -0.25, -0.3, -1.0, -5.0, -20.0, -float("inf"), float("nan")],
+        dtype=torch.float64)]).float()
+    out = torch.empty_like(u, device=device)
+    _expm1_kernel[(1,)](u.to(device), out, u.numel(), BLOCK=64)
+    out = out.cpu().double()
+    want = u.double().expm1()
+    rel = ((out - want) / want.abs().clamp_min(1e-300))[~want.isnan()].abs()
+    small = (u.abs() < 0.25)[~want.isnan()]
+    assert rel[small].max() <= 4 * 2.0**-24, rel[small].max()
+    assert rel[~small].max() <= 2.0**-20, rel[~small].max()
+    assert out[u == 0].item() == 0.0 and out[-1].isnan() and out[-2].item() == -1.0
 
 
 def test_autotune_keys_are_size_buckets():

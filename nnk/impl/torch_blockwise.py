@@ -148,8 +148,8 @@ class _BlockwiseCCE(torch.autograd.Function):
         ls = opts.label_smoothing
         g = torch.where(valid, g_row.to(acc), torch.zeros_like(lse))
         # dz = g ((p - ls / C) - [c == y] (1 - ls)) + coef_z p (math.h dlogit):
-        # g's factor first, where p - 1 is exact on a confident row's target
-        # and a row whose target takes all the probability (C = 1) gets
+        # the target's p - 1 from expm1 (pm1_t below); g's factor first, where
+        # a row whose target takes all the probability (C = 1) gets
         # exactly 0 (g p - g ls / C - g (1 - ls) left ~1e-7 g, times 1 / eps
         # in the d x of a zero row: 6e5, inf in float16); the z-loss term and
         # the lse output's (d lse / dz = softmax) apart, not rounded against 1.
@@ -169,6 +169,10 @@ class _BlockwiseCCE(torch.autograd.Function):
         run_max = torch.where(empty, float("inf"), run_max)
         log_sum = torch.where(empty, 0.0, log_sum)
         dpsi = margin_grad_ref(cos_t, opts.angular_margin, opts.exact_margin, sin_t)
+        # The target's (p - 1) + ls - ls / C, its p - 1 from expm1, not rounded
+        # against 1: an ulp of p is 10% of a confident row's p - 1 ~ -1e-6,
+        # and CUDA's exp may err by 2 ulp (math.h dlogit).
+        pm1_t = ((z_t - run_max) - log_sum).expm1_() + (ls - ls / c)
 
         dxn = torch.zeros_like(xn) if need_x else None
         dwn = torch.zeros_like(wn) if need_w else None
@@ -183,7 +187,7 @@ class _BlockwiseCCE(torch.autograd.Function):
                 p = (z - run_max[rows, None]).sub_(log_sum[rows, None]).exp_()
                 dz = p - ls / c if coef_z is not None else p.sub_(ls / c)
                 col, inside = _target_slots(t[rows], valid[rows], c0, c1)
-                _update_targets(dz, col, inside, lambda old: old - (1.0 - ls))
+                _update_targets(dz, col, inside, lambda old: pm1_t[rows])
                 dz = dz.mul_(g[rows, None])
                 if coef_z is not None:
                     dz = dz.add_(p.mul_(coef_z[rows, None]))
