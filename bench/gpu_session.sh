@@ -20,7 +20,10 @@
 #   test   pytest --device cuda --gpu-only -m "not slow": only the tests that run on the GPU
 #          (the device fixture or the gpu marker; the rest runs the same in CPU CI), the
 #          kernels' files first; --timeout=60 per test where pytest-timeout is installed;
-#          SIGINT at the box, so that pytest still prints its summary.
+#          NNK_TRITON_NO_AUTOTUNE=1 (one config per Triton kernel: autotuning each of the
+#          ~100 keys the tests reach would compile ~550 kernels, 1-4 s each; test_large_gpu
+#          still autotunes, and the bench stage does); SIGINT at the box, so that pytest
+#          still prints its summary.
 #          Box: TEST_S (150), cut so that the bench keeps BENCH_MIN_S (200) + TAIL_S (60), at least 30 -> tests.log
 #   bench  python -m bench --suite full --device cuda --dtype bf16, in two runs:
 #          1. the headline shapes (SHAPES: LLM C = 131072, face C = 1M CosFace and ArcFace),
@@ -178,7 +181,7 @@ if want test; then
   (( tb < 30 )) && tb=30
   echo "test: ${#files[@]} files, box $(box "$tb") s"
   # SIGINT at the box: pytest stops and prints its summary (SIGTERM would lose it).
-  tbox -s INT "$(box "$tb")" "$PY" -m pytest --device cuda --gpu-only -m "not slow" -q -p no:cacheprovider \
+  NNK_TRITON_NO_AUTOTUNE=1 tbox -s INT "$(box "$tb")" "$PY" -m pytest --device cuda --gpu-only -m "not slow" -q -p no:cacheprovider \
     --maxfail=20 -rfEs --durations=15 ${extra[@]+"${extra[@]}"} "${files[@]}" ${TEST_ARGS:-} > "$WORK/tests.log" 2>&1
   rc=$?
   echo "tests: exit $rc$(boxed $rc)"

@@ -292,6 +292,31 @@ def test_autotuning_starts_each_run_from_zero(device, monkeypatch):
     assert len(timed) == 4, timed  # two keys (with and without d s, d b), two candidates each
 
 
+def test_no_autotune_launches_the_fixed_config(device, monkeypatch):
+    """NNK_TRITON_NO_AUTOTUNE=1: the forward and backward launch FIXED_FWD /
+    FIXED_BWD, no autotuner is asked; unset or 0, both kernels are autotuned;
+    a value other than 0 or 1 is refused."""
+    from nnk.impl.triton import backward, forward
+    from nnk.impl.triton.launch import PerDeviceAutotune
+
+    asked, on = [], PerDeviceAutotune.on
+
+    def recorded(self, dev):
+        asked.append(self)
+        return on(self, dev)
+
+    monkeypatch.setattr(PerDeviceAutotune, "on", recorded)
+    x, w, t, scale, bias = _case(device, F32, 97, 59, 1031, scale=16.0, bias=True, ignore=(4,))
+    for value, tuned in (("1", []), ("0", [forward._cce_fwd_tuned, backward._cce_bwd_tuned])):
+        monkeypatch.setenv("NNK_TRITON_NO_AUTOTUNE", value)
+        asked.clear()
+        _check(_public_fn, x, w, t, scale, bias, dict(additive_margin=0.2))
+        assert asked == tuned, value
+    monkeypatch.setenv("NNK_TRITON_NO_AUTOTUNE", "yes")
+    with pytest.raises(ValueError, match="NNK_TRITON_NO_AUTOTUNE must be 0 or 1"):
+        _public_fn(x, w, t, scale=scale, bias=bias)
+
+
 def test_autotuning_refuses_a_later_chunk():
     """The accumulators are zero when autotuning starts only at the first class
     chunk (later chunks hold earlier ones' sums): the hook zeroing them says
@@ -799,8 +824,10 @@ def test_matches_reference_bf16(device, shape):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_large_gpu(device, dtype):
-    """GPU sizes with the default work splitting and autotuning."""
+def test_large_gpu(device, dtype, monkeypatch):
+    """GPU sizes with the default work splitting and autotuning (also in a
+    GPU session that runs the other tests with NNK_TRITON_NO_AUTOTUNE=1)."""
+    monkeypatch.delenv("NNK_TRITON_NO_AUTOTUNE", raising=False)
     x, w, t, scale, bias = _case(device, dtype, 1024, 512, 50_000, scale="class", bias=True, ignore=(8,))
     _check(_public_fn, x, w, t, scale, bias, dict(additive_margin=0.35, z_loss=1e-4))
 

@@ -53,6 +53,16 @@ def gemm_backward() -> bool:
     return env_flag("NNK_TRITON_GEMM_BACKWARD")
 
 
+def no_autotune() -> bool:
+    """NNK_TRITON_NO_AUTOTUNE=1: launch the first candidate (FIXED_FWD /
+    FIXED_BWD, the deterministic mode's block sizes) instead of autotuning.
+    Autotuning compiles and times every candidate once per key (options,
+    dtypes, D, size buckets): a run of many small problems, each seen once
+    (a test suite: about 100 keys, 550 compiles of 1-4 s), spends its time
+    compiling. Read at each launch."""
+    return env_flag("NNK_TRITON_NO_AUTOTUNE")
+
+
 # Opt-in sparse backward (NNK_TRITON_GRAD_FILTER): tiles of d logits whose
 # every entry is negligible skip their d x and d W contractions (two of the
 # backward's three dots and their float32 read-modify-writes), as

@@ -109,8 +109,8 @@ def launch(kernel: PerDeviceAutotune, grid, deterministic: bool, fixed: triton.C
     """Launch the kernel autotuned for the device of ``args[0]``, or in
     deterministic mode the plain kernel with the fixed config: the same block
     sizes, hence the same summation order, in every process (autotuning could
-    pick other ones)."""
-    if deterministic:
+    pick other ones); also with NNK_TRITON_NO_AUTOTUNE=1 (configs.no_autotune)."""
+    if deterministic or configs.no_autotune():
         kernel.fn[grid](*args, **kwargs, **fixed.all_kwargs())
     else:
         kernel.on(args[0].device)[grid](*args, **kwargs)
