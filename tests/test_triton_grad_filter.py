@@ -139,7 +139,14 @@ def test_filter_keeps_flat_softmax_exact(device):
     exact = _evaluate(_triton_fn(True, grad_filter=0.0), x, w, t, s, bias, kw, g, glse)
     sparse = _evaluate(_triton_fn(True, grad_filter=TOL), x, w, t, s, bias, kw, g, glse)
     for name in exact:
-        assert torch.equal(exact[name], sparse[name]), name
+        if device.type == "cpu":
+            assert torch.equal(exact[name], sparse[name]), name
+        else:
+            # A GPU compiles the two variants apart, and may contract other
+            # multiply-adds into FMAs: ulps apart, where a skipped tile would
+            # move entries by ~1 / C of the row's largest.
+            torch.testing.assert_close(sparse[name], exact[name], rtol=2.0**-20, atol=0.0,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_filter_env_parsing(monkeypatch):
