@@ -19,7 +19,8 @@
 #          (a build without the CUDA sources fails rather than passing) (BUILD_S, 240) -> build.log
 #   test   pytest --device cuda --gpu-only -m "not slow": only the tests that run on the GPU
 #          (the device fixture or the gpu marker; the rest runs the same in CPU CI), the
-#          kernels' files first; --timeout=60 per test where pytest-timeout is installed;
+#          kernels' files first; --timeout=120 per test where pytest-timeout is installed,
+#          -n TEST_WORKERS (8) where pytest-xdist is (carried in .whl/ with the peers);
 #          NNK_TRITON_NO_AUTOTUNE=1 (one config per Triton kernel: autotuning each of the
 #          ~100 keys the tests reach would compile ~550 kernels, 1-4 s each; test_large_gpu
 #          still autotunes, and the bench stage does); SIGINT at the box, so that pytest
@@ -128,7 +129,8 @@ if want env; then
   { tbox 30 nvidia-smi; tbox 60 "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
     tbox 60 "$PY" -c 'import triton, setuptools; print("triton", triton.__version__, "setuptools", setuptools.__version__)'
     echo "CUDA_HOME=${CUDA_HOME:-unset}"; [[ -n "${CUDA_HOME:-}" ]] && "$CUDA_HOME/bin/nvcc" --version | tail -n 2
-    "$PY" -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout: yes" || echo "pytest-timeout: no"; } > "$WORK/env.txt" 2>&1
+    "$PY" -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout: yes" || echo "pytest-timeout: no"
+    "$PY" -c 'import xdist' 2>/dev/null && echo "pytest-xdist: yes" || echo "pytest-xdist: no"; } > "$WORK/env.txt" 2>&1
   cat "$WORK/env.txt"
   pack
 fi
@@ -174,7 +176,12 @@ if want test; then
   done
   [[ -n "${TEST_FILES:-}" ]] && read -ra files <<< "$TEST_FILES"
   extra=()
-  "$PY" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout=60)   # a hung test fails alone
+  # A hung test fails alone (120 s: a test's first launches may compile a dozen kernels).
+  "$PY" -c 'import pytest_timeout' 2>/dev/null && extra+=(--timeout=120)
+  # Worker processes (pytest-xdist, carried in .whl/): the stage is mostly
+  # Triton compiling kernels at their first launch, one at a time per process,
+  # with 16 cores there; they share the GPU and Triton's on-disk cache.
+  "$PY" -c 'import xdist' 2>/dev/null && extra+=(-n "${TEST_WORKERS:-8}")
   # Shortened so that the bench keeps BENCH_MIN_S and the stages after it TAIL_S; at least 30 s.
   tb=$(( $(left) - BENCH_MIN_S - TAIL_S ))
   (( tb > ${TEST_S:-150} )) && tb=${TEST_S:-150}
@@ -185,7 +192,9 @@ if want test; then
     --maxfail=20 -rfEs --durations=15 ${extra[@]+"${extra[@]}"} "${files[@]}" ${TEST_ARGS:-} > "$WORK/tests.log" 2>&1
   rc=$?
   echo "tests: exit $rc$(boxed $rc)"
-  tail -n 30 "$WORK/tests.log"
+  # The summary lines (xdist's workers print their tracebacks after it when
+  # the box interrupts them).
+  grep -E '^(FAILED|ERROR) |^[0-9]+ (passed|failed|skipped)|^=+ .*(passed|failed|error)' "$WORK/tests.log" | tail -n 40
   pack
 fi
 
