@@ -129,8 +129,8 @@ if want env; then
   { tbox 30 nvidia-smi; tbox 60 "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
     tbox 60 "$PY" -c 'import triton, setuptools; print("triton", triton.__version__, "setuptools", setuptools.__version__)'
     echo "CUDA_HOME=${CUDA_HOME:-unset}"; [[ -n "${CUDA_HOME:-}" ]] && "$CUDA_HOME/bin/nvcc" --version | tail -n 2
-    "$PY" -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout: yes" || echo "pytest-timeout: no"
-    "$PY" -c 'import xdist' 2>/dev/null && echo "pytest-xdist: yes" || echo "pytest-xdist: no"; } > "$WORK/env.txt" 2>&1
+    "$PY" -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout (before the peers stage): yes" \
+      || echo "pytest-timeout (before the peers stage): no"; } > "$WORK/env.txt" 2>&1
   cat "$WORK/env.txt"
   pack
 fi
@@ -182,6 +182,7 @@ if want test; then
   # Triton compiling kernels at their first launch, one at a time per process,
   # with 16 cores there; they share the GPU and Triton's on-disk cache.
   "$PY" -c 'import xdist' 2>/dev/null && extra+=(-n "${TEST_WORKERS:-8}")
+  echo "pytest options: ${extra[*]:-none}"
   # Shortened so that the bench keeps BENCH_MIN_S and the stages after it TAIL_S; at least 30 s.
   tb=$(( $(left) - BENCH_MIN_S - TAIL_S ))
   (( tb > ${TEST_S:-150} )) && tb=${TEST_S:-150}
@@ -194,7 +195,9 @@ if want test; then
   echo "tests: exit $rc$(boxed $rc)"
   # The summary lines (xdist's workers print their tracebacks after it when
   # the box interrupts them).
-  grep -E '^(FAILED|ERROR) |^[0-9]+ (passed|failed|skipped)|^=+ .*(passed|failed|error)' "$WORK/tests.log" | tail -n 40
+  # A usage error or an INTERNALERROR has no summary line: the log's end then.
+  grep -E '^(FAILED|ERROR) |^[0-9]+ (passed|failed|skipped)|^=+ .*(passed|failed|error)' "$WORK/tests.log" \
+    | tail -n 40 | grep . || tail -n 30 "$WORK/tests.log"
   pack
 fi
 
