@@ -280,7 +280,7 @@ def test_autotuning_starts_each_run_from_zero(device, monkeypatch):
         timed.append(len(timed))
         return [-float(len(timed))] * len(quantiles)  # the later candidate is faster
 
-    options = dict(backward._cce_bwd_tuned._options, do_bench=bench, configs=[
+    options = dict(backward._cce_bwd_tuned._options, do_bench=bench, prune_configs_by=None, configs=[
         triton.Config({"BLOCK_N": 64, "BLOCK_C": 256, "BLOCK_D": 64}, num_warps=4, num_stages=1),
         triton.Config({"BLOCK_N": 32, "BLOCK_C": 128, "BLOCK_D": 32}, num_warps=4, num_stages=1)])
     monkeypatch.setattr(backward, "_cce_bwd_tuned", backward.PerDeviceAutotune(backward._cce_bwd_kernel, **options))
@@ -315,6 +315,39 @@ def test_no_autotune_launches_the_fixed_config(device, monkeypatch):
     monkeypatch.setenv("NNK_TRITON_NO_AUTOTUNE", "yes")
     with pytest.raises(ValueError, match="NNK_TRITON_NO_AUTOTUNE must be 0 or 1"):
         _public_fn(x, w, t, scale=scale, bias=bias)
+
+
+def test_backward_prunes_block_d_64_for_float32_operands(device, monkeypatch):
+    """configs.prune_backward, installed on the backward's autotuner: with
+    float32 dot operands the BLOCK_D = 64 candidate (ptxas: 32 registers and
+    10-50 KB of stack per thread) is neither compiled nor timed; 16-bit
+    operands keep it; a lone candidate stays."""
+    import triton
+
+    from nnk.impl.triton import backward, configs
+
+    bd64 = triton.Config({"BLOCK_N": 64, "BLOCK_C": 256, "BLOCK_D": 64}, num_warps=4, num_stages=1)
+    bd32 = triton.Config({"BLOCK_N": 32, "BLOCK_C": 128, "BLOCK_D": 32}, num_warps=4, num_stages=1)
+    assert configs.prune_backward([bd32, bd64], {}, DOT_PRECISION="ieee") == [bd32]
+    assert configs.prune_backward([bd32, bd64], {}, DOT_PRECISION="tf32") == [bd32, bd64]
+    assert configs.prune_backward([bd64], {}, DOT_PRECISION="ieee") == [bd64]
+    options = backward._cce_bwd_tuned._options
+    assert options["prune_configs_by"]["early_config_prune"] is configs.prune_backward
+    if device.type != "cpu":
+        return  # the stand-in timing below is the interpreter's
+    timed = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        timed.append(1)
+        return [1.0] * len(quantiles)
+
+    tuned = backward.PerDeviceAutotune(backward._cce_bwd_kernel, **dict(options, do_bench=bench, configs=[bd64, bd32]))
+    monkeypatch.setattr(backward, "_cce_bwd_tuned", tuned)
+    x, w, t, scale, bias = _case(device, F32, 37, 19, 300, scale=8.0, bias=False, ignore=())
+    _check(_triton_fn(False), x, w, t, scale, bias, {})
+    chosen = list(tuned.on(x.device).cache.values())
+    assert len(chosen) == 1 and chosen[0].kwargs["BLOCK_D"] == 32 and len(timed) <= 1
 
 
 def test_autotuning_refuses_a_later_chunk():

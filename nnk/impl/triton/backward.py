@@ -283,6 +283,7 @@ _cce_bwd_tuned = PerDeviceAutotune(
          "HAS_ARC", "EXACT_MARGIN", "HAS_DX", "HAS_DW", "HAS_DB", "HAS_DS", "UPCAST", "SPLIT_GRAD",
          "HAS_FILTER"],
     pre_hook=_zero_accumulators,
+    prune_configs_by={"early_config_prune": configs.prune_backward},
 )
 
 

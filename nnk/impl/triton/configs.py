@@ -117,7 +117,8 @@ else:
     # (which ptxas then compiles at 32 registers), and on sm_80 12 KB for
     # 64x64x32; the float16 upcast variant (rows below eps) 0.6-3 KB, 46-53 KB
     # for 64x128x64 and, on sm_80 only, 11 KB for 128x64x32 = FIXED_BWD (the
-    # deterministic mode's config). The autotuner discards slow candidates;
+    # deterministic mode's config). The autotuner discards slow candidates
+    # (prune_backward drops the float32-operand 64x128x64 before timing);
     # the deterministic mode cannot. Shared memory peaks at 131,072 B (forward
     # 128x128x64, float32 on sm_80), within an A100's 163 KB
     # (test_kernels_compile_for_gpus checks every config; sm_86/89's 99 KB
@@ -142,6 +143,21 @@ else:
 
 FIXED_FWD = FWD_CONFIGS[0]
 FIXED_BWD = BWD_CONFIGS[0]
+
+
+def prune_backward(candidates: list, named_args: dict, **kwargs) -> list:
+    """The backward's autotune candidates for one call (triton.autotune's
+    early_config_prune): with float32 dot operands (DOT_PRECISION "ieee":
+    float32 inputs, or 16-bit tiles upcast) the dots run on FMA units, and
+    the BLOCK_D = 64 candidate leaves ptxas 32 registers and 10-12 KB of
+    stack per thread on sm_90 (31-53 KB on sm_80; compiled for those targets
+    without a GPU, untimed): it could only lose, after costing a compile and
+    slow timed runs. Kept where nothing else is left (the interpreter's one
+    config)."""
+    precision = kwargs.get("DOT_PRECISION", named_args.get("DOT_PRECISION"))
+    if precision != "ieee":
+        return candidates
+    return [c for c in candidates if c.kwargs["BLOCK_D"] < 64] or candidates
 
 
 def rowwise_blocks(d: int) -> tuple[int, int]:
