@@ -5,6 +5,7 @@ interpreter or --device cuda) against the reference, bad input, the CLI and
 the DataLoader helper."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -297,6 +298,30 @@ def test_triton_kernels_match_reference(device, dtype, shape):
         assert gram.dtype == torch.float32 and gram.shape == ref.shape
         err = (gram.double().cpu() - truth).abs().max()
         assert err <= 2 * ref_err + 1e-6 * truth.abs().max(), (splits, float(err), float(ref_err))
+
+
+@pytest.mark.parametrize("gram", ["reference", "op", "triton"])
+def test_gram_error_does_not_grow_with_n(gram, device):
+    # One float32 product (or float32 running sum) over all N rows was off by
+    # 6e-5 relative at N = 200k, D = 8 (reference and CPU op) and the Triton
+    # kernel's sum over a row split by 1.0e-6 at N = 50k: now every path sums
+    # float32 products of row chunks in float64 (measured 4.8e-8 for Triton
+    # under the interpreter). Triton with one split: every row in one program.
+    from nnk.nc.triton_kernels import nc_centered_gram_triton
+
+    if gram == "op" and not nnk.ops.has_op("nc_centered_gram", device.type):
+        pytest.skip(f"the extension nnk._C is not built with the NC ops for {device.type}")
+    n = 50_000 if gram == "triton" and device.type == "cpu" else 200_000  # the interpreter: 3 s
+    fn = {"reference": nc_centered_gram_ref, "op": nnk.ops.nc_centered_gram,
+          "triton": functools.partial(nc_centered_gram_triton, splits=1)}[gram]
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(n, 8, generator=g, dtype=torch.float64) * 2 + 1).float()
+    y = torch.randint(0, 10, (n,), generator=g)
+    shifts = (nc_class_sums_ref(h, y, 10)[1] / torch.bincount(y, minlength=10)[:, None]).float()
+    truth = nc_centered_gram_ref(h.double(), y, shifts.double())
+    got = fn(h.to(device), y.to(device), shifts.to(device))
+    assert got.dtype == torch.float32
+    assert (got.double().cpu() - truth).abs().max().item() / truth.abs().max().item() < 3e-7
 
 
 def test_triton_bf16_subnormal_features(device, bf16_triton):

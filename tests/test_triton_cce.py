@@ -838,8 +838,9 @@ from nnk.nc import triton_kernels as nc
 for arch in (80, 90):
     for dtype in ("bf16", "fp16", "fp32"):
         build(nc._nc_centered_gram_kernel, dtype, arch,
-              triton.Config({"BLOCK_N": nc.GRAM_BLOCK_N, "BLOCK_D": nc.GRAM_BLOCK_D}, num_warps=nc.GRAM_WARPS),
-              {}, pointers={"Y_ptr": "*i64"})
+              triton.Config({"BLOCK_N": nc.GRAM_BLOCK_N, "BLOCK_D": nc.GRAM_BLOCK_D,
+                             "CHUNK_ROWS": nc.GRAM_CHUNK_ROWS}, num_warps=nc.GRAM_WARPS),
+              {}, pointers={"Y_ptr": "*i64", "OUT_ptr": "*fp64"})
         build(nc._nc_class_sums_kernel, dtype, arch,
               triton.Config({"BLOCK_N": nc.SUMS_BLOCK_N, "BLOCK_D": nc.SUMS_BLOCK_D}, num_warps=4),
               {}, pointers={"PERM_ptr": "*i64", "OFFS_ptr": "*i64", "OUT_ptr": "*fp64"})

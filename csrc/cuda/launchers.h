@@ -76,8 +76,8 @@ cudaError_t launch_nc_count(const int64_t* labels, int64_t n, int64_t classes, i
 // partial[s, b, k, :] = sum of features[b, perm[r], :] over the s-th of
 // `splits` equal ranges of r in [offsets[k], offsets[k] + counts[k]) (perm: the
 // rows sorted by label, offsets: the exclusive prefix sum of counts).
-// features: (batches, n, d) row-major of `dtype`; partial in `acc` (kFloat32,
-// or kFloat64 for kFloat64 features).
+// features: (batches, n, d) row-major of `dtype`; partial in `acc`, which must
+// be kFloat64 (nc::sums_dtype) for every feature dtype.
 int64_t nc_class_sums_splits(int64_t batches, int64_t n, int64_t d, int64_t classes);
 cudaError_t launch_nc_class_sums(DType dtype, DType acc, const void* features,
                                  const int64_t* perm, const int64_t* offsets,
@@ -88,9 +88,10 @@ cudaError_t launch_nc_class_sums(DType dtype, DType acc, const void* features,
 // partial[s, b] = sum over the s-th row range of (h_i - c[y_i]) (h_i - c[y_i])^T
 // with h_i = features[b, i], c = shifts[b] if shifts_batched else shifts[0]:
 // a (d, d) Gram, the centering fused into the tile loads. features: (batches,
-// n, d) of `dtype`; shifts (*, classes, d) and partial in `acc` (kFloat32 or
-// kFloat64; kFloat64 accepts every feature dtype). Labels outside
-// [0, classes) center on 0 (never read out of bounds).
+// n, d) of `dtype`; shifts (*, classes, d) in `acc` (kFloat32 or kFloat64;
+// kFloat64 accepts every feature dtype), the type of the products, which are
+// summed in float64 over chunks of rows; partial float64 whatever `acc`.
+// Labels outside [0, classes) center on 0 (never read out of bounds).
 int64_t nc_gram_splits(int64_t batches, int64_t n, int64_t d);
 cudaError_t launch_nc_centered_gram(DType dtype, DType acc, const void* features,
                                     const int64_t* labels, const void* shifts,

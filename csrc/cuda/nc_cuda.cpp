@@ -72,13 +72,14 @@ at::Tensor nc_centered_gram_cuda(const at::Tensor& features, const at::Tensor& l
   }
   TORCH_CHECK(f.b <= kMaxGridYZ, op, ": too many batches (", f.b, ")");
   const int64_t splits = cuda::nc_gram_splits(f.b, f.n, f.d);
-  at::Tensor partial = at::empty({splits, f.b, f.d, f.d}, f.features.options().dtype(acc));
+  // float64 partials (the kernel's chunk totals), summed and rounded once.
+  at::Tensor partial = at::empty({splits, f.b, f.d, f.d}, f.features.options().dtype(at::kDouble));
   C10_CUDA_CHECK(cuda::launch_nc_centered_gram(
       cuda::to_launch_dtype(f.features.scalar_type(), op), cuda::to_launch_dtype(acc, op),
       f.features.const_data_ptr(), f.labels.const_data_ptr<int64_t>(), c.const_data_ptr(),
       /*shifts_batched=*/c.size(0) > 1, f.b, f.n, f.d, classes,
       splits, partial.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream()));
-  at::Tensor gram = splits == 1 ? partial[0] : partial.sum(0);
+  at::Tensor gram = (splits == 1 ? partial[0] : partial.sum(0)).to(acc);
   return f.batched ? gram : gram[0];
 }
 

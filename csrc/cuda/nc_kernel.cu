@@ -1,6 +1,7 @@
 // Neural-collapse statistics: per-class counts and feature sums, and the Gram
-// of features centered on per-class shifts. The sums accumulate in fp64, the
-// Gram in fp32 (fp64 for fp64), in a fixed order (no float atomics), so
+// of features centered on per-class shifts. The sums accumulate in fp64; the
+// Gram takes fp32 products (fp64 for fp64 inputs) over chunks of kGramChunkRows
+// rows, summed in fp64. Every sum runs in a fixed order (no float atomics), so
 // results are reproducible.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -77,6 +78,12 @@ __global__ void nc_class_sums_kernel(const T* __restrict__ features,
 // above the diagonal are computed; each is also written mirrored.
 constexpr int kTile = 64;
 constexpr int kGramRows = 16;
+// Rows whose products one accumulator of type A sums before they are added to
+// the fp64 total: an fp32 sum over a whole row split had an error growing with
+// its rows, where nnk.reference.nc_centered_gram_ref sums fp32 products of
+// GRAM_CHUNK_ROWS (1024) rows in fp64. A multiple of kGramRows.
+constexpr int64_t kGramChunkRows = 1024;
+static_assert(kGramChunkRows % kGramRows == 0, "chunks hold whole row tiles");
 constexpr int kGramThreads = 256;
 constexpr int kMicro = 4;
 
@@ -84,7 +91,7 @@ template <typename T, typename A>
 __global__ void nc_gram_kernel(const T* __restrict__ features, const int64_t* __restrict__ labels,
                                const A* __restrict__ shifts, bool shifts_batched,
                                int64_t batches, int64_t n, int64_t d, int64_t classes,
-                               int64_t splits, A* __restrict__ partial) {
+                               int64_t splits, double* __restrict__ partial) {
   // 1. Which tile (tp <= tq) of the upper triangle, batch and row range.
   const int64_t n_tiles = (d + kTile - 1) / kTile;
   int64_t idx = blockIdx.x, tp = 0;
@@ -103,6 +110,7 @@ __global__ void nc_gram_kernel(const T* __restrict__ features, const int64_t* __
   __shared__ A tile_q[kGramRows][kTile];
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   A acc[kMicro][kMicro] = {};
+  double total[kMicro][kMicro] = {};
 
   for (int64_t r0 = r_begin; r0 < r_end; r0 += kGramRows) {
     // 2. Load kGramRows centered rows of both column ranges (coalesced along
@@ -138,17 +146,28 @@ __global__ void nc_gram_kernel(const T* __restrict__ features, const int64_t* __
         for (int v = 0; v < kMicro; ++v) acc[u][v] += a[u] * bq[v];
     }
     __syncthreads();
+    // 4. At the end of each chunk (and of the range), add its products to the
+    //    fp64 total. Uniform across the block: r0 and r_end are.
+    if ((r0 - r_begin + kGramRows) % kGramChunkRows == 0 || r0 + kGramRows >= r_end) {
+#pragma unroll
+      for (int u = 0; u < kMicro; ++u)
+#pragma unroll
+        for (int v = 0; v < kMicro; ++v) {
+          total[u][v] += static_cast<double>(acc[u][v]);
+          acc[u][v] = 0;
+        }
+    }
   }
-  // 4. Store the tile and, off the diagonal, its transpose.
-  A* gb = partial + (s * batches + b) * d * d;
+  // 5. Store the tile and, off the diagonal, its transpose.
+  double* gb = partial + (s * batches + b) * d * d;
 #pragma unroll
   for (int u = 0; u < kMicro; ++u) {
 #pragma unroll
     for (int v = 0; v < kMicro; ++v) {
       const int64_t gp = p0 + ty * kMicro + u, gq = q0 + tx * kMicro + v;
       if (gp < d && gq < d) {
-        gb[gp * d + gq] = acc[u][v];
-        if (tp != tq) gb[gq * d + gp] = acc[u][v];
+        gb[gp * d + gq] = total[u][v];
+        if (tp != tq) gb[gq * d + gp] = total[u][v];
       }
     }
   }
@@ -182,7 +201,7 @@ cudaError_t gram(const void* features, const int64_t* labels, const void* shifts
                   static_cast<unsigned>(batches));
   nc_gram_kernel<T, A><<<grid, kGramThreads, 0, s>>>(
       static_cast<const T*>(features), labels, static_cast<const A*>(shifts), shifts_batched,
-      batches, n, d, classes, splits, static_cast<A*>(partial));
+      batches, n, d, classes, splits, static_cast<double*>(partial));
   return cudaGetLastError();
 }
 

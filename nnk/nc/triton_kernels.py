@@ -10,10 +10,12 @@ float16 / bfloat16 / float32, any strides; float64 sums, a float32 Gram):
   order: no atomics, bitwise reproducible.
 - ``nc_centered_gram_triton``: ``G = sum_i (h_i - c[y_i]) (h_i - c[y_i])^T``. The
   shift ``c[y_i]`` is gathered and subtracted in registers right after the
-  feature tile is loaded (no centered copy of H exists), the tile product is
-  accumulated in float32, and only tiles on or above the diagonal are computed
+  feature tile is loaded (no centered copy of H exists), the tile products of
+  GRAM_CHUNK_ROWS rows are accumulated in float32 and their sums in float64
+  (as the reference), and only tiles on or above the diagonal are computed
   (G is symmetric; each is stored twice). Rows may be split over several
-  programs whose partial Grams are summed in a fixed order (deterministic).
+  programs whose float64 partial Grams are summed in a fixed order
+  (deterministic) and rounded to float32 once.
 
 Precision of the tile product: the centered values are formed in fp32 and
 multiplied with IEEE fp32 ``tl.dot`` (never tf32), whatever the feature dtype.
@@ -32,14 +34,18 @@ import triton.language as tl
 
 from ..impl.triton.configs import INTERPRET
 from ..impl.triton.launch import on_device
-from ..reference import _batched
+from ..reference import GRAM_CHUNK_ROWS, _batched
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # One configuration each (autotune with several configs fails in the
-# interpreter). Not tuned on a GPU yet: see bench/.
+# interpreter). Not timed on a GPU yet: see bench/. The Gram's 64 x 64 tile
+# with 8 warps compiles without register spills on sm_80 and with 100 bytes
+# on sm_90 (float32 features; ptxas -v of Triton 3.8's PTX), where a 128 x 128
+# tile spilled 2.1-2.3 KB per thread with the float64 chunk totals (and
+# 0.2-0.4 KB without them).
 SUMS_BLOCK_N, SUMS_BLOCK_D = 32, 128
-GRAM_BLOCK_D = 64 if INTERPRET else 128
+GRAM_BLOCK_D = 64
 GRAM_BLOCK_N = 64 if INTERPRET else 32
 GRAM_WARPS = 8
 
@@ -95,7 +101,7 @@ def _nc_centered_gram_kernel(
     stride_y,
     stride_cb, stride_ck, stride_cd,
     stride_os, stride_ob, stride_oi, stride_oj,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK_ROWS: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_bs = tl.program_id(1)
@@ -116,23 +122,30 @@ def _nc_centered_gram_kernel(
     x_b = X_ptr + b * stride_xb
     c_b = C_ptr + b * stride_cb
 
-    # 2. Over this split's rows: load both column blocks of the row tile with
-    #    the class shift subtracted on the fly, accumulate (H-C)_i^T (H-C)_j.
-    acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
-    for start in range(row_lo, row_hi, BLOCK_N):
-        rows = start + tl.arange(0, BLOCK_N)
-        r_ok = rows < row_hi
-        y = tl.load(Y_ptr + rows * stride_y, mask=r_ok, other=0).to(tl.int64)
-        a = _centered_tile(x_b, c_b, rows, r_ok, y, ci, ci_ok, stride_xn, stride_xd, stride_ck, stride_cd)
-        bt = _centered_tile(x_b, c_b, rows, r_ok, y, cj, cj_ok, stride_xn, stride_xd, stride_ck, stride_cd)
-        acc = tl.dot(tl.trans(a), bt, acc, input_precision="ieee")
+    # 2. Over this split's rows, CHUNK_ROWS at a time: load both column blocks
+    #    of the row tile with the class shift subtracted on the fly, accumulate
+    #    (H-C)_i^T (H-C)_j in float32, and add each chunk's product to a
+    #    float64 total (as nc_centered_gram_ref: a float32 sum over a split's
+    #    rows had an error growing with them, see test_gram_error_does_not_grow_with_n).
+    total = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float64)
+    for chunk in range(row_lo, row_hi, CHUNK_ROWS):
+        chunk_hi = tl.minimum(chunk + CHUNK_ROWS, row_hi)
+        acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float32)
+        for start in range(chunk, chunk_hi, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)
+            r_ok = rows < chunk_hi
+            y = tl.load(Y_ptr + rows * stride_y, mask=r_ok, other=0).to(tl.int64)
+            a = _centered_tile(x_b, c_b, rows, r_ok, y, ci, ci_ok, stride_xn, stride_xd, stride_ck, stride_cd)
+            bt = _centered_tile(x_b, c_b, rows, r_ok, y, cj, cj_ok, stride_xn, stride_xd, stride_ck, stride_cd)
+            acc = tl.dot(tl.trans(a), bt, acc, input_precision="ieee")
+        total += acc.to(tl.float64)
 
     # 3. Store the tile and, off the diagonal, its mirror G[j, i] = G[i, j].
     out = OUT_ptr + s * stride_os + b * stride_ob
     m = ci_ok[:, None] & cj_ok[None, :]
-    tl.store(out + ci[:, None] * stride_oi + cj[None, :] * stride_oj, acc, mask=m)
+    tl.store(out + ci[:, None] * stride_oi + cj[None, :] * stride_oj, total, mask=m)
     if tj != ti:
-        tl.store(out + ci[:, None] * stride_oj + cj[None, :] * stride_oi, acc, mask=m)
+        tl.store(out + ci[:, None] * stride_oj + cj[None, :] * stride_oi, total, mask=m)
 
 
 def _check(features: torch.Tensor, labels: torch.Tensor):
@@ -177,7 +190,7 @@ def _default_splits(n: int, tiles: int, device: torch.device) -> int:
     # Enough programs to fill the GPU about twice when D is small, but at
     # least 8 row blocks per program. One split in the interpreter (serial).
     # configs.num_splits is this rule with one row tile per split at least;
-    # here every split adds a D x D float32 partial Gram to write and sum.
+    # here every split adds a D x D float64 partial Gram to write and sum.
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -211,7 +224,7 @@ def nc_centered_gram_triton(
     # At most one split per row, and grid y (nb * splits) within CUDA's 65535.
     splits = max(1, min(int(splits), max(n, 1), 65535 // nb))
     rows_per_split = triton.cdiv(max(n, 1), splits)
-    out = torch.empty(splits, nb, d, d, dtype=torch.float32, device=h.device)
+    out = torch.empty(splits, nb, d, d, dtype=torch.float64, device=h.device)
     with on_device(h):
         _nc_centered_gram_kernel[(tiles * tiles, nb * splits)](
             h, labels, c3, out,
@@ -220,7 +233,7 @@ def nc_centered_gram_triton(
             labels.stride(0),
             stride_cb, c3.stride(1), c3.stride(2),
             out.stride(0), out.stride(1), out.stride(2), out.stride(3),
-            BLOCK_N=GRAM_BLOCK_N, BLOCK_D=GRAM_BLOCK_D, num_warps=GRAM_WARPS,
+            BLOCK_N=GRAM_BLOCK_N, BLOCK_D=GRAM_BLOCK_D, CHUNK_ROWS=GRAM_CHUNK_ROWS, num_warps=GRAM_WARPS,
         )
-    gram = out[0] if splits == 1 else out.sum(0)
+    gram = (out[0] if splits == 1 else out.sum(0)).float()
     return gram[0] if squeeze else gram
