@@ -47,7 +47,7 @@
 # Timeline of the default call (estimates: nothing has run on a GPU yet):
 #     0-15 s  env, peers
 #   ~15-120   build (its 11 compile jobs took 164 s on a 2-core CPU machine; 16 cores there; box 240)
-#   ~120-270  test (150 s box; ~460 GPU tests collected: they may not all finish); the box
+#   ~120-270  test (150 s box; 513 GPU tests collected at 069c119: they may not all finish); the box
 #             shrinks (to 30 s at least) so that the bench keeps its 200 s unless env and
 #             build take over 250 s
 #   ~270-480  bench: headline (3 cases; builds: Triton autotuning, two torch.compile per

@@ -72,7 +72,7 @@ struct CudaBackend {
   // to 10-bit mantissas (cosine errors ~6e-5, 500x fp32's; 4e-3 in a logit
   // at s = 64), where the Triton path's tl.dot is "ieee" for fp32. The guard
   // is thread-local; torch's cuBLASLt path (preferred_blas_library
-  // "cublaslt") does not consult it (README, Numerics).
+  // "cublaslt") does not consult it (README, "How the kernels work").
   static void gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
     at::NoTF32Guard full_fp32_products;
     if (a.scalar_type() == out.scalar_type()) {

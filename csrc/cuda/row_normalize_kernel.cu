@@ -1,5 +1,5 @@
-// Row L2-normalization forward and backward: one warp per row, fp32 (fp64 for
-// double) accumulation of the sum of squares and of <y, g>.
+// Row L2-normalization forward and backward: one warp per row, the sum of
+// squares accumulated in fp64 for every dtype, <y, g> in fp32 (fp64 for double).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 

@@ -26,8 +26,9 @@ by the row's last class chunk. Gradients then come one of two ways:
   would run the forward and then the backward (4 passes) and hold the
   gradients for nothing; ``grad_in_forward`` then declines. Not the default,
   because the gradients then live from the forward to the backward: several
-  losses before one backward each hold their d x and d W (d W within one
-  class chunk: at most about 85 MiB in float32, 64 MiB in bfloat16),
+  losses before one backward each hold their d x and d W (d W, in W's
+  dtype, within one class chunk: at most about 128 MiB in float32, 85 MiB
+  in bfloat16 on CUDA and 43 MiB on the CPU, by ``nnk.ops.cce_block_shape``),
   activation checkpointing reruns the whole fused forward, a forward that
   is never differentiated did 3 passes instead of 1, and the loss can be
   differentiated once only (the backward scales the gradients in place).

@@ -104,7 +104,17 @@ def row_normalize_backward(
 ) -> torch.Tensor:
     """Gradient of :func:`row_normalize`'s y with respect to x:
     ``(g - y <y, g>) / ||x||`` row-wise where ``||x|| > eps``, else ``g / eps``
-    (the rows F.normalize divides by eps). Shapes as :func:`row_normalize`."""
+    (the rows F.normalize divides by eps).
+
+    Args:
+        grad_y: (N, D) float16 / bfloat16 / float32 / float64, the gradient of y.
+        y: (N, D), :func:`row_normalize`'s y (any of those dtypes).
+        norm: (N,) its norm, float32 (float64 for float64 y).
+        eps: the ``eps`` of the forward.
+
+    Returns:
+        (N, D) in y's dtype (computed in float32, float64 for float64 y).
+    """
     if has_op("row_normalize_backward", y.device.type):
         return torch.ops.nnk.row_normalize_backward(grad_y, y, norm, eps)
     return row_normalize_backward_ref(grad_y, y, norm, eps)

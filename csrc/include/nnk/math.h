@@ -4,7 +4,8 @@
 // formulas the GPU runs.
 //
 // Everything here is templated on the accumulation type T (float, or double
-// for the float64 CPU path); callers never instantiate it with half types.
+// for float64 inputs, which the CPU and CUDA ops both take); callers never
+// instantiate it with half types.
 #pragma once
 
 #include <cmath>
