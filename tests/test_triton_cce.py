@@ -776,6 +776,7 @@ def test_kernels_compile_for_gpus(tmp_path):
 
 
 COMPILE_SCRIPT = """
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -807,6 +808,9 @@ def build(fn, dtype, arch, cfg, constexprs, pointers=None):
                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     shared = k.metadata.shared
     print(fn.__name__, arch, dtype, cfg, "shared", shared, flush=True)
+    # Divisions correctly rounded (tl.div_rn): a bare "/" of floats is
+    # div.full.f32, 2 ulp. ex2.approx (tl.exp) is the one approximation left.
+    assert not re.search(r"div[.](full|approx)", k.asm["ptx"]), (fn.__name__, arch, dtype, cfg)
     assert shared <= SHARED_LIMIT[arch], (fn.__name__, arch, dtype, cfg, shared)
 
 count = 0

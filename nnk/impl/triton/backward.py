@@ -102,9 +102,12 @@ def _dlogit(p, pm1_t, is_t, g, coef_z, label_smoothing, C):
     rounded against 1): g's factor first, so that a row whose target takes all
     the probability (C = 1) gets exactly 0 (g p - g ls / C - g (1 - ls) left
     ~1e-7 g, times 1 / eps in the d x of a zero row); the z-loss and lse terms
-    apart, not rounded against 1."""
+    apart, not rounded against 1. ls / C correctly rounded, as the reference's
+    (on a GPU ``/`` is div.full.f32, 2 ulp: p - ls / C cancels where smoothed
+    rows converge, p ~ ls / C off the target)."""
     ls = label_smoothing
-    return g * tl.where(is_t, pm1_t + (ls - ls / C), p - ls / C) + coef_z * p
+    ls_c = tl.div_rn(ls, tl.zeros_like(ls) + C)
+    return g * tl.where(is_t, pm1_t + (ls - ls_c), p - ls_c) + coef_z * p
 
 
 @triton.jit
