@@ -42,6 +42,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    if os.environ.get("NNK_TEST_CUDA_EMULATION") == "1":
+        _use_cuda_emulation(config)
     if config.getoption("--device") == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
         # The interpreter runs tl.dot through numpy; a multithreaded OpenBLAS
@@ -53,6 +55,23 @@ def pytest_configure(config):
         except ImportError:  # slower, not wrong
             return
         config._nnk_blas_limit = threadpool_limits(1, user_api="blas")  # numpy if already loaded
+
+
+def _use_cuda_emulation(config):
+    """Run by tests/test_cuda_emulation.py in a subprocess whose ``nnk`` is the
+    copy with the emulated CUDA build (tests/cuda_emulation/build.py): its
+    ``impl="cuda"`` on CPU tensors runs the CUDA sources. Refuses to run the
+    tests against anything else."""
+    import sys
+
+    import nnk
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cuda_emulation"))
+    from build import EMULATED_ARCHS, register_gemms
+
+    if nnk.ops.build_info().get("cuda_archs") != EMULATED_ARCHS:
+        raise pytest.UsageError(f"NNK_TEST_CUDA_EMULATION=1 but nnk ({nnk.__file__}) is not the emulated build")
+    config._nnk_emulated_gemms = register_gemms()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -43,6 +43,29 @@ def test_arcface_s64_at_cos_plus_minus_one(impl, device, bf16_triton, margin_gra
         assert_within_bound(errs, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_arcface_exact_gradient_of_rows_near_their_class(impl, device, bf16_triton, dtype):
+    """Rows at angles 0 to 0.01 from their class in 16 bits, s = 64, m = 0.5,
+    the exact margin gradient (~cos / sin there): d x and d W within a few
+    roundings of the output dtype. The same-dtype reference is far off here
+    (d x 0.5-3.7 in bf16), so its 2x bound would pass anything: the CUDA
+    path's 16-bit GEMM operands once put d x and d W 0.2-4.8 off (bf16; 0.08-0.44 in
+    fp16), measured in the CUDA emulation (tests/test_cuda_emulation.py)."""
+    def near(x, w, t):
+        wt = torch.nn.functional.normalize(w[t[:16]].double(), dim=1)
+        u = torch.randn(16, x.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        u = torch.nn.functional.normalize(u - (u * wt).sum(1, keepdim=True) * wt, dim=1)
+        theta = torch.tensor([0.0, 0.003, 0.01, 0.0] * 4, dtype=torch.float64)[:, None]
+        x[:16] = (3.1 * (theta.cos() * wt + theta.sin() * u)).to(x.dtype)
+        x[12:16] = w[t[12:16]] * 2.0  # exactly parallel
+
+    opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "margin_grad": "exact"}
+    errs = error_table(_fn(impl), opts, 33, 24, 257, dtype, device=device, mutate=near)
+    unit = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+    for k in ("x", "weight"):
+        assert errs["impl"][k] <= 8 * unit * errs["mag"][k], (k, errs["impl"][k], errs["mag"][k])
+
+
 @pytest.mark.parametrize("margin", [2.0, 2.5])
 def test_angular_margins_beyond_pi_over_2(impl, device, margin):
     """The definition puts no bound below pi on m: the ArcFace branch then

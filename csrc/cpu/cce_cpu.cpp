@@ -21,8 +21,10 @@ struct CpuBackend {
   };
 
   // The CPU has no fast half GEMM: operands are converted once to the
-  // accumulation dtype, so every product and the d cos block are fp32/fp64.
+  // accumulation dtype, so every product and the d cos block are fp32/fp64,
+  // and no GEMM operand is rounded (no add_target_term).
   static at::ScalarType gemm_dtype(at::ScalarType t) { return cce::acc_dtype(t); }
+  static constexpr bool kTargetTerm = false;
 
   static at::Tensor row_norms(const at::Tensor& x, double eps) {
     return std::get<1>(row_normalize_cpu(x, eps));
@@ -34,8 +36,11 @@ struct CpuBackend {
 
   // Into the gradient's rows; the normalized rows y are float32 for 16-bit
   // inputs (gemm_dtype), whose gradient rows are written through a copy.
+  // y is x / max(norm, eps) unrounded in the accumulation dtype already: the
+  // raw rows x are not needed.
   static void row_normalize_backward(const at::Tensor& g, const at::Tensor& y,
-                                     const at::Tensor& norm, double eps, at::Tensor& out) {
+                                     const at::Tensor& /*x*/, const at::Tensor& norm, double eps,
+                                     at::Tensor& out) {
     if (out.scalar_type() == y.scalar_type()) {
       row_normalize_backward_cpu_into(g, y, norm, eps, out);
     } else {
@@ -148,6 +153,7 @@ struct CpuBackend {
             A dz, cos_prime;
             out[r * cls + c] = cce::dcosine(ch, r, c, c == t, gr.lse[r], gr.lse_lo[r], g, g_lse, &dz,
                                             &cos_prime);
+            if (c == t && gr.dcos_target != nullptr) gr.dcos_target[r] = out[r * cls + c];
             if (db != nullptr) db[c] += dz;
             if (ds != nullptr) ds[c] += dz * cos_prime;
           }

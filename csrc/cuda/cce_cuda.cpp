@@ -31,6 +31,51 @@ struct CudaBackend {
   // Tensor-core GEMMs on the input dtype; cuBLAS accumulates in fp32.
   static at::ScalarType gemm_dtype(at::ScalarType t) { return t; }
 
+  // fp16/bf16 GEMMs round d cos and the normalized rows of x and W to 16
+  // bits. In d xn_r = sum_c d cos_rc wn_c and d wn_c = sum_r d cos_rc xn_r
+  // that is harmless but on the target column, whose d cos the exact ArcFace
+  // gradient multiplies by ~cos / sin near theta = 0: the rounding of wn_t
+  // (xn_r) then dominates d x (d W), which the normalization backward takes
+  // orthogonal to x (w_t), where the true term vanishes. Measured in the CUDA
+  // emulation (tests/cuda_emulation) at x = 2 w_t, s = 64, m = 0.5: d x 117x
+  // (fp16) and 170x (bf16) the reference's error. So those terms are taken
+  // again in fp32 from the unrounded d cos and the raw rows
+  // (launch_cce_target_term, launch_cce_target_term_w).
+  static constexpr bool kTargetTerm = true;
+
+  static void add_target_term(const cce::Chunk<float>& ch, const at::Tensor& dcos_target,
+                              const at::Tensor& dcos, const at::Tensor& w_rows,
+                              const at::Tensor& wn, at::Tensor& dxn) {
+    TORCH_INTERNAL_ASSERT(dcos.scalar_type() == w_rows.scalar_type() &&
+                          wn.scalar_type() == w_rows.scalar_type() && dxn.is_contiguous() &&
+                          dcos.is_contiguous() && w_rows.is_contiguous() && wn.is_contiguous());
+    C10_CUDA_CHECK(cuda::launch_cce_target_term(
+        ch, dcos_target.const_data_ptr<float>(), launch_dtype(dcos), dcos.const_data_ptr(),
+        w_rows.const_data_ptr(), wn.const_data_ptr(), dxn.mutable_data_ptr<float>(), dxn.size(1),
+        c10::cuda::getCurrentCUDAStream()));
+  }
+
+  // target_rows: the block's (rows,) int64 targets.
+  static void add_target_term_w(const cce::Chunk<float>& ch, const at::Tensor& dcos_target,
+                                const at::Tensor& dcos, const at::Tensor& target_rows,
+                                const at::Tensor& x_rows, const at::Tensor& xn, at::Tensor& dwn) {
+    TORCH_INTERNAL_ASSERT(dcos.scalar_type() == x_rows.scalar_type() &&
+                          xn.scalar_type() == x_rows.scalar_type() && dwn.is_contiguous() &&
+                          dcos.is_contiguous() && x_rows.is_contiguous() && xn.is_contiguous());
+    // The rows grouped by target column on the device (no host sync): a
+    // stable sort, so each class adds its rows in row order.
+    const at::Tensor col = target_rows - ch.c0;
+    const at::Tensor held = (col >= 0) & (col < ch.classes) & (target_rows != ch.ignore_index);
+    const auto [sorted_col, order] =
+        at::sort(at::where(held, col, at::full({}, ch.classes, col.options())),
+                 /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+    C10_CUDA_CHECK(cuda::launch_cce_target_term_w(
+        ch, dcos_target.const_data_ptr<float>(), launch_dtype(dcos), dcos.const_data_ptr(),
+        order.const_data_ptr<int64_t>(), sorted_col.const_data_ptr<int64_t>(),
+        x_rows.const_data_ptr(), xn.const_data_ptr(), dwn.mutable_data_ptr<float>(), dwn.size(1),
+        c10::cuda::getCurrentCUDAStream()));
+  }
+
   static at::Tensor row_norms(const at::Tensor& x, double eps) {
     at::Tensor norm = at::empty({x.size(0)}, x.options().dtype(cce::acc_dtype(x.scalar_type())));
     C10_CUDA_CHECK(cuda::launch_row_normalize_fwd(launch_dtype(x), x.const_data_ptr(), nullptr,
@@ -51,15 +96,18 @@ struct CudaBackend {
 
   // g: accumulation dtype (fp32 for fp16/bf16 rows: projected before
   // rounding); written straight into the gradient's rows `out` (contiguous,
-  // y's dtype: the GEMM dtype is the input's), with no temporary.
-  static void row_normalize_backward(const at::Tensor& g_in, const at::Tensor& y,
-                                     const at::Tensor& norm, double eps, at::Tensor& out) {
-    TORCH_INTERNAL_ASSERT(out.scalar_type() == y.scalar_type() && out.is_contiguous() &&
-                          out.sizes() == y.sizes());
+  // x's dtype: the GEMM dtype is the input's), with no temporary. y is
+  // formed from the raw rows x in the accumulation dtype (the GEMMs' 16-bit
+  // y is not unit-norm to fp32 precision: launch_row_normalize_bwd).
+  static void row_normalize_backward(const at::Tensor& g_in, const at::Tensor& /*y*/,
+                                     const at::Tensor& x, const at::Tensor& norm, double eps,
+                                     at::Tensor& out) {
+    TORCH_INTERNAL_ASSERT(out.scalar_type() == x.scalar_type() && out.is_contiguous() &&
+                          x.is_contiguous() && out.sizes() == x.sizes());
     const at::Tensor g = g_in.contiguous();
     C10_CUDA_CHECK(cuda::launch_row_normalize_bwd(
-        launch_dtype(y), launch_dtype(g), g.const_data_ptr(), y.const_data_ptr(),
-        norm.const_data_ptr(), out.mutable_data_ptr(), y.size(0), y.size(1), eps,
+        launch_dtype(x), launch_dtype(g), g.const_data_ptr(), x.const_data_ptr(), /*raw=*/true,
+        norm.const_data_ptr(), out.mutable_data_ptr(), x.size(0), x.size(1), eps,
         c10::cuda::getCurrentCUDAStream()));
   }
 

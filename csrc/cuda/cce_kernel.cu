@@ -100,11 +100,67 @@ __global__ void cce_backward_kernel(const cce::Chunk<A> ch, const cce::ChunkGrad
       A dz, cos_prime;
       const A v = cce::dcosine(ch, r, c, c == t, gr.lse[r], gr.lse_lo[r], g, g_lse, &dz, &cos_prime);
       dcos[r * ch.classes + c] = from_acc<O>(v);
+      if (c == t && gr.dcos_target != nullptr) gr.dcos_target[r] = v;
       db += dz;
       ds += dz * cos_prime;
     }
     if (gr.dbias_part != nullptr) gr.dbias_part[part * ch.classes + c] = db;
     if (gr.dscale_part != nullptr) gr.dscale_part[part * ch.classes + c] = ds;
+  }
+}
+
+// One warp per row whose target is in the class chunk: d xn_r += v w_t /
+// max(||w_t||, eps) - round(v) wn_t, with v the target column's d cos
+// (unrounded) and round(v), wn_t the 16-bit values the d xn GEMM multiplied:
+// that GEMM's target term, recomputed in fp32 from W's raw row (see
+// CudaBackend::add_target_term for why).
+constexpr int kTermWarps = 4;
+
+template <typename T>
+__global__ void target_term_kernel(const cce::Chunk<float> ch, const float* __restrict__ dcos_t,
+                                   const T* __restrict__ dcos, const T* __restrict__ w_rows,
+                                   const T* __restrict__ wn, float* __restrict__ dxn, int64_t d) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kTermWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (r >= ch.rows) return;
+  const int64_t c = cce::target_column(ch, r);
+  if (c < 0) return;
+  const float v = dcos_t[r];
+  const float used = to_acc(dcos[r * ch.classes + c]);
+  const float denom = ch.w_norm != nullptr ? math::norm_divisor(ch.w_norm[c], ch.eps) : 1.0f;
+  const T* wr = w_rows + c * d;
+  const T* nr = wn + c * d;
+  float* out = dxn + r * d;
+  for (int64_t j = lane; j < d; j += 32) out[j] += v * (to_acc(wr[j]) / denom) - used * to_acc(nr[j]);
+}
+
+// The same for d wn: one warp per class of the chunk that is some row's
+// target, d wn_c += sum over those rows r (in row order: `order` lists the
+// rows stably sorted by their target column `sorted_col`, ch.classes for rows
+// whose target is elsewhere) of v_r y_r - round(v_r) xn_r, y_r = x_r /
+// max(||x_r||, eps) in fp32 from the raw row. Each class is one warp's: no
+// atomics, the sums in a fixed order.
+template <typename T>
+__global__ void target_term_w_kernel(const cce::Chunk<float> ch, const float* __restrict__ dcos_t,
+                                     const T* __restrict__ dcos, const int64_t* __restrict__ order,
+                                     const int64_t* __restrict__ sorted_col,
+                                     const T* __restrict__ x_rows, const T* __restrict__ xn,
+                                     float* __restrict__ dwn, int64_t d) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kTermWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (i >= ch.rows) return;
+  const int64_t c = sorted_col[i];
+  if (c >= ch.classes || (i > 0 && sorted_col[i - 1] == c)) return;  // not a segment's first row
+  float* out = dwn + c * d;
+  for (int64_t j = lane; j < d; j += 32) {
+    float acc = 0.0f;
+    for (int64_t k = i; k < ch.rows && sorted_col[k] == c; ++k) {
+      const int64_t r = order[k];
+      const float v = dcos_t[r], used = to_acc(dcos[r * ch.classes + c]);
+      const float denom = ch.x_norm != nullptr ? math::norm_divisor(ch.x_norm[r], ch.eps) : 1.0f;
+      acc += v * (to_acc(x_rows[r * d + j]) / denom) - used * to_acc(xn[r * d + j]);
+    }
+    out[j] += acc;
   }
 }
 
@@ -148,6 +204,31 @@ cudaError_t target_sine(const void* x, const void* w, const int64_t* target, int
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t target_term(const cce::Chunk<float>& ch, const float* dcos_t, const void* dcos,
+                        const void* w_rows, const void* wn, float* dxn, int64_t d, cudaStream_t s) {
+  if (ch.rows == 0 || d == 0) return cudaSuccess;
+  const int64_t blocks = (ch.rows + kTermWarps - 1) / kTermWarps;
+  if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
+  target_term_kernel<T><<<static_cast<unsigned>(blocks), kTermWarps * 32, 0, s>>>(
+      ch, dcos_t, static_cast<const T*>(dcos), static_cast<const T*>(w_rows),
+      static_cast<const T*>(wn), dxn, d);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t target_term_w(const cce::Chunk<float>& ch, const float* dcos_t, const void* dcos,
+                          const int64_t* order, const int64_t* sorted_col, const void* x_rows,
+                          const void* xn, float* dwn, int64_t d, cudaStream_t s) {
+  if (ch.rows == 0 || d == 0) return cudaSuccess;
+  const int64_t blocks = (ch.rows + kTermWarps - 1) / kTermWarps;
+  if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
+  target_term_w_kernel<T><<<static_cast<unsigned>(blocks), kTermWarps * 32, 0, s>>>(
+      ch, dcos_t, static_cast<const T*>(dcos), order, sorted_col, static_cast<const T*>(x_rows),
+      static_cast<const T*>(xn), dwn, d);
+  return cudaGetLastError();
+}
+
 template <typename A>
 cudaError_t forward(const cce::Chunk<A>& ch, const cce::RowState<A>& st, cudaStream_t s) {
   if (ch.rows == 0) return cudaSuccess;
@@ -182,6 +263,31 @@ cudaError_t launch_target_sine(DType dtype, const void* x, const void* w, const 
       return target_sine<__half>(x, w, target, n, d, classes, eps, threshold, out, s);
     case DType::kBFloat16:
       return target_sine<__nv_bfloat16>(x, w, target, n, d, classes, eps, threshold, out, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_cce_target_term(const cce::Chunk<float>& ch, const float* dcos_target,
+                                   DType gemm_dtype, const void* dcos, const void* w_rows,
+                                   const void* wn, float* dxn, int64_t d, cudaStream_t s) {
+  switch (gemm_dtype) {
+    case DType::kFloat16: return target_term<__half>(ch, dcos_target, dcos, w_rows, wn, dxn, d, s);
+    case DType::kBFloat16:
+      return target_term<__nv_bfloat16>(ch, dcos_target, dcos, w_rows, wn, dxn, d, s);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_cce_target_term_w(const cce::Chunk<float>& ch, const float* dcos_target,
+                                     DType gemm_dtype, const void* dcos, const int64_t* order,
+                                     const int64_t* sorted_col, const void* x_rows, const void* xn,
+                                     float* dwn, int64_t d, cudaStream_t s) {
+  switch (gemm_dtype) {
+    case DType::kFloat16:
+      return target_term_w<__half>(ch, dcos_target, dcos, order, sorted_col, x_rows, xn, dwn, d, s);
+    case DType::kBFloat16:
+      return target_term_w<__nv_bfloat16>(ch, dcos_target, dcos, order, sorted_col, x_rows, xn,
+                                          dwn, d, s);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -28,11 +28,13 @@ cudaError_t launch_row_normalize_fwd(DType dtype, const void* x, void* y, void* 
                                      int64_t n, int64_t d, double eps,
                                      cudaStream_t stream);
 
-// y, dx: (n, d) row-major of `dtype`; g: (n, d) of `g_dtype`, which is `dtype`
-// or, for kFloat16 / kBFloat16 rows, kFloat32; norm as above.
+// rows, dx: (n, d) row-major of `dtype`; g: (n, d) of `g_dtype`, which is
+// `dtype` or, for kFloat16 / kBFloat16 rows, kFloat32; norm as above. rows:
+// the normalized rows y, or with `raw` the rows x they normalize (y is then
+// formed in the accumulation type, unrounded).
 cudaError_t launch_row_normalize_bwd(DType dtype, DType g_dtype, const void* g,
-                                     const void* y, const void* norm, void* dx, int64_t n,
-                                     int64_t d, double eps, cudaStream_t stream);
+                                     const void* rows, bool raw, const void* norm, void* dx,
+                                     int64_t n, int64_t d, double eps, cudaStream_t stream);
 
 // --- Fused cosine cross-entropy epilogues (cce_kernel.cu) ---------------------
 // Forward: per row of the chunk, its reductions over the chunk's classes
@@ -47,6 +49,26 @@ cudaError_t launch_cce_forward_epilogue(const cce::Chunk<double>& ch,
 // it may alias ch.block when the types agree) and the per-band partial column
 // sums of d z and d z * cos' (grad.dbias_part / dscale_part, when not null).
 // dcos_dtype: kFloat32 / kFloat16 / kBFloat16 for float chunks, kFloat64 for double.
+// The d xn GEMM's target term again in fp32 (target_term_kernel): dxn
+// (rows, d) float32 += for each row r whose target column c this chunk holds,
+// dcos_target[r] * w_rows[c] / max(w_norm[c], eps) - dcos[r, c] * wn[c];
+// dcos (rows, classes), w_rows and wn (classes, d) of gemm_dtype (kFloat16 or
+// kBFloat16), w_rows W's raw rows and wn their normalized copy.
+cudaError_t launch_cce_target_term(const cce::Chunk<float>& ch, const float* dcos_target,
+                                   DType gemm_dtype, const void* dcos, const void* w_rows,
+                                   const void* wn, float* dxn, int64_t d, cudaStream_t stream);
+
+// The d wn GEMM's target terms again in fp32 (target_term_w_kernel): dwn
+// (classes, d) float32 += for each class c, over the rows r whose target it
+// is, dcos_target[r] * x_rows[r] / max(x_norm[r], eps) - dcos[r, c] * xn[r];
+// order / sorted_col (rows,): the rows stably sorted by target column, and
+// those columns (ch.classes for rows whose target is not in the chunk);
+// x_rows (x's raw rows) and xn (their normalized copy) (rows, d) of gemm_dtype.
+cudaError_t launch_cce_target_term_w(const cce::Chunk<float>& ch, const float* dcos_target,
+                                     DType gemm_dtype, const void* dcos, const int64_t* order,
+                                     const int64_t* sorted_col, const void* x_rows, const void* xn,
+                                     float* dwn, int64_t d, cudaStream_t stream);
+
 cudaError_t launch_cce_backward_epilogue(const cce::Chunk<float>& ch,
                                          const cce::ChunkGrad<float>& grad, void* dcos,
                                          DType dcos_dtype, cudaStream_t stream);

@@ -36,7 +36,8 @@ at::Tensor row_normalize_backward_cuda(const at::Tensor& g_in, const at::Tensor&
   at::Tensor dx = at::empty_like(y);
   const cuda::DType dt = cuda::to_launch_dtype(y.scalar_type(), "nnk::row_normalize_backward");
   C10_CUDA_CHECK(cuda::launch_row_normalize_bwd(
-      dt, dt, g.const_data_ptr(), y.const_data_ptr(), norm.const_data_ptr(), dx.mutable_data_ptr(),
+      dt, dt, g.const_data_ptr(), y.const_data_ptr(), /*raw=*/false, norm.const_data_ptr(),
+      dx.mutable_data_ptr(),
       y.size(0), y.size(1), eps, c10::cuda::getCurrentCUDAStream()));
   return dx;
 }

@@ -39,10 +39,16 @@ __global__ void row_normalize_fwd_kernel(const T* __restrict__ x, T* __restrict_
 }
 
 // g may be T or the accumulation type (an fp32 gradient of fp16/bf16 rows is
-// projected without first rounding it to 16 bits).
+// projected without first rounding it to 16 bits). `rows` are y, or with
+// `raw` the rows x that y normalizes, y = x / max(||x||, eps) then taken in
+// the accumulation type as the forward kernel forms it before rounding:
+// with fp16/bf16 y, <y, y> is 1 only to ~2^-8 (bf16), and (g - y <y, g>)
+// keeps that fraction of g's component along y. The fused cross-entropy
+// (CudaBackend) projects this way: its exact ArcFace gradient near
+// theta = 0 puts a component along y 1e2-1e3 times the result into g.
 template <typename T, typename G>
-__global__ void row_normalize_bwd_kernel(const G* __restrict__ g, const T* __restrict__ y,
-                                         const typename Acc<T>::type* __restrict__ norm,
+__global__ void row_normalize_bwd_kernel(const G* __restrict__ g, const T* __restrict__ rows,
+                                         bool raw, const typename Acc<T>::type* __restrict__ norm,
                                          T* __restrict__ dx, int64_t n, int64_t d,
                                          double eps) {
   using A = typename Acc<T>::type;
@@ -50,14 +56,18 @@ __global__ void row_normalize_bwd_kernel(const G* __restrict__ g, const T* __res
   const int lane = threadIdx.x % 32;
   if (row >= n) return;
   const G* gr = g + row * d;
-  const T* yr = y + row * d;
-  A dot = 0;
-  for (int64_t j = lane; j < d; j += 32) dot += to_acc(gr[j]) * to_acc(yr[j]);
-  dot = warp_sum(dot);
+  const T* yr = rows + row * d;
   const A nr = norm[row];
+  // A division, as the forward's: x / ||x|| is +-1 exactly at D = 1, where a
+  // reciprocal times x is not (test_one_feature_rows_get_no_input_gradient).
+  const A denom = math::norm_divisor(nr, A(eps));
+  const auto y_at = [&](int64_t j) { return raw ? to_acc(yr[j]) / denom : to_acc(yr[j]); };
+  A dot = 0;
+  for (int64_t j = lane; j < d; j += 32) dot += to_acc(gr[j]) * y_at(j);
+  dot = warp_sum(dot);
   T* dr = dx + row * d;
   for (int64_t j = lane; j < d; j += 32) {
-    dr[j] = from_acc<T>(math::normalize_grad<A>(to_acc(gr[j]), to_acc(yr[j]), dot, nr, A(eps)));
+    dr[j] = from_acc<T>(math::normalize_grad<A>(to_acc(gr[j]), y_at(j), dot, nr, A(eps)));
   }
 }
 
@@ -75,12 +85,12 @@ cudaError_t fwd(const void* x, void* y, void* norm, int64_t n, int64_t d, double
 }
 
 template <typename T, typename G = T>
-cudaError_t bwd(const void* g, const void* y, const void* norm, void* dx, int64_t n,
+cudaError_t bwd(const void* g, const void* rows, bool raw, const void* norm, void* dx, int64_t n,
                 int64_t d, double eps, cudaStream_t s) {
   if (n == 0) return cudaSuccess;
   if (!grid_fits(blocks_for(n))) return cudaErrorInvalidConfiguration;
   row_normalize_bwd_kernel<T, G><<<static_cast<unsigned>(blocks_for(n)), kWarpsPerBlock * 32, 0, s>>>(
-      static_cast<const G*>(g), static_cast<const T*>(y),
+      static_cast<const G*>(g), static_cast<const T*>(rows), raw,
       static_cast<const typename Acc<T>::type*>(norm), static_cast<T*>(dx), n, d, eps);
   return cudaGetLastError();
 }
@@ -99,18 +109,18 @@ cudaError_t launch_row_normalize_fwd(DType dtype, const void* x, void* y, void* 
 }
 
 cudaError_t launch_row_normalize_bwd(DType dtype, DType g_dtype, const void* g,
-                                     const void* y, const void* norm, void* dx, int64_t n,
-                                     int64_t d, double eps, cudaStream_t s) {
+                                     const void* rows, bool raw, const void* norm, void* dx,
+                                     int64_t n, int64_t d, double eps, cudaStream_t s) {
   if (g_dtype == DType::kFloat32 && dtype != DType::kFloat32 && dtype != DType::kFloat64) {
-    if (dtype == DType::kFloat16) return bwd<__half, float>(g, y, norm, dx, n, d, eps, s);
-    return bwd<__nv_bfloat16, float>(g, y, norm, dx, n, d, eps, s);
+    if (dtype == DType::kFloat16) return bwd<__half, float>(g, rows, raw, norm, dx, n, d, eps, s);
+    return bwd<__nv_bfloat16, float>(g, rows, raw, norm, dx, n, d, eps, s);
   }
   if (g_dtype != dtype) return cudaErrorInvalidValue;
   switch (dtype) {
-    case DType::kFloat32: return bwd<float>(g, y, norm, dx, n, d, eps, s);
-    case DType::kFloat16: return bwd<__half>(g, y, norm, dx, n, d, eps, s);
-    case DType::kBFloat16: return bwd<__nv_bfloat16>(g, y, norm, dx, n, d, eps, s);
-    case DType::kFloat64: return bwd<double>(g, y, norm, dx, n, d, eps, s);
+    case DType::kFloat32: return bwd<float>(g, rows, raw, norm, dx, n, d, eps, s);
+    case DType::kFloat16: return bwd<__half>(g, rows, raw, norm, dx, n, d, eps, s);
+    case DType::kBFloat16: return bwd<__nv_bfloat16>(g, rows, raw, norm, dx, n, d, eps, s);
+    case DType::kFloat64: return bwd<double>(g, rows, raw, norm, dx, n, d, eps, s);
   }
   return cudaErrorInvalidValue;
 }

@@ -12,7 +12,7 @@ float16 / bfloat16 / float32, any strides; float64 sums, a float32 Gram):
   shift ``c[y_i]`` is gathered and subtracted in registers right after the
   feature tile is loaded (no centered copy of H exists), the tile products of
   GRAM_CHUNK_ROWS rows are accumulated in float32 and their sums in float64
-  (as the reference), and only tiles on or above the diagonal are computed
+  (as the reference's, in shorter chunks), and only tiles on or above the diagonal are computed
   (G is symmetric; each is stored twice). Rows may be split over several
   programs whose float64 partial Grams are summed in a fixed order
   (deterministic) and rounded to float32 once.
@@ -34,7 +34,7 @@ import triton.language as tl
 
 from ..impl.triton.configs import INTERPRET
 from ..impl.triton.launch import on_device
-from ..reference import GRAM_CHUNK_ROWS, _batched
+from ..reference import _batched
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -45,6 +45,12 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # tile spilled 2.1-2.3 KB per thread with the float64 chunk totals (and
 # 0.2-0.4 KB without them).
 SUMS_BLOCK_N, SUMS_BLOCK_D = 32, 128
+# Rows per float32 partial Gram. On a GPU an ieee fp32 tl.dot is a sequential
+# FMA chain over its K rows, continued across the tiles of a chunk, as the
+# CUDA kernel's per-thread sums: there 1024-row chunks erred by up to 2.4x the
+# reference's blocked GEMM, 128-row ones by at most 0.98x (csrc/cuda/nc_kernel.cu
+# kGramChunkRows, measured in tests/cuda_emulation). A multiple of GRAM_BLOCK_N.
+GRAM_CHUNK_ROWS = 128
 GRAM_BLOCK_D = 64
 GRAM_BLOCK_N = 64 if INTERPRET else 32
 GRAM_WARPS = 8
@@ -125,8 +131,8 @@ def _nc_centered_gram_kernel(
     # 2. Over this split's rows, CHUNK_ROWS at a time: load both column blocks
     #    of the row tile with the class shift subtracted on the fly, accumulate
     #    (H-C)_i^T (H-C)_j in float32, and add each chunk's product to a
-    #    float64 total (as nc_centered_gram_ref: a float32 sum over a split's
-    #    rows had an error growing with them, see test_gram_error_does_not_grow_with_n).
+    #    float64 total (a float32 sum over a split's rows had an error growing
+    #    with them, see test_gram_error_does_not_grow_with_n).
     total = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float64)
     for chunk in range(row_lo, row_hi, CHUNK_ROWS):
         chunk_hi = tl.minimum(chunk + CHUNK_ROWS, row_hi)

@@ -61,6 +61,9 @@ struct ChunkGrad {
   const A* grad_lse = nullptr;   // (rows,) or nullptr
   A* dbias_part = nullptr;       // (ceil(rows / kRowsPerPart), classes) or nullptr
   A* dscale_part = nullptr;      // same shape, or nullptr
+  // (rows,) or nullptr: the target column's d cos, unrounded, for the rows
+  // whose target this class chunk holds (other rows' entries are not written).
+  A* dcos_target = nullptr;
 };
 
 // The forward's per-row reductions over the class chunks of its rows, each

@@ -5,9 +5,12 @@
 //   K::gemm_dtype(t)                 dtype of the GEMM operands for inputs of t
 //   K::row_norms(x, eps)             (n,) norms in the accumulation dtype
 //   K::row_normalize(x, eps)         (x / max(||x||, eps), ||x||)
-//   K::row_normalize_backward(g, y, norm, eps, out)   g in the accumulation
+//   K::row_normalize_backward(g, y, x, norm, eps, out)   g in the accumulation
 //                                    dtype, written into out (contiguous rows
-//                                    of a gradient, x's dtype)
+//                                    of a gradient, x's dtype); y, norm from
+//                                    K::row_normalize of x (the raw rows,
+//                                    contiguous, GEMM dtype), which a backend
+//                                    whose y is rounded to 16 bits uses instead
 //   K::gemm(out, a, b, accumulate)   out (accumulation dtype) (+)= a @ b
 //   K::check_values(op, t, C, ignore, scale, acc)   target range and scale > 0,
 //                                    finite (eagerly or asynchronously: the backends)
@@ -17,6 +20,10 @@
 //                                    contiguous in the GEMM dtype)
 //   K::forward_epilogue<A>(chunk, row_state)
 //   K::backward_epilogue<A>(chunk, grad, dcos)
+//   K::kTargetTerm                   whether 16-bit GEMMs need the target
+//                                    column's terms of d xn and d wn again in fp32:
+//   K::add_target_term(chunk, dcos_target, dcos, w_rows, wn, dxn)
+//   K::add_target_term_w(chunk, dcos_target, dcos, target_rows, x_rows, xn, dwn)
 //
 // Design. The (N x C) logits are covered by blocks of rows x classes (tiling,
 // below): all C classes per block when they fit the budget with enough rows,
@@ -54,6 +61,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "nnk/cce_chunk.h"
 #include "nnk/dtypes.h"
@@ -360,7 +368,7 @@ class GradPass {
            const Operands& p, const Options& o, std::array<bool, 4> mask, const Tiling& t,
            bool work)
       : o_(o), mask_(mask), per_class_(scale.dim() == 1), work_(work),
-        split_(t.classes < p.w.size(0)) {
+        split_(t.classes < p.w.size(0)), x_(p.x), target_(p.target) {
     const auto acc_opts = x.options().dtype(p.acc);
     const int64_t n = p.x.size(0), c = p.w.size(0), d = p.w.size(1);
     // Outputs not asked for are empty (0,) tensors; with class chunks d x
@@ -376,7 +384,10 @@ class GradPass {
     db_ = at::zeros({c}, acc_opts);
     if (!work) return;
     // fp32 GEMMs take d cos in place of the block; fp16/bf16 GEMMs a copy.
-    if (p.x.scalar_type() != p.acc) dcos_buf_ = at::empty({t.rows * t.classes}, p.x.options());
+    if (p.x.scalar_type() != p.acc) {
+      dcos_buf_ = at::empty({t.rows * t.classes}, p.x.options());
+      if (K::kTargetTerm && (mask[0] || mask[1])) dcos_target_ = at::empty({t.rows}, acc_opts);
+    }
     const int64_t parts = num_parts(t.rows);
     if (mask[3]) db_part_ = at::empty({parts * t.classes}, acc_opts);
     if (mask[2]) ds_part_ = at::empty({parts * t.classes}, acc_opts);
@@ -395,7 +406,7 @@ class GradPass {
   // Classes [c0, c0 + k): their rows of W normalized, d wn zeroed.
   void begin_classes(const Operands& p, int64_t c0, int64_t k) {
     c0_ = c0;
-    wn_ = p.w.narrow(0, c0, k);
+    w_rows_ = wn_ = p.w.narrow(0, c0, k);
     w_norm_ = at::Tensor();
     if (o_.normalize_weight) std::tie(wn_, w_norm_) = K::row_normalize(wn_, o_.eps);
     if (mask_[1]) dwn_ = at::zeros({k, p.w.size(1)}, ds_.options());
@@ -432,6 +443,7 @@ class GradPass {
     gr.dbias_part = db_part_.defined() ? db_part_.mutable_data_ptr<A>() : nullptr;
     gr.dscale_part = ds_part_.defined() ? ds_part_.mutable_data_ptr<A>() : nullptr;
     at::Tensor dcos = dcos_buf_.defined() ? head(dcos_buf_, m, k) : blk;
+    if (dcos_target_.defined()) gr.dcos_target = dcos_target_.mutable_data_ptr<A>();
     K::template backward_epilogue<A>(ch, gr, dcos);
     const int64_t used = num_parts(m);
     if (mask_[3]) db_.narrow(0, c0_, k).add_(head(db_part_, used, k).sum(0));
@@ -449,20 +461,25 @@ class GradPass {
       if (split_) {
         at::Tensor dxn = dxn_all_.narrow(0, r0, m);
         K::gemm(dxn, dcos, wn_, true);
+        add_target_term(ch, dcos, dxn);
       } else {
         at::Tensor dxn = dxn_buf_.narrow(0, 0, m);
         K::gemm(dxn, dcos, wn_, false);
+        add_target_term(ch, dcos, dxn);
         if (unscale_.defined()) dxn.mul_(unscale_);
         at::Tensor dx_rows = dx_.narrow(0, r0, m);
         if (o_.normalize_input) {
-          K::row_normalize_backward(dxn, xn, x_norm, o_.eps, dx_rows);
+          K::row_normalize_backward(dxn, xn, x_.narrow(0, r0, m), x_norm, o_.eps, dx_rows);
         } else {
           dx_rows.copy_(dxn);
         }
       }
     }
     // 3. d wn += d cos^T @ xn, accumulated in fp32 across row chunks.
-    if (mask_[1]) K::gemm(dwn_, dcos.t(), xn, true);
+    if (mask_[1]) {
+      K::gemm(dwn_, dcos.t(), xn, true);
+      add_target_term_w(ch, dcos, xn, r0, m);
+    }
   }
 
   // The class chunk's d W, through the normalization of its rows.
@@ -471,13 +488,13 @@ class GradPass {
       if (unscale_.defined()) dwn_.mul_(unscale_);
       at::Tensor dw_rows = dw_.narrow(0, c0_, dwn_.size(0));
       if (o_.normalize_weight) {
-        K::row_normalize_backward(dwn_, wn_, w_norm_, o_.eps, dw_rows);
+        K::row_normalize_backward(dwn_, wn_, w_rows_, w_norm_, o_.eps, dw_rows);
       } else {
         dw_rows.copy_(dwn_);
       }
     }
     dwn_ = at::Tensor();
-    wn_ = at::Tensor();
+    wn_ = w_rows_ = at::Tensor();
     w_norm_ = at::Tensor();
   }
 
@@ -485,7 +502,7 @@ class GradPass {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> finish(
       const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
     // The blocks' buffers are done with: freed before d x is formed.
-    dcos_buf_ = db_part_ = ds_part_ = dxn_buf_ = at::Tensor();
+    dcos_buf_ = db_part_ = ds_part_ = dxn_buf_ = dcos_target_ = at::Tensor();
     if (unscale_.defined()) {
       ds_.mul_(unscale_);
       db_.mul_(unscale_);
@@ -494,7 +511,7 @@ class GradPass {
       if (unscale_.defined()) dxn_all_.mul_(unscale_);
       if (o_.normalize_input) {
         dx_ = at::empty_like(x, at::MemoryFormat::Contiguous);
-        K::row_normalize_backward(dxn_all_, xn_all_, x_norm_all_, o_.eps, dx_);
+        K::row_normalize_backward(dxn_all_, xn_all_, x_, x_norm_all_, o_.eps, dx_);
       } else {
         dx_ = dxn_all_.to(x.scalar_type());
       }
@@ -508,14 +525,34 @@ class GradPass {
   }
 
  private:
+  // With a backend whose GEMMs round their operands (K::kTargetTerm), the
+  // target column's term of d xn again from d cos unrounded.
+  template <typename A>
+  void add_target_term(const Chunk<A>& ch, const at::Tensor& dcos, at::Tensor& dxn) const {
+    if constexpr (K::kTargetTerm && std::is_same_v<A, float>) {
+      if (dcos_target_.defined()) K::add_target_term(ch, dcos_target_, dcos, w_rows_, wn_, dxn);
+    }
+  }
+  template <typename A>
+  void add_target_term_w(const Chunk<A>& ch, const at::Tensor& dcos, const at::Tensor& xn,
+                         int64_t r0, int64_t m) {
+    if constexpr (K::kTargetTerm && std::is_same_v<A, float>) {
+      if (dcos_target_.defined()) {
+        K::add_target_term_w(ch, dcos_target_, dcos, target_.narrow(0, r0, m),
+                             x_.narrow(0, r0, m), xn, dwn_);
+      }
+    }
+  }
+
   Options o_;
   std::array<bool, 4> mask_;
   bool per_class_, work_, split_;
   int64_t c0_ = 0;
-  at::Tensor wn_, w_norm_, dwn_;
+  at::Tensor x_, target_;  // x's raw rows (GEMM dtype) and the targets
+  at::Tensor wn_, w_rows_, w_norm_, dwn_;  // the class chunk's: normalized, raw, norms, d wn
   at::Tensor xn_all_, x_norm_all_, dxn_all_;
   at::Tensor dx_, dw_, ds_, db_;
-  at::Tensor dcos_buf_, db_part_, ds_part_, dxn_buf_;
+  at::Tensor dcos_buf_, db_part_, ds_part_, dxn_buf_, dcos_target_;
   at::Tensor unscale_;
 };
 
