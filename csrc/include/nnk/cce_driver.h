@@ -526,7 +526,8 @@ class GradPass {
 
  private:
   // With a backend whose GEMMs round their operands (K::kTargetTerm), the
-  // target column's term of d xn again from d cos unrounded.
+  // target column's terms of d xn (add_target_term) and of d wn
+  // (add_target_term_w) again from d cos unrounded and the raw rows.
   template <typename A>
   void add_target_term(const Chunk<A>& ch, const at::Tensor& dcos, at::Tensor& dxn) const {
     if constexpr (K::kTargetTerm && std::is_same_v<A, float>) {
