@@ -58,7 +58,7 @@ def rewrite_launches(source: str) -> str:
             raise RuntimeError(f"{kernel}: dynamic shared memory ({config[2]}) is not emulated")
         return f"::nnk_cuda_emulation::launch(dim3({grid}), dim3({block}), [&]() {{ {kernel}({args}); }});"
 
-    out, n = _LAUNCH.subn(launch, source)
+    out = _LAUNCH.sub(launch, source)
     if "<<<" in out:
         raise RuntimeError("a kernel launch was not rewritten")
     return out
