@@ -13,7 +13,8 @@
 # Stages, in this order, each time-boxed, all within SESSION_S seconds (default
 # 540: the device tool stops a command at 600 s, and the EXIT trap still has to
 # pack the outputs); after each one the outputs are packed into OUT_DIR:
-#   env    nvidia-smi, versions, CUDA_HOME and nvcc                  -> env.txt
+#   env    nvidia-smi, versions, CUDA_HOME and nvcc, and the error of the device's
+#          float32 exp / expm1 / log1p (python -m bench.device_math)      -> env.txt
 #   peers  pip install --no-index --no-deps --target /tmp/site .whl/*.whl -> peers.log
 #   build  pip install --no-build-isolation --no-deps -e . with NNK_REQUIRE_CUDA=1
 #          (a build without the CUDA sources fails rather than passing) (BUILD_S, 240) -> build.log
@@ -130,7 +131,8 @@ if want env; then
     tbox 60 "$PY" -c 'import triton, setuptools; print("triton", triton.__version__, "setuptools", setuptools.__version__)'
     echo "CUDA_HOME=${CUDA_HOME:-unset}"; [[ -n "${CUDA_HOME:-}" ]] && "$CUDA_HOME/bin/nvcc" --version | tail -n 2
     "$PY" -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout (before the peers stage): yes" \
-      || echo "pytest-timeout (before the peers stage): no"; } > "$WORK/env.txt" 2>&1
+      || echo "pytest-timeout (before the peers stage): no"
+    tbox 60 "$PY" -m bench.device_math --device "${BENCH_DEVICE:-cuda}"; } > "$WORK/env.txt" 2>&1
   cat "$WORK/env.txt"
   pack
 fi

@@ -46,6 +46,12 @@ def pytest_configure(config):
         _use_cuda_emulation(config)
     if config.getoption("--device") == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        # Every Triton kernel of a CPU run computes a float32 tl.exp as a GPU
+        # does (tests/gpu_exp_emulation.py), not to numpy's half an ulp.
+        from gpu_exp_emulation import emulate
+
+        config._nnk_gpu_exp_patch = pytest.MonkeyPatch()
+        config._nnk_gpu_exp_missing = emulate(config._nnk_gpu_exp_patch)
         # The interpreter runs tl.dot through numpy; a multithreaded OpenBLAS
         # on a loaded 2-core machine makes each small matmul ~100x slower
         # (measured 47 ms vs 0.3 ms). torch's own BLAS (MKL) is not affected.
@@ -110,16 +116,16 @@ def device(pytestconfig):
 
 
 @pytest.fixture
-def gpu_exp(device, monkeypatch, request):
-    """Triton's float32 exp as a GPU computes it (ex2.approx): the GPU as is;
-    on the CPU, the interpreter with a model of its error (tests/gpu_exp_emulation.py).
-    Nothing to model for a test parametrized with another impl (which runs
-    without triton installed)."""
+def gpu_exp(device, request):
+    """For a test that needs Triton's float32 exp as a GPU computes it
+    (ex2.approx): the GPU as is; on the CPU, the interpreter with the model
+    of its error that pytest_configure installs (tests/gpu_exp_emulation.py),
+    skipped where this triton cannot take it. Nothing to model for a test
+    parametrized with another impl (which runs without triton installed)."""
     impl = getattr(request.node, "callspec", None) and request.node.callspec.params.get("impl")
-    if device.type == "cpu" and impl in (None, "triton"):
-        from gpu_exp_emulation import emulate
-
-        emulate(monkeypatch)
+    missing = getattr(request.config, "_nnk_gpu_exp_missing", None)
+    if device.type == "cpu" and impl in (None, "triton") and missing:
+        pytest.skip(missing)
 
 
 @pytest.fixture
@@ -131,3 +137,9 @@ def bf16_triton(device, monkeypatch):
         from bf16_emulation import emulate
 
         emulate(monkeypatch)
+
+
+def pytest_unconfigure(config):
+    patch = getattr(config, "_nnk_gpu_exp_patch", None)
+    if patch is not None:
+        patch.undo()

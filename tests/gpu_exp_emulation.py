@@ -9,12 +9,12 @@ accuracy rests on its exps passes on the CPU and fails on a GPU. Here the
 argument is rounded as the GPU rounds it, and every result that is not an
 exact power of two (ex2 of an integer) is taken 2^-23 high, one ulp above 1
 and two just below it: on a confident row's target, p_t = 1 - 1e-6, that
-is 10% of p_t - 1.
+is 10% of p_t - 1. tests/conftest.py gives it to every kernel of a CPU run;
+the whole suite passes with it (checked at its introduction, 1158 tests).
 """
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 _LOG2E = np.float32(1.4426950408889634)
 
@@ -27,14 +27,15 @@ def gpu_exp(a: np.ndarray) -> np.ndarray:
     return np.where(t == np.round(t), r, r * (1.0 + 2.0**-23)).astype(np.float32)
 
 
-def emulate(monkeypatch) -> None:
-    """Patch the interpreter's exp for the test's duration; skips the test
-    when this triton's interpreter has no such hook."""
+def emulate(monkeypatch) -> str | None:
+    """Patch the interpreter's exp (undone with monkeypatch). Returns None,
+    or why this triton's interpreter cannot be given a GPU's exp."""
     try:
         from triton.runtime import interpreter as ti
 
         builder = ti.InterpreterBuilder
         builder.create_exp  # noqa: B018
     except (ImportError, AttributeError) as e:
-        pytest.skip(f"this triton's interpreter cannot be given a GPU's exp: {e}")
+        return f"this triton's interpreter cannot be given a GPU's exp: {e}"
     monkeypatch.setattr(builder, "create_exp", lambda self, arg: self.unary_op(arg, gpu_exp))
+    return None

@@ -7,11 +7,13 @@ of CUDA's threads, shuffles and barriers, as a copy of the package whose
 ``nnk._C`` registers the CUDA implementations for CPU tensors. The extension's
 tests then run against it in a subprocess (``test_extension_tests_on_the_emulated_cuda_build``).
 
-What the emulation cannot show: timing, memory-model effects between
-threads (the threads of a block run one at a time), and cuBLAS's summation
-order (the GEMMs are ATen's CPU ones, with float32 products of 16-bit
+The kernels' exp, expm1 and log1p err there by CUDA's documented bounds
+(cuda_emulation.h). What the emulation cannot show: timing, memory-model
+effects between threads (threads and blocks run one at a time), and
+cuBLAS's summation order (the GEMMs are ATen's CPU ones, with float32 products of 16-bit
 operands as cuBLAS's tensor-core GEMMs with float32 accumulation).
 """
+import math
 import os
 import re
 import subprocess
@@ -71,7 +73,8 @@ def emulated_build(tmp_path_factory):
 def test_emulator_runs_and_reports_faults(emulated_build):
     """The emulator itself: a shuffle + shared-memory reduction is right, a
     __syncthreads or shuffle that some threads skip is a launch error, and a
-    write race gives different results in the two thread orders."""
+    write race between threads or between blocks gives different results in
+    the two orders, and exp, expm1 and log1p err by CUDA's documented bounds."""
     build, out = emulated_build
     m = build.build_selftest(out)
     x = torch.randn(2, 300, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
@@ -86,11 +89,44 @@ def test_emulator_runs_and_reports_faults(emulated_build):
     for order in ("forward", "reverse"):
         os.environ["NNK_CUDA_EMULATION_ORDER"] = order
         try:
-            assert m.run("race", x, flags) == 0
+            for race in ("race", "grid race"):
+                assert m.run(race, x, flags) == 0
+                seen.append(int(flags[0]))
         finally:
             del os.environ["NNK_CUDA_EMULATION_ORDER"]
-        seen.append(int(flags[0]))
-    assert seen == [63, 0]
+    # The last writer: thread 63, then block (3, 2) of the 4 x 3 grid; thread
+    # 0 and block (0, 0) in reverse.
+    assert seen == [63, 11, 0, 0]
+    # Device math: glibc's ("exact") moved by CUDA's documented error, 2 ulps
+    # for expf and 1 for expm1f and log1pf: up ("high"), down ("low"), or
+    # either by the argument ("random", the default); exp(0) = 1 and
+    # expm1(0) = log1p(0) = 0 exactly.
+    args = torch.cat([torch.zeros(1), torch.linspace(-0.9, 8.0, 63)])
+    results = {}
+    for mode in ("exact", "high", "low", "random", None):
+        if mode is not None:
+            os.environ["NNK_CUDA_EMULATION_MATH"] = mode
+        try:
+            results[mode] = torch.empty(3, len(args))
+            assert m.run("math", args, results[mode]) == 0
+        finally:
+            os.environ.pop("NNK_CUDA_EMULATION_MATH", None)
+    exact = results["exact"]
+    torch.testing.assert_close(exact, torch.stack([args.exp(), args.expm1(), args.log1p()]))
+    assert torch.equal(results[None], results["random"])
+    for f, ulps in enumerate((2, 1, 1)):
+        moved = {}
+        for toward in (math.inf, -math.inf):
+            moved[toward] = exact[f, 1:]
+            for _ in range(ulps):
+                moved[toward] = torch.nextafter(moved[toward], torch.full_like(moved[toward], toward))
+        assert torch.equal(results["high"][f, 1:], moved[math.inf]), f
+        assert torch.equal(results["low"][f, 1:], moved[-math.inf]), f
+        up = results["random"][f, 1:] == moved[math.inf]
+        assert torch.equal(torch.where(up, moved[math.inf], moved[-math.inf]), results["random"][f, 1:]), f
+        assert 10 < int(up.sum()) < 53, f  # both ways
+        for mode in ("high", "low", "random"):
+            assert results[mode][f, 0] == exact[f, 0], (mode, f)
 
 
 @needs_build
@@ -153,10 +189,9 @@ def _ops_outputs():
 
 @inside_only
 def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
-    """Bitwise the same outputs with the threads of every block run in
-    reverse order: no result depends on the order of a block's unsynchronized
-    threads (a data race on a GPU). Blocks always run in the same order, so
-    a race between blocks would not show here."""
+    """Bitwise the same outputs with the threads of every block, and the
+    blocks of every launch, run in reverse order: no result depends on the
+    order of unsynchronized threads or blocks (a data race on a GPU)."""
     monkeypatch.setenv("NNK_CUDA_EMULATION_ORDER", "forward")
     first = _ops_outputs()
     monkeypatch.setenv("NNK_CUDA_EMULATION_ORDER", "reverse")

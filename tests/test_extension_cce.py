@@ -126,6 +126,35 @@ def test_half_inputs(dtype, block, case, device):
             assert e <= 2 * errs["ref"][k] + 8 * u * errs["mag"][k] + 1e-4, (k, e, errs["ref"][k], errs["mag"][k])
 
 
+@pytest.mark.parametrize("block", [(None, None), (64, 3)], ids=["one_block", "rows_x_classes"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_arcface_target_terms_of_classes_with_many_rows(dtype, block, device):
+    """The 16-bit exact-ArcFace gradient (on a GPU, the fp32 target terms
+    after the 16-bit GEMMs: cce_kernel.cu target_term_kernel and
+    target_term_w_kernel) where one class is the target of 90 rows (over
+    the 32 a warp takes at a time), another of 20, rows within 0.01 of
+    their class, D = 300 (two column tiles, the second partial), ignored
+    rows, in one block and in blocks of 64 rows x 3 classes: d x and d W
+    within a few roundings of the output dtype, as for single rows
+    (test_extreme.py)."""
+    def many(x, w, t):
+        t[:90], t[90:110], t[110:] = 2, 4, 0
+        t[[3, 50, 95]] = -100
+        wt = torch.nn.functional.normalize(w[t[:110].clamp_min(0)].double(), dim=1)
+        u = torch.randn(110, x.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        u = torch.nn.functional.normalize(u - (u * wt).sum(1, keepdim=True) * wt, dim=1)
+        theta = torch.tensor([0.0, 0.003, 0.01, 0.3, 1.0] * 22, dtype=torch.float64)[:, None]
+        x[:110] = (3.1 * (theta.cos() * wt + theta.sin() * u)).to(x.dtype)
+
+    opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "margin_grad": "exact",
+            "reduction": "sum"}
+    errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw, *block), opts, 130, 300, 7, dtype,
+                       device=device, mutate=many)
+    unit = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+    for k in ("x", "weight"):
+        assert errs["impl"][k] <= 8 * unit * errs["mag"][k], (k, errs["impl"][k], errs["mag"][k])
+
+
 def test_chunking_does_not_change_results(device):
     opts = {"scale": "per_class", "bias": True, "additive_margin": 0.2, "label_smoothing": 0.1, "ignore": True}
     x, w, t, kw, leaves = make_inputs(50, 17, 203, opts, dtype=torch.float32, device=device)

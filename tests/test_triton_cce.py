@@ -929,6 +929,28 @@ def test_target_p_minus_one_within_a_few_ulp(device, gpu_exp):
     assert out[u == 0].item() == 0.0 and out[-1].isnan() and out[-2].item() == -1.0
 
 
+@triton.jit
+def _exp_kernel(U_ptr, OUT_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(OUT_ptr + offs, tl.exp(tl.load(U_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+
+def test_interpreter_exp_is_a_gpus(device, gpu_exp):
+    """Every Triton kernel of a CPU run takes the GPU's exp (conftest.py):
+    ex2.approx's, 1-2 ulp above the correctly rounded one mostly, on the
+    argument rounded as the GPU rounds u log2(e)."""
+    if device.type != "cpu":
+        pytest.skip("the model of a GPU's exp is for the interpreter")
+    from gpu_exp_emulation import gpu_exp as model
+
+    u = torch.tensor([0.0, -1e-6, 0.3, -2.5, -20.0, 7.0])
+    out = torch.empty_like(u)
+    _exp_kernel[(1,)](u, out, u.numel(), BLOCK=8)
+    assert torch.equal(out, torch.from_numpy(model(u.numpy())))
+    assert out[0] == 1 and int((out > u.exp()).sum()) >= 4
+
+
 def test_autotune_keys_are_size_buckets():
     # Exact N and C in the keys would re-tune (several configs, timed) for
     # every new batch size and, with Partial-FC sampling, at every step.

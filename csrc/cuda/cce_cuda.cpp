@@ -55,23 +55,34 @@ struct CudaBackend {
         c10::cuda::getCurrentCUDAStream()));
   }
 
-  // target_rows: the block's (rows,) int64 targets.
+  // Each row chunk's rows ([r0, r0 + rows), the last chunk partial) stably
+  // sorted by target: (their local indices r - r0, their targets with
+  // `classes` for ignored rows), both (N,) int64, chunk after chunk. One
+  // device sort per backward (not one per block of the class-chunk loop),
+  // no host sync.
+  static std::pair<at::Tensor, at::Tensor> rows_by_target(const at::Tensor& target, int64_t rows,
+                                                          int64_t classes, int64_t ignore_index) {
+    const at::Tensor held = (target >= 0) & (target < classes) & (target != ignore_index);
+    const at::Tensor chunk = at::div(at::arange(target.size(0), target.options()), rows, "floor");
+    const auto [key, order] = at::sort(chunk * (classes + 1) + at::where(held, target, classes),
+                                       /*stable=*/std::optional<bool>(true), /*dim=*/0,
+                                       /*descending=*/false);
+    // The chunk is the major key: position p holds a row of chunk p / rows.
+    return {order - chunk * rows, key - chunk * (classes + 1)};
+  }
+
+  // order, sorted_t: the block's slices of rows_by_target's.
   static void add_target_term_w(const cce::Chunk<float>& ch, const at::Tensor& dcos_target,
-                                const at::Tensor& dcos, const at::Tensor& target_rows,
-                                const at::Tensor& x_rows, const at::Tensor& xn, at::Tensor& dwn) {
+                                const at::Tensor& dcos, const at::Tensor& order,
+                                const at::Tensor& sorted_t, const at::Tensor& x_rows,
+                                const at::Tensor& xn, at::Tensor& dwn) {
     TORCH_INTERNAL_ASSERT(dcos.scalar_type() == x_rows.scalar_type() &&
                           xn.scalar_type() == x_rows.scalar_type() && dwn.is_contiguous() &&
-                          dcos.is_contiguous() && x_rows.is_contiguous() && xn.is_contiguous());
-    // The rows grouped by target column on the device (no host sync): a
-    // stable sort, so each class adds its rows in row order.
-    const at::Tensor col = target_rows - ch.c0;
-    const at::Tensor held = (col >= 0) & (col < ch.classes) & (target_rows != ch.ignore_index);
-    const auto [sorted_col, order] =
-        at::sort(at::where(held, col, at::full({}, ch.classes, col.options())),
-                 /*stable=*/std::optional<bool>(true), /*dim=*/0, /*descending=*/false);
+                          dcos.is_contiguous() && x_rows.is_contiguous() && xn.is_contiguous() &&
+                          order.numel() == ch.rows && sorted_t.numel() == ch.rows);
     C10_CUDA_CHECK(cuda::launch_cce_target_term_w(
         ch, dcos_target.const_data_ptr<float>(), launch_dtype(dcos), dcos.const_data_ptr(),
-        order.const_data_ptr<int64_t>(), sorted_col.const_data_ptr<int64_t>(),
+        order.const_data_ptr<int64_t>(), sorted_t.const_data_ptr<int64_t>(),
         x_rows.const_data_ptr(), xn.const_data_ptr(), dwn.mutable_data_ptr<float>(), dwn.size(1),
         c10::cuda::getCurrentCUDAStream()));
   }

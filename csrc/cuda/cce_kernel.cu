@@ -109,58 +109,91 @@ __global__ void cce_backward_kernel(const cce::Chunk<A> ch, const cce::ChunkGrad
   }
 }
 
+// The target-column terms of the 16-bit backward under the exact ArcFace
+// gradient (CudaBackend in cce_cuda.cpp says why). Each warp takes
+// kTermCols columns of its row or class, kTermColsPerLane per lane: that
+// many independent coalesced loads per row, and gridDim.y column tiles, so
+// that a class with many rows (C = 10, N = 8192, D = 4096: 820 rows each)
+// spreads over D / kTermCols warps instead of walking D in one.
+constexpr int kTermWarps = 4;
+constexpr int kTermColsPerLane = 8;
+constexpr int64_t kTermCols = 32 * kTermColsPerLane;
+
 // One warp per row whose target is in the class chunk: d xn_r += v w_t /
 // max(||w_t||, eps) - round(v) wn_t, with v the target column's d cos
 // (unrounded) and round(v), wn_t the 16-bit values the d xn GEMM multiplied:
-// that GEMM's target term, recomputed in fp32 from W's raw row (see
-// CudaBackend::add_target_term for why).
-constexpr int kTermWarps = 4;
-
+// that GEMM's target term, recomputed in fp32 from W's raw row.
 template <typename T>
 __global__ void target_term_kernel(const cce::Chunk<float> ch, const float* __restrict__ dcos_t,
                                    const T* __restrict__ dcos, const T* __restrict__ w_rows,
                                    const T* __restrict__ wn, float* __restrict__ dxn, int64_t d) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kTermWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTermCols + threadIdx.x % 32;
   if (r >= ch.rows) return;
   const int64_t c = cce::target_column(ch, r);
   if (c < 0) return;
   const float v = dcos_t[r];
   const float used = to_acc(dcos[r * ch.classes + c]);
   const float denom = ch.w_norm != nullptr ? math::norm_divisor(ch.w_norm[c], ch.eps) : 1.0f;
-  const T* wr = w_rows + c * d;
-  const T* nr = wn + c * d;
-  float* out = dxn + r * d;
-  for (int64_t j = lane; j < d; j += 32) out[j] += v * (to_acc(wr[j]) / denom) - used * to_acc(nr[j]);
+#pragma unroll
+  for (int u = 0; u < kTermColsPerLane; ++u) {
+    const int64_t j = j0 + 32 * u;
+    if (j < d) dxn[r * d + j] += v * (to_acc(w_rows[c * d + j]) / denom) - used * to_acc(wn[c * d + j]);
+  }
 }
 
 // The same for d wn: one warp per class of the chunk that is some row's
-// target, d wn_c += sum over those rows r (in row order: `order` lists the
-// rows stably sorted by their target column `sorted_col`, ch.classes for rows
-// whose target is elsewhere) of v_r y_r - round(v_r) xn_r, y_r = x_r /
-// max(||x_r||, eps) in fp32 from the raw row. Each class is one warp's: no
+// target, d wn_c += sum over those rows r, in row order, of v_r y_r -
+// round(v_r) xn_r, y_r = x_r / max(||x_r||, eps) in fp32 from the raw row.
+// `order` lists the block's rows stably sorted by their targets `sorted_t`
+// (global classes; C for ignored rows), so each class's rows are a segment,
+// whose first row's warp does the class. The lanes load 32 rows' scalars at
+// a time and broadcast them. Each class is one warp's (per column tile): no
 // atomics, the sums in a fixed order.
 template <typename T>
 __global__ void target_term_w_kernel(const cce::Chunk<float> ch, const float* __restrict__ dcos_t,
                                      const T* __restrict__ dcos, const int64_t* __restrict__ order,
-                                     const int64_t* __restrict__ sorted_col,
+                                     const int64_t* __restrict__ sorted_t,
                                      const T* __restrict__ x_rows, const T* __restrict__ xn,
                                      float* __restrict__ dwn, int64_t d) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kTermWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTermCols + lane;
   if (i >= ch.rows) return;
-  const int64_t c = sorted_col[i];
-  if (c >= ch.classes || (i > 0 && sorted_col[i - 1] == c)) return;  // not a segment's first row
-  float* out = dwn + c * d;
-  for (int64_t j = lane; j < d; j += 32) {
-    float acc = 0.0f;
-    for (int64_t k = i; k < ch.rows && sorted_col[k] == c; ++k) {
-      const int64_t r = order[k];
-      const float v = dcos_t[r], used = to_acc(dcos[r * ch.classes + c]);
-      const float denom = ch.x_norm != nullptr ? math::norm_divisor(ch.x_norm[r], ch.eps) : 1.0f;
-      acc += v * (to_acc(x_rows[r * d + j]) / denom) - used * to_acc(xn[r * d + j]);
+  const int64_t t = sorted_t[i], c = t - ch.c0;
+  if (c < 0 || c >= ch.classes || (i > 0 && sorted_t[i - 1] == t)) return;  // not in the chunk, or not first
+  float acc[kTermColsPerLane] = {};
+  for (int64_t k0 = i;; k0 += 32) {
+    // 1. This lane's row of the next 32 (the segment's rows are a prefix:
+    //    sorted_t is sorted).
+    const int64_t k = k0 + lane;
+    const bool in = k < ch.rows && sorted_t[k] == t;
+    int64_t r = 0;
+    float v = 0.0f, used = 0.0f, denom = 1.0f;
+    if (in) {
+      r = order[k];
+      v = dcos_t[r];
+      used = to_acc(dcos[r * ch.classes + c]);
+      if (ch.x_norm != nullptr) denom = math::norm_divisor(ch.x_norm[r], ch.eps);
     }
-    out[j] += acc;
+    const int count = warp_sum(static_cast<int>(in));
+    // 2. Their terms, row after row, in this lane's columns.
+    for (int q = 0; q < count; ++q) {
+      const int64_t rq = __shfl_sync(0xffffffffu, r, q);
+      const float vq = __shfl_sync(0xffffffffu, v, q), uq = __shfl_sync(0xffffffffu, used, q);
+      const float dq = __shfl_sync(0xffffffffu, denom, q);
+#pragma unroll
+      for (int u = 0; u < kTermColsPerLane; ++u) {
+        const int64_t j = j0 + 32 * u;
+        if (j < d) acc[u] += vq * (to_acc(x_rows[rq * d + j]) / dq) - uq * to_acc(xn[rq * d + j]);
+      }
+    }
+    if (count < 32) break;
+  }
+#pragma unroll
+  for (int u = 0; u < kTermColsPerLane; ++u) {
+    const int64_t j = j0 + 32 * u;
+    if (j < d) dwn[c * d + j] += acc[u];
   }
 }
 
@@ -208,9 +241,10 @@ template <typename T>
 cudaError_t target_term(const cce::Chunk<float>& ch, const float* dcos_t, const void* dcos,
                         const void* w_rows, const void* wn, float* dxn, int64_t d, cudaStream_t s) {
   if (ch.rows == 0 || d == 0) return cudaSuccess;
-  const int64_t blocks = (ch.rows + kTermWarps - 1) / kTermWarps;
-  if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
-  target_term_kernel<T><<<static_cast<unsigned>(blocks), kTermWarps * 32, 0, s>>>(
+  const int64_t blocks = (ch.rows + kTermWarps - 1) / kTermWarps, tiles = (d + kTermCols - 1) / kTermCols;
+  if (!grid_fits(blocks, tiles)) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles));
+  target_term_kernel<T><<<grid, kTermWarps * 32, 0, s>>>(
       ch, dcos_t, static_cast<const T*>(dcos), static_cast<const T*>(w_rows),
       static_cast<const T*>(wn), dxn, d);
   return cudaGetLastError();
@@ -218,13 +252,14 @@ cudaError_t target_term(const cce::Chunk<float>& ch, const float* dcos_t, const 
 
 template <typename T>
 cudaError_t target_term_w(const cce::Chunk<float>& ch, const float* dcos_t, const void* dcos,
-                          const int64_t* order, const int64_t* sorted_col, const void* x_rows,
+                          const int64_t* order, const int64_t* sorted_t, const void* x_rows,
                           const void* xn, float* dwn, int64_t d, cudaStream_t s) {
   if (ch.rows == 0 || d == 0) return cudaSuccess;
-  const int64_t blocks = (ch.rows + kTermWarps - 1) / kTermWarps;
-  if (!grid_fits(blocks)) return cudaErrorInvalidConfiguration;
-  target_term_w_kernel<T><<<static_cast<unsigned>(blocks), kTermWarps * 32, 0, s>>>(
-      ch, dcos_t, static_cast<const T*>(dcos), order, sorted_col, static_cast<const T*>(x_rows),
+  const int64_t blocks = (ch.rows + kTermWarps - 1) / kTermWarps, tiles = (d + kTermCols - 1) / kTermCols;
+  if (!grid_fits(blocks, tiles)) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles));
+  target_term_w_kernel<T><<<grid, kTermWarps * 32, 0, s>>>(
+      ch, dcos_t, static_cast<const T*>(dcos), order, sorted_t, static_cast<const T*>(x_rows),
       static_cast<const T*>(xn), dwn, d);
   return cudaGetLastError();
 }
@@ -280,13 +315,13 @@ cudaError_t launch_cce_target_term(const cce::Chunk<float>& ch, const float* dco
 
 cudaError_t launch_cce_target_term_w(const cce::Chunk<float>& ch, const float* dcos_target,
                                      DType gemm_dtype, const void* dcos, const int64_t* order,
-                                     const int64_t* sorted_col, const void* x_rows, const void* xn,
+                                     const int64_t* sorted_t, const void* x_rows, const void* xn,
                                      float* dwn, int64_t d, cudaStream_t s) {
   switch (gemm_dtype) {
     case DType::kFloat16:
-      return target_term_w<__half>(ch, dcos_target, dcos, order, sorted_col, x_rows, xn, dwn, d, s);
+      return target_term_w<__half>(ch, dcos_target, dcos, order, sorted_t, x_rows, xn, dwn, d, s);
     case DType::kBFloat16:
-      return target_term_w<__nv_bfloat16>(ch, dcos_target, dcos, order, sorted_col, x_rows, xn,
+      return target_term_w<__nv_bfloat16>(ch, dcos_target, dcos, order, sorted_t, x_rows, xn,
                                           dwn, d, s);
     default: return cudaErrorInvalidValue;
   }

@@ -61,12 +61,12 @@ cudaError_t launch_cce_target_term(const cce::Chunk<float>& ch, const float* dco
 // The d wn GEMM's target terms again in fp32 (target_term_w_kernel): dwn
 // (classes, d) float32 += for each class c, over the rows r whose target it
 // is, dcos_target[r] * x_rows[r] / max(x_norm[r], eps) - dcos[r, c] * xn[r];
-// order / sorted_col (rows,): the rows stably sorted by target column, and
-// those columns (ch.classes for rows whose target is not in the chunk);
+// order / sorted_t (rows,): the block's rows (local indices) stably sorted by
+// target, and those targets (global classes; C for ignored rows);
 // x_rows (x's raw rows) and xn (their normalized copy) (rows, d) of gemm_dtype.
 cudaError_t launch_cce_target_term_w(const cce::Chunk<float>& ch, const float* dcos_target,
                                      DType gemm_dtype, const void* dcos, const int64_t* order,
-                                     const int64_t* sorted_col, const void* x_rows, const void* xn,
+                                     const int64_t* sorted_t, const void* x_rows, const void* xn,
                                      float* dwn, int64_t d, cudaStream_t stream);
 
 cudaError_t launch_cce_backward_epilogue(const cce::Chunk<float>& ch,

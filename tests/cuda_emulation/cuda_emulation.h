@@ -9,15 +9,16 @@
 // What it checks beyond the results: a __syncthreads or shuffle that not every
 // thread it needs reaches (a deadlock on a GPU, or undefined behaviour) is a
 // launch error (cudaErrorLaunchFailure from cudaGetLastError, which the
-// extension turns into a RuntimeError), and the threads of a block can be run in reverse order
+// extension turns into a RuntimeError); the threads of a block, and the
+// blocks of a launch, can be run in reverse order
 // (NNK_CUDA_EMULATION_ORDER=reverse), so that a result that depends on the
-// order of unsynchronized threads differs between two runs.
+// order of unsynchronized threads or blocks differs between two runs; and
+// exp, expm1 and log1p err as much as CUDA's may (the end of this file).
 //
-// What it does not model: blocks run in one fixed order (a race between
-// blocks does not show); threads run one at a time (no memory-ordering
-// effects); shuffles or barriers at different call sites release together;
-// dynamic shared memory (refused by build.py); device math (exp, expm1,
-// log1p, sqrt) is glibc's, where CUDA's may differ by an ulp or two.
+// What it does not model: blocks run one at a time, and so do threads (no
+// memory-ordering effects); shuffles or barriers at different call sites
+// release together; dynamic shared memory (refused by build.py); CUDA's
+// device math beyond the documented bounds of its error.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -91,6 +92,21 @@ T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return out;
 }
 
+// __shfl_sync: every lane reads src_lane's value.
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "8-byte values at most");
+  namespace e = ::nnk_cuda_emulation;
+  if (mask != 0xffffffffu || width != 32 || src_lane < 0 || src_lane >= 32) __builtin_trap();
+  const unsigned me = e::linear_thread();
+  std::memcpy(&e::slot(me), &v, sizeof(T));
+  e::warp_barrier();
+  T out;
+  std::memcpy(&out, &e::slot((me & ~31u) | static_cast<unsigned>(src_lane)), sizeof(T));
+  e::warp_barrier();
+  return out;
+}
+
 // Fibers of one block run one at a time: a plain read-modify-write is atomic.
 template <typename T>
 T atomicAdd(T* address, T v) {
@@ -98,3 +114,60 @@ T atomicAdd(T* address, T v) {
   *address = old + v;
   return old;
 }
+
+// CUDA's device exp, expm1 and log1p, at the edge of their documented error
+// (CUDA C++ Programming Guide, "Mathematical Functions", without fast math:
+// expf 2 ulp; expm1f, log1pf and the double functions 1 ulp), where glibc's
+// are within about half an ulp. nnk/math.h takes these in place of <cmath>'s
+// (NNK_EMULATED_DEVICE_MATH). Each result is glibc's moved that many ulps, in
+// the direction NNK_CUDA_EMULATION_MATH (read at each launch) gives:
+//   "random" (the default): up or down by a hash of the argument, the same
+//     for the same argument, as a deterministic function's error; a result
+//     that cancels against another (p - 1 of a confident row) errs by the
+//     full bound either way;
+//   "high" / "low": every result up / down, a bias no sum averages out;
+//   "exact": glibc's.
+// The exact values (exp(0) = 1, expm1(0) = log1p(0) = 0, zeros, infinities,
+// NaN) stay exact.
+#define NNK_EMULATED_DEVICE_MATH
+
+#include <cmath>
+
+namespace nnk_cuda_emulation {
+
+enum class DeviceMath { kExact, kHigh, kLow, kRandom };
+extern DeviceMath device_math;  // set by launch()
+
+template <typename T>
+T off_by_ulps(T arg, T result, int ulps, uint64_t salt) {
+  if (arg == T(0) || result == T(0) || !std::isfinite(result) || device_math == DeviceMath::kExact) {
+    return result;
+  }
+  bool up = device_math == DeviceMath::kHigh;
+  if (device_math == DeviceMath::kRandom) {
+    uint64_t h = 0;
+    std::memcpy(&h, &arg, sizeof(T));
+    h ^= salt;  // splitmix64's finalizer
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+    up = ((h ^ (h >> 31)) & 1) != 0;
+  }
+  const T toward = up ? T(INFINITY) : T(-INFINITY);
+  for (int i = 0; i < ulps; ++i) result = std::nextafter(result, toward);
+  return result;
+}
+
+}  // namespace nnk_cuda_emulation
+
+namespace nnk {
+namespace math {
+
+inline float exp(float x) { return ::nnk_cuda_emulation::off_by_ulps(x, std::exp(x), 2, 1); }
+inline double exp(double x) { return ::nnk_cuda_emulation::off_by_ulps(x, std::exp(x), 1, 1); }
+inline float expm1(float x) { return ::nnk_cuda_emulation::off_by_ulps(x, std::expm1(x), 1, 2); }
+inline double expm1(double x) { return ::nnk_cuda_emulation::off_by_ulps(x, std::expm1(x), 1, 2); }
+inline float log1p(float x) { return ::nnk_cuda_emulation::off_by_ulps(x, std::log1p(x), 1, 3); }
+inline double log1p(double x) { return ::nnk_cuda_emulation::off_by_ulps(x, std::log1p(x), 1, 3); }
+
+}  // namespace math
+}  // namespace nnk

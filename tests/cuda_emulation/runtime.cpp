@@ -2,6 +2,7 @@
 // through cudaGetLastError.
 #include <ucontext.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -67,6 +68,16 @@ bool reverse_order() {
   return v != nullptr && std::strcmp(v, "reverse") == 0;
 }
 
+DeviceMath device_math_mode() {
+  const char* v = std::getenv("NNK_CUDA_EMULATION_MATH");
+  if (v == nullptr || std::strcmp(v, "random") == 0) return DeviceMath::kRandom;
+  if (std::strcmp(v, "high") == 0) return DeviceMath::kHigh;
+  if (std::strcmp(v, "low") == 0) return DeviceMath::kLow;
+  if (std::strcmp(v, "exact") == 0) return DeviceMath::kExact;
+  std::fprintf(stderr, "NNK_CUDA_EMULATION_MATH=%s: expected random, high, low or exact\n", v);
+  std::abort();
+}
+
 // Runs the threads of the current block until all are done. Returns false on
 // a barrier that cannot complete.
 bool run_block() {
@@ -127,6 +138,8 @@ bool run_block() {
 
 }  // namespace
 
+DeviceMath device_math = DeviceMath::kRandom;
+
 Coordinates& coordinates() { return scheduler().coords; }
 
 uint64_t& slot(unsigned thread) { return scheduler().fibers[thread].slot; }
@@ -145,18 +158,22 @@ void launch(dim3 grid, dim3 block, std::function<void()> body) {
     s.error = cudaErrorInvalidConfiguration;
     return;
   }
+  device_math = device_math_mode();
   s.body = &body;
   s.coords.grid = grid;
   s.coords.block = block;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        s.coords.block_idx = dim3(x, y, z);
-        if (!run_block()) {
-          s.error = cudaErrorLaunchFailure;
-          return;
-        }
-      }
+  // Blocks one after another, in reverse too: a block that reads what
+  // another block of the same launch writes (a race on a GPU, where blocks
+  // run in any order) then sees different data in the two orders.
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  const bool reverse = reverse_order();
+  for (uint64_t k = 0; k < blocks; ++k) {
+    const uint64_t i = reverse ? blocks - 1 - k : k;
+    s.coords.block_idx = dim3(static_cast<unsigned>(i % grid.x), static_cast<unsigned>(i / grid.x % grid.y),
+                              static_cast<unsigned>(i / grid.x / grid.y));
+    if (!run_block()) {
+      s.error = cudaErrorLaunchFailure;
+      return;
     }
   }
 }

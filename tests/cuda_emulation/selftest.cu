@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "nnk/math.h"
+
 namespace {
 
 // Block sum: warp shuffles, then shared memory across the warps.
@@ -36,6 +38,22 @@ __global__ void partial_warp_shuffle_kernel(int* out) {
 // A race: every thread writes its index to the same word, with no order.
 __global__ void racy_kernel(int* out) { out[0] = threadIdx.x; }
 
+// A race between blocks: each block's first thread writes its block index
+// to the same word.
+__global__ void racy_blocks_kernel(int* out) {
+  if (threadIdx.x == 0) out[0] = blockIdx.x + 4 * blockIdx.y;
+}
+
+// nnk/math.h's exp, expm1 and log1p of each element: the emulation's model
+// of CUDA's device functions.
+__global__ void device_math_kernel(const float* x, int n, float* out) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    out[i] = nnk::math::exp(x[i]);
+    out[n + i] = nnk::math::expm1(x[i]);
+    out[2 * n + i] = nnk::math::log1p(x[i]);
+  }
+}
+
 }  // namespace
 
 int64_t launch_selftest(const char* which, void* a, int n, void* out) {
@@ -43,12 +61,15 @@ int64_t launch_selftest(const char* which, void* a, int n, void* out) {
   if (which[0] == 'b') divergent_barrier_kernel<<<1, 64, 0, 0>>>(static_cast<int*>(out));
   if (which[0] == 'w') partial_warp_shuffle_kernel<<<1, 32, 0, 0>>>(static_cast<int*>(out));
   if (which[0] == 'r') racy_kernel<<<1, 64, 0, 0>>>(static_cast<int*>(out));
+  if (which[0] == 'm') device_math_kernel<<<1, 64, 0, 0>>>(static_cast<const float*>(a), n, static_cast<float*>(out));
+  if (which[0] == 'g') racy_blocks_kernel<<<dim3(4, 3), 32, 0, 0>>>(static_cast<int*>(out));
   return static_cast<int64_t>(cudaGetLastError());
 }
 
 #include <torch/extension.h>
 
-// which: "sum" (x (2, n) float32 -> out (2,)), "barrier", "warp", "race"
+// which: "sum" (x (2, n) float32 -> out (2,)), "math" (x (n,) float32 ->
+// out (3, n): exp, expm1, log1p), "barrier", "warp", "race", "grid race"
 // (out int32, 64 entries); returns the launch's cudaError_t.
 int64_t run(const std::string& which, torch::Tensor x, torch::Tensor out) {
   return launch_selftest(which.c_str(), x.data_ptr(), static_cast<int>(x.size(-1)), out.data_ptr());

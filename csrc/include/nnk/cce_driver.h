@@ -23,7 +23,8 @@
 //   K::kTargetTerm                   whether 16-bit GEMMs need the target
 //                                    column's terms of d xn and d wn again in fp32:
 //   K::add_target_term(chunk, dcos_target, dcos, w_rows, wn, dxn)
-//   K::add_target_term_w(chunk, dcos_target, dcos, target_rows, x_rows, xn, dwn)
+//   K::rows_by_target(target, rows, classes, ignore_index) -> (order, sorted targets)
+//   K::add_target_term_w(chunk, dcos_target, dcos, order, sorted_t, x_rows, xn, dwn)
 //
 // Design. The (N x C) logits are covered by blocks of rows x classes (tiling,
 // below): all C classes per block when they fit the budget with enough rows,
@@ -368,7 +369,7 @@ class GradPass {
            const Operands& p, const Options& o, std::array<bool, 4> mask, const Tiling& t,
            bool work)
       : o_(o), mask_(mask), per_class_(scale.dim() == 1), work_(work),
-        split_(t.classes < p.w.size(0)), x_(p.x), target_(p.target) {
+        split_(t.classes < p.w.size(0)), x_(p.x) {
     const auto acc_opts = x.options().dtype(p.acc);
     const int64_t n = p.x.size(0), c = p.w.size(0), d = p.w.size(1);
     // Outputs not asked for are empty (0,) tensors; with class chunks d x
@@ -386,7 +387,18 @@ class GradPass {
     // fp32 GEMMs take d cos in place of the block; fp16/bf16 GEMMs a copy.
     if (p.x.scalar_type() != p.acc) {
       dcos_buf_ = at::empty({t.rows * t.classes}, p.x.options());
-      if (K::kTargetTerm && (mask[0] || mask[1])) dcos_target_ = at::empty({t.rows}, acc_opts);
+      // Only the exact ArcFace gradient magnifies the target column's d cos
+      // (by ~cos / sin near theta = 0) past the other columns'; elsewhere its
+      // 16-bit rounding is theirs, and the fp32 terms would cost for nothing.
+      if constexpr (K::kTargetTerm) {
+        if ((mask[0] || mask[1]) && o.angular_margin != 0 && o.exact_margin) {
+          dcos_target_ = at::empty({t.rows}, acc_opts);
+          if (mask[1]) {
+            std::tie(target_order_, target_sorted_) =
+                K::rows_by_target(p.target, t.rows, c, o.ignore_index);
+          }
+        }
+      }
     }
     const int64_t parts = num_parts(t.rows);
     if (mask[3]) db_part_ = at::empty({parts * t.classes}, acc_opts);
@@ -503,6 +515,7 @@ class GradPass {
       const at::Tensor& x, const at::Tensor& scale, const std::optional<at::Tensor>& bias) {
     // The blocks' buffers are done with: freed before d x is formed.
     dcos_buf_ = db_part_ = ds_part_ = dxn_buf_ = dcos_target_ = at::Tensor();
+    target_order_ = target_sorted_ = at::Tensor();
     if (unscale_.defined()) {
       ds_.mul_(unscale_);
       db_.mul_(unscale_);
@@ -539,8 +552,8 @@ class GradPass {
                          int64_t r0, int64_t m) {
     if constexpr (K::kTargetTerm && std::is_same_v<A, float>) {
       if (dcos_target_.defined()) {
-        K::add_target_term_w(ch, dcos_target_, dcos, target_.narrow(0, r0, m),
-                             x_.narrow(0, r0, m), xn, dwn_);
+        K::add_target_term_w(ch, dcos_target_, dcos, target_order_.narrow(0, r0, m),
+                             target_sorted_.narrow(0, r0, m), x_.narrow(0, r0, m), xn, dwn_);
       }
     }
   }
@@ -549,7 +562,8 @@ class GradPass {
   std::array<bool, 4> mask_;
   bool per_class_, work_, split_;
   int64_t c0_ = 0;
-  at::Tensor x_, target_;  // x's raw rows (GEMM dtype) and the targets
+  at::Tensor x_;  // x's raw rows (GEMM dtype)
+  at::Tensor target_order_, target_sorted_;  // K::rows_by_target's (add_target_term_w)
   at::Tensor wn_, w_rows_, w_norm_, dwn_;  // the class chunk's: normalized, raw, norms, d wn
   at::Tensor xn_all_, x_norm_all_, dxn_all_;
   at::Tensor dx_, dw_, ds_, db_;
