@@ -3,9 +3,9 @@
     python -m bench.device_math --device cuda
 
 The CPU emulation of the CUDA kernels (tests/cuda_emulation/cuda_emulation.h)
-moves each of these results by CUDA's documented bound (expf 2 ulp, expm1f
-and log1pf 1 ulp), up or down by a hash of the argument: it assumes the
-errors do not lean one way. Moved all the same way, the float32 sum-reduced
+moves each of glibc's results by CUDA's documented bound (expf 2 ulp,
+expm1f and log1pf 1 ulp), up or down by a hash of the argument: it assumes
+the errors do not lean one way. Moved all the same way, the float32 sum-reduced
 loss errs 4-6x the float32 reference's (README, "Tests"). This measures it
 on the device: per function, the largest |error| and the mean signed error
 in ulps against float64, over the arguments the kernels give it (exp: z - max

@@ -168,8 +168,9 @@ def test_failing_providers_are_reported_and_the_others_run():
 
 def test_device_math_measures_ulps(capsys):
     """bench/device_math.py: a float32 exp moved two ulps up from the
-    correctly rounded one errs by 1.5 to 2.5 ulps, about 2 on average, all
-    above; the script runs and prints a row per function."""
+    correctly rounded one errs by 1.5 to 2.5 ulps (up to 4.5 just below a
+    power of two, where the ulp halves), about 2 on average; the script runs
+    and prints a row per function."""
     from bench.device_math import FUNCTIONS, main, ulp_errors
 
     def exp_two_ulps_up(a):
@@ -181,7 +182,7 @@ def test_device_math_measures_ulps(capsys):
     args = FUNCTIONS["exp"][2](100_000, torch.Generator().manual_seed(0))
     err = ulp_errors(exp_two_ulps_up, torch.exp, args)
     assert err.numel() == 100_000
-    assert 1.5 <= err.min().item() and err.max().item() <= 2.5 and abs(err.mean().item() - 2) < 0.05
+    assert 1.5 <= err.min().item() and err.max().item() <= 4.5 and abs(err.mean().item() - 2) < 0.05
     assert main(["--device", "cpu", "--n", "1000"]) == 0
     rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == list(FUNCTIONS)

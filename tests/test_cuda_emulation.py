@@ -7,8 +7,8 @@ of CUDA's threads, shuffles and barriers, as a copy of the package whose
 ``nnk._C`` registers the CUDA implementations for CPU tensors. The extension's
 tests then run against it in a subprocess (``test_extension_tests_on_the_emulated_cuda_build``).
 
-The kernels' exp, expm1 and log1p err there by CUDA's documented bounds
-(cuda_emulation.h). What the emulation cannot show: timing, memory-model
+The kernels' exp, expm1 and log1p err there by at least CUDA's documented
+bounds (cuda_emulation.h). What the emulation cannot show: timing, memory-model
 effects between threads (threads and blocks run one at a time), and
 cuBLAS's summation order (the GEMMs are ATen's CPU ones, with float32 products of 16-bit
 operands as cuBLAS's tensor-core GEMMs with float32 accumulation).
@@ -74,7 +74,8 @@ def test_emulator_runs_and_reports_faults(emulated_build):
     """The emulator itself: a shuffle + shared-memory reduction is right, a
     __syncthreads or shuffle that some threads skip is a launch error, and a
     write race between threads or between blocks gives different results in
-    the two orders, and exp, expm1 and log1p err by CUDA's documented bounds."""
+    the two orders, exp, expm1 and log1p are glibc's moved by CUDA's
+    documented bounds, and __shfl_sync broadcasts a lane's value."""
     build, out = emulated_build
     m = build.build_selftest(out)
     x = torch.randn(2, 300, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
@@ -85,6 +86,8 @@ def test_emulator_runs_and_reports_faults(emulated_build):
     launch_failure = 719  # cudaErrorLaunchFailure
     assert m.run("barrier", x, flags) == launch_failure
     assert m.run("warp", x, flags) == launch_failure
+    assert m.run("lane broadcast", x, flags) == 0
+    assert flags[:32].eq(7 * 3).all() and flags[32:].eq((32 + 8) * 3).all()
     seen = []
     for order in ("forward", "reverse"):
         os.environ["NNK_CUDA_EMULATION_ORDER"] = order
@@ -155,7 +158,8 @@ inside_only = pytest.mark.skipif(not INSIDE, reason="runs in the emulated CUDA b
 def _ops_outputs():
     """Every op of the extension on small odd shapes: fused cross-entropy
     forward, backward and fused forward-backward in three dtypes with class
-    chunks, the NC sums and Gram, row normalization and its backward."""
+    chunks, the NC sums and Gram, row normalization and its backward; in 16
+    bits also the exact-ArcFace target terms of a class with many rows."""
     import nnk
 
     g = torch.Generator().manual_seed(0)
@@ -184,6 +188,22 @@ def _ops_outputs():
         labels = torch.randint(0, 7, (301,), generator=g)
         outs += list(nnk.ops.nc_class_sums(h, labels, 7))
         outs.append(nnk.ops.nc_centered_gram(h, labels, torch.randn(7, 70, generator=g)))
+        if dtype != torch.float32:
+            # The 16-bit exact-ArcFace target terms: 70 rows of one class (over
+            # the 32 a warp takes at a time), D = 300 (two column tiles),
+            # blocks of 64 rows x 3 classes.
+            x = torch.randn(100, 300, generator=g).to(dtype)
+            w = torch.randn(7, 300, generator=g).to(dtype)
+            t = torch.randint(0, 7, (100,), generator=g)
+            t[:70] = 2
+            x[:70] = w[2] * 2
+            t[[3, 80]] = -100
+            scale, bias, arc = torch.full((7,), 64.0), torch.randn(7, generator=g), (0.1, 0.5)
+            loss, lse, lse_lo = torch.ops.nnk.cosine_cross_entropy_fwd(
+                x, w, t, scale, bias, True, True, *arc, *rest, 64, 3)
+            outs += torch.ops.nnk.cosine_cross_entropy_bwd(
+                torch.randn(100, generator=g), None, x, w, t, scale, bias, lse, lse_lo, True, True, *arc, True,
+                *rest, 64, 3, [True] * 4)
     return outs
 
 

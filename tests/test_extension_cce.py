@@ -132,8 +132,8 @@ def test_arcface_target_terms_of_classes_with_many_rows(dtype, block, device):
     """The 16-bit exact-ArcFace gradient (on a GPU, the fp32 target terms
     after the 16-bit GEMMs: cce_kernel.cu target_term_kernel and
     target_term_w_kernel) where one class is the target of 90 rows (over
-    the 32 a warp takes at a time), another of 20, rows within 0.01 of
-    their class, D = 300 (two column tiles, the second partial), ignored
+    the 32 a warp takes at a time), another of 20, rows at 0 to 1 rad from
+    their class (two fifths within 0.003), D = 300 (two column tiles, the second partial), ignored
     rows, in one block and in blocks of 64 rows x 3 classes: d x and d W
     within a few roundings of the output dtype, as for single rows
     (test_extreme.py)."""

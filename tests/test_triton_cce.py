@@ -938,8 +938,8 @@ def _exp_kernel(U_ptr, OUT_ptr, n, BLOCK: tl.constexpr):
 
 def test_interpreter_exp_is_a_gpus(device, gpu_exp):
     """Every Triton kernel of a CPU run takes the GPU's exp (conftest.py):
-    ex2.approx's, 1-2 ulp above the correctly rounded one mostly, on the
-    argument rounded as the GPU rounds u log2(e)."""
+    ex2.approx's of u log2(e) rounded to float32, then 2^-23 high
+    relatively, not numpy's correctly rounded exp."""
     if device.type != "cpu":
         pytest.skip("the model of a GPU's exp is for the interpreter")
     from gpu_exp_emulation import gpu_exp as model

@@ -119,10 +119,11 @@ constexpr int kTermWarps = 4;
 constexpr int kTermColsPerLane = 8;
 constexpr int64_t kTermCols = 32 * kTermColsPerLane;
 
-// One warp per row whose target is in the class chunk: d xn_r += v w_t /
-// max(||w_t||, eps) - round(v) wn_t, with v the target column's d cos
-// (unrounded) and round(v), wn_t the 16-bit values the d xn GEMM multiplied:
-// that GEMM's target term, recomputed in fp32 from W's raw row.
+// One warp per row whose target is in the class chunk, per column tile:
+// d xn_r += v w_t / max(||w_t||, eps) - round(v) wn_t, with v the target
+// column's d cos (unrounded) and round(v), wn_t the 16-bit values the d xn
+// GEMM multiplied: that GEMM's target term, recomputed in fp32 from W's raw
+// row.
 template <typename T>
 __global__ void target_term_kernel(const cce::Chunk<float> ch, const float* __restrict__ dcos_t,
                                    const T* __restrict__ dcos, const T* __restrict__ w_rows,

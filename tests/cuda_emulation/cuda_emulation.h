@@ -18,7 +18,7 @@
 // What it does not model: blocks run one at a time, and so do threads (no
 // memory-ordering effects); shuffles or barriers at different call sites
 // release together; dynamic shared memory (refused by build.py); CUDA's
-// device math beyond the documented bounds of its error.
+// device math's actual errors (the model takes each at its documented bound).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -115,10 +115,12 @@ T atomicAdd(T* address, T v) {
   return old;
 }
 
-// CUDA's device exp, expm1 and log1p, at the edge of their documented error
-// (CUDA C++ Programming Guide, "Mathematical Functions", without fast math:
-// expf 2 ulp; expm1f, log1pf and the double functions 1 ulp), where glibc's
-// are within about half an ulp. nnk/math.h takes these in place of <cmath>'s
+// CUDA's device exp, expm1 and log1p, at least as far off as their
+// documented error allows (CUDA C++ Programming Guide, "Mathematical
+// Functions", without fast math: expf 2 ulp; expm1f, log1pf and the double
+// functions 1 ulp), where glibc's are within about half an ulp: glibc's
+// moved by the bound errs up to half an ulp more (and more just below a
+// power of two, where the ulp halves). nnk/math.h takes these in place of <cmath>'s
 // (NNK_EMULATED_DEVICE_MATH). Each result is glibc's moved that many ulps, in
 // the direction NNK_CUDA_EMULATION_MATH (read at each launch) gives:
 //   "random" (the default): up or down by a hash of the argument, the same

@@ -44,6 +44,12 @@ __global__ void racy_blocks_kernel(int* out) {
   if (threadIdx.x == 0) out[0] = blockIdx.x + 4 * blockIdx.y;
 }
 
+// __shfl_sync: each warp reads lane 7 + its warp index of its own values.
+__global__ void lane_broadcast_kernel(int* out) {
+  const int v = static_cast<int>(threadIdx.x) * 3;
+  out[threadIdx.x] = __shfl_sync(0xffffffffu, v, 7 + static_cast<int>(threadIdx.x / 32));
+}
+
 // nnk/math.h's exp, expm1 and log1p of each element: the emulation's model
 // of CUDA's device functions.
 __global__ void device_math_kernel(const float* x, int n, float* out) {
@@ -61,6 +67,7 @@ int64_t launch_selftest(const char* which, void* a, int n, void* out) {
   if (which[0] == 'b') divergent_barrier_kernel<<<1, 64, 0, 0>>>(static_cast<int*>(out));
   if (which[0] == 'w') partial_warp_shuffle_kernel<<<1, 32, 0, 0>>>(static_cast<int*>(out));
   if (which[0] == 'r') racy_kernel<<<1, 64, 0, 0>>>(static_cast<int*>(out));
+  if (which[0] == 'l') lane_broadcast_kernel<<<1, 64, 0, 0>>>(static_cast<int*>(out));
   if (which[0] == 'm') device_math_kernel<<<1, 64, 0, 0>>>(static_cast<const float*>(a), n, static_cast<float*>(out));
   if (which[0] == 'g') racy_blocks_kernel<<<dim3(4, 3), 32, 0, 0>>>(static_cast<int*>(out));
   return static_cast<int64_t>(cudaGetLastError());
@@ -69,8 +76,8 @@ int64_t launch_selftest(const char* which, void* a, int n, void* out) {
 #include <torch/extension.h>
 
 // which: "sum" (x (2, n) float32 -> out (2,)), "math" (x (n,) float32 ->
-// out (3, n): exp, expm1, log1p), "barrier", "warp", "race", "grid race"
-// (out int32, 64 entries); returns the launch's cudaError_t.
+// out (3, n): exp, expm1, log1p), "barrier", "warp", "race", "grid race",
+// "lane broadcast" (out int32, 64 entries); returns the launch's cudaError_t.
 int64_t run(const std::string& which, torch::Tensor x, torch::Tensor out) {
   return launch_selftest(which.c_str(), x.data_ptr(), static_cast<int>(x.size(-1)), out.data_ptr());
 }
