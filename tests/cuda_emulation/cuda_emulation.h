@@ -77,34 +77,34 @@ cudaError_t get_last_error();
 
 inline void __syncthreads() { ::nnk_cuda_emulation::block_barrier(); }
 
+namespace nnk_cuda_emulation {
+
+// A warp shuffle: every lane writes v, then reads lane `src`'s. The kernels
+// shuffle whole warps only; anything else is not emulated.
 template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+T warp_exchange(unsigned mask, T v, unsigned src, int width) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "8-byte values at most");
-  namespace e = ::nnk_cuda_emulation;
-  // The kernels shuffle whole warps only; anything else is not emulated.
-  if (mask != 0xffffffffu || width != 32) __builtin_trap();
-  const unsigned me = e::linear_thread();
-  std::memcpy(&e::slot(me), &v, sizeof(T));
-  e::warp_barrier();  // every lane has written
+  if (mask != 0xffffffffu || width != 32 || src >= 32) __builtin_trap();
+  const unsigned me = linear_thread();
+  std::memcpy(&slot(me), &v, sizeof(T));
+  warp_barrier();  // every lane has written
   T out;
-  std::memcpy(&out, &e::slot((me & ~31u) | ((me & 31u) ^ static_cast<unsigned>(lane_mask))), sizeof(T));
-  e::warp_barrier();  // every lane has read, before a next shuffle writes
+  std::memcpy(&out, &slot((me & ~31u) | src), sizeof(T));
+  warp_barrier();  // every lane has read, before a next shuffle writes
   return out;
 }
 
-// __shfl_sync: every lane reads src_lane's value.
+}  // namespace nnk_cuda_emulation
+
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  const unsigned lane = ::nnk_cuda_emulation::linear_thread() & 31u;
+  return ::nnk_cuda_emulation::warp_exchange(mask, v, lane ^ static_cast<unsigned>(lane_mask), width);
+}
+
 template <typename T>
 T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "8-byte values at most");
-  namespace e = ::nnk_cuda_emulation;
-  if (mask != 0xffffffffu || width != 32 || src_lane < 0 || src_lane >= 32) __builtin_trap();
-  const unsigned me = e::linear_thread();
-  std::memcpy(&e::slot(me), &v, sizeof(T));
-  e::warp_barrier();
-  T out;
-  std::memcpy(&out, &e::slot((me & ~31u) | static_cast<unsigned>(src_lane)), sizeof(T));
-  e::warp_barrier();
-  return out;
+  return ::nnk_cuda_emulation::warp_exchange(mask, v, static_cast<unsigned>(src_lane), width);
 }
 
 // Fibers of one block run one at a time: a plain read-modify-write is atomic.
@@ -119,8 +119,8 @@ T atomicAdd(T* address, T v) {
 // documented error allows (CUDA C++ Programming Guide, "Mathematical
 // Functions", without fast math: expf 2 ulp; expm1f, log1pf and the double
 // functions 1 ulp), where glibc's are within about half an ulp: glibc's
-// moved by the bound errs up to half an ulp more (and more just below a
-// power of two, where the ulp halves). nnk/math.h takes these in place of <cmath>'s
+// moved by the bound errs up to half an ulp more (more where it crosses a
+// power of two). nnk/math.h takes these in place of <cmath>'s
 // (NNK_EMULATED_DEVICE_MATH). Each result is glibc's moved that many ulps, in
 // the direction NNK_CUDA_EMULATION_MATH (read at each launch) gives:
 //   "random" (the default): up or down by a hash of the argument, the same
