@@ -162,7 +162,8 @@ __global__ void target_term_w_kernel(const cce::Chunk<float> ch, const float* __
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * kTermCols + lane;
   if (i >= ch.rows) return;
   const int64_t t = sorted_t[i], c = t - ch.c0;
-  if (c < 0 || c >= ch.classes || (i > 0 && sorted_t[i - 1] == t)) return;  // not in the chunk, or not first
+  // Not a class of the chunk, or not its segment's first row.
+  if (c < 0 || c >= ch.classes || (i > 0 && sorted_t[i - 1] == t)) return;
   float acc[kTermColsPerLane] = {};
   for (int64_t k0 = i;; k0 += 32) {
     // 1. This lane's row of the next 32 (the segment's rows are a prefix:
@@ -238,13 +239,21 @@ cudaError_t target_sine(const void* x, const void* w, const int64_t* target, int
   return cudaGetLastError();
 }
 
+// The target-term kernels' grid: kTermWarps rows per block, column tiles
+// over y. False if it does not fit.
+bool term_grid(int64_t rows, int64_t d, dim3* grid) {
+  const int64_t blocks = (rows + kTermWarps - 1) / kTermWarps, tiles = (d + kTermCols - 1) / kTermCols;
+  if (!grid_fits(blocks, tiles)) return false;
+  *grid = dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles));
+  return true;
+}
+
 template <typename T>
 cudaError_t target_term(const cce::Chunk<float>& ch, const float* dcos_t, const void* dcos,
                         const void* w_rows, const void* wn, float* dxn, int64_t d, cudaStream_t s) {
   if (ch.rows == 0 || d == 0) return cudaSuccess;
-  const int64_t blocks = (ch.rows + kTermWarps - 1) / kTermWarps, tiles = (d + kTermCols - 1) / kTermCols;
-  if (!grid_fits(blocks, tiles)) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles));
+  dim3 grid;
+  if (!term_grid(ch.rows, d, &grid)) return cudaErrorInvalidConfiguration;
   target_term_kernel<T><<<grid, kTermWarps * 32, 0, s>>>(
       ch, dcos_t, static_cast<const T*>(dcos), static_cast<const T*>(w_rows),
       static_cast<const T*>(wn), dxn, d);
@@ -256,9 +265,8 @@ cudaError_t target_term_w(const cce::Chunk<float>& ch, const float* dcos_t, cons
                           const int64_t* order, const int64_t* sorted_t, const void* x_rows,
                           const void* xn, float* dwn, int64_t d, cudaStream_t s) {
   if (ch.rows == 0 || d == 0) return cudaSuccess;
-  const int64_t blocks = (ch.rows + kTermWarps - 1) / kTermWarps, tiles = (d + kTermCols - 1) / kTermCols;
-  if (!grid_fits(blocks, tiles)) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(tiles));
+  dim3 grid;
+  if (!term_grid(ch.rows, d, &grid)) return cudaErrorInvalidConfiguration;
   target_term_w_kernel<T><<<grid, kTermWarps * 32, 0, s>>>(
       ch, dcos_t, static_cast<const T*>(dcos), order, sorted_t, static_cast<const T*>(x_rows),
       static_cast<const T*>(xn), dwn, d);
