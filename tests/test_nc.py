@@ -589,6 +589,31 @@ def test_nc4_of_a_float32_weight_of_huge_magnitude():
         assert nnk.nc_metrics(h * hs, y, w * ws, b * ws).nc4 == want, (hs, ws)
 
 
+def test_nc4_bias_beside_features_and_weight_near_float32s_limit():
+    # Features and W both near 2^127 scale the bias by 2^-(eh + ew), below
+    # float32's normal range: its bits were -inf, the logits NaN (nc4 0.67 for 0).
+    h, y, w, b = clustered(300, 4, 3)
+    hs, ws = 2.0**127 / float(h.abs().max()), 2.0**127 / float(w.abs().max())
+    want = nnk.nc_metrics(h.double() * hs, y, w.double() * ws, b.double()).nc4
+    assert nnk.nc_metrics(h * hs, y, w * ws, b).nc4 == want
+
+
+def test_tracker_nc4_counts_given_predictions():
+    h, y, w, _ = clustered(40, 4, 3)
+    predicted = torch.arange(40) % 3
+    t = stream(h, y, 3, 16).begin_nc4(w)
+    with pytest.raises(ValueError, match=r"predicted must have shape \(40,\)"):
+        t.update_nc4(h, predicted[:39])
+    with pytest.raises(ValueError, match=r"predicted must be in \[0, 3\)"):
+        t.update_nc4(h, predicted + 1)
+    with pytest.raises(TypeError, match="predicted must be an integer tensor"):
+        t.update_nc4(h, predicted.float())
+    t.update_nc4(h[:25], predicted[:25]).update_nc4(h[25:], predicted[25:])
+    stats = nnk.nc_stats(h, y, 3)
+    nearest = torch.cdist(h.double(), stats.means).argmin(1)
+    assert t.metrics().nc4 == (nearest != predicted).double().mean().item()
+
+
 def test_nc4_of_float32_features_at_a_large_offset():
     # Features at 1e4 spread over a few ulps (2^-10): the global mean rounded
     # to float32 before h - g shifted every row alike and flipped rows near a
@@ -684,6 +709,37 @@ def test_float64_class_means_equal_up_to_rounding_are_a_clear_error():
     h = torch.tensor([[1e6, 1.0], [1e6, t], [1e6, -1.0], [1e6, 1.0], [1e6, -1.0], [1e6, t]])
     with pytest.raises(ValueError, match="all class means are equal"):
         nnk.nc_metrics(h, torch.tensor([0, 0, 0, 1, 1, 1]), num_classes=2)
+
+
+def test_float64_means_come_from_the_shifted_sums():
+    # The same 10,000 rows of 1e6 + 1e-3 randn, in a different order per
+    # class: equal means. From the raw float64 sums they differed by ~1e-6
+    # (nc1 = 1.6e11, no error); each class's mean is now its shift plus the
+    # mean of h - shift, and the global mean the weighted mean of those.
+    g = torch.Generator().manual_seed(0)
+    k, d, n = 4, 6, 10_000
+    base = 1e6 + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    h = torch.cat([base[torch.randperm(n, generator=g)] for _ in range(k)])
+    y = torch.arange(k).repeat_interleave(n)
+    with pytest.raises(ValueError, match="all class means are equal"):
+        nnk.nc_metrics(h, y, num_classes=k)
+    tracker = nnk.NCTracker(k, d, impl="torch")
+    for i in range(0, k * n, 512):
+        tracker.update(h[i:i + 512], y[i:i + 512])
+    with pytest.raises(ValueError, match="all class means are equal"):
+        nnk.nc_metrics_from_stats(tracker.compute())
+    # Means separated by 1e-6 at an offset of 1e6: equinorm was 8.5e-3
+    # relative off (two passes; now 3.2e-5) against long double.
+    n = 4000
+    y = torch.arange(n) % k
+    offset = 1e6 * torch.linspace(0.5, 1.5, d, dtype=torch.float64)
+    h = offset + 1e-6 * torch.randn(k, d, generator=g, dtype=torch.float64)[y] \
+        + 1e-8 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    hl, yl = h.numpy().astype(np.longdouble), y.numpy()
+    mu = np.stack([hl[yl == c].sum(0) / (yl == c).sum() for c in range(k)])
+    norms = np.sqrt(((mu - hl.mean(0)) ** 2).sum(1))
+    want = float(norms.std() / norms.mean())
+    assert nnk.nc_metrics(h, y).nc2_equinorm == pytest.approx(want, rel=1e-3)
 
 
 def test_one_class_is_a_clear_error_and_one_sample_per_class_is_zero_nc1():
@@ -871,6 +927,31 @@ def test_collect_nc_metrics_on_a_cosine_head_uses_its_class_directions():
     stats = nnk.nc_stats(feats, y, num_classes=5)
     nearest = torch.cdist(feats.double(), stats.means.double()).argmin(1)
     assert m.nc4 == pytest.approx((nearest != pred).double().mean().item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [{"bias": True}, {"per_class_scale": True}], ids=["bias", "per_class_scale"])
+def test_collect_nc_metrics_nc4_is_the_cosine_heads_own_prediction(kwargs):
+    # A CosineLinear predicts with s_k cos(h, w_k) + b_k. argmax normalize(W) h + b
+    # weighed the bias against |h| instead of s (nc4 0.69 for the head's 0.75
+    # with features x10) and left out per-class scales (0.61 for 0.64).
+    g = torch.Generator().manual_seed(0)
+    k, d, n = 4, 6, 2000
+    y = torch.arange(n) % k
+    h = 10 * (2 * torch.randn(k, d, generator=g)[y] + 0.8 * torch.randn(n, d, generator=g))
+    head = nnk.CosineLinear(d, k, **kwargs)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(k, d, generator=g))
+        if head.bias is not None:
+            head.bias.copy_(torch.tensor([3.0, -3.0, 0.5, 0.0]))
+        else:
+            head.log_scale.copy_(torch.tensor([0.0, 3.0, 1.0, 2.0]))
+    model = torch.nn.Sequential(torch.nn.Identity(), head)
+    loader = [(h[i:i + 500].reshape(-1, 5, d), y[i:i + 500].reshape(-1, 5)) for i in range(0, n, 500)]
+    m = collect_nc_metrics(model, loader, k, progress=False)
+    with torch.no_grad():
+        pred = head(h).argmax(1)
+    nearest = torch.cdist(h.double(), nnk.nc_stats(h, y, k).means).argmin(1)
+    assert m.nc4 == (nearest != pred).double().mean().item()
 
 
 def test_collect_nc_metrics_takes_the_last_dimension_as_features():

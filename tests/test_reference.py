@@ -175,8 +175,8 @@ def test_float32_reference_takes_norms_in_float64():
                                 dict(normalize_input=False, normalize_weight=False)],
                          ids=["plain", "cosface", "arcface", "arcface-detached", "linear"])
 def test_reference_under_torch_func(kw):
-    """The README points users of torch.func to the reference: grad and vmap
-    (and their composition) run through it, margins included, and agree with
+    """The README points users of torch.func to the reference: grad, vmap and
+    jacrev (and their composition) run through it, margins included, and agree with
     autograd and a loop (the margin's autograd.Function had no setup_context,
     and torch.func refused it even without a margin)."""
     gen = torch.Generator().manual_seed(0)
@@ -193,3 +193,8 @@ def test_reference_under_torch_func(kw):
     torch.testing.assert_close(torch.func.vmap(loss)(x), torch.stack([loss(a) for a in x]), rtol=0, atol=0)
     per_set = torch.stack([torch.func.grad(loss)(a) for a in x])
     torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(x), per_set, rtol=1e-15, atol=1e-15)
+    # jacrev of the (7,) per-row losses: row i's gradient in row i, zeros elsewhere.
+    rows = torch.func.jacrev(lambda a: cosine_cross_entropy_ref(a, w, t, reduction="none", **kw))(x[0])
+    for i in range(7):
+        (want,) = torch.autograd.grad(cosine_cross_entropy_ref(xa, w, t, reduction="none", **kw)[i], xa)
+        torch.testing.assert_close(rows[i], want, rtol=1e-15, atol=1e-15)

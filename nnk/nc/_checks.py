@@ -54,28 +54,28 @@ def check_features(features, *, batch: int | None | bool = False, dim: int | Non
     return features.detach()
 
 
-def check_labels(labels, n: int, num_classes: int | None, device: torch.device) -> torch.Tensor:
+def check_labels(labels, n: int, num_classes: int | None, device: torch.device, name: str = "labels") -> torch.Tensor:
     """labels: (n,) integer tensor on ``device`` with values in [0, num_classes)
     (``num_classes`` None: to be taken as ``labels.max() + 1``, so >= 0 only)."""
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _INT_DTYPES:
-        raise TypeError(f"labels must be an integer tensor (int64, int32, ...), got {labels.dtype}")
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, ...), got {labels.dtype}")
     if labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},) like the rows of features, got {tuple(labels.shape)}")
+        raise ValueError(f"{name} must have shape ({n},) like the rows of features, got {tuple(labels.shape)}")
     if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but features are on {device}")
+        raise ValueError(f"{name} are on {labels.device} but features are on {device}")
     if n == 0:
         return labels
     lo, hi = int(labels.min()), int(labels.max())
     if num_classes is None:
         if lo < 0:
-            raise ValueError(f"labels must be >= 0 (num_classes, neither given nor taken from a weight, is "
+            raise ValueError(f"{name} must be >= 0 (num_classes, neither given nor taken from a weight, is "
                              f"labels.max() + 1), got {lo}")
         return labels
     if lo < 0 or hi >= num_classes:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"labels must be in [0, {num_classes}) (num_classes={num_classes}), got {bad}")
+        raise ValueError(f"{name} must be in [0, {num_classes}) (num_classes={num_classes}), got {bad}")
     return labels
 
 

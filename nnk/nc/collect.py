@@ -64,11 +64,12 @@ def collect_nc_metrics(
             last module (in ``model.modules()`` order) with a 2-D ``weight``
             that is not an ``nn.Embedding`` / ``nn.EmbeddingBag``.
         weight, bias: the classifier for NC2/NC3/NC4; default ``head.weight`` /
-            ``head.bias`` when the head has them, and for an :class:`nnk.CosineLinear`
-            head that normalizes its weight, the normalized rows ``normalize(W)``
-            (the class directions it predicts with, as the demo measures; NC4 then
-            counts disagreement with ``argmax normalize(W) h + b``, the head's own
-            prediction when it has no bias and one shared scale).
+            ``head.bias`` when the head has them. For an :class:`nnk.CosineLinear`
+            head (weight not given) NC2/NC3 take the normalized rows
+            ``normalize(W)`` when it normalizes its weight (the class directions
+            it predicts with, as the demo measures), and NC4 the head's own
+            prediction, the argmax of its output ``s cos + b``: not a linear map
+            of h, with a bias or per-class scales.
         nc4: take the second pass for NC4 (needs a weight, and a loader that
             can be iterated twice over the same samples).
         device: where inputs go; default the device of the model's parameters.
@@ -94,6 +95,10 @@ def collect_nc_metrics(
     from ..modules import CosineLinear
 
     head = _default_head(model) if head is None else head
+    # A CosineLinear predicts with s_k cos(h, w_k) + b_k: NC4 counts its
+    # output's argmax (argmax normalize(W) h + b weighed the bias against
+    # |h| instead of s, and left out per-class scales: nc4 0.69 for 0.75).
+    own_prediction = weight is None and isinstance(head, CosineLinear)
     if weight is None and isinstance(getattr(head, "weight", None), torch.Tensor):
         weight = head.weight
         if isinstance(head, CosineLinear) and head.normalize_weight:
@@ -104,38 +109,40 @@ def collect_nc_metrics(
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
-    captured: list[torch.Tensor] = []
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
     # Linear-like heads act on the last dimension: (B, T, D) inputs are B T samples.
     hook = head.register_forward_hook(
-        lambda mod, args, out: captured.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        lambda mod, args, out: captured.append((args[0].detach().reshape(-1, args[0].shape[-1]), out)))
     was_training = model.training
     model.eval()
     tracker: NCTracker | None = None
 
-    def features_of(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def features_of(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The head's input rows, their labels and (own_prediction) the head's predictions."""
         inputs, labels = batch[0], batch[1]
         captured.clear()
         model(inputs.to(device))
         if len(captured) != 1:
             raise RuntimeError(f"the head ran {len(captured)} times in one forward; expected once")
-        h = captured[0]
+        h, out = captured[0]
+        predicted = out.detach().reshape(h.shape[0], -1).argmax(-1) if own_prediction else None
         if not h.is_floating_point():
             raise TypeError(f"the head's input is {h.dtype}, not features: the hooked module is a "
                             f"{type(head).__name__}; pass head= (the classifier whose input are the features)")
         labels = labels.to(device)
         if labels.numel() != h.shape[0]:
-            return h, labels  # NCTracker.update names the mismatch
+            return h, labels, predicted  # NCTracker.update names the mismatch
         labels = labels.reshape(-1)
         if ignore_index is None:
-            return h, labels
+            return h, labels, predicted
         # The hook sees every position of the batch: the padded ones are
         # dropped here, where features and labels are still paired.
         keep = labels != ignore_index
-        return h[keep], labels[keep]
+        return h[keep], labels[keep], None if predicted is None else predicted[keep]
 
     try:
         for batch in _bar(loader, "NC statistics", progress):
-            h, y = features_of(batch)
+            h, y, _ = features_of(batch)
             if tracker is None:
                 tracker = NCTracker(num_classes, h.shape[1], h.device, impl=impl)
             tracker.update(h, y)
@@ -151,7 +158,8 @@ def collect_nc_metrics(
         if nc4 and weight is not None:
             tracker.begin_nc4(weight.to(tracker.device), None if bias is None else bias.to(tracker.device))
             for batch in _bar(loader, "NC4 (second pass)", progress):
-                tracker.update_nc4(features_of(batch)[0])
+                h, _, predicted = features_of(batch)
+                tracker.update_nc4(h, predicted)
             if all_reduce:
                 tracker.all_reduce(group)
             # After the merge both counts are global: every rank raises alike.

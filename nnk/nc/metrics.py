@@ -35,10 +35,12 @@ class NCMetrics:
             present classes and W their rows, as in the code of "Neural Collapse
             with Normalized Features" (features on the sphere, whose collapsed
             means center on the origin); 0 at perfect collapse only when
-            ``W mu_G`` is the same for every class. None without weight.
-        nc3_duality: ``|| W / ||W||_F - M~ / ||M~||_F ||_F`` (present classes); None without weight.
+            ``W mu_G = 0`` (never for ReLU features). None without weight.
+        nc3_duality: ``|| W / ||W||_F - M~ / ||M~||_F ||_F`` (present classes),
+            Papyan et al.'s self-duality; None without weight.
         nc4: fraction of samples whose nearest class mean (Euclidean, present
-            classes) differs from ``argmax(h W^T + b)``; None without weight or features.
+            classes) differs from ``argmax(h W^T + b)`` (or from the given
+            predictions, :meth:`NCTracker.update_nc4`); None without weight or features.
         num_classes: K. num_present: K'. missing_classes: the classes without samples.
         n: the number of samples.
     """
@@ -188,9 +190,11 @@ def nc_metrics_from_stats(stats: NCStats, weight: torch.Tensor | None = None) ->
 
 
 @_backend.without_autocast
-def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor, bias: torch.Tensor | None):
+def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor, bias: torch.Tensor | None,
+                   predicted: torch.Tensor | None = None):
     """(B,) int64 (B = 1 for unbatched): per feature set, the number of rows
-    whose nearest class mean (present classes) differs from ``argmax(h W^T + b)``.
+    whose nearest class mean (present classes) differs from ``argmax(h W^T + b)``,
+    or from ``predicted`` (int, the features' shape without D) when given.
     Computed in blocks of rows in float32 (float64 when the features, weight
     or bias are float64: a float64 weight may lie beyond float32's range), with
     the features and means taken relative to the global mean (smaller numbers,
@@ -225,12 +229,18 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
             h = h3[b, r0:r0 + NC4_BLOCK_ROWS]
             centred = _backend.times_pow2(h.to(F64) - sb.global_mean, -e).to(acc)
             nearest = idx[torch.argmax(2.0 * centred @ m.T - m_sq, dim=1)]
+            if predicted is not None:
+                pred = (predicted[None] if predicted.dim() == 1 else predicted)[b, r0:r0 + NC4_BLOCK_ROWS]
+                out[b] += (nearest != pred).sum()
+                continue
             h = h.to(acc)
             eh = torch.frexp(h.abs().amax(dim=1, keepdim=True))[1].to(torch.int64)
             eh = torch.where(eh > _backend.POW2_BAND, eh, 0)
             logits = _backend.times_pow2(h, -eh) @ w.T
             if bias_b is not None:
-                logits = logits + _backend.times_pow2(bias_b.to(acc)[None, :], -(eh + ew))
+                # Two factors: 2^-(eh + ew) is below float32's normal range
+                # when both exceed 2^127 / 2 (its bits gave -inf or NaN).
+                logits = logits + _backend.times_pow2(_backend.times_pow2(bias_b.to(acc)[None, :], -eh), -ew)
             out[b] += (nearest != torch.argmax(logits, dim=1)).sum()
     return out
 

@@ -103,13 +103,23 @@ def assemble_stats(counts, sums, shifts, gram, *, squeeze: bool, shifted_sums=No
     present = counts > 0
     cnt = counts.to(F64)[:, None]
     sums, shifts, gram = sums.to(F64), shifts.to(F64), gram.to(F64)
-    means = sums / cnt.clamp_min(1)
+    if shifted_sums is None:
+        means = sums / cnt.clamp_min(1)
+        dev = means - shifts
+    else:
+        # mu_k = c_k + d_k: the raw float64 sums of n rows of size |mu| are off
+        # by up to ~n u |mu|, which at n = 1e4 rows of 1e6 + 1e-3 randn made
+        # equal class means differ by 1e-6 (nc1 1.6e11 instead of the
+        # "identical means" ValueError), while d_k is a sum of small numbers.
+        dev = shifted_sums.to(F64) / cnt.clamp_min(1)
+        means = shifts + dev
     # 1. Sigma_W = (G_c - sum_k n_k d_k d_k^T) / N, d_k = mu_k - c_k (module doc).
-    dev = means - shifts if shifted_sums is None else shifted_sums.to(F64) / cnt.clamp_min(1)
     dev = torch.where(present[:, None], dev, 0.0)
+    means = torch.where(present[:, None], means, 0.0)
     sigma_w = (gram - dev.mT @ (cnt * dev)) / n
-    # 2. Sigma_B over the K' classes present, around the sample-weighted mean.
-    global_mean = sums.sum(1) / n
+    # 2. Sigma_B over the K' classes present, around the sample-weighted mean
+    #    (of the means, not of the raw sums, for the same reason).
+    global_mean = (cnt * means).sum(1) / n
     centered = (means - global_mean[:, None, :])[:, present]
     sigma_b = centered.mT @ centered / int(present.sum())
     if squeeze:

@@ -193,19 +193,30 @@ class NCTracker:
 
     @torch.no_grad()
     @_backend.without_autocast
-    def update_nc4(self, features: torch.Tensor) -> NCTracker:
+    def update_nc4(self, features: torch.Tensor, predicted: torch.Tensor | None = None) -> NCTracker:
         """Add a batch to the NC4 pass: features (N, D) (or (B, N, D) with
         ``batch=B``), as for :meth:`update`; labels are not needed. Every
-        sample of the first pass must come through before :meth:`metrics`."""
+        sample of the first pass must come through before :meth:`metrics`.
+        ``predicted``: (N,) (or (B, N)) integer classes in [0, K), the
+        classifier's decisions on these features, counted instead of
+        ``argmax(h W^T + b)``: for a head that is not that linear map (an
+        :class:`nnk.CosineLinear`'s ``s cos + b``)."""
         p = self._nc4
         if p is None:
             raise RuntimeError("NCTracker.update_nc4() before begin_nc4()")
         if p.merged:
             raise RuntimeError("NCTracker.update_nc4() after the NC4 counts were merged by all_reduce()")
         features = self._check_batch(features, self.batch)
+        if predicted is not None:
+            if not isinstance(predicted, torch.Tensor):
+                raise TypeError(f"predicted must be a torch.Tensor, got {type(predicted).__name__}")
+            if predicted.shape != features.shape[:-1]:
+                raise ValueError(f"predicted must have shape {tuple(features.shape[:-1])} (the features' "
+                                 f"without D), got {tuple(predicted.shape)}")
+            check_labels(predicted.reshape(-1), predicted.numel(), self.num_classes, self.device, name="predicted")
         if features.shape[-2] == 0:
             return self
-        p.mismatches += nc4_mismatches(features, p.stats, p.weight, p.bias)
+        p.mismatches += nc4_mismatches(features, p.stats, p.weight, p.bias, predicted)
         p.n += features.shape[-2]
         return self
 
