@@ -186,14 +186,22 @@ def invalid_targets(target: torch.Tensor, num_classes: int, ignore_index: int) -
     return (target != ignore_index) & ((target < 0) | (target >= num_classes))
 
 
+def check_dense(name: str, t) -> None:
+    """A TypeError for a sparse (or other non-strided) tensor: the kernels
+    index dense memory, and the ops' dispatch errors did not name the argument."""
+    if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def check_operands(x, weight, dtypes=FLOAT_DTYPES, op: str = "") -> tuple[int, int, int]:
-    """x (N, D) and weight (C, D): tensors of one dtype among ``dtypes``, C >= 1;
-    returns ``(N, D, C)``. A TypeError for a type or dtype, else a
+    """x (N, D) and weight (C, D): dense tensors of one dtype among ``dtypes``, C >= 1;
+    returns ``(N, D, C)``. A TypeError for a type, layout or dtype, else a
     ValueError, its message led by ``op`` when given."""
     at = f"{op}: " if op else ""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{at}{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_dense(f"{at}{name}", t)
     if x.dim() != 2:
         raise ValueError(f"{at}x must be 2-D (N, D), got shape {tuple(x.shape)}")
     if weight.dim() != 2:
@@ -223,6 +231,8 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_fin
     n, d, c = check_operands(x, weight)
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    for name, t in (("target", target), ("scale", scale), ("bias", bias)):
+        check_dense(name, t)
     if d == 0:
         raise ValueError("x and weight must have D >= 1 features, got D=0")
     if target.dtype not in (torch.int64, torch.int32):

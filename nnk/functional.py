@@ -6,8 +6,8 @@ import torch
 from . import _dispatch
 from ._dispatch import autocast_operands, resolve_impl
 from ._options import (
-    FLOAT_DTYPES, REDUCTIONS, CCEOptions, _choice, _finite_float, _is_real, check_tensors, deterministic_flag, flag,
-    float32_options, int_option, make_options,
+    FLOAT_DTYPES, REDUCTIONS, CCEOptions, _choice, _finite_float, _is_real, check_dense, check_tensors, deterministic_flag,
+    flag, float32_options, int_option, make_options,
 )
 from .inference import logits_topk, normalized_rows
 from .reference import cosine_logits_ref, reduce_rows
@@ -132,6 +132,7 @@ def cosine_cross_entropy(
     return_lse = flag("return_lse", return_lse)
     target, scale = check_tensors(x, weight, target, scale, bias, opts,
                                   check_finite=flag("check_finite", check_finite))
+    x, weight, target, scale, bias = _saveable(x, weight, target, scale, bias)
     backend = resolve_impl(impl, x.device, x.dtype)
     if backend == "cuda" and reduction != "none" and not return_lse:
         from .impl.extension import cosine_cross_entropy_extension_reduced, grad_in_forward
@@ -141,6 +142,19 @@ def cosine_cross_entropy(
     row, lse = _dispatch.backend(backend)(x, weight, target, scale, bias, opts)
     loss = reduce_rows(row, target != opts.ignore_index, reduction)
     return (loss, lse) if return_lse else loss
+
+
+def _saveable(*tensors):
+    """``tensors`` with copies of those made under ``torch.inference_mode``,
+    when autograd records this call: autograd refuses to save them, and the
+    Triton and CUDA Functions save their inputs (features of a frozen
+    backbone run under inference_mode trained a probe on the torch path, which
+    saves normalized copies, and raised on the others). Not while Dynamo
+    traces: it cannot trace ``is_inference``, and AOTAutograd saves its own."""
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
+        return tensors
+    return tuple(t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in tensors)
 
 
 # --- inference: the logits, and their top k without them ----------------------
@@ -157,6 +171,8 @@ def _check_head(x, weight, scale, bias, eps) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be a (C, D) float tensor, got "
                         f"{(weight.dtype, tuple(weight.shape)) if isinstance(weight, torch.Tensor) else weight}")
+    for name, t in (("x", x), ("weight", weight), ("scale", scale), ("bias", bias)):
+        check_dense(name, t)
     c, d = weight.shape
     if x.dim() < 1 or x.shape[-1] != d:
         raise ValueError(f"x must have shape (..., {d}) to match weight's (C, D) = {tuple(weight.shape)}, "
@@ -176,7 +192,10 @@ def _check_head(x, weight, scale, bias, eps) -> None:
     for name, t in (("weight", weight), ("scale", scale), ("bias", bias)):
         if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    _finite_float("eps", eps, lo=0.0, lo_open=True, float32=float32_options(x.dtype))
+    # The weight is normalized in its own dtype: float32 for a float32 weight
+    # beside float64 features (eps = 1e-300 was 0 there, a zero row's logits NaN).
+    _finite_float("eps", eps, lo=0.0, lo_open=True,
+                  float32=float32_options(x.dtype) or float32_options(weight.dtype))
 
 
 def cosine_logits(

@@ -68,6 +68,12 @@ CASES = [
     ("normalize_weight_2", TypeError, "normalize_weight must be a bool", lambda a, k: k.update(normalize_weight=2)),
     ("return_lse_none", TypeError, "return_lse must be a bool", lambda a, k: k.update(return_lse=None)),
     ("check_finite_str", TypeError, "check_finite must be a bool", lambda a, k: k.update(check_finite="yes")),
+    # The ops' dispatch errors on sparse layouts named no argument.
+    ("x_sparse", TypeError, "x must be a dense", lambda a, k: a.__setitem__(0, a[0].to_sparse())),
+    ("weight_sparse_csr", TypeError, "weight must be a dense", lambda a, k: a.__setitem__(1, a[1].to_sparse_csr())),
+    ("target_sparse", TypeError, "target must be a dense", lambda a, k: a.__setitem__(2, a[2].to_sparse())),
+    ("bias_sparse", TypeError, "bias must be a dense", lambda a, k: k.update(bias=torch.ones(5).to_sparse())),
+    ("scale_sparse", TypeError, "scale must be a dense", lambda a, k: k.update(scale=torch.ones(5).to_sparse())),
 ]
 
 
@@ -100,6 +106,42 @@ def test_integer_arguments_take_numpy_integers():
     for bad, exc in ((-1, ValueError), (0, ValueError), (1.5, TypeError)):
         with pytest.raises(exc, match="block_classes must be"):
             head.predict(x, 2, block_classes=bad)
+
+
+def test_head_inputs_are_checked_as_the_loss_inputs():
+    x, w, _ = _ok()
+    for call, msg in ((lambda: nnk.cosine_logits(x.to_sparse(), w), "x must be a dense"),
+                      (lambda: nnk.cosine_topk(x, w.to_sparse(), 2), "weight must be a dense"),
+                      (lambda: nnk.cosine_logits(x, w, bias=torch.ones(5).to_sparse()), "bias must be a dense")):
+        with pytest.raises(TypeError, match=msg):
+            call()
+    # eps is judged in float32 when the weight is float32 (normalized in its
+    # own dtype): beside float64 features, eps = 1e-300 was 0 there and a zero
+    # class row's logits NaN, ranked first by cosine_topk.
+    with pytest.raises(ValueError, match="eps=1e-300 is not a normal float32"):
+        nnk.cosine_logits(x.double(), w, eps=1e-300)
+    w64 = w.double()
+    w64[1] = 0
+    assert torch.equal(nnk.cosine_logits(x.double(), w64, eps=1e-300)[:, 1], torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("impl", ["torch", "cuda", "triton"])
+def test_inference_mode_tensors_train_on_every_impl(impl, device):
+    # Features of a frozen backbone run under inference_mode: autograd refuses
+    # to save them, and the Triton and CUDA Functions save their inputs (the
+    # torch path, which saves normalized copies, trained; they raised).
+    if impl == "triton":
+        pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(0)
+    x, w, t = (v.to(device) for v in (torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g),
+                                      torch.randint(0, 4, (6,), generator=g)))
+    want_w = w.clone().requires_grad_()
+    nnk.cosine_cross_entropy(x, want_w, t, scale=3.0, impl=impl).backward()
+    with torch.inference_mode():
+        xi, ti, si = x.clone(), t.clone(), torch.full((4,), 3.0, device=device)
+    got_w = w.clone().requires_grad_()
+    nnk.cosine_cross_entropy(xi, got_w, ti, scale=si, impl=impl).backward()
+    torch.testing.assert_close(got_w.grad, want_w.grad, rtol=1e-6, atol=1e-7)
 
 
 def test_meta_tensors_are_a_clear_error():
