@@ -3,7 +3,7 @@
 # python3, torch 2.11 cu130, triton 3.6, no internet), run from the repository
 # root with the peers' wheels carried in .whl/ (see bench/README.md):
 #
-#   NNK_GIT_COMMIT=<sha> bash bench/gpu_session.sh [OUT_DIR]   # OUT_DIR default: $OUT, else bench_out/gpu
+#   NNK_GIT_COMMIT=<git describe --always --dirty --abbrev=12> bash bench/gpu_session.sh [OUT_DIR]  # OUT_DIR: $OUT, else bench_out/gpu
 #
 # Plan for ONE device call: a session has 15 minutes of device time, the
 # machine's start (1-2 min) included, and no machine starts with under 4
@@ -127,7 +127,8 @@ boxed() { (( $1 == 124 || $1 == 137 )) && echo " (time box reached: incomplete)"
 
 if want env; then
   stage env
-  { tbox 30 nvidia-smi; tbox 60 "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+  { echo "NNK_GIT_COMMIT=${NNK_GIT_COMMIT:-unset (the results will record commit 'unknown')}"
+    tbox 30 nvidia-smi; tbox 60 "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
     tbox 60 "$PY" -c 'import triton, setuptools; print("triton", triton.__version__, "setuptools", setuptools.__version__)'
     echo "CUDA_HOME=${CUDA_HOME:-unset}"; [[ -n "${CUDA_HOME:-}" ]] && "$CUDA_HOME/bin/nvcc" --version | tail -n 2
     "$PY" -c 'import pytest_timeout' 2>/dev/null && echo "pytest-timeout (before the peers stage): yes" \
@@ -229,9 +230,10 @@ if want bench || want ncfp32; then
   SLUG="${SLUG:-$DEVICE}"
 fi
 # bench_run LOG BUDGET ARGS...: python -m bench on the full suite with a time
-# budget (no build or mode starts after it) and SIGINT 30 s past it (a mode in
-# flight may still be in a first call or a memory step): the CSV keeps every
-# finished row, and the interrupted case its finished modes.
+# budget (no build starts after it; what was built is still warmed and timed,
+# its minimum rounds) and SIGINT 30 s past it (a warm-up may still be
+# compiling a backward): the CSV keeps every finished row, and the
+# interrupted case its finished modes and the samples of what was warm.
 bench_run() {
   local log=$1 budget=$2
   shift 2

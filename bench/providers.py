@@ -14,6 +14,10 @@ Who does what work (the ``notes`` column of the CSV repeats it):
   ``nnk-triton-gemmbwd`` is ``nnk-triton`` with ``NNK_TRITON_GEMM_BACKWARD=1``
   (the extension's cuBLAS backward after the Triton forward: which backward
   is faster at large D is for the GPU run to say).
+  ``nnk-triton-fastgrad`` is ``nnk-triton`` with ``NNK_TRITON_FAST_GRAD=1``
+  (16-bit inputs: the backward's d logits rounded once to the input dtype,
+  as the peers' and the bound's operands are, instead of a hi + lo pair of
+  tensor-core dots: about 2x the reference's error on bf16 gradients).
   ``nnk-triton-sparse`` is ``nnk-triton`` with ``NNK_TRITON_GRAD_FILTER=1``
   (negligible d-logit tiles skip their d x and dW dots; on random benchmark
   inputs few tiles are negligible, so it measures the filter's overhead more
@@ -100,13 +104,15 @@ def environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
-def loss_run(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Run:
+def loss_run(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], env: dict[str, str] | None = None) -> Run:
     """The three modes of a differentiable loss: forward (building the graph,
     as in training), backward alone (after an untimed forward), both. The
     setup drops the previous step's gradients and graph first, and so does
     the teardown after a sample, so that a provider's gradients never crowd
-    another's steps."""
+    another's steps. ``env``: environment variables set around every forward
+    and backward (a variant's switches; some are read in the backward)."""
     state: dict[str, torch.Tensor] = {}
+    env = env or {}
 
     def clear():
         state.clear()
@@ -114,21 +120,29 @@ def loss_run(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) ->
             p.grad = None
 
     def forward():
-        state["loss"] = loss_fn()
+        with environment(env):
+            state["loss"] = loss_fn()
 
     def setup_backward():
         clear()
         forward()
 
+    def backward():
+        with environment(env):
+            state.pop("loss").backward()
+
     def both():
-        loss_fn().backward()
+        with environment(env):
+            loss_fn().backward()
 
     def value() -> float:
-        with torch.no_grad():
-            return float(loss_fn().float())
+        # With grad enabled, as the timed steps run: under no_grad a compiled
+        # provider compiled a second graph in its build (grad mode is guarded).
+        with environment(env):
+            return float(loss_fn().detach().float())
 
     return Run({"fwd": Step(forward, clear, clear),
-                "bwd": Step(lambda: state.pop("loss").backward(), setup_backward, clear),
+                "bwd": Step(backward, setup_backward, clear),
                 "fwdbwd": Step(both, clear, clear)}, value)
 
 
@@ -178,6 +192,10 @@ class Provider:
         return ""
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def impl_check(impl: str, device: torch.device, dtype: torch.dtype, op: str) -> Check:
     """Whether nnk's ``impl`` can run here: ``nnk.functional.resolve_impl``
     accepts it for the device and dtype (``op``: the extension operator that
@@ -203,6 +221,9 @@ NNK_VARIANTS = {
                "NNK_TRITON_GRAD_FILTER=1: d-logit tiles below 2^-12 M / C skip their d x and dW dots"),
     "gemmbwd": ({"NNK_TRITON_GEMM_BACKWARD": "1"},
                 "NNK_TRITON_GEMM_BACKWARD=1: Triton forward, the extension's chunked-GEMM backward"),
+    "fastgrad": ({"NNK_TRITON_FAST_GRAD": "1"},
+                 "NNK_TRITON_FAST_GRAD=1: d logits rounded once to the input dtype (3 backward dots, as the "
+                 "peers' and the bound's single-rounded operands) instead of a hi + lo pair (5)"),
 }
 
 
@@ -222,6 +243,9 @@ class Nnk(Provider):
 
             if not has_op("cosine_cross_entropy_bwd", device.type):
                 return Check("unavailable", f"nnk._C has no cosine_cross_entropy_bwd for {device.type}")
+        if check is OK and "NNK_TRITON_FAST_GRAD" in self.env and dtype not in (torch.float16, torch.bfloat16):
+            return Check("skipped", f"{dtype_name(dtype)}: one IEEE dot per contraction either way, "
+                                    "the same computation as nnk-triton")
         if check is OK and self.grads_in_forward:
             # nnk.impl.extension.grad_in_forward declines where the logits need
             # class chunks (or float16): the run would be nnk-cuda's again,
@@ -239,13 +263,8 @@ class Nnk(Provider):
         import nnk
 
         kw = case.loss_kwargs()
-
-        def loss():
-            # The variants' switches are read when the forward runs.
-            with environment(self.env):
-                return nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw)
-
-        return loss_run(loss, [inputs.x, inputs.w])
+        return loss_run(lambda: nnk.cosine_cross_entropy(inputs.x, inputs.w, inputs.y, impl=self.impl, **kw),
+                        [inputs.x, inputs.w], self.env)
 
     def notes(self, case):
         return self._notes
@@ -468,9 +487,12 @@ class GemmBound(Provider):
 
 
 def ce_providers() -> list[Provider]:
-    # The bound first: a case's time budget skips the providers left when it
-    # runs out, and without the bound no row of the case gets its ratio.
-    return [GemmBound(), Nnk("torch"), Nnk("triton"), Nnk("cuda"), Nnk("cuda", "gradfwd"), Nnk("triton", "sparse"),
-            Nnk("triton", "gemmbwd"), Reference(False), Reference(True),
-            TorchHead(False), TorchHead(True), TorchLCE(), Liger(), CutCrossEntropy(False), CutCrossEntropy(True),
-            PML()]
+    # Built and warmed in this order, and a case's time budget skips the
+    # providers left when it runs out: the bound first (without it no row gets
+    # its ratio), then what the issues' targets compare (nnk's Triton and CUDA
+    # paths, torch.compile of the reference and of the 16-bit head), the
+    # fused peers, and last nnk's variants and the eager baselines.
+    return [GemmBound(), Nnk("triton"), Nnk("cuda"), Reference(True), TorchHead(True),
+            Liger(), CutCrossEntropy(True), CutCrossEntropy(False), TorchLCE(),
+            Nnk("triton", "fastgrad"), Nnk("cuda", "gradfwd"), Nnk("triton", "gemmbwd"), Nnk("triton", "sparse"),
+            Nnk("torch"), Reference(False), TorchHead(False), PML()]

@@ -6,10 +6,12 @@ Per case and dtype: the inputs are made on the device; each provider is
 checked (missing ones get a row saying why) and built; then per mode each is
 warmed up (first call timed apart: compilation, autotuning) and sampled in
 interleaved rounds; then one more step per provider measures its peak memory.
-Rows are appended to the CSV as each case finishes. A SIGINT (an outer time
-limit) keeps the rows of the finished cases and of the interrupted case's
-finished modes, writes the rest as skipped, still writes the summary, and
-exits with status 130.
+Rows are appended to the CSV as each case finishes. Past ``--time-budget`` no
+provider is built, but those built are still warmed and sampled (their
+minimum rounds). A SIGINT (an outer time limit) keeps the rows of the
+finished cases, of the interrupted case's finished modes and the samples of
+the providers warm in its current mode (no memory step), writes the rest as
+skipped, still writes the summary, and exits with status 130.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch
 from . import meta
 from .memory import PeakMemory
 from .nc import NCInputs, nc_providers
-from .providers import CEInputs, Check, Provider, ce_providers
+from .providers import CEInputs, Check, Provider, dtype_name, ce_providers
 from .report import CsvLog, read_csv, write_summary
 from .roofline import MODES, NC_MODES, tflops
 from .shapes import CE_OP, SUITES, Case, select
@@ -115,10 +117,6 @@ def _pick(providers: list[Provider], patterns) -> list[Provider]:
     return [p for p in providers if any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -171,7 +169,7 @@ class Bench:
     def row(self, case: Case, dtype, provider: Provider, mode: str, status: str, notes: str = "", **vals) -> dict:
         r = {"suite": self.args.suite, "op": case.op, "case": case.id, "family": case.family,
              "variant": case.variant, "N": case.N, "D": case.D, "C": case.C, "scale": case.scale,
-             "provider": provider.name, "kind": provider.kind, "mode": mode, "dtype": _dtype_name(dtype),
+             "provider": provider.name, "kind": provider.kind, "mode": mode, "dtype": dtype_name(dtype),
              "status": status, "median_ms": math.nan, "p20_ms": math.nan, "p80_ms": math.nan, "rounds": 0,
              "iters": 0, "peak_mb": math.nan, "tflops": math.nan, "vs_bound": math.nan, "loss": math.nan,
              "device": self.env["device"], "torch": self.env["torch"], "triton": self.env["triton"],
@@ -246,13 +244,24 @@ class Bench:
                 for name, run in list(runs.items()):
                     if mode not in run.steps:
                         continue
-                    if out_of_time():
-                        rows[(name, mode)] = self.row(case, dtype, by_name[name], mode, "skipped", stop_reason())
+                    # Past the run's deadline a built provider is still warmed
+                    # and sampled (its minimum rounds): skipping it threw away
+                    # builds that had already cost the time (the bound and
+                    # nnk's rows of a case whose compiles overran). An outer
+                    # SIGINT then stops the warm-ups and samples what is warm.
+                    if self.sticky is not None or self.interrupted:
+                        why = self.sticky or INTERRUPTED
+                        rows[(name, mode)] = self.row(case, dtype, by_name[name], mode, "skipped", why)
                         continue
                     slow = by_name[name].slow
                     try:
                         w = warm_up(run.steps[mode], self.clock, warmup=0 if slow else args.warmup,
                                     min_sample_ms=args.min_sample_ms, max_iters=1 if slow else args.max_iters)
+                    except KeyboardInterrupt:
+                        self.interrupted = True
+                        run.steps[mode].teardown()
+                        rows[(name, mode)] = self.row(case, dtype, by_name[name], mode, "skipped", INTERRUPTED)
+                        continue
                     except Exception as e:  # noqa: BLE001
                         fail(by_name[name], e, mode)
                         run.steps[mode].teardown()
@@ -271,15 +280,26 @@ class Bench:
                 mode_deadline = time.monotonic() + args.case_budget / len(modes)
                 if self.deadline is not None:
                     mode_deadline = min(mode_deadline, self.deadline)
-                samples = interleaved(dict(steps), iters, self.clock, rounds=args.reps, min_rounds=args.min_rounds,
-                                      deadline=mode_deadline, on_error=on_error,
-                                      max_rounds={n: args.min_rounds for n in steps if by_name[n].slow})
+                if self.interrupted:
+                    mode_deadline = time.monotonic()   # the minimum rounds of what is warm, then stop
+                samples, cut = interleaved(dict(steps), iters, self.clock, rounds=args.reps,
+                                           min_rounds=args.min_rounds, deadline=mode_deadline, on_error=on_error,
+                                           max_rounds={n: args.min_rounds for n in steps if by_name[n].slow})
+                self.interrupted |= cut
                 for name in list(steps):
-                    try:
-                        peak = self.mem.measure(steps[name])
-                    except Exception as e:  # noqa: BLE001
-                        on_error(name, e)
+                    if not samples[name]:
+                        rows[(name, mode)] = self.row(case, dtype, by_name[name], mode, "skipped", INTERRUPTED)
                         continue
+                    if self.interrupted:
+                        # No memory step after an interrupt: the outer limit kills soon after.
+                        extra[name].append("interrupted: peak memory not measured")
+                        peak = math.nan
+                    else:
+                        try:
+                            peak = self.mem.measure(steps[name])
+                        except Exception as e:  # noqa: BLE001
+                            on_error(name, e)
+                            continue
                     med, p20, p80 = summarize(samples[name])
                     note = "; ".join(x for x in [notes[name], *extra[name]] if x)
                     rows[(name, mode)] = self.row(
@@ -296,7 +316,7 @@ class Bench:
                                     "the forward's one")
                     if len(samples[name]) < args.reps and not by_name[name].slow:
                         more.append(f"{len(samples[name])} of {args.reps} rounds: the case's or the run's time "
-                                    "budget ran out")
+                                    "budget ran out, or an interrupt")
                     r["notes"] = "; ".join(x for x in [r["notes"], *more] if x)
                     print(f"    {mode:6s} {name:20s} {med:10.4g} ms  [{p20:.4g}, {p80:.4g}]  x{len(samples[name])}"
                           f"  {r['tflops']:8.3g} TFLOP/s  peak {peak:9.4g} MiB", flush=True)
@@ -341,7 +361,7 @@ def main(argv=None) -> int:
             for dtype in args.dtypes:
                 for p in (ce if case.op == CE_OP else nc):
                     chk = p.check(case, args.device, dtype)
-                    print(f"{case.id:34s} {_dtype_name(dtype):9s} {p.name:20s} {chk.status:11s} {chk.reason}")
+                    print(f"{case.id:34s} {dtype_name(dtype):9s} {p.name:20s} {chk.status:11s} {chk.reason}")
         return 0
 
     stem = args.tag or f"{env['device_slug']}_{args.suite}"
@@ -354,7 +374,7 @@ def main(argv=None) -> int:
     bench.case_ids = {c.id for c in cases}
     started = time.monotonic()
     info = {**env, "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
-            "suite": args.suite, "dtypes": [_dtype_name(d) for d in args.dtypes], "modes": args.modes,
+            "suite": args.suite, "dtypes": [dtype_name(d) for d in args.dtypes], "modes": args.modes,
             "cases": [c.id for c in cases], "reps": args.reps, "warmup": args.warmup,
             "min_sample_ms": args.min_sample_ms, "max_iters": args.max_iters, "case_budget_s": args.case_budget,
             "time_budget_s": args.time_budget, "timing": bench.clock.method, "peak_memory": bench.mem.method,
@@ -377,10 +397,10 @@ def main(argv=None) -> int:
             elif bench.deadline is not None and time.monotonic() > bench.deadline:
                 rows = bench.skipped(case, dtype, providers_of(case), f"time budget of {args.time_budget:g} s used up")
             else:
-                print(f"  {case.id} {_dtype_name(dtype)}", flush=True)
+                print(f"  {case.id} {dtype_name(dtype)}", flush=True)
                 t0 = time.monotonic()
                 rows = bench.run_case(case, dtype, providers_of(case))
-                print(f"  {case.id} {_dtype_name(dtype)}: {time.monotonic() - t0:.1f} s", flush=True)
+                print(f"  {case.id} {dtype_name(dtype)}: {time.monotonic() - t0:.1f} s", flush=True)
             todo.pop(0)
             log.write(rows)
     except KeyboardInterrupt:

@@ -103,23 +103,28 @@ def interleaved(steps: dict[str, Step], iters: dict[str, int], clock: Clock, *, 
     """Samples (ms per step) of every step, ``rounds`` round-robin rounds, fewer
     (but at least ``min_rounds``) when ``time.monotonic()`` passes ``deadline``;
     at most ``max_rounds[name]`` samples of a step named there (a slow baseline).
-    A step that raises is reported through ``on_error`` and dropped."""
+    A step that raises is reported through ``on_error`` and dropped.
+    Returns ``(samples, interrupted)``: a KeyboardInterrupt (an outer time
+    limit's SIGINT) ends the sampling with the samples taken so far."""
     live = list(steps)
     cap = max_rounds or {}
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(rounds):
-        if r >= min_rounds and deadline is not None and time.monotonic() > deadline:
-            break
-        k = r % max(len(live), 1)
-        for name in live[k:] + live[:k]:
-            if len(samples[name]) >= cap.get(name, rounds):
-                continue
-            try:
-                samples[name].append(clock.time(steps[name], iters[name]))
-            except Exception as e:  # noqa: BLE001  (reported, the others go on)
-                on_error(name, e)
-                live.remove(name)
-    return samples
+    try:
+        for r in range(rounds):
+            if r >= min_rounds and deadline is not None and time.monotonic() > deadline:
+                break
+            k = r % max(len(live), 1)
+            for name in live[k:] + live[:k]:
+                if len(samples[name]) >= cap.get(name, rounds):
+                    continue
+                try:
+                    samples[name].append(clock.time(steps[name], iters[name]))
+                except Exception as e:  # noqa: BLE001  (reported, the others go on)
+                    on_error(name, e)
+                    live.remove(name)
+    except KeyboardInterrupt:
+        return samples, True
+    return samples, False
 
 
 def summarize(samples: list[float]) -> tuple[float, float, float]:

@@ -131,9 +131,23 @@ def backend(impl: str):
     return cosine_cross_entropy_extension
 
 
+def saveable(*tensors):
+    """``tensors`` with copies of those made under ``torch.inference_mode``,
+    when autograd records this call: autograd refuses to save them, and the
+    Triton and CUDA Functions save their inputs (features of a frozen
+    backbone run under inference_mode trained a probe on the torch path, which
+    saves normalized copies, and raised on the others). Not while Dynamo
+    traces: it cannot trace ``is_inference``, and AOTAutograd saves its own."""
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
+        return tensors
+    return tuple(t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in tensors)
+
+
 def run_backend(impl: str, x, weight, target, scale, bias, opts: CCEOptions):
     """``(row_loss, lse)`` from the backend ``impl`` resolves to, on arguments
     already checked by ``check_tensors`` (no second round of checks or syncs)."""
+    x, weight, target, scale, bias = saveable(x, weight, target, scale, bias)
     return backend(resolve_impl(impl, x.device, x.dtype))(x, weight, target, scale, bias, opts)
 
 

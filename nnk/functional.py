@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import _dispatch
-from ._dispatch import autocast_operands, resolve_impl
+from ._dispatch import autocast_operands, resolve_impl, saveable
 from ._options import (
     FLOAT_DTYPES, REDUCTIONS, CCEOptions, _choice, _finite_float, _is_real, check_dense, check_tensors, deterministic_flag,
     flag, float32_options, int_option, make_options,
@@ -132,7 +132,7 @@ def cosine_cross_entropy(
     return_lse = flag("return_lse", return_lse)
     target, scale = check_tensors(x, weight, target, scale, bias, opts,
                                   check_finite=flag("check_finite", check_finite))
-    x, weight, target, scale, bias = _saveable(x, weight, target, scale, bias)
+    x, weight, target, scale, bias = saveable(x, weight, target, scale, bias)
     backend = resolve_impl(impl, x.device, x.dtype)
     if backend == "cuda" and reduction != "none" and not return_lse:
         from .impl.extension import cosine_cross_entropy_extension_reduced, grad_in_forward
@@ -142,19 +142,6 @@ def cosine_cross_entropy(
     row, lse = _dispatch.backend(backend)(x, weight, target, scale, bias, opts)
     loss = reduce_rows(row, target != opts.ignore_index, reduction)
     return (loss, lse) if return_lse else loss
-
-
-def _saveable(*tensors):
-    """``tensors`` with copies of those made under ``torch.inference_mode``,
-    when autograd records this call: autograd refuses to save them, and the
-    Triton and CUDA Functions save their inputs (features of a frozen
-    backbone run under inference_mode trained a probe on the torch path, which
-    saves normalized copies, and raised on the others). Not while Dynamo
-    traces: it cannot trace ``is_inference``, and AOTAutograd saves its own."""
-    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
-            or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
-        return tensors
-    return tuple(t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t for t in tensors)
 
 
 # --- inference: the logits, and their top k without them ----------------------

@@ -254,10 +254,11 @@ def test_time_budget_stops_inside_a_case(tmp_path):
 
 def test_an_interrupt_inside_a_case_keeps_its_finished_rows(tmp_path, monkeypatch):
     """SIGINT (bench/gpu_session.sh's hard limit, sent past the time budget)
-    during a case's second mode: the first mode's rows are written, the rest
-    of that case and the later cases are `skipped` as interrupted (not as out
-    of time), and the summary is still written (the cut case lost all its
-    rows before)."""
+    during a warm-up of a case's second mode: the first mode's rows are
+    written, the providers warmed before the interrupt get their minimum
+    rounds (no memory step), the rest of that case and the later cases are
+    `skipped` as interrupted (not as out of time), and the summary is still
+    written (the cut case lost all its rows before)."""
     import time
     from types import SimpleNamespace
 
@@ -293,11 +294,53 @@ def test_an_interrupt_inside_a_case_keeps_its_finished_rows(tmp_path, monkeypatc
     first, second = shapes.split(",")
     for p in ("nnk-torch", "interrupted", "bound-gemm"):
         assert status[(first, p, "fwdbwd")][0] == "ok"
-        for case, mode in [(first, "fwd"), (first, "bwd"), *((second, m) for m in ("fwdbwd", "fwd", "bwd"))]:
+        cut = [(first, "bwd"), *((second, m) for m in ("fwdbwd", "fwd", "bwd"))]
+        if p != "nnk-torch":  # warmed before the interrupt: sampled
+            cut.append((first, "fwd"))
+        for case, mode in cut:
             assert status[(case, p, mode)] == ("skipped", run.INTERRUPTED), (case, p, mode)
     done = next(r for r in rows if (r["case"], r["provider"], r["mode"]) == (first, "nnk-torch", "fwdbwd"))
     assert math.isfinite(done["median_ms"]) and math.isfinite(done["vs_bound"])
+    warm = next(r for r in rows if (r["case"], r["provider"], r["mode"]) == (first, "nnk-torch", "fwd"))
+    assert warm["status"] == "ok" and math.isfinite(warm["median_ms"]) and math.isnan(warm["peak_mb"])
+    assert "interrupted: peak memory not measured" in warm["notes"]
     assert (tmp_path / "cut_summary.md").exists()
+
+
+def test_an_interrupt_while_sampling_keeps_the_samples(tmp_path, monkeypatch):
+    """SIGINT in the middle of the interleaved rounds: every provider with a
+    sample gets its row (the mode's samples were all lost before, and with the
+    headline's one mode, the whole case)."""
+    from bench import run
+    from bench.providers import GemmBound, Nnk, Provider
+    from bench.report import read_csv
+    from bench.timing import Step
+
+    class InterruptedInRound3(Provider):
+        name, kind = "interrupted", "peer"
+
+        def build(self, case, inputs):
+            r = GemmBound().build(case, inputs)
+            calls = [0]
+
+            def step():
+                calls[0] += 1
+                if calls[0] == 3:   # the first call (warm-up), then rounds 1 and 2
+                    raise KeyboardInterrupt
+
+            r.steps["fwdbwd"] = Step(step)
+            return r
+
+    monkeypatch.setattr(run, "ce_providers", lambda: [GemmBound(), InterruptedInRound3(), Nnk("torch")])
+    assert run.main(["--suite", "quick", "--device", "cpu", "--shapes", "vision-plain-N256-D512-C10",
+                     "--modes", "fwdbwd", "--reps", "5", "--warmup", "0", "--max-iters", "1", "--no-plots",
+                     "--out", str(tmp_path), "--tag", "cut"]) == 130
+    rows = {r["provider"]: r for r in read_csv(tmp_path / "cut.csv")}
+    assert rows["interrupted"]["status"] == "ok" and rows["interrupted"]["rounds"] == 1
+    for p in ("bound-gemm", "nnk-torch"):
+        assert rows[p]["status"] == "ok" and rows[p]["rounds"] in (1, 2), rows[p]
+        assert "interrupted: peak memory not measured" in rows[p]["notes"]
+    assert math.isfinite(rows["nnk-torch"]["vs_bound"])
 
 
 def test_an_interrupt_outside_a_cases_modes_is_recorded(tmp_path, monkeypatch):
@@ -458,3 +501,36 @@ def test_arcface_near_rows_reports_every_impl(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["margin_grad"], r["impl"]) for r in rows] == [("exact", "torch"), ("detached", "torch")]
     assert all(r["seeds_past_2x"] == 0 and r["median_dx_error"] < r["reference_median"] for r in rows)
+
+
+def test_summary_states_the_issue_targets():
+    """The summary says per nnk-triton / nnk-cuda fwd+bwd row whether the three
+    targets are met (the bound ratio, ref-compile's ratio beside the
+    like-for-like torch-compile, the peak beyond the gradients), and compares
+    memory beyond the gradients (raw peaks hid the gap in extra memory)."""
+    from bench.report import summary_markdown
+    from bench.roofline import grads_mb, logits_mb
+    from bench.shapes import CE_OP
+
+    n, d, c = 8192, 4096, 131072
+    logits, grads = logits_mb(n, c), grads_mb(n, c, d, "bfloat16", "fwdbwd")
+
+    def row(provider, kind, ms, extra, vs_bound=math.nan):
+        return {"case": "llm-plain-N8192-D4096-C131072", "dtype": "bfloat16", "op": CE_OP, "mode": "fwdbwd",
+                "provider": provider, "kind": kind, "status": "ok", "N": n, "D": d, "C": c, "median_ms": ms,
+                "tflops": 1.0, "vs_bound": vs_bound, "peak_mb": grads + extra * logits, "loss": 12.0, "notes": "",
+                "suite": "full", "device": "GPU", "torch": "2.11", "triton": "3.6", "nnk": "0.1.0",
+                "git_commit": "abc", "timestamp": "now", "p20_ms": ms, "p80_ms": ms}
+
+    text = summary_markdown([row("bound-gemm", "bound", 80.0, 0.0, 1.0),
+                             row("nnk-triton", "nnk", 100.0, 0.03, 1.25),
+                             row("nnk-cuda", "nnk", 120.0, 0.08, 1.5),
+                             row("ref-compile", "reference", 400.0, 1.2),
+                             row("torch-compile", "pytorch", 160.0, 0.6)])
+    assert ("Targets of nnk-triton (fwd+bwd): 1.25× the GEMM bound (≤ 1.35: met); 4.00× faster than ref-compile "
+            "(≥ 1.5: met); 1.60× faster than torch-compile (16-bit GEMMs, like for like); peak − grads 3.0% of "
+            "the fp32 logits (< 5%: met).") in text
+    assert "Targets of nnk-cuda (fwd+bwd): 1.50× the GEMM bound (≤ 1.35: not met)" in text
+    assert "peak − grads 8.0% of the fp32 logits (< 5%: not met)" in text
+    assert ("memory ratio (their peak − grads / its peak − grads): ref-compile 4.00× / 40.00×; "
+            "torch-compile 1.60× / 20.00×.") in text
