@@ -98,6 +98,34 @@ def test_cuda_sources_built_when_toolkit_present():
         assert has_op(op, "cuda"), op
 
 
+def test_sdist_holds_every_source_of_the_extension(tmp_path):
+    """An sdist made anywhere builds nnk._C: setuptools put in the listed
+    sources but no header, and the CUDA sources only where a toolkit was
+    found (`pip install nnk-0.1.0.tar.gz` failed: nnk/cce_driver.h: No such
+    file). MANIFEST.in grafts csrc/."""
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    files = subprocess.run(["git", "-C", str(repo), "ls-files", "-co", "--exclude-standard"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for f in files:
+        if (repo / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / f, src / f)
+    # As on a machine without CUDA: the sdist must not depend on it.
+    env = {**os.environ, "NNK_NO_CUDA": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src, env=env,
+                   capture_output=True, text=True, check=True, timeout=300)
+    import tarfile
+
+    (sdist,) = (tmp_path / "dist").glob("nnk-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        held = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = {f for f in files if f.startswith("csrc/") or f in ("CMakeLists.txt", "setup.py", "pyproject.toml")}
+    assert not needed - held, sorted(needed - held)
+
+
 @pytest.mark.gpu_machine  # (where CUDA could be initialized at all)
 def test_import_does_not_initialize_cuda():
     code = "import torch, nnk; assert not torch.cuda.is_initialized(); print('ok')"
