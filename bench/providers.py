@@ -104,7 +104,8 @@ def environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
-def loss_run(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], env: dict[str, str] | None = None) -> Run:
+def loss_run(loss_fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor],
+             env: dict[str, str] | None = None) -> Run:
     """The three modes of a differentiable loss: forward (building the graph,
     as in training), backward alone (after an untimed forward), both. The
     setup drops the previous step's gradients and graph first, and so does

@@ -180,8 +180,8 @@ def _targets_line(mine: dict, by_provider: dict[str, dict], held: float, logits:
             parts.append(f"{name} not measured")
             continue
         ratio = o["median_ms"] / mine["median_ms"]
-        parts.append(f"{ratio:.2f}× faster than {name}"
-                     + (f" (≥ {target}: {verdict(ratio >= target)})" if target else " (16-bit GEMMs, like for like)"))
+        judged = f" (≥ {target}: {verdict(ratio >= target)})" if target else " (16-bit GEMMs, like for like)"
+        parts.append(f"{ratio:.2f}× faster than {name}{judged}")
     if math.isfinite(mine["peak_mb"]):
         frac = (mine["peak_mb"] - held) / logits
         parts.append(f"peak − grads {frac:.1%} of the fp32 logits (< 5%: {verdict(frac < 0.05)})")

@@ -6,8 +6,8 @@ import torch
 from . import _dispatch
 from ._dispatch import autocast_operands, resolve_impl, saveable
 from ._options import (
-    FLOAT_DTYPES, REDUCTIONS, CCEOptions, _choice, _finite_float, _is_real, check_dense, check_tensors, deterministic_flag,
-    flag, float32_options, int_option, make_options,
+    FLOAT_DTYPES, REDUCTIONS, CCEOptions, _choice, _finite_float, _is_real, check_dense, check_tensors,
+    deterministic_flag, flag, float32_options, int_option, make_options,
 )
 from .inference import logits_topk, normalized_rows
 from .reference import cosine_logits_ref, reduce_rows
