@@ -141,6 +141,9 @@ def test_sample_classes_keeps_positives():
     assert torch.equal(classes[local[here]] + 2, labels[here]) and (local[~here] == -1).all()
     classes, _ = sample_classes(torch.arange(2, 22), 2, 20, 0.1, generator=g)  # more positives than 2
     assert classes.tolist() == list(range(20))
+    for bad in (0.0, -0.5, 1.5, math.nan):  # were index errors, or a sample of the positives alone
+        with pytest.raises(ValueError, match="sample_rate must be in"):
+            sample_classes(labels, 2, 20, bad, generator=g)
 
 
 def test_needs_process_group():
@@ -979,6 +982,23 @@ def _check_predict(rec, rank, world, tag):
     rec.expect_raise(f"{tag}:predict:bad_features_on_one_rank",
                      lambda: head.predict(u[lo:hi, :-1] if rank == world - 1 else u[lo:hi], 2), ValueError,
                      "in_features")
+    # A bias or a learnt shared scale of one rank's own ranked its classes
+    # apart: each rank returned its own, wrong, top k.
+    odd = ShardedCosineLinear(D, C, dtype=torch.float64, scale=5.0, bias=rank == 0)
+    rec.expect_raise(f"{tag}:predict:bias_on_one_rank", lambda: odd.predict(u[lo:hi], 2), ValueError,
+                     "ranks disagree on head")
+    odd = ShardedCosineLinear(D, C, dtype=torch.float64, learn_scale=True)
+    with torch.no_grad():
+        odd.scale.fill_(8.0 if rank == 0 else 58.0)
+    rec.expect_raise(f"{tag}:predict:learnt_scale_differs", lambda: odd.predict(u[lo:hi], 2), ValueError,
+                     "ranks disagree on shared scale value")
+    # One rank in predict, the others in the forward: the signature gathers
+    # of two sizes made gloo abort every process (SIGABRT).
+    labels = torch.zeros(hi - lo, dtype=torch.long)
+    rec.expect_raise(f"{tag}:predict:other_call_on_one_rank",
+                     lambda: head.predict(u[lo:hi], 2) if rank == 0 else head(u[lo:hi], labels), ValueError,
+                     "the ranks are in different collective calls",
+                     "rank 0: nnk.distributed.ShardedCosineLinear.predict")
 
 
 def _check_reshard(rec, rank, world, tmp, tag):
@@ -1135,7 +1155,7 @@ def test_module_negative_sampling(ranks):
 
 
 def test_sharded_predict_and_btd_features(ranks):
-    _assert_checks(ranks, "predict", 14)
+    _assert_checks(ranks, "predict", 17)
 
 
 @pytest.mark.parametrize("ranks", [3], ids=["3ranks"], indirect=True)

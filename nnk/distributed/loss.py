@@ -137,7 +137,8 @@ def combine_partials(partials: CCEPartials, valid: torch.Tensor, *, num_classes:
 
     x.grad: each rank's partials carry the gradient of its own shard only; sum
     x.grad over the ranks (all_reduce) for the full single-process gradient,
-    as :func:`cosine_cross_entropy` does in its backward."""
+    as :func:`cosine_cross_entropy` does in its backward. The same holds for
+    a shared (0-d) scale that requires grad: each rank's is its shard's part."""
 
     def describe():
         if not isinstance(partials, CCEPartials):

@@ -37,6 +37,13 @@ def comm_device(group) -> torch.device:
     return torch.device("cpu")
 
 
+# Every signature is this many int64 (an error flag, the caller, its values,
+# zeros): ranks in different entry points (one in forward, one in predict)
+# then meet in one all-gather of one size and all raise. Gathers of the
+# callers' own sizes made gloo abort the processes (SIGABRT).
+SIGNATURE_FIELDS = 32
+
+
 def _encode(v) -> int:
     if v is None or isinstance(v, (bool, int)):
         return -(2**63) if v is None else int(v)
@@ -70,29 +77,39 @@ def agree(
     except Exception as e:  # noqa: BLE001 (re-raised below, after the ranks have met)
         result, values, error = None, {}, e
     names = list(same) + list(info)
-    row = [int(error is not None)] + [_encode(values.get(n)) for n in names]
+    if 2 + len(names) > SIGNATURE_FIELDS:
+        raise AssertionError(f"{caller}: {len(names)} signature values, more than SIGNATURE_FIELDS - 2")
+    row = [int(error is not None), _encode(caller)] + [_encode(values.get(n)) for n in names]
+    row += [0] * (SIGNATURE_FIELDS - len(row))
     dev = comm_device(group)
     mine = torch.tensor(row, dtype=torch.int64, device=dev)
-    table = torch.empty(world * len(row), dtype=torch.int64, device=dev)
+    table = torch.empty(world * SIGNATURE_FIELDS, dtype=torch.int64, device=dev)
     _all_gather_single(table, mine, group=group)
-    table = table.view(world, len(row)).cpu()
-    failed = table[:, 0].nonzero().flatten().tolist()
+    table = table.view(world, SIGNATURE_FIELDS).cpu()
+    elsewhere = bool((table[:, 1] != table[0, 1]).any())
+    failed = [] if elsewhere else table[:, 0].nonzero().flatten().tolist()
     # A rank whose checks raised has no values: compare the others only.
     ok = table[table[:, 0] == 0]
-    differ = [n for i, n in enumerate(same) if len(ok) and bool((ok[:, 1 + i] != ok[0, 1 + i]).any())]
-    if failed or differ:
+    differ = [] if elsewhere else [n for i, n in enumerate(same)
+                                   if len(ok) and bool((ok[:, 2 + i] != ok[0, 2 + i]).any())]
+    if elsewhere or failed or differ:
         # Rare path: exchange readable values and messages to say what is wrong.
-        mine_text = ({n: repr(values.get(n)) for n in names}, f"{type(error).__name__}: {error}" if error else None)
+        mine_text = (caller, {n: repr(values.get(n)) for n in names},
+                     f"{type(error).__name__}: {error}" if error else None)
         reports = [None] * world
         dist.all_gather_object(reports, mine_text, group=group)
+        if elsewhere:
+            calls = ", ".join(f"rank {r}: {reports[r][0]}" for r in range(world))
+            raise ValueError(f"{caller}: the ranks are in different collective calls ({calls}); every rank of "
+                             "the group must make the same call")
         if error is not None:
             raise error
-        lines = [f"rank {r} rejected its arguments: {reports[r][1]}" for r in failed]
+        lines = [f"rank {r} rejected its arguments: {reports[r][2]}" for r in failed]
         for n in differ:
-            per_rank = ", ".join(f"rank {r}: {reports[r][0][n]}" for r in range(world) if r not in failed)
+            per_rank = ", ".join(f"rank {r}: {reports[r][1][n]}" for r in range(world) if r not in failed)
             lines.append(f"ranks disagree on {n} ({per_rank})")
         raise ValueError(f"{caller}: " + "; ".join(lines))
-    gathered = {n: table[:, 1 + len(same) + j].tolist() for j, n in enumerate(info)}
+    gathered = {n: table[:, 2 + len(same) + j].tolist() for j, n in enumerate(info)}
     return result, gathered
 
 

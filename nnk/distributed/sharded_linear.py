@@ -61,6 +61,8 @@ def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sampl
         kept classes, and (N,) int64 targets as indices into ``classes``
         (``LOCAL_IGNORE`` for rows whose class is in another shard or ignored).
     """
+    if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
     local = local_targets(labels, class_start, num_local, ignore_index)
     here = local != LOCAL_IGNORE
     positive = torch.zeros(num_local, dtype=torch.bool, device=labels.device)
@@ -316,10 +318,14 @@ class ShardedCosineLinear(nn.Module):
             return (k_, blk), {"k": k_, "in_features": features.shape[-1], "features.dtype": str(features.dtype),
                                "num_classes": self.num_classes, "options": repr(self.opts),
                                "autocast": autocast_dtype(features.device), "rows": n,
-                               "class_start": self.class_start, "C_local": self.num_local}
+                               "class_start": self.class_start, "C_local": self.num_local,
+                               **scale_signature(self.scale), **self._head_signature()}
 
-        # The ranks' candidates are compared: they must score alike.
-        same = ("k", "in_features", "features.dtype", "num_classes", "options", "autocast")
+        # The ranks' candidates are compared: they must score alike (a bias
+        # or a learnt shared scale of one rank's own ranked its classes
+        # apart, silently).
+        same = ("k", "in_features", "features.dtype", "num_classes", "options", "autocast",
+                "shared scale value", "head")
         (k, blk), got = agree(caller, group, describe, same, info=("rows", "class_start", "C_local"))
         check_partition(caller, got["class_start"], got["C_local"], self.num_classes)
         lead, rows = features.shape[:-1], got["rows"]
