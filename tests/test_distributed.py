@@ -676,6 +676,8 @@ def _check_mismatches(rec, rank, world, span, tag):
     rec.expect_raise(f"{tag}:mismatch:combine_options", lambda: combine_partials(
         part, t != -100, num_classes=C, label_smoothing=0.1 if last else 0.0, z_loss=0.0, reduction="mean"),
         ValueError, "ranks disagree on label_smoothing")
+    rec.expect_raise(f"{tag}:mismatch:fewer_classes_than_ranks", lambda: ShardedCosineLinear(D, world - 1),
+                     ValueError, f"num_classes must be >= the group's {world} ranks")
     head = ShardedCosineLinear(D, C, scale=8.0, dtype=torch.float64)
     feats = torch.randn(3, D + 1 if last else D, dtype=torch.float64)
     rec.expect_raise(f"{tag}:mismatch:module_features", lambda: head(feats, torch.tensor([0, 1, 2])),

@@ -143,7 +143,10 @@ class ShardedCosineLinear(nn.Module):
         super().__init__()
         rank, world = group_rank(group, CALLER)
         self.in_features = int_option("in_features", in_features, lo=1)
-        self.num_classes = int_option("num_classes", num_classes, lo=world)
+        self.num_classes = int_option("num_classes", num_classes, lo=1)
+        if self.num_classes < world:
+            raise ValueError(f"num_classes must be >= the group's {world} ranks (one class per rank at least), "
+                             f"got {self.num_classes}")
         self.opts = make_options(
             normalize_input=normalize_input, normalize_weight=normalize_weight, additive_margin=additive_margin,
             angular_margin=angular_margin, margin_grad=margin_grad, ignore_index=ignore_index,
