@@ -140,7 +140,8 @@ def summary_markdown(rows: list[dict], command: str | None = None) -> str:
             if others:
                 extra = mine["peak_mb"] - held
                 parts = [f"{o['provider']} {o['median_ms'] / mine['median_ms']:.2f}×"
-                         + (f" / {(o['peak_mb'] - held) / extra:.2f}×" if extra > 0 else "")
+                         + (f" / {(o['peak_mb'] - held) / extra:.2f}×" if extra > 0 and math.isfinite(o["peak_mb"])
+                            else "")
                          for o in others]
                 memory = "(their peak − grads / its peak − grads)" if held else "(their peak / its peak)"
                 out += ["", f"Speed-up of {mine['provider']} ({MODE_TITLES[main]}; their time / its time) and "

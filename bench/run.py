@@ -10,8 +10,8 @@ Rows are appended to the CSV as each case finishes. Past ``--time-budget`` no
 provider is built, but those built are still warmed and sampled (their
 minimum rounds). A SIGINT (an outer time limit) keeps the rows of the
 finished cases, of the interrupted case's finished modes and the samples of
-the providers warm in its current mode (no memory step), writes the rest as
-skipped, still writes the summary, and exits with status 130.
+the providers warm in its current mode (one round at least; no memory step),
+writes the rest as skipped, still writes the summary, and exits with status 130.
 """
 from __future__ import annotations
 
@@ -280,10 +280,14 @@ class Bench:
                 mode_deadline = time.monotonic() + args.case_budget / len(modes)
                 if self.deadline is not None:
                     mode_deadline = min(mode_deadline, self.deadline)
+                # After an interrupt, one round of what is warm: the outer
+                # limit's SIGKILL follows 15 s later, and a case's rows are
+                # written only when it ends.
+                min_rounds = 1 if self.interrupted else args.min_rounds
                 if self.interrupted:
-                    mode_deadline = time.monotonic()   # the minimum rounds of what is warm, then stop
+                    mode_deadline = time.monotonic()
                 samples, cut = interleaved(dict(steps), iters, self.clock, rounds=args.reps,
-                                           min_rounds=args.min_rounds, deadline=mode_deadline, on_error=on_error,
+                                           min_rounds=min_rounds, deadline=mode_deadline, on_error=on_error,
                                            max_rounds={n: args.min_rounds for n in steps if by_name[n].slow})
                 self.interrupted |= cut
                 for name in list(steps):

@@ -137,7 +137,8 @@ def saveable(*tensors):
     Triton and CUDA Functions save their inputs (features of a frozen
     backbone run under inference_mode trained a probe on the torch path, which
     saves normalized copies, and raised on the others). Not while Dynamo
-    traces: it cannot trace ``is_inference``, and AOTAutograd saves its own."""
+    traces, which cannot trace ``is_inference``: a compiled graph saves the
+    inference tensors it is given and autograd raises, as for ``nn.Linear``."""
     if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
             or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
         return tensors

@@ -147,7 +147,7 @@ def cosine_cross_entropy(
 # --- inference: the logits, and their top k without them ----------------------
 
 
-def _check_head(x, weight, scale, bias, eps) -> None:
+def _check_head(x, weight, scale, bias, eps, normalize_weight) -> None:
     """Shapes, dtypes and devices of :func:`cosine_logits`' arguments, and eps
     as :func:`cosine_cross_entropy` takes it. No value checks of tensors (they
     would synchronize with the device at every forward of a head; any scale
@@ -181,8 +181,8 @@ def _check_head(x, weight, scale, bias, eps) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     # The weight is normalized in its own dtype: float32 for a float32 weight
     # beside float64 features (eps = 1e-300 was 0 there, a zero row's logits NaN).
-    _finite_float("eps", eps, lo=0.0, lo_open=True,
-                  float32=float32_options(x.dtype) or float32_options(weight.dtype))
+    weight_eps = flag("normalize_weight", normalize_weight) and float32_options(weight.dtype)
+    _finite_float("eps", eps, lo=0.0, lo_open=True, float32=float32_options(x.dtype) or weight_eps)
 
 
 def cosine_logits(
@@ -227,7 +227,7 @@ def cosine_logits(
         (..., C) float32 (float64 for float64 x) logits; for 2-D x the
         logits tensor itself, not a view.
     """
-    _check_head(x, weight, scale, bias, eps)
+    _check_head(x, weight, scale, bias, eps, normalize_weight)
     normalize_input, normalize_weight = flag("normalize_input", normalize_input), flag("normalize_weight",
                                                                                       normalize_weight)
     d = weight.shape[1]
@@ -276,7 +276,7 @@ def cosine_topk(
         ``(classes, cosines)``: (..., k) int64 and (..., k) float32 (float64
         for float64 x), best first. Ties may be ordered differently from topk.
     """
-    _check_head(x, weight, scale, bias, eps)
+    _check_head(x, weight, scale, bias, eps, normalize_weight)
     k = int_option("k", k, lo=1, hi=weight.shape[0])
     if block_classes is not None:
         block_classes = int_option("block_classes", block_classes, lo=1)

@@ -142,8 +142,10 @@ def test_sample_classes_keeps_positives():
     classes, _ = sample_classes(torch.arange(2, 22), 2, 20, 0.1, generator=g)  # more positives than 2
     assert classes.tolist() == list(range(20))
     for bad in (0.0, -0.5, 1.5, math.nan):  # were index errors, or a sample of the positives alone
-        with pytest.raises(ValueError, match="sample_rate must be in"):
+        with pytest.raises(ValueError, match="sample_rate must be"):
             sample_classes(labels, 2, 20, bad, generator=g)
+    # A NumPy scalar is a real number (an isinstance check of int / float refused it).
+    assert len(sample_classes(labels, 2, 20, torch.tensor(0.25).numpy()[()], generator=g)[0]) == 5
 
 
 def test_needs_process_group():

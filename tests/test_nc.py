@@ -947,11 +947,13 @@ def test_collect_nc_metrics_nc4_is_the_cosine_heads_own_prediction(kwargs):
             head.log_scale.copy_(torch.tensor([0.0, 3.0, 1.0, 2.0]))
     model = torch.nn.Sequential(torch.nn.Identity(), head)
     loader = [(h[i:i + 500].reshape(-1, 5, d), y[i:i + 500].reshape(-1, 5)) for i in range(0, n, 500)]
+    loader.insert(1, (h[:0].reshape(0, 5, d), y[:0].reshape(0, 5)))  # (its (0, C) logits: a reshape error)
     m = collect_nc_metrics(model, loader, k, progress=False)
     with torch.no_grad():
         pred = head(h).argmax(1)
     nearest = torch.cdist(h.double(), nnk.nc_stats(h, y, k).means).argmin(1)
     assert m.nc4 == (nearest != pred).double().mean().item()
+    assert collect_nc_metrics(model, loader, k, progress=False, nc4=False).nc4 is None
 
 
 def test_collect_nc_metrics_takes_the_last_dimension_as_features():

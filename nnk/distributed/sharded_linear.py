@@ -61,8 +61,7 @@ def sample_classes(labels: torch.Tensor, class_start: int, num_local: int, sampl
         kept classes, and (N,) int64 targets as indices into ``classes``
         (``LOCAL_IGNORE`` for rows whose class is in another shard or ignored).
     """
-    if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    sample_rate = _finite_float("sample_rate", sample_rate, lo=0.0, hi=1.0, lo_open=True)
     local = local_targets(labels, class_start, num_local, ignore_index)
     here = local != LOCAL_IGNORE
     positive = torch.zeros(num_local, dtype=torch.bool, device=labels.device)

@@ -109,23 +109,27 @@ def collect_nc_metrics(
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-    # Linear-like heads act on the last dimension: (B, T, D) inputs are B T samples.
-    hook = head.register_forward_hook(
-        lambda mod, args, out: captured.append((args[0].detach().reshape(-1, args[0].shape[-1]), out)))
+    captured: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    # Linear-like heads act on the last dimension: (B, T, D) inputs are B T
+    # samples. The output only when NC4 takes the head's own prediction.
+    hook = head.register_forward_hook(lambda mod, args, out: captured.append(
+        (args[0].detach().reshape(-1, args[0].shape[-1]), out.detach() if own_prediction else None)))
     was_training = model.training
     model.eval()
     tracker: NCTracker | None = None
 
-    def features_of(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The head's input rows, their labels and (own_prediction) the head's predictions."""
+    def features_of(batch, nc4_pass: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The head's input rows, their labels and, in the NC4 pass of a head
+        predicting on its own (own_prediction), its predictions."""
         inputs, labels = batch[0], batch[1]
         captured.clear()
         model(inputs.to(device))
         if len(captured) != 1:
             raise RuntimeError(f"the head ran {len(captured)} times in one forward; expected once")
         h, out = captured[0]
-        predicted = out.detach().reshape(h.shape[0], -1).argmax(-1) if own_prediction else None
+        captured.clear()
+        # (..., C) logits: reshape(-1, C), not (rows, -1), which an empty batch makes ambiguous.
+        predicted = out.reshape(-1, out.shape[-1]).argmax(-1) if nc4_pass and out is not None else None
         if not h.is_floating_point():
             raise TypeError(f"the head's input is {h.dtype}, not features: the hooked module is a "
                             f"{type(head).__name__}; pass head= (the classifier whose input are the features)")
@@ -158,7 +162,7 @@ def collect_nc_metrics(
         if nc4 and weight is not None:
             tracker.begin_nc4(weight.to(tracker.device), None if bias is None else bias.to(tracker.device))
             for batch in _bar(loader, "NC4 (second pass)", progress):
-                h, _, predicted = features_of(batch)
+                h, _, predicted = features_of(batch, nc4_pass=True)
                 tracker.update_nc4(h, predicted)
             if all_reduce:
                 tracker.all_reduce(group)

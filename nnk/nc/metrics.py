@@ -35,7 +35,8 @@ class NCMetrics:
             present classes and W their rows, as in the code of "Neural Collapse
             with Normalized Features" (features on the sphere, whose collapsed
             means center on the origin); 0 at perfect collapse only when
-            ``W mu_G = 0`` (never for ReLU features). None without weight.
+            ``W mu_G = 0``: the global mean orthogonal to the centered class
+            means, which collapse does not imply. None without weight.
         nc3_duality: ``|| W / ||W||_F - M~ / ||M~||_F ||_F`` (present classes),
             Papyan et al.'s self-duality; None without weight.
         nc4: fraction of samples whose nearest class mean (Euclidean, present

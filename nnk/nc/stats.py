@@ -87,11 +87,12 @@ class NCStats:
 
 
 def assemble_stats(counts, sums, shifts, gram, *, squeeze: bool, shifted_sums=None) -> NCStats:
-    """NCStats from counts (K,), class sums (B, K, D), the shifts c (B, K, D)
-    the Gram was centered on and that Gram (B, D, D), in float64.
-    ``shifted_sums``: the class sums of h - c (B, K, D), if kept apart (the
-    tracker's; two passes' for float64 features): then mu_k - c_k =
-    shifted_sums_k / n_k, free of the rounding of the raw sums (~u |mu|)."""
+    """NCStats from counts (K,), the shifts c (B, K, D) the Gram was centered
+    on, that Gram (B, D, D) and either the class sums (B, K, D) or, when kept
+    (the tracker's; two passes' for float64 features), ``shifted_sums``, the
+    class sums of h - c (``sums`` is then not read: None will do), in float64.
+    From the latter mu_k - c_k = shifted_sums_k / n_k, free of the rounding
+    of the raw sums (~u |mu|)."""
     n = int(counts.sum())
     if n == 0:
         raise ValueError("no samples: the statistics of zero feature vectors are undefined")
@@ -102,9 +103,9 @@ def assemble_stats(counts, sums, shifts, gram, *, squeeze: bool, shifted_sums=No
                          "rescale them")
     present = counts > 0
     cnt = counts.to(F64)[:, None]
-    sums, shifts, gram = sums.to(F64), shifts.to(F64), gram.to(F64)
+    shifts, gram = shifts.to(F64), gram.to(F64)
     if shifted_sums is None:
-        means = sums / cnt.clamp_min(1)
+        means = sums.to(F64) / cnt.clamp_min(1)
         dev = means - shifts
     else:
         # mu_k = c_k + d_k: the raw float64 sums of n rows of size |mu| are off

@@ -26,18 +26,18 @@ class _NC4Pass:
 class NCTracker:
     """Neural-collapse statistics over any number of batches, in one pass.
 
-    Per batch it computes class counts and sums and the Gram of the features
+    Per batch it computes class counts and the Gram of the features
     centered on a per-class shift ``c_k``: the mean of class k in the first
     batch that contains it, fixed from then on (kept in float64; kernels of
     lower-precision features center on it rounded to float32 and their Gram is
-    re-expressed around it exactly). The running sums and Gram are
-    kept in float64; :meth:`compute` returns
+    re-expressed around it exactly). The running sums of ``h - c_k`` and the
+    Gram are kept in float64; :meth:`compute` returns
     ``Sigma_W = (G_c - sum_k n_k (mu_k - c_k)(mu_k - c_k)^T) / N``, which has no
     catastrophic cancellation even on collapsed features (see
-    :mod:`nnk.nc.stats`). ``mu_k - c_k`` comes from running sums of
-    ``h - c_k`` (formed before summing for float64 features), not from the
-    raw sums, whose rounding (~u |mu|) it would carry into Sigma_W to first
-    order. The result equals :func:`nnk.nc_stats` on the concatenated
+    :mod:`nnk.nc.stats`). ``mu_k - c_k`` comes from those running sums
+    (``h - c_k`` formed before summing for float64 features), not from raw
+    sums, whose rounding (~u |mu|) it would carry into Sigma_W to first
+    order, and ``mu_k`` is ``c_k`` plus it. The result equals :func:`nnk.nc_stats` on the concatenated
     batches up to float32 rounding of the per-batch kernels (measured in the
     README's NC section).
 
@@ -50,8 +50,8 @@ class NCTracker:
             batch has that shape (B is then fixed, as if given).
         impl: ``"auto" | "triton" | "torch" | "cuda"``, resolved per batch.
 
-    State: O(K D + D^2): per B, three float64 (K, D) buffers (class sums,
-    class sums of h - c, shifts), a float32 (K, D) copy of the shifts (what the kernels center
+    State: O(K D + D^2): per B, two float64 (K, D) buffers (class sums of
+    h - c, shifts), a float32 (K, D) copy of the shifts (what the kernels center
     16- and 32-bit features on) and one float64 (D, D) Gram.
 
     Usage::
@@ -84,7 +84,6 @@ class NCTracker:
         only (B, N, D) batches."""
         nb, k, d = self.batch or 1, self.num_classes, self.dim
         self.counts = torch.zeros(k, dtype=torch.int64, device=self.device)
-        self.sums = torch.zeros(nb, k, d, dtype=F64, device=self.device)
         self.shifted_sums = torch.zeros(nb, k, d, dtype=F64, device=self.device)
         self.shifts = torch.zeros(nb, k, d, dtype=F64, device=self.device)
         self.gram = torch.zeros(nb, d, d, dtype=F64, device=self.device)
@@ -167,7 +166,6 @@ class NCTracker:
                                  sums - cnt * self._shifts32.to(F64), counts, self._shifts32.to(F64), self.shifts)
             shifted = sums - cnt * self.shifts
         self.counts += counts
-        self.sums += sums
         self.shifted_sums += torch.where(counts[:, None] > 0, shifted, 0.0)
         self.gram += gram.to(F64)
         return self
@@ -175,7 +173,7 @@ class NCTracker:
     @_backend.without_autocast
     def compute(self) -> NCStats:
         """The statistics of every sample added so far (float64 NCStats)."""
-        return assemble_stats(self.counts, self.sums, self.shifts, self.gram, squeeze=self.batch is None,
+        return assemble_stats(self.counts, None, self.shifts, self.gram, squeeze=self.batch is None,
                               shifted_sums=self.shifted_sums)
 
     # --- NC4: a second pass over the data ------------------------------------
@@ -261,7 +259,7 @@ class NCTracker:
         becomes that of the lowest rank which has seen it; every rank first
         re-centers its own Gram onto those common shifts with the exact
         rank-one corrections of :func:`nnk.nc.stats.recenter_gram`, then counts,
-        sums and Grams are summed (all_reduce). Communication: O(K + K D + D^2)
+        sums of h - c and Grams are summed (all_reduce). Communication: O(K + K D + D^2)
         per rank, no samples. After :meth:`begin_nc4` / :meth:`update_nc4`, the
         next call sums the NC4 counts.
 
@@ -319,7 +317,7 @@ class NCTracker:
         self.gram = recenter_gram(self.gram, self.shifted_sums, self.counts, self.shifts, common)
         moved = self.shifted_sums + self.counts.to(F64)[:, None] * (self.shifts - common)
         self.shifted_sums = torch.where(present, moved, 0.0)
-        for t in (self.counts, self.sums, self.shifted_sums, self.gram):
+        for t in (self.counts, self.shifted_sums, self.gram):
             dist.all_reduce(t, group=group)
         self.shifts = common
         self._shifts32 = common.to(torch.float32)
