@@ -40,7 +40,7 @@ import torch
 from . import meta
 from .memory import PeakMemory
 from .nc import NCInputs, nc_providers
-from .providers import CEInputs, Check, Provider, dtype_name, ce_providers
+from .providers import CEInputs, Check, Provider, ce_providers, dtype_name
 from .report import CsvLog, read_csv, write_summary
 from .roofline import MODES, NC_MODES, tflops
 from .shapes import CE_OP, SUITES, Case, select
