@@ -211,15 +211,17 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
     |h| ~ 1e8 overflowed float32: nc4 0.75 for 0)."""
     acc = F64 if F64 in (features.dtype, weight.dtype, getattr(bias, "dtype", None)) else torch.float32
     h3 = features[None] if features.dim() == 2 else features
+    given = None if predicted is None else (predicted[None] if predicted.dim() == 1 else predicted)
     idx = torch.nonzero(stats.present).flatten()
     out = torch.zeros(h3.shape[0], dtype=torch.int64, device=features.device)
     for b in range(h3.shape[0]):
         sb = stats if stats.batch_size is None else stats[b]
-        w = _per_batch(weight, b, 3).to(acc)
-        ew = torch.frexp(w.abs().amax())[1].to(torch.int64)
-        ew = torch.where(ew > _backend.POW2_BAND, ew, 0)
-        w = _backend.times_pow2(w, -ew)
-        bias_b = _per_batch(bias, b, 2)
+        if given is None:
+            w = _per_batch(weight, b, 3).to(acc)
+            ew = torch.frexp(w.abs().amax())[1].to(torch.int64)
+            ew = torch.where(ew > _backend.POW2_BAND, ew, 0)
+            w = _backend.times_pow2(w, -ew)
+            bias_b = _per_batch(bias, b, 2)
         m64 = sb.means[idx] - sb.global_mean
         # Exponents on the device (no host sync): one for the centred means,
         # one per row for the logits (argmax is per row).
@@ -230,9 +232,8 @@ def nc4_mismatches(features: torch.Tensor, stats: NCStats, weight: torch.Tensor,
             h = h3[b, r0:r0 + NC4_BLOCK_ROWS]
             centred = _backend.times_pow2(h.to(F64) - sb.global_mean, -e).to(acc)
             nearest = idx[torch.argmax(2.0 * centred @ m.T - m_sq, dim=1)]
-            if predicted is not None:
-                pred = (predicted[None] if predicted.dim() == 1 else predicted)[b, r0:r0 + NC4_BLOCK_ROWS]
-                out[b] += (nearest != pred).sum()
+            if given is not None:
+                out[b] += (nearest != given[b, r0:r0 + NC4_BLOCK_ROWS]).sum()
                 continue
             h = h.to(acc)
             eh = torch.frexp(h.abs().amax(dim=1, keepdim=True))[1].to(torch.int64)
