@@ -18,6 +18,9 @@ Who does what work (the ``notes`` column of the CSV repeats it):
   (16-bit inputs: the backward's d logits rounded once to the input dtype,
   as the peers' and the bound's operands are, instead of a hi + lo pair of
   tensor-core dots: about 2x the reference's error on bf16 gradients).
+  ``nnk-cuda-chunk64`` is ``nnk-cuda`` with ``NNK_CHUNK_MB=64``: blocks
+  sized to 64 MiB of buffers instead of 256 (less memory, smaller GEMMs:
+  whether that costs time is for the GPU run to say).
   ``nnk-triton-sparse`` is ``nnk-triton`` with ``NNK_TRITON_GRAD_FILTER=1``
   (negligible d-logit tiles skip their d x and dW dots; on random benchmark
   inputs few tiles are negligible, so it measures the filter's overhead more
@@ -222,6 +225,8 @@ NNK_VARIANTS = {
                "NNK_TRITON_GRAD_FILTER=1: d-logit tiles below 2^-12 M / C skip their d x and dW dots"),
     "gemmbwd": ({"NNK_TRITON_GEMM_BACKWARD": "1"},
                 "NNK_TRITON_GEMM_BACKWARD=1: Triton forward, the extension's chunked-GEMM backward"),
+    "chunk64": ({"NNK_CHUNK_MB": "64"},
+                "NNK_CHUNK_MB=64: the extension's blocks sized to 64 MiB of buffers instead of 256"),
     "fastgrad": ({"NNK_TRITON_FAST_GRAD": "1"},
                  "NNK_TRITON_FAST_GRAD=1: d logits rounded once to the input dtype (3 backward dots, as the "
                  "peers' and the bound's single-rounded operands) instead of a hi + lo pair (5)"),
@@ -247,6 +252,14 @@ class Nnk(Provider):
         if check is OK and "NNK_TRITON_FAST_GRAD" in self.env and dtype not in (torch.float16, torch.bfloat16):
             return Check("skipped", f"{dtype_name(dtype)}: one IEEE dot per contraction either way, "
                                     "the same computation as nnk-triton")
+        if check is OK and "NNK_CHUNK_MB" in self.env:
+            from nnk.ops import cce_block_shape
+
+            budget = int(self.env["NNK_CHUNK_MB"]) << 20
+            shape = cce_block_shape(case.N, case.C, case.D, dtype, device.type)
+            if cce_block_shape(case.N, case.C, case.D, dtype, device.type, budget) == shape:
+                return Check("skipped", f"the default blocks ({shape[0]} x {shape[1]}) already fit "
+                                        f"{self.env['NNK_CHUNK_MB']} MiB: the same computation as nnk-cuda")
         if check is OK and self.grads_in_forward:
             # nnk.impl.extension.grad_in_forward declines where the logits need
             # class chunks (or float16): the run would be nnk-cuda's again,
@@ -495,5 +508,5 @@ def ce_providers() -> list[Provider]:
     # fused peers, and last nnk's variants and the eager baselines.
     return [GemmBound(), Nnk("triton"), Nnk("cuda"), Reference(True), TorchHead(True),
             Liger(), CutCrossEntropy(True), CutCrossEntropy(False), TorchLCE(),
-            Nnk("triton", "fastgrad"), Nnk("cuda", "gradfwd"), Nnk("triton", "gemmbwd"), Nnk("triton", "sparse"),
+            Nnk("triton", "fastgrad"), Nnk("cuda", "gradfwd"), Nnk("cuda", "chunk64"), Nnk("triton", "gemmbwd"), Nnk("triton", "sparse"),
             Nnk("torch"), Reference(False), TorchHead(False), PML()]

@@ -26,7 +26,7 @@ namespace py = pybind11;
 // schema change. nnk/ops/_extension.py refuses a library of another version
 // (an editable install whose Python sources moved on without a rebuild would
 // otherwise call ops with other arguments and outputs).
-constexpr long kOpsAbi = 3;
+constexpr long kOpsAbi = 4;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "nnk compiled extension: operators live in torch.ops.nnk";
@@ -57,7 +57,7 @@ PYBIND11_MODULE(_C, m) {
       "How nnk._C was built: version, torch version, CUDA and its arch list, compiler.");
   m.def(
       "cce_block_shape",
-      [](int64_t n, int64_t c, int64_t d, const std::string& dtype, bool cuda) {
+      [](int64_t n, int64_t c, int64_t d, const std::string& dtype, bool cuda, int64_t chunk_bytes) {
         at::ScalarType x;
         if (dtype == "float32") {
           x = at::kFloat;
@@ -71,15 +71,20 @@ PYBIND11_MODULE(_C, m) {
           throw py::value_error("cce_block_shape: dtype must be float32, float16, bfloat16 or "
                                 "float64, got " + dtype);
         }
-        if (n < 0 || c < 1 || d < 1) throw py::value_error("cce_block_shape: need n >= 0, c >= 1, d >= 1");
+        if (n < 0 || c < 1 || d < 1 || chunk_bytes < 0) {
+          throw py::value_error("cce_block_shape: need n >= 0, c >= 1, d >= 1, chunk_bytes >= 0");
+        }
         const at::ScalarType acc = nnk::cce::acc_dtype(x);
         // The GEMM dtype of the backends: the CUDA GEMMs take the inputs'
         // dtype, the CPU converts them to the accumulation dtype.
-        const nnk::cce::Tiling t =
-            nnk::cce::tiling(n, c, d, acc, cuda ? x : acc, x, nnk::cce::Options{});
+        nnk::cce::Options o;
+        o.chunk_bytes = chunk_bytes;
+        const nnk::cce::Tiling t = nnk::cce::tiling(n, c, d, acc, cuda ? x : acc, x, o);
         return std::make_pair(t.rows, t.classes);
       },
       py::arg("n"), py::arg("c"), py::arg("d"), py::arg("dtype"), py::arg("cuda"),
-      "(rows, classes) of the blocks nnk::cosine_cross_entropy_* use by default for N rows, C "
-      "classes of dimension D in dtype on a CUDA (or CPU) device; classes < C: class chunks.");
+      py::arg("chunk_bytes") = 0,
+      "(rows, classes) of the blocks nnk::cosine_cross_entropy_* use for N rows, C classes of "
+      "dimension D in dtype on a CUDA (or CPU) device with a budget of chunk_bytes (0: the "
+      "default); classes < C: class chunks.");
 }

@@ -19,7 +19,8 @@ TORCH_LIBRARY(nnk, m) {
 
   // Fused cosine cross-entropy (the math: nnk.reference.cosine_cross_entropy_ref)
   // without the N x C logits: blocks of chunk_rows rows x chunk_classes
-  // classes (0: from a memory budget, nnk/cce_driver.h tiling). scale: () or (C,); bias: (C,) or None; target: int64,
+  // classes (0: sized to chunk_bytes of buffers, 0: the default budget;
+  // nnk/cce_driver.h tiling). scale: () or (C,); bias: (C,) or None; target: int64,
   // ignore_index rows get loss 0. Returns the (N,) row losses, the (N,)
   // log-sum-exp and lse_lo, what rounding the lse dropped (exactly: the true
   // m + log1p(rest) is lse + lse_lo, math.h lse_finish), in the accumulation dtype (float32;
@@ -29,7 +30,8 @@ TORCH_LIBRARY(nnk, m) {
       "cosine_cross_entropy_fwd(Tensor x, Tensor weight, Tensor target, Tensor scale,"
       " Tensor? bias, bool normalize_input, bool normalize_weight, float additive_margin,"
       " float angular_margin, int ignore_index, float label_smoothing, float z_loss,"
-      " float eps, int chunk_rows, int chunk_classes) -> (Tensor loss, Tensor lse, Tensor lse_lo)");
+      " float eps, int chunk_rows, int chunk_classes, int chunk_bytes)"
+      " -> (Tensor loss, Tensor lse, Tensor lse_lo)");
   // Its backward, recomputing the logits chunk by chunk: d loss_i enters with
   // grad_loss_i (zero on ignored rows), d lse_i with grad_lse_i (None: zero).
   // output_mask selects (grad_x, grad_weight, grad_scale, grad_bias); the
@@ -40,7 +42,7 @@ TORCH_LIBRARY(nnk, m) {
       " Tensor lse_lo, bool normalize_input, bool normalize_weight, float additive_margin,"
       " float angular_margin, bool exact_margin, int ignore_index,"
       " float label_smoothing, float z_loss, float eps, int chunk_rows, int chunk_classes,"
-      " bool[4] output_mask)"
+      " int chunk_bytes, bool[4] output_mask)"
       " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_scale, Tensor grad_bias)");
   // Both in one loop, for training with an upstream gradient known before
   // the forward (grad_loss: (N,), e.g. 1 per row for a sum, 1 / #valid for a
@@ -56,7 +58,7 @@ TORCH_LIBRARY(nnk, m) {
       " Tensor? bias, Tensor grad_loss, bool normalize_input, bool normalize_weight,"
       " float additive_margin, float angular_margin, bool exact_margin, int ignore_index,"
       " float label_smoothing, float z_loss, float eps, int chunk_rows, int chunk_classes,"
-      " bool[4] output_mask)"
+      " int chunk_bytes, bool[4] output_mask)"
       " -> (Tensor loss, Tensor lse, Tensor grad_x, Tensor grad_weight, Tensor grad_scale,"
       " Tensor grad_bias)");
 

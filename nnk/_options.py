@@ -123,6 +123,24 @@ def env_flag(name: str) -> bool:
     return v == "1"
 
 
+# The largest NNK_CHUNK_MB (1 TiB): its bytes stay far inside int64.
+MAX_CHUNK_MB = 1 << 20
+
+
+def env_chunk_bytes() -> int:
+    """The extension's block budget in bytes that ``NNK_CHUNK_MB`` sets (an
+    integer of MiB in [1, MAX_CHUNK_MB]); 0, the extension's default (256 MiB),
+    when it is unset or empty. Any other value is a ValueError."""
+    v = os.environ.get("NNK_CHUNK_MB", "")
+    if v == "":
+        return 0
+    mib = int(v) if v.isdigit() else 0
+    if not 1 <= mib <= MAX_CHUNK_MB:
+        raise ValueError(f"environment variable NNK_CHUNK_MB must be an integer number of MiB in "
+                         f"[1, {MAX_CHUNK_MB}], got {v!r}")
+    return mib << 20
+
+
 def deterministic_flag(deterministic) -> bool:
     """``deterministic``, where None means the process default ``NNK_DETERMINISTIC``."""
     return env_flag("NNK_DETERMINISTIC") if deterministic is None else flag("deterministic", deterministic)

@@ -234,6 +234,26 @@ def test_gradfwd_is_skipped_where_nnk_declines_it():
     assert p.check(small, cpu, torch.float16).status == "skipped"
 
 
+def test_chunk64_is_skipped_where_the_default_blocks_fit(monkeypatch):
+    # Where the default blocks already fit 64 MiB, nnk-cuda-chunk64 is
+    # nnk-cuda's computation under another name; elsewhere it runs, and its
+    # steps run under NNK_CHUNK_MB=64.
+    from bench.providers import Nnk
+    from bench.shapes import CE_OP, Case
+    from nnk.ops import cce_block_shape, has_op
+
+    if not has_op("cosine_cross_entropy_fwd", "cpu"):
+        pytest.skip("nnk._C is not built")
+    p, cpu = Nnk("cuda", "chunk64"), torch.device("cpu")
+    assert p.name == "nnk-cuda-chunk64" and p.env == {"NNK_CHUNK_MB": "64"}
+    small, large = Case(CE_OP, "t", 256, 128, 1000), Case(CE_OP, "t", 1024, 512, 100_000)
+    assert cce_block_shape(1024, 100_000, 512, torch.float32, "cpu", 64 << 20) != \
+        cce_block_shape(1024, 100_000, 512, torch.float32, "cpu")
+    chk = p.check(small, cpu, torch.float32)
+    assert chk.status == "skipped" and "already fit 64 MiB" in chk.reason
+    assert p.check(large, cpu, torch.float32).status == "ok"
+
+
 def test_time_budget_stops_inside_a_case(tmp_path):
     """A budget that runs out inside a case (here: during the builds, a cold
     torch.compile among them) skips the rest of that case with a reason and

@@ -65,7 +65,7 @@ def _source_schemas():
 # The sha256 (first 16 hex digits) of the schemas of each ops ABI. A schema
 # change must bump OPS_ABI and kOpsAbi (so that a stale build is refused) and
 # add its hash here.
-SCHEMA_HASHES = {2: "e5852db97da6a272", 3: "2d39d19852f6ebf8"}
+SCHEMA_HASHES = {2: "e5852db97da6a272", 3: "2d39d19852f6ebf8", 4: "c2230a116d88fa44"}
 
 
 def test_a_schema_change_bumps_the_ops_abi():

@@ -174,14 +174,14 @@ def _ops_outputs():
         margins, rest = (0.1, 0.3), (-100, 0.1, 1e-4, 1e-12)  # ignore_index, smoothing, z_loss, eps
         # Blocks of 16 rows x 40 classes: class chunks, the last one partial.
         loss, lse, lse_lo = torch.ops.nnk.cosine_cross_entropy_fwd(
-            x, w, t, scale, bias, True, True, *margins, *rest, 16, 40)
+            x, w, t, scale, bias, True, True, *margins, *rest, 16, 40, 0)
         outs += [loss, lse, lse_lo]
         grad = torch.randn(37, generator=g)
         outs += torch.ops.nnk.cosine_cross_entropy_bwd(
-            grad, None, x, w, t, scale, bias, lse, lse_lo, True, True, *margins, True, *rest, 16, 40, [True] * 4)
+            grad, None, x, w, t, scale, bias, lse, lse_lo, True, True, *margins, True, *rest, 16, 40, 0, [True] * 4)
         if dtype != torch.float16:  # (the CUDA fused op refuses float16 gradients: schema.cpp)
             outs += torch.ops.nnk.cosine_cross_entropy_fwd_bwd(
-                x, w, t, scale, bias, grad, True, True, *margins, True, *rest, 0, 0, [True] * 4)
+                x, w, t, scale, bias, grad, True, True, *margins, True, *rest, 0, 0, 0, [True] * 4)
         y, norm = nnk.ops.row_normalize(x)
         outs += [y, norm, nnk.ops.row_normalize_backward(torch.randn(37, 59, generator=g).to(dtype), y, norm)]
         h = torch.randn(2, 301, 70, generator=g).to(dtype)
@@ -200,10 +200,10 @@ def _ops_outputs():
             t[[3, 80]] = -100
             scale, bias, arc = torch.full((7,), 64.0), torch.randn(7, generator=g), (0.1, 0.5)
             loss, lse, lse_lo = torch.ops.nnk.cosine_cross_entropy_fwd(
-                x, w, t, scale, bias, True, True, *arc, *rest, 64, 3)
+                x, w, t, scale, bias, True, True, *arc, *rest, 64, 3, 0)
             outs += torch.ops.nnk.cosine_cross_entropy_bwd(
                 torch.randn(100, generator=g), None, x, w, t, scale, bias, lse, lse_lo, True, True, *arc, True,
-                *rest, 64, 3, [True] * 4)
+                *rest, 64, 3, 0, [True] * 4)
     return outs
 
 

@@ -232,15 +232,15 @@ def test_fwd_bwd_with_class_chunks_is_forward_then_backward():
     _fwd_bwd runs the forward and then the backward: bitwise the two ops."""
     x, w, t, s, b = _op_args("cpu", torch.float32, True, True)
     g = torch.rand(9)
-    fwd = (True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4, 4)
-    bwd = (True, True, 0.1, 0.3, True, -100, 0.1, 1e-3, 1e-12, 4, 4)
+    fwd = (True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4, 4, 0)
+    bwd = (True, True, 0.1, 0.3, True, -100, 0.1, 1e-3, 1e-12, 4, 4, 0)
     mask = [True, True, True, True]
     fused = torch.ops.nnk.cosine_cross_entropy_fwd_bwd(x, w, t, s, b, g, *bwd, mask)
     loss, lse, lse_lo = torch.ops.nnk.cosine_cross_entropy_fwd(x, w, t, s, b, *fwd)
     grads = torch.ops.nnk.cosine_cross_entropy_bwd(g, None, x, w, t, s, b, lse, lse_lo, *bwd, mask)
     for got, want in zip(fused, (loss, lse, *grads)):
         assert torch.equal(got, want)
-    one_chunk = torch.ops.nnk.cosine_cross_entropy_fwd_bwd(x, w, t, s, b, g, *bwd[:-1], 0, mask)
+    one_chunk = torch.ops.nnk.cosine_cross_entropy_fwd_bwd(x, w, t, s, b, g, *bwd[:-2], 0, 0, mask)
     for got, want in zip(fused, one_chunk):
         assert max_err(got, want) < 1e-5 * max(1.0, want.abs().max().item())
 
@@ -351,6 +351,52 @@ def test_block_shape_query():
     assert rows == 1024 and classes % 128 == 0 and classes < 10**6
     with pytest.raises(ValueError, match="dtype"):
         shape(4, 4, 4, torch.int64, "cpu")
+    # A budget: 1 MiB of buffers splits C = 1000 at D = 512 into class chunks.
+    assert shape(1024, 1000, 512, torch.bfloat16, "cuda", 1 << 20)[1] < 1000
+    with pytest.raises(ValueError, match="chunk_bytes >= 0"):
+        shape(4, 4, 4, torch.float32, "cpu", -1)
+
+
+def test_chunk_budget_from_the_environment(device, monkeypatch):
+    """NNK_CHUNK_MB is the budget the op sizes its blocks to: a run under it
+    is, bit for bit, the run that asks for those blocks, forward and
+    backward (the backward recomputes the forward's GEMM shapes), and the
+    gradients-in-forward path declines once it splits C into class chunks."""
+    n, d, c = 300, 64, 3000
+    budget = nnk.ops.cce_block_shape(n, c, d, torch.float32, device.type, 1 << 20)
+    assert nnk.ops.cce_block_shape(n, c, d, torch.float32, device.type) == (n, c)
+    assert budget[1] < c  # class chunks at 1 MiB
+    opts = {"scale": 16.0, "additive_margin": 0.1, "angular_margin": 0.2, "label_smoothing": 0.1, "z_loss": 1e-3,
+            "bias": True}
+    x, w, t, kw, _ = make_inputs(n, d, c, opts, dtype=torch.float32, device=device, requires_grad=False)
+
+    def run(**chunks):
+        xg, wg = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+        loss, lse = _extension(xg, wg, t, kw, **chunks)
+        (loss + lse.sum() * 1e-3).backward()
+        return loss, lse, xg.grad, wg.grad
+
+    default = run()
+    monkeypatch.setenv("NNK_CHUNK_MB", "1")
+    under_budget = run()
+    monkeypatch.delenv("NNK_CHUNK_MB")
+    asked = run(chunk_rows=budget[0], chunk_classes=budget[1])
+    for got, want, ref in zip(under_budget, asked, default):
+        assert torch.equal(got, want)
+        assert max_err(got, ref) < 1e-5 * max(1.0, ref.abs().max().item())
+    monkeypatch.setenv("NNK_GRAD_IN_FORWARD", "1")
+    xg = x.detach().requires_grad_(True)
+    assert type(_public(xg, w, t, kw).grad_fn).__name__ == FUSED
+    monkeypatch.setenv("NNK_CHUNK_MB", "1")
+    assert type(_public(xg, w, t, kw).grad_fn).__name__ != FUSED
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "64MB", " 64", str((1 << 20) + 1)])
+def test_a_bad_chunk_budget_is_a_clear_error(value, device, monkeypatch):
+    monkeypatch.setenv("NNK_CHUNK_MB", value)
+    x, w, t, kw, _ = make_inputs(6, 3, 5, {"scale": 4.0}, dtype=torch.float32, device=device)
+    with pytest.raises(ValueError, match="NNK_CHUNK_MB must be an integer number of MiB"):
+        _public(x, w, t, kw)
 
 
 def test_grad_in_forward_only_when_asked_and_training(device, grad_in_forward):
@@ -448,11 +494,11 @@ def _op_args(device, dtype, per_class, with_bias, c=11):
 def test_opcheck(dtype, per_class, with_bias, device):
     x, w, t, s, b = _op_args(device, dtype, per_class, with_bias)
     # Blocks of 4 rows x 4 classes: 11 classes in three class chunks.
-    fwd = (True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4, 4)
+    fwd = (True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4, 4, 0)
     torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_fwd.default, (x, w, t, s, b, *fwd))
     _, lse, lse_lo = torch.ops.nnk.cosine_cross_entropy_fwd(x, w, t, s, b, *fwd)
     g = torch.randn(9, device=device)
-    bwd = (True, True, 0.1, 0.3, True, -100, 0.1, 1e-3, 1e-12, 4, 4)
+    bwd = (True, True, 0.1, 0.3, True, -100, 0.1, 1e-3, 1e-12, 4, 4, 0)
     for grads, mask in (((g, g * 0.5), [True, True, True, with_bias]), ((None, g), [True, False, per_class, False]),
                         ((g, None), [False, True, False, with_bias])):
         torch.library.opcheck(torch.ops.nnk.cosine_cross_entropy_bwd.default,
@@ -483,7 +529,7 @@ def test_forward_op_gradients_are_the_exact_derivative():
 
     def f(x, w, s, b):
         loss, lse, _ = torch.ops.nnk.cosine_cross_entropy_fwd(
-            x, w, t, s, b, True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4, 3)
+            x, w, t, s, b, True, True, 0.1, 0.3, -100, 0.1, 1e-3, 1e-12, 4, 3, 0)
         return loss, lse
 
     assert torch.autograd.gradcheck(f, inputs)
@@ -530,7 +576,7 @@ def test_cuda_float16_gradients_of_a_mean_over_many_classes(scale):
 @pytest.mark.gpu
 def test_cuda_fwd_bwd_refuses_float16_gradients():
     x, w, t, s, b = _op_args("cuda", torch.float16, False, True)
-    bwd = (True, True, 0.0, 0.0, True, -100, 0.0, 0.0, 1e-12, 0, 0)
+    bwd = (True, True, 0.0, 0.0, True, -100, 0.0, 0.0, 1e-12, 0, 0, 0)
     with pytest.raises(RuntimeError, match="float16 gradients on this device"):
         torch.ops.nnk.cosine_cross_entropy_fwd_bwd(x, w, t, s, b, torch.ones(9, device="cuda"), *bwd, [True] * 4)
 

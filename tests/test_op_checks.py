@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not has_op("cosine_cross_entropy_fwd", "cpu") or
 
 N, D, C = 5, 4, 7
 FWD = dict(normalize_input=True, normalize_weight=True, additive_margin=0.0, angular_margin=0.0, ignore_index=-100,
-           label_smoothing=0.0, z_loss=0.0, eps=1e-12, chunk_rows=0, chunk_classes=0)
+           label_smoothing=0.0, z_loss=0.0, eps=1e-12, chunk_rows=0, chunk_classes=0, chunk_bytes=0)
 
 
 def _cce():
@@ -34,7 +34,8 @@ def bwd(**change):
     a = {**_cce(), **FWD, "exact_margin": True, "grad_loss": torch.ones(N), "grad_lse": None, "lse": torch.zeros(N),
          "lse_lo": torch.zeros(N), "output_mask": [True] * 4, **change}
     opts = [a[k] for k in ("normalize_input", "normalize_weight", "additive_margin", "angular_margin",
-                           "exact_margin", "ignore_index", "label_smoothing", "z_loss", "eps", "chunk_rows", "chunk_classes")]
+                           "exact_margin", "ignore_index", "label_smoothing", "z_loss", "eps", "chunk_rows", "chunk_classes",
+                           "chunk_bytes")]
     return torch.ops.nnk.cosine_cross_entropy_bwd(
         a["grad_loss"], a["grad_lse"], a["x"], a["weight"], a["target"], a["scale"], a["bias"], a["lse"], a["lse_lo"],
         *opts, a["output_mask"])
@@ -43,7 +44,8 @@ def bwd(**change):
 def fwd_bwd(**change):
     a = {**_cce(), **FWD, "exact_margin": True, "grad_loss": torch.ones(N), "output_mask": [True] * 4, **change}
     opts = [a[k] for k in ("normalize_input", "normalize_weight", "additive_margin", "angular_margin",
-                           "exact_margin", "ignore_index", "label_smoothing", "z_loss", "eps", "chunk_rows", "chunk_classes")]
+                           "exact_margin", "ignore_index", "label_smoothing", "z_loss", "eps", "chunk_rows", "chunk_classes",
+                           "chunk_bytes")]
     return torch.ops.nnk.cosine_cross_entropy_fwd_bwd(
         a["x"], a["weight"], a["target"], a["scale"], a["bias"], a["grad_loss"], *opts, a["output_mask"])
 
@@ -99,6 +101,9 @@ STRUCTURAL = [
     ("fwd_angular_large", lambda: fwd(angular_margin=10.0), r"angular_margin must be in \[0, pi\]"),
     ("fwd_angular_nan", lambda: fwd(angular_margin=math.nan), r"angular_margin must be in \[0, pi\]"),
     ("fwd_angular_unnormalized", lambda: fwd(angular_margin=0.5, normalize_weight=False), "angular_margin needs"),
+    ("fwd_chunk_rows_negative", lambda: fwd(chunk_rows=-1), "chunk_rows, chunk_classes and chunk_bytes must be >= 0"),
+    ("bwd_chunk_classes_negative", lambda: bwd(chunk_classes=-4), "chunk_classes and chunk_bytes must be >= 0"),
+    ("fwd_bwd_chunk_bytes_negative", lambda: fwd_bwd(chunk_bytes=-(1 << 20)), "chunk_bytes must be >= 0"),
     ("bwd_lse_shape", lambda: bwd(lse=torch.zeros(N + 1)), "lse must have shape"),
     # (read as (N,) vectors: a shorter one would be read out of bounds)
     ("bwd_lse_lo_shape", lambda: bwd(lse_lo=torch.zeros(N - 1)), "lse_lo must have shape"),

@@ -38,8 +38,9 @@ by the row's last class chunk. Gradients then come one of two ways:
 Peak extra memory: one (rows x classes) fp32 block (+ a 16-bit copy for
 fp16/bf16 GEMMs), the class chunk's (classes x D) normalized rows and fp32
 d Wn, and either the row chunk's (rows x D) buffers (one class chunk) or
-(N x D) ones (class chunks: fp32 d xn and the normalized x): within 256 MiB
-except the (N x D) buffers (csrc/include/nnk/cce_driver.h tiling); never
+(N x D) ones (class chunks: fp32 d xn and the normalized x): within a budget
+of 256 MiB, or the ``NNK_CHUNK_MB`` MiB the environment sets, except the
+(N x D) buffers (csrc/include/nnk/cce_driver.h tiling); never
 N x C, and no (C x D) buffer once W needs class chunks (on a CPU, 16-bit
 inputs are first converted to float32 copies, W's included).
 
@@ -60,7 +61,7 @@ from __future__ import annotations
 import torch
 
 from . import fused_backward
-from .._options import CCEOptions, env_flag
+from .._options import CCEOptions, env_chunk_bytes, env_flag
 from ..ops._extension import cce_block_shape
 from ..ops.cce import bwd_options, cce_backward, fwd_options
 from ..reference import acc_dtype, reduce_rows
@@ -149,7 +150,7 @@ def grad_in_forward(x, weight, scale, bias) -> bool:
     if torch.compiler.is_compiling():
         return True
     (n, d), c = x.shape, weight.shape[0]
-    return cce_block_shape(n, c, d, x.dtype, x.device.type)[1] == c
+    return cce_block_shape(n, c, d, x.dtype, x.device.type, env_chunk_bytes())[1] == c
 
 
 def cosine_cross_entropy_extension_reduced(x, weight, target, scale, bias, opts: CCEOptions,
@@ -171,7 +172,7 @@ def cosine_cross_entropy_extension_reduced(x, weight, target, scale, bias, opts:
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)
     return _ExtensionCCEReduced.apply(x, weight, scale, bias, target, reduction, opts,
-                                      (int(chunk_rows or 0), int(chunk_classes or 0)))
+                                      (int(chunk_rows or 0), int(chunk_classes or 0), env_chunk_bytes()))
 
 
 def cosine_cross_entropy_extension(x, weight, target, scale, bias, opts: CCEOptions,
@@ -188,7 +189,7 @@ def cosine_cross_entropy_extension(x, weight, target, scale, bias, opts: CCEOpti
         opts: the checked options.
         chunk_rows, chunk_classes: the shape of the blocks of logits the op
             computes at a time (testing and tuning); None sizes them to the
-            extension's memory budget.
+            extension's memory budget (256 MiB, or ``NNK_CHUNK_MB``).
 
     Returns:
         ``(row_loss, lse)``: (N,) float32 (float64 for float64 x), the loss of each
@@ -196,6 +197,6 @@ def cosine_cross_entropy_extension(x, weight, target, scale, bias, opts: CCEOpti
     """
     if not isinstance(scale, torch.Tensor):
         scale = torch.full((), float(scale), dtype=torch.float32, device=x.device)
-    block = (int(chunk_rows or 0), int(chunk_classes or 0))
+    block = (int(chunk_rows or 0), int(chunk_classes or 0), env_chunk_bytes())
     return _ExtensionCCE.apply(x, weight, scale, bias, target,
                                fwd_options(opts, *block), bwd_options(opts, *block))

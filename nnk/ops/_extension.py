@@ -11,7 +11,7 @@ import torch
 
 # The schema version these sources call (csrc/bindings.cpp kOpsAbi); bumped
 # with any change of csrc/schema.cpp, which tests/test_build.py enforces.
-OPS_ABI = 3
+OPS_ABI = 4
 
 try:  # torch must be imported first: _C links against libtorch
     from nnk import _C as _ext
@@ -47,16 +47,18 @@ def build_info() -> dict:
     return {"extension": True, **_ext.build_info()}
 
 
-def cce_block_shape(n: int, c: int, d: int, dtype: torch.dtype, device_type: str) -> tuple[int, int]:
+def cce_block_shape(n: int, c: int, d: int, dtype: torch.dtype, device_type: str,
+                    chunk_bytes: int = 0) -> tuple[int, int]:
     """``(rows, classes)`` of the blocks of logits that
-    ``nnk::cosine_cross_entropy_*`` computes at a time by default for N rows,
-    C classes of dimension D in ``dtype`` on a ``device_type`` ("cpu" /
-    "cuda") device (csrc/include/nnk/cce_driver.h ``tiling``): ``classes < C``
-    means class chunks. Needs the extension."""
+    ``nnk::cosine_cross_entropy_*`` computes at a time for N rows, C classes
+    of dimension D in ``dtype`` on a ``device_type`` ("cpu" / "cuda") device
+    with a budget of ``chunk_bytes`` (0: the default, 256 MiB; what
+    ``NNK_CHUNK_MB`` sets) for its buffers (csrc/include/nnk/cce_driver.h
+    ``tiling``): ``classes < C`` means class chunks. Needs the extension."""
     if _ext is None:
         raise RuntimeError(f"nnk._C is not loaded: {_error!r}")
     name = str(dtype).removeprefix("torch.")
-    return tuple(_ext.cce_block_shape(int(n), int(c), int(d), name, device_type == "cuda"))
+    return tuple(_ext.cce_block_shape(int(n), int(c), int(d), name, device_type == "cuda", int(chunk_bytes)))
 
 
 # (op name, dispatch key) -> whether nnk._C registered a kernel. Filled when

@@ -47,8 +47,9 @@ def same_device(op: str, x: torch.Tensor, *tensors) -> None:
 
 
 def check_cce_inputs(op: str, x, weight, target, scale, bias, *, normalize_input, normalize_weight,
-                     additive_margin, angular_margin, label_smoothing, z_loss, eps) -> None:
-    """``cce::check_inputs``: shapes, dtypes, devices and the scalar options."""
+                     additive_margin, angular_margin, label_smoothing, z_loss, eps, chunks) -> None:
+    """``cce::check_inputs``: shapes, dtypes, devices and the scalar options
+    (``chunks``: chunk_rows, chunk_classes, chunk_bytes)."""
     op = f"nnk::{op}"
     torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D (N, D), got shape {tuple(x.shape)}")
     torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D (C, D), got shape {tuple(weight.shape)}")
@@ -80,6 +81,9 @@ def check_cce_inputs(op: str, x, weight, target, scale, bias, *, normalize_input
                  lambda: f"{op}: angular_margin must be in [0, pi], got {angular_margin}")
     torch._check(_scalar_ok(angular_margin, lambda v: v == 0) or (normalize_input and normalize_weight),
                  lambda: f"{op}: angular_margin needs normalize_input and normalize_weight")
+    torch._check(all(_scalar_ok(v, lambda v: v >= 0) for v in chunks),
+                 lambda: f"{op}: chunk_rows, chunk_classes and chunk_bytes must be >= 0 (0: from the budget), "
+                         f"got {', '.join(map(str, chunks))}")
 
 
 def check_row_vector(op: str, name: str, v, x) -> None:

@@ -50,8 +50,9 @@
 // gradients need each row's final lse); with class chunks it runs the
 // forward and then the backward.
 // Extra memory: the block (+ its GEMM-dtype copy for half inputs) and the
-// class chunk's and row chunk's buffers within kChunkBytes (tiling), plus,
-// with class chunks, the (N x D) d xn accumulator and normalized x.
+// class chunk's and row chunk's buffers within the budget (tiling: the op's
+// chunk_bytes, kChunkBytes by default), plus, with class chunks, the (N x D)
+// d xn accumulator and normalized x.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -70,7 +71,7 @@
 namespace nnk {
 namespace cce {
 
-// Budget of a block's buffers (tiling). Class chunks keep W's traffic at one
+// Default budget of a block's buffers (tiling). Class chunks keep W's traffic at one
 // read per pass whatever C, so the budget need not be large; it bounds the
 // extra memory of the op (before: 1 GiB for the rows x C block alone, plus
 // a normalized copy of W and an fp32 C x D d W, 4 GiB at N = 8192, D = 4096,
@@ -98,8 +99,9 @@ struct Options {
   double label_smoothing = 0.0;
   double z_loss = 0.0;
   double eps = 1e-12;
-  int64_t chunk_rows = 0;     // 0: from kChunkBytes (tiling)
-  int64_t chunk_classes = 0;  // 0: from kChunkBytes (tiling)
+  int64_t chunk_rows = 0;     // 0: from the budget (tiling)
+  int64_t chunk_classes = 0;  // 0: from the budget (tiling)
+  int64_t chunk_bytes = 0;    // the budget; 0: kChunkBytes
 };
 
 inline at::ScalarType acc_dtype(at::ScalarType t) {
@@ -116,7 +118,7 @@ struct Tiling {
 inline int64_t round_down_128(int64_t v) { return v >= 128 ? v - v % 128 : v; }
 
 // The block shape for N rows, C classes of dimension D (requested sizes > 0
-// win). Bytes counted against kChunkBytes:
+// win). Bytes counted against the budget (o.chunk_bytes, else kChunkBytes):
 //   per entry of the block: the accumulation dtype, and for 16-bit GEMMs d
 //     cos's copy; per band of kRowsPerPart rows and class: the partial
 //     column sums of d bias and d scale;
@@ -146,6 +148,7 @@ inline Tiling tiling(int64_t n, int64_t c, int64_t d, at::ScalarType acc, at::Sc
   const int64_t per_class = d * (a + g + (gemm == x ? 0 : g)), per_row = per_class;
   const int64_t n_cap = std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX);
   const int64_t rows = std::min(n_cap, o.chunk_rows > 0 ? o.chunk_rows : kClassChunkRows);
+  const int64_t budget = o.chunk_bytes > 0 ? o.chunk_bytes : kChunkBytes;
   // The buffers of a block of r rows x k classes.
   const auto bytes = [&](int64_t r, int64_t k) {
     return r * k * entry + 2 * num_parts(r) * k * a + k * per_class + (k == c ? r * per_row : 0);
@@ -153,17 +156,17 @@ inline Tiling tiling(int64_t n, int64_t c, int64_t d, at::ScalarType acc, at::Sc
   Tiling t;
   if (o.chunk_classes > 0) {
     t.classes = std::min(o.chunk_classes, c);
-  } else if (bytes(rows, c) <= kChunkBytes) {
+  } else if (bytes(rows, c) <= budget) {
     t.classes = c;
   } else {
-    const int64_t k = kChunkBytes / (rows * entry + 2 * num_parts(rows) * a + per_class);
+    const int64_t k = budget / (rows * entry + 2 * num_parts(rows) * a + per_class);
     t.classes = std::max<int64_t>(1, std::min(round_down_128(k), c));
   }
   if (o.chunk_rows > 0 || t.classes < c) {
     t.rows = rows;
   } else {
     // num_parts(r) <= r / kRowsPerPart + 1.
-    const int64_t left = kChunkBytes - c * per_class - 2 * c * a;
+    const int64_t left = budget - c * per_class - 2 * c * a;
     const int64_t per = c * entry + (2 * c * a + kRowsPerPart - 1) / kRowsPerPart + per_row;
     t.rows = left > 0 ? std::max<int64_t>(1, std::min(round_down_128(left / per), n_cap)) : rows;
   }
@@ -216,6 +219,9 @@ inline void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& 
               ": angular_margin must be in [0, pi], got ", o.angular_margin);
   TORCH_CHECK(o.angular_margin == 0 || (o.normalize_input && o.normalize_weight), op,
               ": angular_margin needs normalize_input and normalize_weight");
+  TORCH_CHECK(o.chunk_rows >= 0 && o.chunk_classes >= 0 && o.chunk_bytes >= 0, op,
+              ": chunk_rows, chunk_classes and chunk_bytes must be >= 0 (0: from the budget), got ",
+              o.chunk_rows, ", ", o.chunk_classes, ", ", o.chunk_bytes);
 }
 
 // Whether every scale is finite and > 0 in the dtype the kernels compute in
@@ -785,7 +791,7 @@ chunk_loop(const char* op, const at::Tensor& x, const at::Tensor& weight, const 
 inline Options make_options(bool normalize_input, bool normalize_weight, double additive_margin,
                             double angular_margin, bool exact_margin, int64_t ignore_index,
                             double label_smoothing, double z_loss, double eps,
-                            int64_t chunk_rows, int64_t chunk_classes) {
+                            int64_t chunk_rows, int64_t chunk_classes, int64_t chunk_bytes) {
   Options o;
   o.normalize_input = normalize_input;
   o.normalize_weight = normalize_weight;
@@ -798,6 +804,7 @@ inline Options make_options(bool normalize_input, bool normalize_weight, double 
   o.eps = eps;
   o.chunk_rows = chunk_rows;
   o.chunk_classes = chunk_classes;
+  o.chunk_bytes = chunk_bytes;
   return o;
 }
 
@@ -807,11 +814,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_op(
     const at::Tensor& scale, const std::optional<at::Tensor>& bias, bool normalize_input,
     bool normalize_weight, double additive_margin, double angular_margin,
     int64_t ignore_index, double label_smoothing, double z_loss, double eps,
-    int64_t chunk_rows, int64_t chunk_classes) {
+    int64_t chunk_rows, int64_t chunk_classes, int64_t chunk_bytes) {
   // The loss does not depend on how the margin is differentiated.
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, true, ignore_index, label_smoothing, z_loss, eps,
-                                 chunk_rows, chunk_classes);
+                                 chunk_rows, chunk_classes, chunk_bytes);
   auto out = chunk_loop<K>("nnk::cosine_cross_entropy_fwd", x, weight, target, scale, bias,
                            std::nullopt, o, {false, false, false, false});
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
@@ -825,10 +832,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
     const at::Tensor& lse_lo, bool normalize_input, bool normalize_weight, double additive_margin,
     double angular_margin, bool exact_margin, int64_t ignore_index,
     double label_smoothing, double z_loss, double eps, int64_t chunk_rows,
-    int64_t chunk_classes, std::array<bool, 4> output_mask) {
+    int64_t chunk_classes, int64_t chunk_bytes, std::array<bool, 4> output_mask) {
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, exact_margin, ignore_index, label_smoothing,
-                                 z_loss, eps, chunk_rows, chunk_classes);
+                                 z_loss, eps, chunk_rows, chunk_classes, chunk_bytes);
   return backward<K>(grad_loss, grad_lse, x, weight, target, scale, bias, lse, lse_lo, o,
                      output_mask);
 }
@@ -840,10 +847,11 @@ forward_backward_op(const at::Tensor& x, const at::Tensor& weight, const at::Ten
                     const at::Tensor& grad_loss, bool normalize_input, bool normalize_weight,
                     double additive_margin, double angular_margin, bool exact_margin,
                     int64_t ignore_index, double label_smoothing, double z_loss, double eps,
-                    int64_t chunk_rows, int64_t chunk_classes, std::array<bool, 4> output_mask) {
+                    int64_t chunk_rows, int64_t chunk_classes, int64_t chunk_bytes,
+                    std::array<bool, 4> output_mask) {
   const Options o = make_options(normalize_input, normalize_weight, additive_margin,
                                  angular_margin, exact_margin, ignore_index, label_smoothing,
-                                 z_loss, eps, chunk_rows, chunk_classes);
+                                 z_loss, eps, chunk_rows, chunk_classes, chunk_bytes);
   auto [loss, lse, lse_lo, dx, dw, ds, db] = chunk_loop<K>(
       "nnk::cosine_cross_entropy_fwd_bwd", x, weight, target, scale, bias, grad_loss, o,
       output_mask);

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..._options import CCEOptions
+from ..._options import CCEOptions, env_chunk_bytes
 from ..._dispatch import cublas_accumulates_in_fp16
 from ...ops import cce as ext_cce
 from ...ops import has_op
@@ -54,7 +54,7 @@ class _TritonCCE(torch.autograd.Function):
             # recomputed logits differ from the Triton tiles' by rounding only.
             s_op = s.reshape(()) if s.numel() == 1 else s
             dx, dw, ds, db = ext_cce.cce_backward(g_row, g_lse, x, weight, target, s_op, b, lse, lse_lo,
-                                                  ext_cce.bwd_options(ctx.opts, 0), need)
+                                                  ext_cce.bwd_options(ctx.opts, chunk_bytes=env_chunk_bytes()), need)
         else:
             with on_device(x):
                 grads = cce_backward(
