@@ -239,6 +239,17 @@ def check_operands(x, weight, dtypes=FLOAT_DTYPES, op: str = "") -> tuple[int, i
     return n, d, c
 
 
+def check_target_dtype(target: torch.Tensor) -> None:
+    """Class indices: int64 or int32 (a TypeError otherwise, which names soft
+    targets, as mixup or distillation pass to F.cross_entropy, for a floating
+    one)."""
+    if target.dtype in (torch.int64, torch.int32):
+        return
+    soft = (" (class indices: soft, probability targets as F.cross_entropy takes them are not supported)"
+            if target.is_floating_point() else "")
+    raise TypeError(f"target must be int64 or int32, got {target.dtype}{soft}")
+
+
 def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_finite: bool = False):
     """Check shapes, dtypes, devices and values; return ``(target, scale)`` with
     target as int64 and scale as a Python float or a tensor of shape () or
@@ -253,8 +264,7 @@ def check_tensors(x, weight, target, scale, bias, opts: CCEOptions, *, check_fin
         check_dense(name, t)
     if d == 0:
         raise ValueError("x and weight must have D >= 1 features, got D=0")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must be int64 or int32, got {target.dtype}")
+    check_target_dtype(target)
     if target.shape != (n,):
         raise ValueError(f"target must have shape ({n},) like x's rows, got {tuple(target.shape)}")
     dev = x.device

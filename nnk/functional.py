@@ -208,8 +208,11 @@ def cosine_logits(
 
     Args:
         x: (..., D) floating-point features.
-        weight: (C, D) floating-point class weights (another dtype than x's
-            computes in x's accumulation dtype).
+        weight: (C, D) floating-point class weights. Of another dtype than
+            x's, the result is in x's accumulation dtype, but the weight is
+            normalized in its own (float32 for a float32 weight: with float64
+            x the cosines are then accurate to ~1e-8, not float64's 1e-16;
+            cast the weight to float64 for that).
         scale: a real number, a 0-d or a (C,) float tensor (not checked to be > 0).
         bias: (C,) float tensor or None.
         normalize_input, normalize_weight, eps: as :func:`cosine_cross_entropy`

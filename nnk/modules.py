@@ -17,8 +17,8 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._options import (IMPLS, MAX_ANGULAR_MARGIN, REDUCTIONS, _choice, _finite_float, flag, float32_options,
-                       int_option, make_options)
+from ._options import (IMPLS, MAX_ANGULAR_MARGIN, REDUCTIONS, _choice, _finite_float, check_target_dtype, flag,
+                       float32_options, int_option, make_options)
 from .functional import cosine_cross_entropy, cosine_logits, cosine_topk
 from .impl.torch_blockwise import TILE_ELEMENTS  # the blockwise path's tile size
 from .reference import row_normalize_ref
@@ -131,6 +131,7 @@ def _loss_any_dims(x, weight, target, **kwargs):
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have shape (..., D) with D >= 1 features (a row of none has no direction, "
                          f"hence no cosine), got {tuple(x.shape)}")
+    check_target_dtype(target)  # before the shape: (N, C) soft targets are a dtype matter
     if target.shape != x.shape[:-1]:
         raise ValueError(
             f"target must have x's leading shape {tuple(x.shape[:-1])}, got {tuple(target.shape)}"
@@ -204,7 +205,10 @@ class CosineLinear(nn.Linear):
     Replaces ``nn.Linear(in_features, out_features)``; ``forward`` computes
     ``scale * (F.normalize(x, dim=-1) @ F.normalize(weight, dim=-1).T) + bias``
     (either normalization can be switched off), in float32 (float64 for
-    float64 input) whatever the parameters' dtype, for x of shape (..., D).
+    float64 input) whatever the parameters' dtype, for x of shape (..., D)
+    (a float32 weight is normalized in float32 all the same: float64 x on a
+    float32 head gets float64 logits accurate to ~1e-8; ``head.double()``
+    for float64's accuracy).
     Train with :meth:`loss`, the fused cross-entropy with the margins, which
     never materializes the (N, C) logits; rank classes with :meth:`predict`.
 
@@ -352,8 +356,9 @@ class CosineLinear(nn.Linear):
         (..., in_features).
         """
         if "weight" in kwargs:
-            raise TypeError("CosineLinear.loss: weight is the module's own, not an argument; for class "
-                            "weights held elsewhere use nnk.CosineCrossEntropyLoss or nnk.cosine_cross_entropy")
+            raise TypeError("CosineLinear.loss: weight is the module's own (C, D) class rows, not an argument "
+                            "(for class rows held elsewhere use nnk.CosineCrossEntropyLoss or "
+                            "nnk.cosine_cross_entropy); F.cross_entropy's per-class loss weights are not supported")
         for name in _MODULE_OWNED:  # the functional checks the rest
             if name in kwargs:
                 raise TypeError(f"CosineLinear.loss: {name} is set by the module, not per call")

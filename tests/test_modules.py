@@ -476,8 +476,14 @@ def test_loss_input_errors_name_x():
         with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., D\) with D >= 1"):
             loss(x, torch.randn(6, 0), t[:len(x)] if x.dim() else torch.tensor(0))
     x = torch.randn(4, 7)
-    with pytest.raises(TypeError, match="weight is the module's own"):
+    with pytest.raises(TypeError, match="weight is the module's own .* per-class loss weights are not supported"):
         head.loss(x, t, weight=torch.randn(6, 7))
+    # (N, C) probability targets (mixup, distillation): named, not a shape error.
+    soft = torch.softmax(torch.randn(4, 6), dim=1)
+    for call in (lambda: head.loss(x, soft), lambda: nnk.cosine_cross_entropy(x, head.weight, soft),
+                 lambda: nnk.CosineCrossEntropyLoss()(x, head.weight, soft)):
+        with pytest.raises(TypeError, match="soft, probability targets .* are not supported"):
+            call()
     with pytest.raises(TypeError, match=r"CosineLinear.loss: x is torch.bfloat16 but the head's weight is "
                                         r"torch.float32; cast x .*torch.autocast"):
         head.loss(x.bfloat16(), t)

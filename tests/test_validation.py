@@ -264,6 +264,26 @@ def test_value_checks_run_inside_compiled_graphs():
         loss(x, w, good_t, torch.tensor(-3.0))
 
 
+def test_triton_interpreter_runs_eagerly_under_torch_compile():
+    # Dynamo traced into triton's interpreter and failed there with an
+    # internal AttributeError (__triton_builtin__): the interpreted Function
+    # is now a graph break, and fullgraph=True says so.
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x, w, t = _ok()
+    fn = lambda a, b, t: nnk.cosine_cross_entropy(a, b, t, scale=4.0, impl="triton")  # noqa: E731
+    xg = x.clone().requires_grad_(True)
+    got = torch.compile(fn, backend="eager")(xg, w, t)
+    got.backward()
+    xe = x.clone().requires_grad_(True)
+    want = fn(xe, w, t)
+    want.backward()
+    assert torch.equal(got, want) and torch.equal(xg.grad, xe.grad)
+    with pytest.raises(Exception, match="disable"):
+        torch.compile(fn, backend="eager", fullgraph=True)(x, w, t)
+
+
 def test_auto_takes_the_torch_path_on_gpus_older_than_sm80(monkeypatch):
     # nnk's GPU kernels target sm_80+ (bf16 dots; the extension's SASS/PTX):
     # "auto" must not send a Turing GPU to them. No GPU needed: the capability

@@ -69,6 +69,15 @@ class _TritonCCE(torch.autograd.Function):
         return dx, dw, ds, db, None, None, None
 
 
+@torch.compiler.disable
+def _apply_interpreted(*args):
+    """``_TritonCCE.apply`` run eagerly: on CPU tensors the kernels run in
+    triton's interpreter, which torch.compile cannot trace (Dynamo failed
+    inside it with an internal AttributeError); this is a graph break instead
+    (an error under ``fullgraph=True``)."""
+    return _TritonCCE.apply(*args)
+
+
 def cosine_cross_entropy_triton(x, weight, target, scale, bias, opts: CCEOptions, *,
                                 class_splits: int | None = None, row_splits: int | None = None,
                                 class_chunk: int | None = None, grad_filter: float | None = None):
@@ -101,4 +110,5 @@ def cosine_cross_entropy_triton(x, weight, target, scale, bias, opts: CCEOptions
     tuning = dict(class_splits=class_splits, row_splits=row_splits, class_chunk=class_chunk,
                   grad_filter=configs.grad_filter() if grad_filter is None else grad_filter,
                   gemm_backward=configs.gemm_backward())
-    return _TritonCCE.apply(x, weight, scale, bias, target, opts, tuning)
+    apply = _TritonCCE.apply if x.device.type == "cuda" else _apply_interpreted
+    return apply(x, weight, scale, bias, target, opts, tuning)
