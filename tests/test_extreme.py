@@ -120,6 +120,20 @@ def test_one_logit_dominates(impl, device):
     assert_within_bound(errs, atol=1e-6)
 
 
+def test_a_huge_z_loss_spares_rows_without_upstream_gradient(impl, device):
+    """z_loss near float32's largest, where 2 z_loss lse overflows: rows whose
+    upstream gradient is 0 get d x = 0, as through autograd of the reference
+    (z_loss * g first), not inf * 0 = NaN."""
+    x, w, t, kw, leaves = make_inputs(6, 8, 11, {"scale": 4.0}, dtype=torch.float32, device=device)
+    kw["z_loss"] = 3e38
+    g = torch.zeros(6, device=device)
+    g[0] = 1.0
+    for fn in (lambda: nnk.cosine_cross_entropy(x, w, t, impl=impl, reduction="none", **kw),
+               lambda: cosine_cross_entropy_ref(x, w, t, reduction="none", **kw)):
+        (dx,) = torch.autograd.grad(fn(), [x], g)
+        assert torch.equal(dx[1:], torch.zeros_like(dx[1:])), dx
+
+
 @pytest.mark.parametrize("magnitude", [1e-30, 1e30])
 def test_tiny_and_huge_feature_norms(impl, device, magnitude):
     x, w, t, kw, leaves = make_inputs(12, 8, 50, {"scale": 16.0, "additive_margin": 0.2}, dtype=torch.float32,

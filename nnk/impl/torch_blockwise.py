@@ -153,7 +153,7 @@ class _BlockwiseCCE(torch.autograd.Function):
         # exactly 0 (g p - g ls / C - g (1 - ls) left ~1e-7 g, times 1 / eps
         # in the d x of a zero row: 6e5, inf in float16); the z-loss term and
         # the lse output's (d lse / dz = softmax) apart, not rounded against 1.
-        coef_z = 2.0 * opts.z_loss * lse * g if opts.z_loss else None
+        coef_z = 2.0 * (opts.z_loss * g) * lse if opts.z_loss else None
         if g_lse is not None:
             coef_z = g_lse.to(acc) if coef_z is None else coef_z + g_lse.to(acc)
         # Rows without a finite logit (lse = -inf: a -inf bias on every class

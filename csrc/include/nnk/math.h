@@ -219,8 +219,10 @@ NNK_HD T dlogit(T z, T lse, T lse_lo, bool is_target, T smoothing, T inv_c, T z_
   const T d = is_target ? expm1(u) + (smoothing - smoothing * inv_c) : p - smoothing * inv_c;
   // The z-loss term apart: on a confident row's target p - 1 ~ -1e-6, and a
   // z-loss term folded into p (1 + 2 zl lse) was rounded against 1 (d x
-  // 30-60x the reference's error at zl = 1e-5, s = 64).
-  return g * d + (T(2) * z_loss * lse * g + g_lse) * p;
+  // 30-60x the reference's error at zl = 1e-5, s = 64). zl g first, as
+  // autograd orders it: a row without upstream gradient gets 0, not
+  // 2 zl lse = inf (zl > ~1.7e38) times 0.
+  return g * d + (T(2) * (z_loss * g) * lse + g_lse) * p;
 }
 
 // The logit of one (row, class) entry from its cosine c: s_c * c + b_c, with

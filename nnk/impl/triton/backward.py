@@ -63,8 +63,9 @@ def _row_grad_terms(T_ptr, XNORM_ptr, S_ptr, B_ptr, COST_ptr, SINT_ptr, LSE_ptr,
     lse_lo = tl.load(LSELO_ptr + rows, mask=row_mask, other=0.0)
     g = tl.load(G_ptr + rows, mask=valid, other=0.0)
     g_lse = tl.load(GLSE_ptr + rows, mask=row_mask, other=0.0)
-    # The z-loss and lse terms apart from g's (_dlogit).
-    coef_z = 2.0 * z_loss * lse * g + g_lse
+    # The z-loss and lse terms apart from g's (_dlogit); z_loss * g first
+    # (math.h dlogit: no inf * 0 on rows without upstream gradient).
+    coef_z = 2.0 * (z_loss * g) * lse + g_lse
     # A row without a finite logit (lse = -inf: a -inf bias on every class of
     # a class-parallel shard) and without upstream gradient (the combined loss
     # gives such a shard's terms zero weight) gets p = exp(z - inf) = 0, not
