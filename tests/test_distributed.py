@@ -214,6 +214,17 @@ def test_float64_options_on_the_distributed_entry_points(one_rank_group):
         ShardedCosineLinear(3, 6, scale=1e39)
 
 
+def test_a_huge_z_loss_spares_rows_without_upstream_gradient(one_rank_group):
+    # As single-process (test_extreme): zl g before 2 lse, not inf * 0 = NaN.
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    w, t = torch.randn(11, 8), torch.tensor([0, 3, 10, 4, 4, 7])
+    g = torch.zeros(6)
+    g[0] = 1.0
+    (dx,) = torch.autograd.grad(cosine_cross_entropy(x, w, t, class_start=0, num_classes=11, scale=4.0, z_loss=3e38,
+                                                     reduction="none", impl="torch"), [x], g)
+    assert torch.equal(dx[1:], torch.zeros_like(dx[1:])), dx
+
+
 def test_sharded_head_scale_default_and_checks(one_rank_group):
     # The default s is CosineLinear's (not 1, where a collapsed head's loss
     # stays far from 0); a learnt s that an optimizer step made <= 0 or NaN

@@ -88,12 +88,14 @@ def _peaked_and_zero_rows(x, w, t):
 def test_scale64_margins_peaked_softmax_zero_norm_rows(device):
     """At cos = 1 the ArcFace psi = c cos m - sqrt(1 - c^2) sin m turns one fp32
     ulp of c into ~1e-2 of logit at s = 64: the fp32 reference is that far from
-    the fp64 truth too, so the bound is relative to its error."""
+    the fp64 truth too, so the bound is relative to its error, plus 1e-4 of
+    each magnitude (the reference's error on this ill-conditioned case varies
+    by seed: over seeds 0-11 nnk's d W needed up to 7e-5 beyond 2x it)."""
     opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
     errs = error_table(lambda x, w, t, kw: _extension(x, w, t, kw, chunk_rows=40), opts, 97, 59, 1031,
                        torch.float32, device=device, mutate=_peaked_and_zero_rows)
     assert all(torch.isfinite(torch.tensor(e)) for e in errs["impl"].values()), errs
-    assert_within_bound(errs, atol=1e-5)
+    assert_within_bound(errs, atol=1e-5, rtol=1e-4)
 
 
 HALF_CASES = {
@@ -304,7 +306,7 @@ def test_grad_in_forward_scale64_margins_peaked_zero_norm_rows(device, grad_in_f
     opts = {"scale": 64.0, "angular_margin": 0.5, "additive_margin": 0.1, "bias": True, "ignore": True}
     errs = error_table(_public, opts, 97, 59, 1031, torch.float32, device=device, mutate=_peaked_and_zero_rows,
                        with_lse=False)
-    assert_within_bound(errs, atol=1e-5)
+    assert_within_bound(errs, atol=1e-5, rtol=1e-4)  # as test_scale64_margins_peaked_softmax_zero_norm_rows
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -71,7 +71,7 @@ def test_peaked_softmax_and_zero_norm_rows():
     errs = error_table(lambda x, w, t, kw: _blockwise(x, w, t, kw, (16, 64)), {"scale": 64.0, "angular_margin": 0.5},
                        50, 16, 300, torch.float32, mutate=mutate)
     assert "x/zero" in errs["impl"] and errs["mag"]["x/zero"] > 1e6 * errs["mag"]["x"], errs["mag"]
-    assert_within_bound(errs, atol=1e-5)
+    assert_within_bound(errs, atol=1e-5, rtol=1e-4)  # ArcFace at cos = 1: see test_extreme's s64 case
 
 
 def test_public_api_torch_impl_and_edge_shapes():

@@ -614,6 +614,26 @@ def test_gemm_backward_matches_reference(device, monkeypatch, shape, case_kw, lo
     assert calls, "the extension's backward did not run"
 
 
+@pytest.mark.skipif(not has_op("cosine_cross_entropy_bwd", "cpu"), reason="nnk._C not built")
+def test_gemm_backward_takes_the_chunk_budget_of_its_forward(device, monkeypatch):
+    # NNK_CHUNK_MB is read when the forward runs (as impl="cuda" reads it):
+    # a value changed before the backward, even a bad one, is not seen.
+    monkeypatch.setenv("NNK_TRITON_GEMM_BACKWARD", "1")
+    budgets = []
+    backward = ext_cce.cce_backward
+    monkeypatch.setattr(ext_cce, "cce_backward", lambda *a: budgets.append(a[-2][-1]) or backward(*a))
+    x, w, t, scale, bias = _case(device, F32, 9, 16, 33, scale=8.0, bias=False, ignore=())
+    x.requires_grad_(True)
+    monkeypatch.setenv("NNK_CHUNK_MB", "1")
+    loss = nnk.cosine_cross_entropy(x, w, t, scale=scale, impl="triton")
+    monkeypatch.setenv("NNK_CHUNK_MB", "bad")
+    loss.backward()
+    assert budgets == [1 << 20]
+    # Without the GEMM backward the budget is not read at all.
+    monkeypatch.setenv("NNK_TRITON_GEMM_BACKWARD", "0")
+    assert torch.isfinite(nnk.cosine_cross_entropy(x, w, t, scale=scale, impl="triton"))
+
+
 def test_gemm_backward_refuses_float16_under_fp16_accumulation(device, monkeypatch):
     # As impl="cuda": cuBLAS has no float16 compute with the float32 outputs
     # of the extension's GEMMs (nnk._dispatch.cublas_accumulates_in_fp16,

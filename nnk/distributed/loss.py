@@ -95,8 +95,11 @@ class _Combine(torch.autograd.Function):
         g = torch.where(valid, g_row, torch.zeros_like(g_row))
         v = (lse - m) - log_sum
         w = v.exp()
-        # d row / d lse_r = w_r (1 + 2 zl lse), d lse / d lse_r = w_r.
-        d_lse = w * ((g * (1.0 + 2.0 * zl * lse_all) if zl else g) + g_lse)
+        # d row / d lse_r = w_r (1 + 2 zl lse), d lse / d lse_r = w_r; zl g
+        # first (math.h dlogit): a row without upstream gradient gets 0, not
+        # 2 zl lse = inf (zl > ~1.7e38) times 0.
+        z_term = 2.0 * (zl * g) * lse_all if zl else None
+        d_lse = w * ((g + z_term if zl else g) + g_lse)
         if owner is None:
             # gap = m - sum_r z_t,r: d row / d z_t,r = -(1 - ls), on every rank's term.
             d_target = -(1.0 - ls) * g
@@ -104,8 +107,10 @@ class _Combine(torch.autograd.Function):
             # The owner's row loss enters gap with d row / d gap = 1 - ls, and
             # its lse with -(1 - ls): w_r - (1 - ls) = expm1(v_r) + ls.
             d_target = torch.where(owner, (1.0 - ls) * g, torch.zeros_like(g))
-            pull = (v.expm1() + ls) + (2.0 * zl * lse_all * w if zl else 0.0)
-            d_lse = torch.where(owner, g * pull + g_lse * w, d_lse)
+            own = g * (v.expm1() + ls) + g_lse * w
+            if zl:
+                own = own + z_term * w
+            d_lse = torch.where(owner, own, d_lse)
         d_sum = -(ls / num_classes) * g if has_sum and ls else None
         return d_lse, d_target, d_sum, None, None, None, None, None, None
 

@@ -49,12 +49,13 @@ class _TritonCCE(torch.autograd.Function):
         x, weight, target, s, b, cos_t, sin_t, lse, lse_lo, xnorm, wnorm = ctx.saved_tensors
         need = ctx.needs_input_grad[:4]
         tuning = dict(ctx.tuning)
+        chunk_bytes = tuning.pop("chunk_bytes")
         if tuning.pop("gemm_backward"):
             # The forward's lse and lse_lo are the op's own contract: its
             # recomputed logits differ from the Triton tiles' by rounding only.
             s_op = s.reshape(()) if s.numel() == 1 else s
             dx, dw, ds, db = ext_cce.cce_backward(g_row, g_lse, x, weight, target, s_op, b, lse, lse_lo,
-                                                  ext_cce.bwd_options(ctx.opts, chunk_bytes=env_chunk_bytes()), need)
+                                                  ext_cce.bwd_options(ctx.opts, chunk_bytes=chunk_bytes), need)
         else:
             with on_device(x):
                 grads = cce_backward(
@@ -100,15 +101,16 @@ def cosine_cross_entropy_triton(x, weight, target, scale, bias, opts: CCEOptions
             from NNK_TRITON_GRAD_FILTER as set when the forward runs.
             NNK_TRITON_GEMM_BACKWARD=1 (also read then) takes the extension's
             chunked-GEMM backward instead (configs.gemm_backward), which has
-            no filter.
+            no filter, with the block budget NNK_CHUNK_MB sets then.
 
     Returns:
         ``(row_loss, lse)``: (N,) float32 each, both differentiable; row_loss
         is 0 on ignored rows. Replaces the per-row loss and log-sum-exp of
         ``nnk.reference.cosine_cross_entropy_ref`` (see the backend contract).
     """
+    gemm_backward = configs.gemm_backward()
     tuning = dict(class_splits=class_splits, row_splits=row_splits, class_chunk=class_chunk,
                   grad_filter=configs.grad_filter() if grad_filter is None else grad_filter,
-                  gemm_backward=configs.gemm_backward())
+                  gemm_backward=gemm_backward, chunk_bytes=env_chunk_bytes() if gemm_backward else 0)
     apply = _TritonCCE.apply if x.device.type == "cuda" else _apply_interpreted
     return apply(x, weight, scale, bias, target, opts, tuning)
