@@ -146,7 +146,9 @@ def summary_markdown(rows: list[dict], command: str | None = None) -> str:
                 memory = "(their peak − grads / its peak − grads)" if held else "(their peak / its peak)"
                 out += ["", f"Speed-up of {mine['provider']} ({MODE_TITLES[main]}; their time / its time) and "
                             f"memory ratio {memory}: " + "; ".join(parts) + "."]
-            if logits and main == "fwdbwd" and mine["provider"] in ("nnk-triton", "nnk-cuda"):
+            # Their variants too: nnk-triton-fastgrad's like-for-like backward,
+            # nnk-cuda-chunk64's memory at a smaller block budget.
+            if logits and main == "fwdbwd" and mine["provider"].startswith(("nnk-triton", "nnk-cuda")):
                 out += ["", _targets_line(mine, {o["provider"]: o for o in ok_main}, held, logits)]
         if logits and main != "fwd":
             out += ["", f"peak − grads: the peak beyond the gradients of x and W that the step returns "

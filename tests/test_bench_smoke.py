@@ -548,6 +548,7 @@ def test_summary_states_the_issue_targets():
     text = summary_markdown([row("bound-gemm", "bound", 80.0, 0.0, 1.0),
                              row("nnk-triton", "nnk", 100.0, 0.03, 1.25),
                              row("nnk-cuda", "nnk", 120.0, 0.08, 1.5),
+                             row("nnk-cuda-chunk64", "nnk", 125.0, 0.045, 1.56),
                              row("ref-compile", "reference", 400.0, 1.2),
                              row("torch-compile", "pytorch", 160.0, 0.6)])
     assert ("Targets of nnk-triton (fwd+bwd): 1.25× the GEMM bound (≤ 1.35: met); 4.00× faster than ref-compile "
@@ -555,5 +556,7 @@ def test_summary_states_the_issue_targets():
             "the fp32 logits (< 5%: met).") in text
     assert "Targets of nnk-cuda (fwd+bwd): 1.50× the GEMM bound (≤ 1.35: not met)" in text
     assert "peak − grads 8.0% of the fp32 logits (< 5%: not met)" in text
+    assert ("Targets of nnk-cuda-chunk64 (fwd+bwd): 1.56× the GEMM bound (≤ 1.35: not met); 3.20× faster than "
+            "ref-compile (≥ 1.5: met)") in text and "peak − grads 4.5% of the fp32 logits (< 5%: met)" in text
     assert ("memory ratio (their peak − grads / its peak − grads): ref-compile 4.00× / 40.00×; "
             "torch-compile 1.60× / 20.00×.") in text
