@@ -254,6 +254,19 @@ def test_chunk64_is_skipped_where_the_default_blocks_fit(monkeypatch):
     assert p.check(large, cpu, torch.float32).status == "ok"
 
 
+def test_chunk_budget_script_reports_each_budget():
+    from nnk.ops import has_op
+
+    if not has_op("cosine_cross_entropy_fwd", "cpu"):
+        pytest.skip("nnk._C is not built")
+    proc = subprocess.run([sys.executable, "-m", "bench.chunk_budget", "-n", "64", "-c", "3000", "-d", "16",
+                           "--budgets", "0,1", "--reps", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[1].startswith("NNK_CHUNK_MB=unset (256): blocks (64, 3000), peak extra"), proc.stdout
+    assert lines[2].startswith("NNK_CHUNK_MB=1: blocks (64, ") and "(64, 3000)" not in lines[2], proc.stdout
+
+
 def test_time_budget_stops_inside_a_case(tmp_path):
     """A budget that runs out inside a case (here: during the builds, a cold
     torch.compile among them) skips the rest of that case with a reason and
