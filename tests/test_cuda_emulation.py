@@ -35,7 +35,8 @@ EMULATED_FILES = ["test_extension_cce.py", "test_ops_nc.py", "test_nc.py", "test
                   "test_properties.py", "test_fuzz_ops.py", "test_op_checks.py", "test_validation.py",
                   "test_modules.py", "test_inference.py", "test_nc_distributed.py", "test_cuda_emulation.py"]
 EMULATED_DESELECT = ("not triton and not bad_arguments_are_rejected and not target_values_are_checked"
-                     " and not one_million_classes and not class_chunks_at_large_c")
+                     " and not one_million_classes and not class_chunks_at_large_c"
+                     " and not hold_no_normalized_copy")
 
 
 def _cuda_headers() -> Path | None:

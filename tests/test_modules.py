@@ -771,7 +771,7 @@ def test_head_forward_and_predict_memory():
     row, C=400k, D=64 (weight 98 MiB). The forward holds one normalized copy of
     the weight (it was 3.2x the weight with the reference's float64 norms);
     predict holds tiles only (it was 2x the weight for one row)."""
-    # A fixed mmap threshold: see FIXED_MMAP_THRESHOLD in test_torch_impl.py.
+    # A fixed mmap threshold: see FIXED_MMAP_THRESHOLD in peak_rss.py.
     out = subprocess.run([sys.executable, "-c", HEAD_MEMORY_SCRIPT], capture_output=True, text=True,
                          timeout=300, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
     assert out.returncode == 0, out.stderr

@@ -1,10 +1,5 @@
 """impl="torch" (the blockwise CPU path) against the reference and an fp64
 ground truth, on odd shapes, with tiles small enough to cross many blocks."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,6 +9,7 @@ from cce_cases import OPTION_CASES, assert_within_bound, error_table, grads, mak
 from nnk._options import make_options
 from nnk.impl.torch_blockwise import cosine_cross_entropy_torch
 from nnk.reference import cosine_cross_entropy_ref, reduce_rows
+from peak_rss import peak_memory
 
 DEFAULTS = dict(normalize_input=True, normalize_weight=True, additive_margin=0.0, angular_margin=0.0,
                 margin_grad="exact", ignore_index=-100, label_smoothing=0.0, z_loss=0.0, eps=1e-12)
@@ -95,35 +91,6 @@ def test_gradients_come_back_in_input_dtype():
     assert kw["bias"].grad.dtype == torch.bfloat16 and kw["scale"].grad.dtype == torch.float32
 
 
-MEMORY_SCRIPT = textwrap.dedent("""
-    import json, os, torch, nnk
-    def hwm_kb():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    torch.manual_seed(0)
-    N, C, D = 4096, 200_000, 64
-    x = torch.randn(N, D, requires_grad=True)
-    w = torch.randn(C, D, requires_grad=True)
-    t = torch.randint(0, C, (N,))
-    torch.set_num_threads(2)
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
-    base = hwm_kb()
-    loss = nnk.cosine_cross_entropy(x, w, t, scale=30.0, additive_margin=0.2, impl=os.environ["NNK_IMPL"])
-    loss.backward()
-    print(json.dumps({"peak_extra_mb": (hwm_kb() - base) / 1024, "logits_mb": N * C * 4 / 2**20,
-                      "loss": loss.item()}))
-""")
-
-
-# glibc raises its mmap threshold after large blocks are freed, so later
-# tile-sized blocks come from the heap and stay resident after free: the peak
-# RSS then counts allocator retention, not live tensors (measured in CI 195 to
-# 329 MiB for the same code). A fixed threshold keeps every tile mmap'd and
-# returned on free (195 MiB in 6 of 6 runs).
-FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("impl,fraction", [("torch", 10), ("cuda", 5)])
 def test_no_logit_matrix_peak_memory(impl, fraction):
@@ -135,13 +102,7 @@ def test_no_logit_matrix_peak_memory(impl, fraction):
     normalized copy of W and an fp32 d W."""
     if impl == "cuda" and not nnk.ops.has_op("cosine_cross_entropy_fwd", "cpu"):
         pytest.skip("nnk._C not built")
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "NNK_IMPL": impl, **FIXED_MMAP_THRESHOLD})
-    assert out.returncode == 0, out.stderr
-    import json
-
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    print(res)
+    res = peak_memory(impl, 4096, 200_000, 64)
     assert res["peak_extra_mb"] < res["logits_mb"] / fraction, res
 
 

@@ -27,7 +27,7 @@ struct CpuBackend {
   static constexpr bool kTargetTerm = false;
 
   static at::Tensor row_norms(const at::Tensor& x, double eps) {
-    return std::get<1>(row_normalize_cpu(x, eps));
+    return row_norms_cpu(x, eps);
   }
 
   static std::tuple<at::Tensor, at::Tensor> row_normalize(const at::Tensor& x, double eps) {

@@ -11,18 +11,20 @@
 
 namespace nnk {
 
-std::tuple<at::Tensor, at::Tensor> row_normalize_cpu(const at::Tensor& x_in,
-                                                     double eps) {
+namespace {
+
+// Norms of x's rows, and with `y` defined the rows normalized into it.
+at::Tensor normalize_rows(const at::Tensor& x_in, double eps, at::Tensor* y_out) {
   check_row_normalize_input(x_in, eps);
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.size(0), d = x.size(1);
-  at::Tensor y = at::empty_like(x);
+  if (y_out != nullptr) *y_out = at::empty_like(x);
   at::Tensor norm = at::empty({n}, x.options().dtype(norm_dtype(x)));
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "nnk_row_normalize_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
-        scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+        scalar_t* yp = y_out != nullptr ? y_out->mutable_data_ptr<scalar_t>() : nullptr;
         acc_t* np = norm.mutable_data_ptr<acc_t>();
         at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
           for (int64_t r = r0; r < r1; ++r) {
@@ -37,14 +39,25 @@ std::tuple<at::Tensor, at::Tensor> row_normalize_cpu(const at::Tensor& x_in,
             const acc_t nr = static_cast<acc_t>(std::sqrt(ss));
             const acc_t denom = math::norm_divisor(nr, acc_t(eps));
             np[r] = nr;
+            if (yp == nullptr) continue;  // norms only
             for (int64_t j = 0; j < d; ++j) {
               yp[r * d + j] = static_cast<scalar_t>(static_cast<acc_t>(xr[j]) / denom);
             }
           }
         });
       });
+  return norm;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> row_normalize_cpu(const at::Tensor& x, double eps) {
+  at::Tensor y;
+  at::Tensor norm = normalize_rows(x, eps, &y);
   return {y, norm};
 }
+
+at::Tensor row_norms_cpu(const at::Tensor& x, double eps) { return normalize_rows(x, eps, nullptr); }
 
 at::Tensor row_normalize_backward_cpu(const at::Tensor& g, const at::Tensor& y,
                                       const at::Tensor& norm, double eps) {

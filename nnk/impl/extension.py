@@ -37,10 +37,10 @@ by the row's last class chunk. Gradients then come one of two ways:
 
 Peak extra memory: one (rows x classes) fp32 block (+ a 16-bit copy for
 fp16/bf16 GEMMs), the class chunk's (classes x D) normalized rows and fp32
-d Wn, and either the row chunk's (rows x D) buffers (one class chunk) or
-(N x D) ones (class chunks: fp32 d xn and the normalized x): within a budget
-of 256 MiB, or the ``NNK_CHUNK_MB`` MiB the environment sets, except the
-(N x D) buffers (csrc/include/nnk/cce_driver.h tiling); never
+d Wn, the row chunk's (rows x D) normalized rows and, with one class chunk,
+its fp32 d xn: within a budget of 256 MiB, or the ``NNK_CHUNK_MB`` MiB the
+environment sets; with class chunks d xn accumulates in an (N x D) fp32
+buffer outside it (csrc/include/nnk/cce_driver.h tiling); never
 N x C, and no (C x D) buffer once W needs class chunks (on a CPU, 16-bit
 inputs are first converted to float32 copies, W's included).
 

@@ -52,7 +52,7 @@
 // Extra memory: the block (+ its GEMM-dtype copy for half inputs) and the
 // class chunk's and row chunk's buffers within the budget (tiling: the op's
 // chunk_bytes, kChunkBytes by default), plus, with class chunks, the (N x D)
-// d xn accumulator and normalized x.
+// d xn accumulator.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -124,9 +124,13 @@ inline int64_t round_down_128(int64_t v) { return v >= 128 ? v - v % 128 : v; }
 //     column sums of d bias and d scale;
 //   per class of a class chunk: its normalized rows (GEMM dtype) and d wn
 //     (accumulation dtype);
-//   per row with one class chunk: d xn (accumulation dtype) and the
-//     normalized rows (GEMM dtype). With class chunks these are (N x D)
-//     buffers made once instead, as the Triton path's d x.
+//   per row: the normalized rows (GEMM dtype), and with one class chunk
+//     d xn (accumulation dtype). With class chunks d xn accumulates in an
+//     (N x D) buffer made once instead, as the Triton path's d x, outside
+//     the budget; the rows are normalized again for each block (an N D
+//     elementwise pass per class chunk, against the block GEMMs' 2 N C_k D
+//     flops each: a normalized copy of all of x was 64 MiB at N = 8192,
+//     D = 4096 in bf16, 1.6% of the fp32 logits).
 //   The normalization backward writes d W's and d x's rows in place, except
 //   where the GEMM dtype is not x's (the CPU's 16-bit inputs): then through
 //   a GEMM-dtype copy of the rows, counted per class and per row.
@@ -146,12 +150,14 @@ inline Tiling tiling(int64_t n, int64_t c, int64_t d, at::ScalarType acc, at::Sc
   const int64_t entry = a + (gemm == acc ? 0 : g);
   // The class and row buffers above hold the same dtypes per D values.
   const int64_t per_class = d * (a + g + (gemm == x ? 0 : g)), per_row = per_class;
+  const int64_t per_split_row = per_row - d * a;  // without d xn
   const int64_t n_cap = std::min<int64_t>(std::max<int64_t>(n, 1), kMaxGridX);
   const int64_t rows = std::min(n_cap, o.chunk_rows > 0 ? o.chunk_rows : kClassChunkRows);
   const int64_t budget = o.chunk_bytes > 0 ? o.chunk_bytes : kChunkBytes;
   // The buffers of a block of r rows x k classes.
   const auto bytes = [&](int64_t r, int64_t k) {
-    return r * k * entry + 2 * num_parts(r) * k * a + k * per_class + (k == c ? r * per_row : 0);
+    return r * k * entry + 2 * num_parts(r) * k * a + k * per_class +
+           r * (k == c ? per_row : per_split_row);
   };
   Tiling t;
   if (o.chunk_classes > 0) {
@@ -159,8 +165,16 @@ inline Tiling tiling(int64_t n, int64_t c, int64_t d, at::ScalarType acc, at::Sc
   } else if (bytes(rows, c) <= budget) {
     t.classes = c;
   } else {
-    const int64_t k = budget / (rows * entry + 2 * num_parts(rows) * a + per_class);
-    t.classes = std::max<int64_t>(1, std::min(round_down_128(k), c));
+    const int64_t per_k = rows * entry + 2 * num_parts(rows) * a + per_class;
+    if (std::min(round_down_128(budget / per_k), c) == c) {
+      t.classes = c;  // all C fit with fewer rows (below)
+    } else {
+      // Class chunks: the row chunk's normalized rows come out of the budget
+      // too, but take at most half of it (else at D >~ 64k they would leave
+      // a class or none per chunk).
+      const int64_t left = std::max(budget - rows * per_split_row, budget / 2);
+      t.classes = std::max<int64_t>(1, std::min(round_down_128(left / per_k), c));
+    }
   }
   if (o.chunk_rows > 0 || t.classes < c) {
     t.rows = rows;
@@ -375,7 +389,7 @@ class GradPass {
            const Operands& p, const Options& o, std::array<bool, 4> mask, const Tiling& t,
            bool work)
       : o_(o), mask_(mask), per_class_(scale.dim() == 1), work_(work),
-        split_(t.classes < p.w.size(0)), x_(p.x) {
+        split_(t.classes < p.w.size(0)), rows_(t.rows), x_(p.x) {
     const auto acc_opts = x.options().dtype(p.acc);
     const int64_t n = p.x.size(0), c = p.w.size(0), d = p.w.size(1);
     // Outputs not asked for are empty (0,) tensors; with class chunks d x
@@ -411,7 +425,6 @@ class GradPass {
     if (mask[2]) ds_part_ = at::empty({parts * t.classes}, acc_opts);
     if (split_) {
       if (mask[0]) dxn_all_ = at::zeros({n, d}, acc_opts);
-      if (o.normalize_input) std::tie(xn_all_, x_norm_all_) = K::row_normalize(p.x, o.eps);
     } else if (mask[0]) {
       dxn_buf_ = at::empty({t.rows, d}, acc_opts);
     }
@@ -434,11 +447,11 @@ class GradPass {
   const at::Tensor& w_norm() const { return w_norm_; }
 
   // The normalized rows [r0, r0 + m) and their norms (the raw rows and an
-  // undefined norm when x is not normalized).
-  std::pair<at::Tensor, at::Tensor> rows(const Operands& p, int64_t r0, int64_t m) const {
-    const at::Tensor xc = p.x.narrow(0, r0, m);
+  // undefined norm when x is not normalized), made for the block at hand
+  // (tiling): the norms are bitwise those of K::row_norms over any rows.
+  std::pair<at::Tensor, at::Tensor> rows(int64_t r0, int64_t m) const {
+    const at::Tensor xc = x_.narrow(0, r0, m);
     if (!o_.normalize_input) return {xc, at::Tensor()};
-    if (split_) return {xn_all_.narrow(0, r0, m), x_norm_all_.narrow(0, r0, m)};
     auto [xn, x_norm] = K::row_normalize(xc, o_.eps);
     return {xn, x_norm};
   }
@@ -529,8 +542,18 @@ class GradPass {
     if (mask_[0] && work_ && split_) {
       if (unscale_.defined()) dxn_all_.mul_(unscale_);
       if (o_.normalize_input) {
+        // Row chunk by row chunk: no (N x D) normalized x. (CUDA's backward
+        // forms y from the raw rows: its normalized rows here cost one N D
+        // pass for nothing but the norms.)
         dx_ = at::empty_like(x, at::MemoryFormat::Contiguous);
-        K::row_normalize_backward(dxn_all_, xn_all_, x_, x_norm_all_, o_.eps, dx_);
+        const int64_t n = x_.size(0);
+        for (int64_t r0 = 0; r0 < n; r0 += rows_) {
+          const int64_t m = std::min(rows_, n - r0);
+          const auto [xn, x_norm] = rows(r0, m);
+          at::Tensor dx_rows = dx_.narrow(0, r0, m);
+          K::row_normalize_backward(dxn_all_.narrow(0, r0, m), xn, x_.narrow(0, r0, m), x_norm,
+                                    o_.eps, dx_rows);
+        }
       } else {
         dx_ = dxn_all_.to(x.scalar_type());
       }
@@ -567,11 +590,12 @@ class GradPass {
   Options o_;
   std::array<bool, 4> mask_;
   bool per_class_, work_, split_;
+  int64_t rows_;  // rows per block (tiling)
   int64_t c0_ = 0;
   at::Tensor x_;  // x's raw rows (GEMM dtype)
   at::Tensor target_order_, target_sorted_;  // K::rows_by_target's (add_target_term_w)
   at::Tensor wn_, w_rows_, w_norm_, dwn_;  // the class chunk's: normalized, raw, norms, d wn
-  at::Tensor xn_all_, x_norm_all_, dxn_all_;
+  at::Tensor dxn_all_;  // class chunks: (N x D) d xn
   at::Tensor dx_, dw_, ds_, db_;
   at::Tensor dcos_buf_, db_part_, ds_part_, dxn_buf_, dcos_target_;
   at::Tensor unscale_;
@@ -630,7 +654,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_loop(
           // 1. Recompute the block's raw products exactly as the forward did.
           at::Tensor blk = block_products<K>(p, block, r0, m, c0, k);
           // 2. Its gradients.
-          const auto [xn, x_norm] = grads.rows(p, r0, m);
+          const auto [xn, x_norm] = grads.rows(r0, m);
           const Chunk<A> ch = make_chunk<A>(blk, x_norm, grads.w_norm(), p.target, p.target_sine,
                                             r0, c0, c, p.scale, p.bias, o);
           grads.template add_block<A>(ch, blk, xn, x_norm, r0, lse_a.const_data_ptr<A>() + r0,
@@ -719,7 +743,7 @@ forward_loop(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& ta
           at::Tensor blk = block_products<K>(p, block, r0, m, c0, k);
           at::Tensor xn, x_norm;
           if (work) {
-            std::tie(xn, x_norm) = grads.rows(p, r0, m);
+            std::tie(xn, x_norm) = grads.rows(r0, m);
           } else if (x_norm_all.defined()) {
             x_norm = x_norm_all.narrow(0, r0, m);
           } else if (o.normalize_input) {
