@@ -127,10 +127,13 @@ inline int64_t round_down_128(int64_t v) { return v >= 128 ? v - v % 128 : v; }
 //   per row: the normalized rows (GEMM dtype), and with one class chunk
 //     d xn (accumulation dtype). With class chunks d xn accumulates in an
 //     (N x D) buffer made once instead, as the Triton path's d x, outside
-//     the budget; the rows are normalized again for each block (an N D
-//     elementwise pass per class chunk, against the block GEMMs' 2 N C_k D
-//     flops each: a normalized copy of all of x was 64 MiB at N = 8192,
-//     D = 4096 in bf16, 1.6% of the fp32 logits).
+//     the budget; the rows are normalized again for each block. A
+//     normalized copy of all of x was 64 MiB at N = 8192, D = 4096 in bf16
+//     (1.6% of the fp32 logits); the price is an N D elementwise pass per
+//     class chunk, 4 N D bytes of traffic against the backward's 6 N C_k D
+//     GEMM flops: about 117 / C_k of the chunk's time at ~4 TB/s and ~700
+//     TFLOP/s (estimated, not measured: 1.4% at the default 8320-class
+//     chunks of (8192, 4096, 131072), 6.5% at NNK_CHUNK_MB=64's 1792).
 //   The normalization backward writes d W's and d x's rows in place, except
 //   where the GEMM dtype is not x's (the CPU's 16-bit inputs): then through
 //   a GEMM-dtype copy of the rows, counted per class and per row.
