@@ -17,6 +17,7 @@ from torch import nn
 import nnk
 from nnk.modules import default_scale
 from nnk.reference import cosine_cross_entropy_ref
+from peak_rss import FIXED_MMAP_THRESHOLD
 
 
 def _cos(x, w):
@@ -771,9 +772,8 @@ def test_head_forward_and_predict_memory():
     row, C=400k, D=64 (weight 98 MiB). The forward holds one normalized copy of
     the weight (it was 3.2x the weight with the reference's float64 norms);
     predict holds tiles only (it was 2x the weight for one row)."""
-    # A fixed mmap threshold: see FIXED_MMAP_THRESHOLD in peak_rss.py.
     out = subprocess.run([sys.executable, "-c", HEAD_MEMORY_SCRIPT], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)})
+                         timeout=300, env={**os.environ, **FIXED_MMAP_THRESHOLD})
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     print(res)
